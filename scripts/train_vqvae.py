@@ -1,0 +1,51 @@
+"""Stage 1: train a VQ-VAE and dump the dataset's code grids.
+
+    python scripts/train_vqvae.py                              # built-in shapes, runs/default
+    accelerate launch scripts/train_vqvae.py --data ./my_images --image-size 64 --run runs/mine
+    python scripts/train_vqvae.py --run runs/mine --resume     # continue from the last saved state
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from stage1_vqvae.model import VQVAEConfig
+from stage1_vqvae.train import train_vqvae
+from vqgen.arguments import add_config_options, build_config, given_options
+from vqgen.console import print_error
+from vqgen.data import DataConfig
+from vqgen.errors import VQGenError
+from vqgen.trainer import TrainConfig
+
+# Stage-1 training defaults (measured, see README's benchmark table); any option overrides them.
+STAGE1_DEFAULTS = dict(learning_rate=1e-3, max_steps=3000, warmup_steps=100, eval_every=1000, save_every=500)
+MODEL_FROM_DATA = ("in_channels", "image_height", "image_width")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", default="runs/default", help="run directory (default: runs/default)")
+    parser.add_argument("--resume", action="store_true", help="continue from the run's last saved state")
+    parser.add_argument("--no-encode", action="store_true", help="skip dumping the code grids at the end")
+    add_config_options(parser, DataConfig, title="data")
+    add_config_options(parser, TrainConfig, title="training")
+    add_config_options(parser, VQVAEConfig, skip=MODEL_FROM_DATA, title="model")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        data_cfg = build_config(DataConfig, args)
+        train_cfg = TrainConfig(**{**STAGE1_DEFAULTS, **given_options(args, TrainConfig)})
+        overrides = given_options(args, VQVAEConfig, skip=MODEL_FROM_DATA)
+        train_vqvae(args.run, data_cfg, train_cfg, overrides, resume=args.resume, encode=not args.no_encode)
+    except VQGenError as err:
+        print_error(str(err))
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""Encode every split of a dataset to integer code grids, across any number of processes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from rich.console import Console
+from torch import nn
+from torch.utils.data import DataLoader
+
+from vqgen.checkpoint import weights_fingerprint
+from vqgen.codes import CodeSplit, CodesMeta, save_codes
+from vqgen.data import ImageData, ImageDataset, ImageSplit
+
+CODES_DIR = "codes"
+
+
+@torch.no_grad()
+def encode_split(accelerator: Accelerator, model: nn.Module, split: ImageSplit, batch_size: int) -> torch.Tensor:
+    """(n, c, H, W) images -> (n, h, w) int64 codes, in dataset order.
+
+    Each process encodes a shard; `gather_for_metrics` drops the padding Accelerate adds to
+    even out the last batch, and the gathered indices put every grid back in its place.
+    """
+    model.eval()
+    loader = accelerator.prepare(DataLoader(ImageDataset(split), batch_size=batch_size))
+    indices, grids = [], []
+    for batch in loader:
+        codes = model.encode(batch["image"].to(accelerator.device))
+        index, codes = accelerator.gather_for_metrics((batch["index"], codes))
+        indices.append(index.cpu())
+        grids.append(codes.cpu())
+    n = len(split.images)
+    index, grids = torch.cat(indices), torch.cat(grids)
+    assert index.numel() == n and torch.equal(index.sort().values, torch.arange(n)), "encoding lost or duplicated images"
+    out = torch.empty_like(grids)
+    out[index] = grids
+    return out
+
+
+def encode_splits(
+    accelerator: Accelerator, model: nn.Module, data: ImageData, run_dir: str | Path, batch_size: int,
+    console: Console,
+) -> Path:
+    """Encode train and test, then (main process) write `run_dir/codes` with its metadata."""
+    run_dir = Path(run_dir)
+    cfg = model.config
+    splits = {}
+    for name, split in (("train", data.train), ("test", data.test)):
+        codes = encode_split(accelerator, model, split, batch_size)
+        splits[name] = CodeSplit(codes=codes, labels=split.labels)
+    out = run_dir / CODES_DIR
+    if accelerator.is_main_process:
+        h, w = cfg.grid_shape
+        meta = CodesMeta(
+            codebook_size=cfg.codebook_size, grid_height=h, grid_width=w,
+            num_classes=data.num_classes, class_names=tuple(data.class_names or ()),
+            vqvae_fingerprint=weights_fingerprint(run_dir / "vqvae"), vqvae_dir=str((run_dir / "vqvae").resolve()),
+            data_source=data.source, image_channels=data.channels, image_height=data.height, image_width=data.width,
+            split_sizes=tuple((k, len(v)) for k, v in splits.items()),
+        )
+        save_codes(out, splits, meta)
+        console.print(f"codes: {out} ({', '.join(f'{k} {len(v)}' for k, v in splits.items())} grids of {h}x{w})")
+    accelerator.wait_for_everyone()
+    return out

@@ -1,0 +1,154 @@
+"""Stage 1: train the VQ-VAE with the shared loop, then dump the dataset's code grids."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from stage1_vqvae.encode import encode_splits
+from stage1_vqvae.model import VQVAE, VQVAEConfig
+from vqgen.checkpoint import save_model
+from vqgen.config import load_config, read_json, save_config, write_json_atomic
+from vqgen.console import make_console
+from vqgen.data import DataConfig, ImageData, ImageDataset, load_image_data
+from vqgen.errors import VQGenError
+from vqgen.metrics import code_usage, psnr
+from vqgen.trainer import TrainConfig, fit, make_accelerator
+
+VQVAE_DIR = "vqvae"
+DATA_CONFIG = "data_config.json"
+
+
+def reconstruction_errors(model: nn.Module, images: Tensor) -> tuple[Tensor, Tensor]:
+    """(b, c, H, W) in [-1, 1] -> per-image MSE on [0, 1] pixels (b,), and the codes (b, h, w)."""
+    out = model(images)
+    recon = out.recon.float().clamp(-1, 1)
+    mse = ((recon - images.float()) / 2).pow(2).flatten(1).mean(1)
+    return mse, out.quant.indices
+
+
+@dataclass
+class VQVAEStage:
+    """The stage-1 callbacks for `vqgen.trainer.fit`."""
+
+    accelerator: Accelerator
+    config: VQVAEConfig
+    test_loader: DataLoader
+    out_dir: Path
+    name: str = "vqvae"
+
+    def __post_init__(self):
+        self._counts = torch.zeros(self.config.codebook_size, dtype=torch.long)
+
+    def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        images = batch["image"].contiguous(memory_format=torch.channels_last)
+        out = model(images)
+        self._counts += out.quant.counts.detach().cpu()  # already summed over processes
+        logs = {
+            "loss": out.loss.detach(),
+            "recon_mse": out.recon_loss.detach() / 4,  # [-1, 1] -> [0, 1] pixels
+            "commitment": out.quant.commitment_loss.detach(),
+            "codebook": out.quant.codebook_loss.detach(),
+        }
+        return out.loss, logs
+
+    def window_metrics(self) -> dict[str, float]:
+        usage = code_usage(self._counts)
+        self._counts.zero_()
+        return usage
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, step: int) -> dict[str, float]:
+        model.eval()
+        errors, codes = [], []
+        for batch in self.test_loader:
+            mse, indices = reconstruction_errors(model, batch["image"])
+            mse, indices = self.accelerator.gather_for_metrics((mse, indices))
+            errors.append(mse.cpu())
+            codes.append(indices.cpu())
+        mse = torch.cat(errors).mean().item()
+        counts = torch.bincount(torch.cat(codes).flatten(), minlength=self.config.codebook_size)
+        return {"mse": mse, "psnr": psnr(mse), **code_usage(counts)}
+
+    def export(self, model: nn.Module) -> None:
+        save_model(model, self.config, self.out_dir)
+
+
+def resolve_config(run_dir: Path, overrides: dict[str, Any], data: ImageData, resume: bool) -> VQVAEConfig:
+    """The model config: from the data and the options, or on --resume from the run, refusing conflicts."""
+    saved_path = run_dir / VQVAE_DIR / "config.json"
+    if resume and saved_path.is_file():
+        saved = load_config(VQVAEConfig, saved_path)
+        conflicts = {k: (v, getattr(saved, k)) for k, v in overrides.items() if getattr(saved, k) != v}
+        if conflicts:
+            listed = ", ".join(f"{k}={new!r} (run has {old!r})" for k, (new, old) in conflicts.items())
+            raise VQGenError(f"--resume with a different config than {saved_path}: {listed}")
+        cfg = saved
+    else:
+        cfg = VQVAEConfig(**{"in_channels": data.channels, "image_height": data.height,
+                             "image_width": data.width, **overrides})
+    if (cfg.in_channels, cfg.image_height, cfg.image_width) != (data.channels, data.height, data.width):
+        raise VQGenError(
+            f"the data has {data.channels}x{data.height}x{data.width} images but the VQ-VAE expects "
+            f"{cfg.in_channels}x{cfg.image_height}x{cfg.image_width}"
+        )
+    return cfg
+
+
+def train_vqvae(
+    run_dir: str | Path,
+    data_cfg: DataConfig,
+    train_cfg: TrainConfig,
+    model_overrides: dict[str, Any] | None = None,
+    resume: bool = False,
+    encode: bool = True,
+) -> dict[str, float]:
+    """Train stage 1 into `run_dir/vqvae`, then (by default) encode every split to `run_dir/codes`."""
+    run_dir = Path(run_dir)
+    out_dir = run_dir / VQVAE_DIR
+    if resume and not out_dir.is_dir():
+        raise VQGenError(f"--resume: {out_dir} does not exist (train without --resume first)")
+    if resume and (out_dir / DATA_CONFIG).is_file():
+        saved_data = DataConfig(**read_json(out_dir / DATA_CONFIG, "data config"))
+        if saved_data != data_cfg:
+            raise VQGenError(f"--resume with different data options than {out_dir / DATA_CONFIG}: "
+                             f"{_diff(asdict(data_cfg), asdict(saved_data))}")
+    accelerator = make_accelerator(train_cfg, out_dir)
+    console = make_console(accelerator.is_main_process)
+    set_seed(train_cfg.seed)
+    with accelerator.main_process_first():
+        data = load_image_data(data_cfg)
+    cfg = resolve_config(run_dir, model_overrides or {}, data, resume)
+    console.print(f"data: {data.source}: {len(data.train.images)} train / {len(data.test.images)} test images, "
+                  f"{data.channels}x{data.height}x{data.width}, {data.num_classes} classes")
+    console.print(f"VQ-VAE: K={cfg.codebook_size}, d={cfg.code_dim}, grid {cfg.grid_shape[0]}x{cfg.grid_shape[1]}, "
+                  f"codebook update {cfg.codebook_update}")
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.json")
+        write_json_atomic(asdict(data_cfg), out_dir / DATA_CONFIG)
+
+    model = VQVAE(cfg).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=train_cfg.learning_rate, weight_decay=train_cfg.weight_decay)
+    train_loader = DataLoader(ImageDataset(data.train), batch_size=train_cfg.batch_size, shuffle=True, drop_last=True)
+    if len(train_loader) == 0:
+        raise VQGenError(f"batch size {train_cfg.batch_size} is larger than the {len(data.train.images)} "
+                         "training images")
+    test_loader = accelerator.prepare(DataLoader(ImageDataset(data.test), batch_size=train_cfg.batch_size))
+    stage = VQVAEStage(accelerator, cfg, test_loader, out_dir)
+    metrics = fit(accelerator, train_cfg, stage, model, optimizer, train_loader, out_dir, resume, console)
+    if encode:
+        encode_splits(accelerator, accelerator.unwrap_model(model), data, run_dir, train_cfg.batch_size, console)
+    return metrics
+
+
+def _diff(new: dict, old: dict) -> str:
+    return ", ".join(f"{k}={new[k]!r} (run has {old.get(k)!r})" for k in new if new[k] != old.get(k))
+

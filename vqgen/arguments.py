@@ -1,0 +1,81 @@
+"""Command-line options generated from the config dataclasses, shared by scripts and the CLI.
+
+Every option defaults to None so that "given on the command line" can be told apart from
+"the config's default": on --resume only the given ones are compared with the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from typing import Any
+
+HELP = {
+    # data
+    "source": "built-in dataset ('builtin'), a folder of images, a parquet/arrow folder or file, "
+              "a save_to_disk folder, or a hub name",
+    "image_column": "image column of a datasets source (found automatically)",
+    "label_column": "label column of a datasets source (found automatically; 'none' ignores labels)",
+    "image_size": "bring every image to this square size",
+    "resize_mode": "how --image-size is reached: resize | center-crop | pad",
+    "test_fraction": "fraction held out as test split when the source has none",
+    "max_images": "use at most this many images per split",
+    # training
+    "batch_size": "batch size per process",
+    "learning_rate": "peak learning rate (--lr)",
+    "max_steps": "optimizer steps to train (0: use --epochs)",
+    "grad_accum_steps": "micro-batches per optimizer step",
+    "mixed_precision": "no | fp16 | bf16",
+    "eval_every": "evaluate on the test split every N steps (0: at the end)",
+    "save_every": "save weights and resumable state every N steps (0: at the end)",
+    "keep": "number of resumable states to keep",
+    "report_to": "none | tensorboard | wandb (must be installed)",
+    # vq-vae
+    "codebook_size": "number of codes K",
+    "code_dim": "dimension d of a code vector",
+    "downsample": "image size / code grid size (power of two)",
+    "beta": "commitment weight (on ||z_e - sg[e]||^2)",
+    "codebook_update": "loss (codebook term) | ema (moving averages)",
+    "restart_after": "restart codes unused for this many steps (0: never)",
+    "kmeans_init": "initialise the codebook by k-means on the first batch",
+}
+ALIASES = {"learning_rate": ["--lr"], "source": ["--data"]}
+
+
+def _base_type(tp: Any) -> Any:
+    """int | None -> int; tuple[...] -> str (not exposed)."""
+    if isinstance(tp, (types.UnionType,)) or typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0] if len(args) == 1 else str
+    return tp
+
+
+def add_config_options(parser: argparse.ArgumentParser | Any, cls: type, skip: tuple[str, ...] = (),
+                       title: str | None = None) -> None:
+    """Add `--field-name` for every field of the dataclass `cls` (defaults None, shown in help)."""
+    group = parser.add_argument_group(title or cls.__name__)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        tp = _base_type(hints[f.name])
+        names = ALIASES.get(f.name, []) + [f"--{f.name.replace('_', '-')}"]
+        default = f.default if f.default is not dataclasses.MISSING else None
+        help_text = f"{HELP.get(f.name, f.name.replace('_', ' '))} (default: {default})"
+        if tp is bool:
+            group.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif tp in (int, float, str):
+            group.add_argument(*names, dest=f.name, type=tp, default=None, metavar=tp.__name__.upper(), help=help_text)
+
+
+def given_options(args: argparse.Namespace, cls: type, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The fields of `cls` that were given on the command line."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+            if f.name not in skip and getattr(args, f.name, None) is not None}
+
+
+def build_config(cls: type, args: argparse.Namespace, **fixed: Any) -> Any:
+    """`cls` from its defaults, overridden by the given options and then by `fixed`."""
+    return cls(**{**given_options(args, cls), **fixed})

@@ -1,0 +1,84 @@
+"""Dataclass configs as versioned JSON: saved beside the weights, validated on load."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, TypeVar
+
+from vqgen.errors import VQGenError
+
+FORMAT_VERSION = 1
+
+T = TypeVar("T")
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """A config dataclass as a JSON-ready dict tagged with its kind and format version."""
+    return {"kind": type(cfg).__name__, "format_version": FORMAT_VERSION, **dataclasses.asdict(cfg)}
+
+
+def config_from_dict(cls: type[T], data: dict[str, Any], source: str = "config") -> T:
+    """Rebuild `cls` from `config_to_dict` output; unknown, missing or foreign fields are refused."""
+    data = dict(data)
+    kind = data.pop("kind", None)
+    version = data.pop("format_version", None)
+    if kind != cls.__name__:
+        raise VQGenError(f"{source} holds a {kind!r} config, expected {cls.__name__!r}")
+    if version != FORMAT_VERSION:
+        raise VQGenError(f"{source} has format_version {version!r}, this vqgen reads version {FORMAT_VERSION}")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - fields)
+    missing = sorted(fields - set(data))
+    if unknown or missing:
+        parts = []
+        if unknown:
+            parts.append(f"unknown fields {unknown}")
+        if missing:
+            parts.append(f"missing fields {missing}")
+        raise VQGenError(f"{source} does not match {cls.__name__}: {', '.join(parts)}")
+    for f in dataclasses.fields(cls):  # JSON has no tuples
+        if isinstance(data[f.name], list) and isinstance(f.default, tuple):
+            data[f.name] = tuple(data[f.name])
+    try:
+        return cls(**data)
+    except TypeError as err:
+        raise VQGenError(f"{source}: {err}") from None
+
+
+def write_json_atomic(data: Any, path: str | os.PathLike) -> None:
+    """Write JSON through a temporary file and a rename, so a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_json(path: str | os.PathLike, what: str = "file") -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise VQGenError(f"{what} not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise VQGenError(f"{what} {path} is not valid JSON ({err.msg} at line {err.lineno})") from None
+
+
+def save_config(cfg: Any, path: str | os.PathLike) -> None:
+    write_json_atomic(config_to_dict(cfg), path)
+
+
+def load_config(cls: type[T], path: str | os.PathLike) -> T:
+    return config_from_dict(cls, read_json(path, "config"), source=str(path))

@@ -1,0 +1,48 @@
+"""Everything the user reads goes through rich, and only the main process speaks."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+
+def make_console(is_main_process: bool = True) -> Console:
+    """A console that prints on the main process and stays silent on the others."""
+    return Console(stderr=False, quiet=not is_main_process, highlight=False, soft_wrap=True)
+
+
+def make_progress(console: Console, description: str = "") -> Progress:
+    """A progress bar with a free-text field for the latest metrics."""
+    return Progress(
+        TextColumn(f"[bold]{description}" if description else ""),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[metrics]}"),
+        console=console,
+        disable=console.quiet,
+        transient=False,
+        refresh_per_second=4 if console.is_terminal else 0.2,
+    )
+
+
+def print_error(message: str) -> None:
+    """One line on stderr, no traceback: how a user's mistake is reported."""
+    line = " ".join(str(message).split())
+    Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {line}", markup=True)
+    sys.stderr.flush()
+
+
+def is_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
