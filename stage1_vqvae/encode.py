@@ -8,11 +8,11 @@ import torch
 from accelerate import Accelerator
 from rich.console import Console
 from torch import nn
-from torch.utils.data import DataLoader
 
 from vqgen.checkpoint import weights_fingerprint
 from vqgen.codes import CodeSplit, CodesMeta, save_codes
 from vqgen.data import ImageData, ImageDataset, ImageSplit
+from vqgen.trainer import make_loader
 
 CODES_DIR = "codes"
 
@@ -25,7 +25,7 @@ def encode_split(accelerator: Accelerator, model: nn.Module, split: ImageSplit, 
     even out the last batch, and the gathered indices put every grid back in its place.
     """
     model.eval()
-    loader = accelerator.prepare(DataLoader(ImageDataset(split), batch_size=batch_size))
+    loader = accelerator.prepare(make_loader(ImageDataset(split), batch_size))
     indices, grids = [], []
     for batch in loader:
         codes = model.encode(batch["image"].to(accelerator.device))

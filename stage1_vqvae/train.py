@@ -17,10 +17,11 @@ from stage1_vqvae.model import VQVAE, VQVAEConfig
 from vqgen.checkpoint import save_model
 from vqgen.config import load_config, read_json, save_config, write_json_atomic
 from vqgen.console import make_console
-from vqgen.data import DataConfig, ImageData, ImageDataset, load_image_data
+from vqgen.data import DataConfig, ImageData, ImageDataset, load_image_data, to_model_range, to_uint8
+from vqgen.imageio import save_grid
 from vqgen.errors import VQGenError
 from vqgen.metrics import code_usage, psnr
-from vqgen.trainer import TrainConfig, fit, make_accelerator
+from vqgen.trainer import TrainConfig, fit, make_accelerator, make_loader
 
 VQVAE_DIR = "vqvae"
 DATA_CONFIG = "data_config.json"
@@ -42,6 +43,7 @@ class VQVAEStage:
     config: VQVAEConfig
     test_loader: DataLoader
     out_dir: Path
+    preview: Tensor               # (16, c, H, W) test images for the reconstruction grid
     name: str = "vqvae"
 
     def __post_init__(self):
@@ -75,6 +77,10 @@ class VQVAEStage:
             codes.append(indices.cpu())
         mse = torch.cat(errors).mean().item()
         counts = torch.bincount(torch.cat(codes).flatten(), minlength=self.config.codebook_size)
+        if self.accelerator.is_main_process:
+            recon = self.accelerator.unwrap_model(model)(self.preview.to(self.accelerator.device)).recon
+            pair = torch.cat([to_uint8(self.preview), to_uint8(recon.float().cpu())])
+            save_grid(pair, self.out_dir / "reconstructions" / f"step-{step:07d}.png", nrow=len(self.preview))
         return {"mse": mse, "psnr": psnr(mse), **code_usage(counts)}
 
     def export(self, model: nn.Module) -> None:
@@ -137,12 +143,13 @@ def train_vqvae(
 
     model = VQVAE(cfg).to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=train_cfg.learning_rate, weight_decay=train_cfg.weight_decay)
-    train_loader = DataLoader(ImageDataset(data.train), batch_size=train_cfg.batch_size, shuffle=True, drop_last=True)
+    train_loader = make_loader(ImageDataset(data.train), train_cfg.batch_size, train=True, seed=train_cfg.seed)
     if len(train_loader) == 0:
         raise VQGenError(f"batch size {train_cfg.batch_size} is larger than the {len(data.train.images)} "
                          "training images")
-    test_loader = accelerator.prepare(DataLoader(ImageDataset(data.test), batch_size=train_cfg.batch_size))
-    stage = VQVAEStage(accelerator, cfg, test_loader, out_dir)
+    test_loader = accelerator.prepare(make_loader(ImageDataset(data.test), train_cfg.batch_size))
+    preview = to_model_range(data.test.images[:16])
+    stage = VQVAEStage(accelerator, cfg, test_loader, out_dir, preview)
     metrics = fit(accelerator, train_cfg, stage, model, optimizer, train_loader, out_dir, resume, console)
     if encode:
         encode_splits(accelerator, accelerator.unwrap_model(model), data, run_dir, train_cfg.batch_size, console)

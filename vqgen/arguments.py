@@ -22,6 +22,7 @@ HELP = {
     "resize_mode": "how --image-size is reached: resize | center-crop | pad",
     "test_fraction": "fraction held out as test split when the source has none",
     "max_images": "use at most this many images per split",
+    "seed": "random seed (training: initialisation and data order; --data-seed: built-in data and hold-out)",
     # training
     "batch_size": "batch size per process",
     "learning_rate": "peak learning rate (--lr)",
@@ -42,6 +43,12 @@ HELP = {
     "kmeans_init": "initialise the codebook by k-means on the first batch",
 }
 ALIASES = {"learning_rate": ["--lr"], "source": ["--data"]}
+# fields whose option name would clash with another config's: (config class, field) -> option dest
+RENAMES = {("DataConfig", "seed"): "data_seed"}
+
+
+def _dest(cls: type, name: str) -> str:
+    return RENAMES.get((cls.__name__, name), name)
 
 
 def _base_type(tp: Any) -> Any:
@@ -61,19 +68,20 @@ def add_config_options(parser: argparse.ArgumentParser | Any, cls: type, skip: t
         if f.name in skip:
             continue
         tp = _base_type(hints[f.name])
-        names = ALIASES.get(f.name, []) + [f"--{f.name.replace('_', '-')}"]
+        dest = _dest(cls, f.name)
+        names = ALIASES.get(f.name, []) + [f"--{dest.replace('_', '-')}"]
         default = f.default if f.default is not dataclasses.MISSING else None
         help_text = f"{HELP.get(f.name, f.name.replace('_', ' '))} (default: {default})"
         if tp is bool:
-            group.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            group.add_argument(*names, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif tp in (int, float, str):
-            group.add_argument(*names, dest=f.name, type=tp, default=None, metavar=tp.__name__.upper(), help=help_text)
+            group.add_argument(*names, dest=dest, type=tp, default=None, metavar=tp.__name__.upper(), help=help_text)
 
 
 def given_options(args: argparse.Namespace, cls: type, skip: tuple[str, ...] = ()) -> dict[str, Any]:
     """The fields of `cls` that were given on the command line."""
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
-            if f.name not in skip and getattr(args, f.name, None) is not None}
+    return {f.name: getattr(args, _dest(cls, f.name)) for f in dataclasses.fields(cls)
+            if f.name not in skip and getattr(args, _dest(cls, f.name), None) is not None}
 
 
 def build_config(cls: type, args: argparse.Namespace, **fixed: Any) -> Any:

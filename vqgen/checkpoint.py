@@ -34,13 +34,18 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 T = TypeVar("T")
 
 
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    """A detached CPU copy in the default (row-major) layout, whatever the model's memory format."""
+    return t.detach().cpu().clone(memory_format=torch.contiguous_format)
+
+
 def state_fingerprint(state: dict[str, torch.Tensor]) -> str:
     """A sha256 over tensor names, shapes, dtypes and bytes: identifies a set of weights."""
     digest = hashlib.sha256()
     for name in sorted(state):
-        t = state[name].detach().cpu().contiguous()
+        t = _plain(state[name])
         digest.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()[:16]
 
 
@@ -48,7 +53,7 @@ def save_model(model: nn.Module, config: Any, folder: str | os.PathLike) -> str:
     """Write config.json and model.safetensors into `folder`, each atomically. Returns the fingerprint."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state = {k: _plain(v) for k, v in model.state_dict().items()}
     fingerprint = state_fingerprint(state)
     fd, tmp = tempfile.mkstemp(prefix=f".{WEIGHTS}.", dir=folder)
     os.close(fd)

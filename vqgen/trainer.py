@@ -101,6 +101,14 @@ def make_accelerator(cfg: TrainConfig, project_dir: str | Path) -> Accelerator:
     )
 
 
+def make_loader(dataset: torch.utils.data.Dataset, batch_size: int, train: bool = False,
+                seed: int = 0) -> torch.utils.data.DataLoader:
+    """A DataLoader with its own generator: iterating it never draws from the global RNG, so
+    evaluations and a resumed epoch leave the training randomness exactly as it was."""
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=train, drop_last=train,
+                                       generator=torch.Generator().manual_seed(seed))
+
+
 class Stage(Protocol):
     """What a stage tells the loop."""
 
@@ -207,7 +215,8 @@ def fit(
             else:
                 progress.epoch += 1
                 progress.batch_in_epoch = 0
-    accelerator.end_training()
+    for tracker in accelerator.trackers:  # not end_training(): that also ends the process group,
+        tracker.finish()                   # and stage 1 still encodes the dataset across processes
     return metrics
 
 

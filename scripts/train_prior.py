@@ -1,0 +1,65 @@
+"""Stage 2: fit an autoregressive prior (GPT Transformer or gated PixelCNN) over a run's code grids.
+
+    python scripts/train_prior.py                                  # transformer on runs/default/codes
+    python scripts/train_prior.py --prior pixelcnn --run runs/mine --max-steps 5000
+    accelerate launch scripts/train_prior.py --run runs/mine --resume
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from stage2_prior.registry import PRIORS
+from stage2_prior.train import train_prior
+from vqgen.arguments import add_config_options, given_options
+from vqgen.console import print_error
+from vqgen.errors import VQGenError
+from vqgen.trainer import TrainConfig
+
+# Stage-2 training defaults (measured, see README's benchmark table); any option overrides them.
+STAGE2_DEFAULTS = dict(learning_rate=1e-3, max_steps=3000, warmup_steps=200, eval_every=1000, save_every=500,
+                       weight_decay=0.01)
+FROM_CODES = ("codebook_size", "grid_height", "grid_width", "num_classes")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", default="runs/default", help="run directory (default: runs/default)")
+    parser.add_argument("--prior", default="transformer", choices=sorted(PRIORS), help="which prior (default: transformer)")
+    parser.add_argument("--codes", default=None, help="codes folder (default: RUN/codes)")
+    parser.add_argument("--resume", action="store_true", help="continue from the prior's last saved state")
+    labels = parser.add_mutually_exclusive_group()
+    labels.add_argument("--conditional", dest="labels", action="store_const", const="yes",
+                        help="condition on labels (error if the codes have none)")
+    labels.add_argument("--unconditional", dest="labels", action="store_const", const="no",
+                        help="ignore the codes' labels")
+    parser.set_defaults(labels="auto")
+    parser.add_argument("--allow-vqvae-mismatch", action="store_true",
+                        help="train even if the codes came from another VQ-VAE than the run's")
+    add_config_options(parser, TrainConfig, title="training")
+    seen = set(FROM_CODES)
+    for kind, (config_cls, _) in PRIORS.items():
+        add_config_options(parser, config_cls, skip=tuple(seen), title=f"{kind} prior")
+        seen |= {f.name for f in dataclasses.fields(config_cls)}
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        train_cfg = TrainConfig(**{**STAGE2_DEFAULTS, **given_options(args, TrainConfig)})
+        given = {}
+        for config_cls, _ in PRIORS.values():
+            given.update(given_options(args, config_cls, skip=FROM_CODES))
+        train_prior(args.run, args.prior, train_cfg, given, codes_dir=args.codes, labels=args.labels,
+                    resume=args.resume, allow_vqvae_mismatch=args.allow_vqvae_mismatch)
+    except VQGenError as err:
+        print_error(str(err))
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""Stage 1 end to end on tiny settings: training lowers the loss, writes every file, resumes exactly."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from stage1_vqvae.train import train_vqvae
+from vqgen.codes import load_codes
+from vqgen.data import DataConfig
+from vqgen.errors import VQGenError
+from vqgen.trainer import TrainConfig, learning_rate_at
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_DATA = DataConfig(builtin_train_size=96, builtin_test_size=40)
+TINY_MODEL = dict(hidden_channels=16, res_channels=8, num_res_blocks=1, codebook_size=16, code_dim=8,
+                  restart_after=5)
+
+
+def tiny_train(**changes):
+    base = dict(batch_size=16, learning_rate=3e-3, max_steps=12, warmup_steps=0, log_every=1, eval_every=0,
+                save_every=0, lr_schedule="constant", seed=3)
+    return TrainConfig(**{**base, **changes})
+
+
+def records(path: Path, split: str):
+    return [json.loads(line) for line in path.read_text().splitlines() if json.loads(line)["split"] == split]
+
+
+def test_training_lowers_the_loss_and_writes_every_file(tmp_path):
+    run = tmp_path / "run"
+    metrics = train_vqvae(run, TINY_DATA, tiny_train(max_steps=30, eval_every=15, save_every=10, keep=2),
+                          TINY_MODEL)
+    vq = run / "vqvae"
+    for name in ("config.json", "model.safetensors", "train_config.json", "data_config.json", "metrics.jsonl"):
+        assert (vq / name).is_file(), name
+    states = sorted(p.name for p in (vq / "state").iterdir())
+    assert states == ["step-00000020", "step-00000030"], states  # keep=2, no temporary leftovers
+    assert len(list((vq / "reconstructions").glob("*.png"))) == 2
+    train = records(vq / "metrics.jsonl", "train")
+    assert train[-1]["loss"] < train[0]["loss"]
+    assert {"usage", "perplexity", "dead_codes", "recon_mse", "commitment", "samples_per_s"} <= set(train[-1])
+    test = records(vq / "metrics.jsonl", "test")
+    assert [r["step"] for r in test] == [15, 30]
+    assert metrics["mse"] == test[-1]["mse"] and metrics["psnr"] > 0
+    splits, meta = load_codes(run / "codes")
+    assert (meta.codebook_size, meta.grid_height, meta.grid_width) == (16, 8, 8)
+    assert meta.num_classes == 6 and len(meta.class_names) == 6
+    assert splits["train"].codes.shape == (96, 8, 8) and splits["test"].codes.shape == (40, 8, 8)
+    assert splits["train"].labels.shape == (96,)
+
+
+def test_codes_match_the_saved_model(tmp_path):
+    from stage1_vqvae.model import VQVAE, VQVAEConfig
+    from vqgen.checkpoint import load_model
+    from vqgen.data import load_image_data, to_model_range
+
+    run = tmp_path / "run"
+    train_vqvae(run, TINY_DATA, tiny_train(max_steps=3), TINY_MODEL)
+    model = load_model(VQVAE, VQVAEConfig, run / "vqvae").eval()
+    data = load_image_data(TINY_DATA)
+    with torch.no_grad():
+        expected = model.encode(to_model_range(data.test.images))
+    splits, _ = load_codes(run / "codes")
+    assert torch.equal(splits["test"].codes, expected)
+    assert torch.equal(splits["test"].labels, data.test.labels)
+
+
+def test_resume_continues_exactly(tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train_vqvae(straight, TINY_DATA, tiny_train(max_steps=8, save_every=4), TINY_MODEL, encode=False)
+    train_vqvae(split, TINY_DATA, tiny_train(max_steps=4, save_every=4), TINY_MODEL, encode=False)
+    train_vqvae(split, TINY_DATA, tiny_train(max_steps=8, save_every=4), resume=True, encode=False)
+    a = load_file(straight / "vqvae" / "model.safetensors")
+    b = load_file(split / "vqvae" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    losses = lambda run: [(r["step"], r["loss"]) for r in records(run / "vqvae" / "metrics.jsonl", "train")]
+    assert losses(split)[4:] == losses(straight)[4:]  # steps 5..8: same losses to the last bit
+    opt_a = torch.load(straight / "vqvae/state/step-00000008/optimizer.bin", weights_only=True)
+    opt_b = torch.load(split / "vqvae/state/step-00000008/optimizer.bin", weights_only=True)
+    for key, value in opt_a["state"].items():
+        assert torch.equal(value["exp_avg"], opt_b["state"][key]["exp_avg"])
+        assert int(value["step"]) == int(opt_b["state"][key]["step"]) == 8
+
+
+def test_resume_refuses_a_different_config_and_a_missing_state(tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(VQGenError, match="does not exist"):
+        train_vqvae(run, TINY_DATA, tiny_train(max_steps=2), TINY_MODEL, resume=True)
+    train_vqvae(run, TINY_DATA, tiny_train(max_steps=2), TINY_MODEL, encode=False)
+    with pytest.raises(VQGenError, match="codebook_size=32 \\(run has 16\\)"):
+        train_vqvae(run, TINY_DATA, tiny_train(max_steps=4), {**TINY_MODEL, "codebook_size": 32}, resume=True)
+
+
+def test_learning_rate_schedule():
+    cfg = TrainConfig(learning_rate=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    assert learning_rate_at(cfg, 0, 100) == pytest.approx(0.1)
+    assert learning_rate_at(cfg, 10, 100) == pytest.approx(1.0)
+    assert learning_rate_at(cfg, 100, 100) == pytest.approx(0.1)
+
+
+@pytest.mark.slow
+def test_two_process_training_and_encoding(tmp_path):
+    """accelerate launch with 2 CPU processes: identical codebooks, codes neither dropped nor duplicated."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--",
+           str(ROOT / "scripts" / "train_vqvae.py"), "--run", str(run), "--builtin-train-size", "96",
+           "--builtin-test-size", "41", "--batch-size", "8", "--max-steps", "6", "--hidden-channels", "16",
+           "--res-channels", "8", "--codebook-size", "16", "--code-dim", "8", "--restart-after", "2",
+           "--eval-every", "3", "--save-every", "3", "--log-every", "1"]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true"}  # Accelerate's multi-CPU mode: gloo
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    splits, meta = load_codes(run / "codes")
+    assert splits["test"].codes.shape[0] == 41  # 41 is odd: padding must not leak in
+    from stage1_vqvae.model import VQVAE, VQVAEConfig
+    from vqgen.checkpoint import load_model
+    from vqgen.data import load_image_data, to_model_range
+
+    model = load_model(VQVAE, VQVAEConfig, run / "vqvae").eval()
+    data = load_image_data(DataConfig(builtin_train_size=96, builtin_test_size=41))
+    with torch.no_grad():
+        assert torch.equal(splits["test"].codes, model.encode(to_model_range(data.test.images)))
+    # the state holds one RNG file per process; the quantizer buffers are in the (shared) model
+    state = sorted((run / "vqvae" / "state").iterdir())[-1]
+    assert (state / "random_states_0.pkl").is_file() and (state / "random_states_1.pkl").is_file()

@@ -1,0 +1,7 @@
+"""`python -m vqgen ...` and `accelerate launch -m vqgen sample ...`."""
+
+import sys
+
+from vqgen.cli import main
+
+sys.exit(main())

@@ -1,0 +1,43 @@
+"""Writing images: grids and single PNGs, through temporary files so nothing is half-written."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import Tensor
+from torchvision.utils import make_grid
+
+
+def to_pil(image: Tensor) -> Image.Image:
+    """(c, H, W) uint8 -> PIL image (grayscale for one channel)."""
+    array = image.permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(array[..., 0] if array.shape[2] == 1 else array)
+
+
+def save_png(image: Tensor, path: str | os.PathLike) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        to_pil(image).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def grid(images: Tensor, nrow: int = 8, padding: int = 2) -> Tensor:
+    """(n, c, H, W) uint8 -> one (c, H', W') uint8 image with `nrow` images per row."""
+    g = make_grid(images.float(), nrow=max(1, nrow), padding=padding, pad_value=255)
+    g = g.round().clamp(0, 255).to(torch.uint8)
+    return g[:1] if images.shape[1] == 1 else g
+
+
+def save_grid(images: Tensor, path: str | os.PathLike, nrow: int = 8) -> None:
+    save_png(grid(images, nrow), path)
+

@@ -1,0 +1,206 @@
+"""A trained run as one object: load it, sample, reconstruct, complete, evaluate.
+
+Sampling chains prior -> codebook -> decoder. Under several processes each one draws its
+share of the n samples; sample i is seeded by `seed` and i alone, so the images do not
+depend on how many processes drew them.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from accelerate import Accelerator
+from torch import Tensor
+
+from stage1_vqvae.model import VQVAE, VQVAEConfig
+from stage1_vqvae.train import DATA_CONFIG, VQVAE_DIR, reconstruction_errors
+from stage2_prior.registry import PriorSource, load_prior
+from stage2_prior.sampling import sample_codes
+from stage2_prior.train import PRIOR_DIR, grid_nll
+from vqgen.checkpoint import load_model, weights_fingerprint
+from vqgen.codes import load_codes
+from vqgen.config import read_json
+from vqgen.data import DataConfig, ImageData, load_image_data, to_model_range, to_uint8
+from vqgen.errors import VQGenError
+from vqgen.metrics import code_usage, psnr
+
+
+@dataclass
+class Run:
+    path: Path
+    vqvae: VQVAE
+    prior: torch.nn.Module | None
+    source: PriorSource | None
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.source.class_names if self.source else ()
+
+    def label_ids(self, labels: list[str]) -> Tensor:
+        """Class names or integer ids -> (n,) int64 ids, refusing unknown ones."""
+        names = self.class_names
+        if not names:
+            raise VQGenError(f"--label given but the prior in {self.path / PRIOR_DIR} is unconditional")
+        ids = []
+        for label in labels:
+            if label in names:
+                ids.append(names.index(label))
+            elif label.lstrip("-").isdigit() and 0 <= int(label) < len(names):
+                ids.append(int(label))
+            else:
+                raise VQGenError(f"unknown label {label!r}; this run's classes are {list(names)} or 0..{len(names) - 1}")
+        return torch.tensor(ids, dtype=torch.long)
+
+
+def load_run(path: str | Path, need_prior: bool = True, allow_vqvae_mismatch: bool = False) -> Run:
+    """Load `path/vqvae` and (if present or needed) `path/prior`, checking they belong together."""
+    path = Path(path)
+    if not path.is_dir():
+        raise VQGenError(f"run not found: {path}")
+    if not (path / VQVAE_DIR / "model.safetensors").is_file():
+        raise VQGenError(f"{path} has no trained VQ-VAE (run `python scripts/train_vqvae.py --run {path}`)")
+    vqvae = load_model(VQVAE, VQVAEConfig, path / VQVAE_DIR).eval()
+    prior, source = None, None
+    if need_prior or (path / PRIOR_DIR / "model.safetensors").is_file():
+        prior, source = load_prior(path / PRIOR_DIR)
+        own = weights_fingerprint(path / VQVAE_DIR)
+        if source.vqvae_fingerprint != own and not allow_vqvae_mismatch:
+            raise VQGenError(
+                f"the prior in {path / PRIOR_DIR} was trained on codes of VQ-VAE {source.vqvae_fingerprint}, but "
+                f"{path / VQVAE_DIR} holds VQ-VAE {own} (retrain the prior, or pass --allow-vqvae-mismatch)"
+            )
+        pc, vc = prior.config, vqvae.config
+        if (pc.codebook_size, (pc.grid_height, pc.grid_width)) != (vc.codebook_size, vc.grid_shape):
+            raise VQGenError(f"prior expects K={pc.codebook_size} on a {pc.grid_height}x{pc.grid_width} grid, the "
+                             f"VQ-VAE gives K={vc.codebook_size} on {vc.grid_shape[0]}x{vc.grid_shape[1]}")
+    return run_on_device(Run(path, vqvae, prior, source))
+
+
+def run_on_device(run: Run, device: torch.device | str = "cpu") -> Run:
+    run.vqvae.to(device)
+    if run.prior is not None:
+        run.prior.to(device)
+    return run
+
+
+def autocast(accelerator: Accelerator):
+    return accelerator.autocast() if accelerator.mixed_precision != "no" else nullcontext()
+
+
+@torch.no_grad()
+def decode_codes(run: Run, codes: Tensor, batch_size: int = 256) -> Tensor:
+    """(n, h, w) codes -> (n, c, H, W) uint8 images."""
+    device = next(run.vqvae.parameters()).device
+    out = [to_uint8(run.vqvae.decode(chunk.to(device)).float().cpu()) for chunk in codes.split(batch_size)]
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.uint8)
+
+
+def sample(
+    run: Run,
+    accelerator: Accelerator,
+    n: int,
+    labels: Tensor | None = None,
+    seed: int = 0,
+    batch_size: int = 1000,
+    progress: Callable[[int], None] | None = None,
+    **sampling: float | int | None,
+) -> tuple[Tensor, Tensor]:
+    """n samples -> ((n, h, w) codes, (n, c, H, W) uint8 images), split across processes, identical on all."""
+    if n < 1:
+        raise VQGenError(f"--n must be >= 1, got {n}")
+    if batch_size < 1:
+        raise VQGenError(f"--batch-size must be >= 1, got {batch_size}")
+    if labels is not None and len(labels) == 1 and n > 1:
+        labels = labels.expand(n)
+    if labels is not None and len(labels) != n:
+        raise VQGenError(f"got {len(labels)} labels for --n {n}: give one label or n of them")
+    seeds = seed * 1_000_003 + torch.arange(n, dtype=torch.long)
+    shares = torch.arange(n).tensor_split(accelerator.num_processes)
+    mine = shares[accelerator.process_index]
+    codes = torch.zeros(0, run.prior.config.grid_height, run.prior.config.grid_width, dtype=torch.long)
+    images = None
+    if len(mine):
+        with autocast(accelerator):
+            codes = sample_codes(
+                run.prior, len(mine), labels=None if labels is None else labels[mine].to(accelerator.device),
+                seeds=seeds[mine], batch_size=batch_size, progress=progress, **sampling,
+            ).cpu()
+            images = decode_codes(run, codes, batch_size)
+    if images is None:
+        cfg = run.vqvae.config
+        images = torch.zeros(0, cfg.in_channels, cfg.image_height, cfg.image_width, dtype=torch.uint8)
+    if accelerator.num_processes > 1:
+        codes, images = _gather_shares(accelerator, codes, images, sizes=[len(s) for s in shares])
+    return codes, images
+
+
+def _gather_shares(accelerator: Accelerator, *parts: Tensor, sizes: list[int]) -> list[Tensor]:
+    """Gather uneven per-process shares back into one tensor each, in sample order."""
+    largest = max(sizes)
+    out = []
+    for part in parts:
+        padded = torch.zeros(largest, *part.shape[1:], dtype=part.dtype)
+        padded[: len(part)] = part
+        gathered = accelerator.gather(padded.to(accelerator.device)).cpu()
+        gathered = gathered.reshape(accelerator.num_processes, largest, *part.shape[1:])
+        out.append(torch.cat([gathered[i, :size] for i, size in enumerate(sizes)]))
+    return out
+
+
+def run_data(run: Run, override: DataConfig | None = None) -> ImageData:
+    """The dataset the run was trained on (or `override`)."""
+    if override is not None:
+        return load_image_data(override)
+    saved = read_json(run.path / VQVAE_DIR / DATA_CONFIG, "data config")
+    return load_image_data(DataConfig(**saved))
+
+
+@torch.no_grad()
+def reconstruct(run: Run, images: Tensor, batch_size: int = 256) -> tuple[Tensor, Tensor]:
+    """(n, c, H, W) uint8 -> (reconstructions uint8, per-image MSE on [0, 1] pixels)."""
+    recons, errors = [], []
+    for chunk in images.split(batch_size):
+        x = to_model_range(chunk)
+        mse, indices = reconstruction_errors(run.vqvae, x)
+        recons.append(to_uint8(run.vqvae.decode(indices).float()))
+        errors.append(mse)
+    return torch.cat(recons), torch.cat(errors)
+
+
+def complete(run: Run, codes: Tensor, keep_rows: int, labels: Tensor | None, seed: int = 0,
+             **sampling: float | int | None) -> tuple[Tensor, Tensor]:
+    """Keep the first `keep_rows` rows of each (n, h, w) grid and sample the rest -> (codes, images)."""
+    h, w = codes.shape[1:]
+    if not 0 <= keep_rows <= h:
+        raise VQGenError(f"--keep-rows must be in [0, {h}] for a {h}x{w} grid, got {keep_rows}")
+    seeds = seed * 1_000_003 + torch.arange(len(codes), dtype=torch.long)
+    out = sample_codes(run.prior, len(codes), labels=labels, seeds=seeds, prefix=codes,
+                       prefix_len=keep_rows * w, **sampling)
+    return out, decode_codes(run, out)
+
+
+@torch.no_grad()
+def evaluate(run: Run, data: ImageData | None = None, batch_size: int = 256) -> dict[str, float]:
+    """Test metrics of both stages: reconstruction MSE/PSNR and code usage; the prior's bits per code."""
+    data = data or run_data(run)
+    _, errors = reconstruct(run, data.test.images, batch_size)
+    codes = torch.cat([run.vqvae.encode(to_model_range(c)) for c in data.test.images.split(batch_size)])
+    counts = torch.bincount(codes.flatten(), minlength=run.vqvae.config.codebook_size)
+    mse = errors.mean().item()
+    metrics = {"mse": mse, "psnr": psnr(mse), **code_usage(counts)}
+    if run.prior is not None:
+        splits, _ = load_codes(run.path / "codes")
+        test = splits["test"]
+        conditional = run.prior.config.num_classes > 0
+        nll = []
+        for i in range(0, len(test), batch_size):
+            labels = test.labels[i:i + batch_size] if conditional else None
+            nll.append(grid_nll(run.prior, test.codes[i:i + batch_size], labels))
+        bits = torch.cat(nll).mean().item() / math.log(2)
+        metrics.update(bits_per_code=bits / test.codes[0].numel(), bits_per_image=bits)
+    return metrics
