@@ -13,7 +13,7 @@ import sys
 
 from stage2_prior.registry import PRIORS
 from stage2_prior.train import train_prior
-from vqgen.arguments import add_config_options, given_options
+from vqgen.arguments import Parser, add_config_options, given_options
 from vqgen.console import print_error
 from vqgen.errors import VQGenError
 from vqgen.trainer import TrainConfig
@@ -25,7 +25,7 @@ FROM_CODES = ("codebook_size", "grid_height", "grid_width", "num_classes")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", default="runs/default", help="run directory (default: runs/default)")
     parser.add_argument("--prior", default="transformer", choices=sorted(PRIORS), help="which prior (default: transformer)")
     parser.add_argument("--codes", default=None, help="codes folder (default: RUN/codes)")

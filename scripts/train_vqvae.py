@@ -12,7 +12,7 @@ import sys
 
 from stage1_vqvae.model import VQVAEConfig
 from stage1_vqvae.train import train_vqvae
-from vqgen.arguments import add_config_options, build_config, given_options
+from vqgen.arguments import Parser, add_config_options, build_config, given_options
 from vqgen.console import print_error
 from vqgen.data import DataConfig
 from vqgen.errors import VQGenError
@@ -24,7 +24,7 @@ MODEL_FROM_DATA = ("in_channels", "image_height", "image_width")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", default="runs/default", help="run directory (default: runs/default)")
     parser.add_argument("--resume", action="store_true", help="continue from the run's last saved state")
     parser.add_argument("--no-encode", action="store_true", help="skip dumping the code grids at the end")

@@ -20,7 +20,7 @@ class VQVAEConfig:
     image_height: int = 32
     image_width: int = 32
     hidden_channels: int = 128    # channels of the conv trunk
-    res_channels: int = 64        # bottleneck channels inside a residual block
+    res_channels: int = 32        # bottleneck channels inside a residual block
     num_res_blocks: int = 2
     downsample: int = 4           # image size / grid size, a power of two
     codebook_size: int = 512      # K

@@ -25,7 +25,7 @@ SOURCE = "source.json"
 class PriorSource:
     """Where a prior's training codes came from: checked again when it samples."""
 
-    kind: str
+    prior: str                  # "transformer" or "pixelcnn"
     vqvae_fingerprint: str
     codes_dir: str
     class_names: tuple[str, ...]

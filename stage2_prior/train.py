@@ -165,7 +165,7 @@ def train_prior(
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.json")
-        save_config(PriorSource(kind=kind, vqvae_fingerprint=meta.vqvae_fingerprint,
+        save_config(PriorSource(prior=kind, vqvae_fingerprint=meta.vqvae_fingerprint,
                                 codes_dir=str(Path(codes_dir or run_dir / "codes").resolve()),
                                 class_names=meta.class_names if conditional else ()), out_dir / SOURCE)
     optimizer = torch.optim.AdamW(model.parameters(), lr=train_cfg.learning_rate, weight_decay=train_cfg.weight_decay)

@@ -16,18 +16,9 @@ from vqgen.data import DataConfig
 from vqgen.errors import VQGenError
 from vqgen.trainer import TrainConfig, learning_rate_at
 
+from conftest import TINY_DATA, TINY_VQVAE as TINY_MODEL, tiny_train
+
 ROOT = Path(__file__).resolve().parents[1]
-TINY_DATA = DataConfig(builtin_train_size=96, builtin_test_size=40)
-TINY_MODEL = dict(hidden_channels=16, res_channels=8, num_res_blocks=1, codebook_size=16, code_dim=8,
-                  restart_after=5)
-
-
-def tiny_train(**changes):
-    base = dict(batch_size=16, learning_rate=3e-3, max_steps=12, warmup_steps=0, log_every=1, eval_every=0,
-                save_every=0, lr_schedule="constant", seed=3)
-    return TrainConfig(**{**base, **changes})
-
-
 def records(path: Path, split: str):
     return [json.loads(line) for line in path.read_text().splitlines() if json.loads(line)["split"] == split]
 

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import types
 import typing
-from typing import Any
+from typing import Any, NoReturn
+
+from vqgen.console import print_error
 
 HELP = {
     # data
@@ -49,6 +52,14 @@ RENAMES = {("DataConfig", "seed"): "data_seed"}
 
 def _dest(cls: type, name: str) -> str:
     return RENAMES.get((cls.__name__, name), name)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line naming the bad value, like every other error."""
+
+    def error(self, message: str) -> NoReturn:
+        print_error(f"{self.prog}: {message} (see --help)")
+        sys.exit(2)
 
 
 def _base_type(tp: Any) -> Any:

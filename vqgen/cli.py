@@ -19,7 +19,7 @@ from rich.table import Table
 from safetensors.torch import save_file
 
 from vqgen import pipeline
-from vqgen.arguments import add_config_options, given_options
+from vqgen.arguments import Parser, add_config_options, given_options
 from vqgen.config import read_json, write_json_atomic
 from vqgen.console import make_console, make_progress, print_error
 from vqgen.data import DataConfig
@@ -49,9 +49,9 @@ def _add_sampling_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vqgen", description=__doc__,
+    parser = Parser(prog="vqgen", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text, epilog="examples:\n  " + EXAMPLES[name],
@@ -107,10 +107,16 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict:
 
 
 def _check_writable(folder: Path) -> None:
-    """Fail before the work, not after: the output folder must be creatable and writable."""
+    """Fail before the work, not after: try to create (and remove) a file where the output goes."""
     probe = folder if folder.exists() else next((p for p in folder.parents if p.exists()), Path("."))
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise VQGenError(f"cannot write to {folder}: {probe} is not a writable directory")
+    try:
+        if not probe.is_dir():
+            raise NotADirectoryError(f"{probe} is not a directory")
+        fd, tmp = tempfile.mkstemp(prefix=".vqgen-write-test.", dir=probe)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as err:
+        raise VQGenError(f"cannot write to {folder}: {err.strerror or err}") from None
 
 
 def _next_samples_dir(run: Path) -> Path:
@@ -124,7 +130,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     console = make_console(accelerator.is_main_process)
     run = pipeline.load_run(args.run, allow_vqvae_mismatch=args.allow_vqvae_mismatch)
     pipeline.run_on_device(run, accelerator.device)
-    labels = run.label_ids(args.label) if args.label else None
+    labels = pipeline.expand_labels(run.label_ids(args.label), args.n) if args.label else None
     out = Path(args.out) if args.out else _next_samples_dir(run.path)
     _check_writable(out)
     if args.nrow < 1:

@@ -100,6 +100,17 @@ def decode_codes(run: Run, codes: Tensor, batch_size: int = 256) -> Tensor:
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.uint8)
 
 
+def expand_labels(labels: Tensor | None, n: int) -> Tensor | None:
+    """One label for all n samples, or exactly n of them."""
+    if labels is None:
+        return None
+    if len(labels) == 1:
+        return labels.expand(n).clone()
+    if len(labels) != n:
+        raise VQGenError(f"got {len(labels)} labels for --n {n}: give one label or n of them")
+    return labels
+
+
 def sample(
     run: Run,
     accelerator: Accelerator,
@@ -115,10 +126,7 @@ def sample(
         raise VQGenError(f"--n must be >= 1, got {n}")
     if batch_size < 1:
         raise VQGenError(f"--batch-size must be >= 1, got {batch_size}")
-    if labels is not None and len(labels) == 1 and n > 1:
-        labels = labels.expand(n)
-    if labels is not None and len(labels) != n:
-        raise VQGenError(f"got {len(labels)} labels for --n {n}: give one label or n of them")
+    labels = expand_labels(labels, n)
     seeds = seed * 1_000_003 + torch.arange(n, dtype=torch.long)
     shares = torch.arange(n).tensor_split(accelerator.num_processes)
     mine = shares[accelerator.process_index]

@@ -1,0 +1,232 @@
+"""The contract both priors share (config fields, input checks) and one sampler for both.
+
+A prior is sampled through `state = prior.start(labels, b)` then, for every raster
+position, `logits, state = prior.step(state, codes, pos)`; see `ARPrior`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Protocol
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from vqgen.errors import VQGenError
+
+# ---------------------------------------------------------------------------- the prior contract
+
+
+@dataclass(frozen=True)
+class PriorConfig:
+    """Fields every prior shares; `num_classes` is also the index of the null class."""
+
+    codebook_size: int  # k
+    grid_height: int  # h
+    grid_width: int  # w
+    num_classes: int = 0  # 0 = unconditional
+    label_dropout: float = 0.1  # training-time probability of the null class
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.codebook_size < 2:
+            raise VQGenError(f"codebook_size must be >= 2, got {self.codebook_size}")
+        if self.grid_height < 1 or self.grid_width < 1:
+            raise VQGenError(f"grid must be at least 1x1, got {self.grid_height}x{self.grid_width}")
+        if self.num_classes < 0:
+            raise VQGenError(f"num_classes must be >= 0, got {self.num_classes}")
+        for name in ("label_dropout", "dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise VQGenError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+
+    @property
+    def seq_len(self) -> int:
+        """t = h * w, the number of codes in one grid."""
+        return self.grid_height * self.grid_width
+
+
+class ARPrior(Protocol):
+    """What `sample_codes` needs from a prior (both `TransformerPrior` and `PixelCNNPrior`)."""
+
+    config: PriorConfig
+    training: bool
+
+    def start(self, labels: Tensor | None, batch_size: int) -> Any: ...
+
+    def step(self, state: Any, codes: Tensor, pos: int) -> tuple[Tensor, Any]: ...
+
+    def parameters(self) -> Iterator[nn.Parameter]: ...
+
+    def train(self, mode: bool = True) -> Any: ...
+
+    def eval(self) -> Any: ...
+
+
+def check_codes(codes: Tensor, config: PriorConfig) -> None:
+    """Refuse a code grid (b, h, w) of the wrong shape, dtype or range."""
+    h, w, k = config.grid_height, config.grid_width, config.codebook_size
+    if codes.ndim != 3 or tuple(codes.shape[1:]) != (h, w):
+        raise VQGenError(f"codes must have shape (b, {h}, {w}), got {tuple(codes.shape)}")
+    if codes.dtype.is_floating_point or codes.dtype == torch.bool:
+        raise VQGenError(f"codes must be an integer tensor, got {codes.dtype}")
+    lo, hi = int(codes.min()), int(codes.max())
+    if lo < 0 or hi >= k:
+        raise VQGenError(f"codes must be in [0, {k}), got {lo if lo < 0 else hi}")
+
+
+def resolve_labels(labels: Tensor | None, batch_size: int, config: PriorConfig, device: torch.device) -> Tensor:
+    """(b,) class indices, the null class `num_classes` standing in for `None`."""
+    null = config.num_classes
+    if labels is None:
+        return torch.full((batch_size,), null, dtype=torch.long, device=device)
+    if null == 0:
+        raise VQGenError(f"this prior is unconditional (num_classes=0) but got labels {labels.tolist()[:8]}")
+    if labels.shape != (batch_size,) or labels.dtype.is_floating_point:
+        raise VQGenError(f"labels must be an integer tensor of shape ({batch_size},), got {labels.dtype} {tuple(labels.shape)}")
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0 or hi > null:
+        raise VQGenError(f"labels must be in [0, {null}] ({null} = null class), got {lo if lo < 0 else hi}")
+    return labels.to(device=device, dtype=torch.long)
+
+
+def drop_labels(labels: Tensor, config: PriorConfig) -> Tensor:
+    """Replace each label by the null class with probability `label_dropout` (global RNG)."""
+    if config.num_classes == 0 or config.label_dropout == 0.0:
+        return labels
+    drop = torch.rand(labels.shape, device=labels.device) < config.label_dropout
+    return labels.masked_fill(drop, config.num_classes)
+
+
+# ---------------------------------------------------------------------------- sampling
+
+
+def _check_filters(k: int, top_k: int | None, top_p: float | None) -> None:
+    if top_k is not None and not 1 <= top_k <= k:
+        raise VQGenError(f"top_k must be in [1, {k}], got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise VQGenError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def filter_logits(logits: Tensor, top_k: int | None = None, top_p: float | None = None) -> Tensor:
+    """(b, k) -> (b, k): -inf outside the top-k (ties at the k-th value kept), then outside the nucleus.
+
+    The nucleus is the smallest set of most likely codes whose probability reaches `top_p`.
+    """
+    _check_filters(logits.shape[-1], top_k, top_p)
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (b, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)  # (b, k)
+        probs = sorted_logits.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs  # the most likely code always has 0 before it
+        drop = torch.zeros_like(order, dtype=torch.bool).scatter(-1, order, mass_before >= top_p)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def inverse_cdf(probs: Tensor, uniforms: Tensor) -> Tensor:
+    """(b, k) unnormalised probabilities, (b,) uniforms in [0, 1) -> (b,) codes; zero-mass codes never drawn."""
+    cdf = probs.cumsum(dim=-1)  # (b, k)
+    target = uniforms[:, None] * cdf[:, -1:]  # (b, 1)
+    return torch.searchsorted(cdf, target, right=False).squeeze(-1).clamp_max(probs.shape[-1] - 1)
+
+
+def seeded_uniforms(seeds: Tensor, t: int) -> Tensor:
+    """(n,) int64 seeds -> (n, t) uniforms; row i comes from `seeds[i]` alone."""
+    rows = [torch.rand(t, generator=torch.Generator().manual_seed(int(s))) for s in seeds.tolist()]
+    return torch.stack(rows)  # (n, t)
+
+
+def _check_sample_args(prior: ARPrior, n: int, labels, temperature, top_k, top_p, cfg_scale, seeds, prefix, prefix_len, batch_size) -> None:
+    cfg = prior.config
+    h, w, k, t = cfg.grid_height, cfg.grid_width, cfg.codebook_size, cfg.seq_len
+    if n < 1:
+        raise VQGenError(f"n must be >= 1, got {n}")
+    if not temperature > 0:
+        raise VQGenError(f"temperature must be > 0, got {temperature}")
+    _check_filters(k, top_k, top_p)
+    if not cfg_scale >= 0:
+        raise VQGenError(f"cfg_scale must be >= 0, got {cfg_scale}")
+    if labels is not None:
+        resolve_labels(labels, n, cfg, labels.device)
+    if seeds is not None and (seeds.shape != (n,) or seeds.dtype.is_floating_point):
+        raise VQGenError(f"seeds must be an integer tensor of shape ({n},), got {seeds.dtype} {tuple(seeds.shape)}")
+    if not 0 <= prefix_len <= t:
+        raise VQGenError(f"prefix_len must be in [0, {t}], got {prefix_len}")
+    if prefix_len > 0 and prefix is None:
+        raise VQGenError(f"prefix_len is {prefix_len} but no prefix was given")
+    if prefix is not None:
+        if prefix.shape != (n, h, w):
+            raise VQGenError(f"prefix must have shape ({n}, {h}, {w}), got {tuple(prefix.shape)}")
+        check_codes(prefix, cfg)
+    if batch_size is not None and batch_size < 1:
+        raise VQGenError(f"batch_size must be >= 1, got {batch_size}")
+
+
+def _sample_chunk(prior: ARPrior, labels: Tensor | None, uniforms: Tensor, prefix: Tensor | None, prefix_len: int,
+                  temperature: float, top_k: int | None, top_p: float | None, cfg_scale: float) -> Tensor:
+    """Draw one chunk: (b, t) uniforms -> (b, t) codes, one prior step per position."""
+    b, t = uniforms.shape
+    guided = labels is not None and cfg_scale != 1.0
+    if guided:  # conditional rows then null rows, one batch
+        null = torch.full_like(labels, prior.config.num_classes)
+        state = prior.start(torch.cat([labels, null]), 2 * b)
+    else:
+        state = prior.start(labels, b)
+    codes = torch.zeros(b, t, dtype=torch.long, device=uniforms.device)
+    if prefix is not None:
+        codes[:, :prefix_len] = prefix[:, :prefix_len]
+    for pos in range(t):
+        logits, state = prior.step(state, torch.cat([codes, codes]) if guided else codes, pos)
+        if pos < prefix_len:
+            continue  # the prior still saw this position; its code is given
+        logits = logits.float()  # (b or 2b, k)
+        if guided:
+            cond, uncond = logits.chunk(2)
+            logits = uncond + cfg_scale * (cond - uncond)
+        if top_k == 1:
+            codes[:, pos] = logits.argmax(dim=-1)
+            continue
+        probs = F.softmax(filter_logits(logits / temperature, top_k, top_p), dim=-1)
+        codes[:, pos] = inverse_cdf(probs, uniforms[:, pos])
+    return codes
+
+
+def sample_codes(prior: ARPrior, n: int, *, labels: Tensor | None = None, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, cfg_scale: float = 1.0,
+                 seeds: Tensor | None = None, prefix: Tensor | None = None, prefix_len: int = 0,
+                 batch_size: int | None = None, progress: Callable[[int], None] | None = None) -> Tensor:
+    """Draw n code grids (n, h, w) in raster order; sample i depends only on `seeds[i]` (default i).
+
+    `top_k=1` is greedy; `cfg_scale != 1` with labels applies classifier-free guidance;
+    positions < `prefix_len` are copied from `prefix`. `progress(m)` is called after each chunk of m samples.
+    """
+    _check_sample_args(prior, n, labels, temperature, top_k, top_p, cfg_scale, seeds, prefix, prefix_len, batch_size)
+    cfg = prior.config
+    device = next(prior.parameters()).device
+    seeds = torch.arange(n) if seeds is None else seeds.cpu()
+    labels = None if labels is None else labels.to(device=device, dtype=torch.long)
+    flat_prefix = None if prefix is None else rearrange(prefix.to(device=device, dtype=torch.long), "b h w -> b (h w)")
+    batch_size = n if batch_size is None else batch_size
+    was_training = prior.training
+    prior.eval()
+    try:
+        with torch.inference_mode():
+            uniforms = seeded_uniforms(seeds, cfg.seq_len).to(device)  # (n, t)
+            chunks = []
+            for lo in range(0, n, batch_size):
+                part = slice(lo, min(lo + batch_size, n))
+                chunks.append(_sample_chunk(
+                    prior, None if labels is None else labels[part], uniforms[part],
+                    None if flat_prefix is None else flat_prefix[part], prefix_len,
+                    temperature, top_k, top_p, cfg_scale,
+                ))
+                if progress is not None:
+                    progress(part.stop - part.start)
+    finally:
+        prior.train(was_training)
+    codes = torch.cat(chunks)  # (n, t)
+    return rearrange(codes, "n (h w) -> n h w", h=cfg.grid_height, w=cfg.grid_width)

@@ -1,0 +1,183 @@
+"""GPT-style prior: a decoder-only pre-LN Transformer over the code grid in raster order.
+
+Input token i is the start (class) token for i = 0 and code i-1 otherwise, plus the row and
+column embeddings of position i; output i is the distribution of code i.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from stage2_prior.sampling import PriorConfig, check_codes, drop_labels, resolve_labels
+from vqgen.errors import VQGenError
+
+
+@dataclass(frozen=True)
+class TransformerConfig(PriorConfig):
+    """Architecture of `TransformerPrior`; the shared prior fields come from `PriorConfig`."""
+
+    d_model: int = 256  # d
+    n_layers: int = 4
+    n_heads: int = 4  # nh; head dim hd = d / nh
+    mlp_ratio: int = 4
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("d_model", "n_layers", "n_heads", "mlp_ratio"):
+            if getattr(self, name) < 1:
+                raise VQGenError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.d_model % self.n_heads:
+            raise VQGenError(f"d_model must be divisible by n_heads, got d_model={self.d_model}, n_heads={self.n_heads}")
+
+
+@dataclass
+class KVCache:
+    """Keys and values of the tokens fed so far, one preallocated (b, nh, t, hd) pair per layer."""
+
+    k: list[Tensor]
+    v: list[Tensor]
+    length: int  # tokens cached: the start token, then codes 0 .. length-2
+    logits: Tensor  # (b, k) output of the last cached token: the distribution of code length-1
+
+
+class SelfAttention(nn.Module):
+    """Multi-head causal self-attention; `decode` attends from one new token to a cache."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.dropout = cfg.dropout
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+
+    def _split(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        qkv = rearrange(self.qkv(x), "b t (three nh hd) -> three b nh t hd", three=3, nh=self.n_heads)
+        return qkv[0], qkv[1], qkv[2]
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(b, t, d) -> (b, t, d), each position attending to itself and earlier ones."""
+        q, k, v = self._split(x)  # (b, nh, t, hd)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(rearrange(y, "b nh t hd -> b t (nh hd)"))
+
+    def decode(self, x: Tensor, k_cache: Tensor, v_cache: Tensor, pos: int) -> Tensor:
+        """(b, 1, d) token at `pos` -> (b, 1, d); writes its key and value into the cache at `pos`."""
+        q, k, v = self._split(x)  # (b, nh, 1, hd)
+        k_cache[:, :, pos : pos + 1] = k
+        v_cache[:, :, pos : pos + 1] = v
+        keys = k_cache[:, :, : pos + 1].to(q.dtype)  # (b, nh, pos+1, hd); the cast only acts under autocast
+        values = v_cache[:, :, : pos + 1].to(q.dtype)
+        y = F.scaled_dot_product_attention(q, keys, values)  # nothing after pos is in the cache yet
+        return self.proj(rearrange(y, "b nh t hd -> b t (nh hd)"))
+
+
+class Block(nn.Module):
+    """Pre-LN Transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        d = cfg.d_model
+        self.ln1 = nn.LayerNorm(d)
+        self.attn = SelfAttention(cfg)
+        self.ln2 = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, cfg.mlp_ratio * d), nn.GELU(), nn.Linear(cfg.mlp_ratio * d, d))
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(b, t, d) -> (b, t, d)."""
+        x = x + self.drop(self.attn(self.ln1(x)))
+        return x + self.drop(self.mlp(self.ln2(x)))
+
+    def decode(self, x: Tensor, k_cache: Tensor, v_cache: Tensor, pos: int) -> Tensor:
+        """(b, 1, d) -> (b, 1, d) for one new token at `pos`."""
+        x = x + self.drop(self.attn.decode(self.ln1(x), k_cache, v_cache, pos))
+        return x + self.drop(self.mlp(self.ln2(x)))
+
+
+class TransformerPrior(nn.Module):
+    """p(codes | class) as a GPT; `forward` teacher-forces a grid, `start`/`step` decode with a KV cache."""
+
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.config = config
+        d = config.d_model
+        self.start_emb = nn.Embedding(config.num_classes + 1, d)  # one per class plus null; just null if unconditional
+        self.code_emb = nn.Embedding(config.codebook_size, d)
+        self.row_emb = nn.Parameter(torch.randn(config.grid_height, d) * 0.02)
+        self.col_emb = nn.Parameter(torch.randn(config.grid_width, d) * 0.02)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.ln_f = nn.LayerNorm(d)
+        self.head = nn.Linear(d, config.codebook_size, bias=False)
+        self.apply(_init_weights)
+        for name, p in self.named_parameters():  # GPT-2: residual branches scaled down with depth
+            if name.endswith(("attn.proj.weight", "mlp.2.weight")):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * config.n_layers))
+
+    def _positions(self) -> Tensor:
+        """(t, d) row plus column embedding of every raster position."""
+        return rearrange(self.row_emb[:, None] + self.col_emb[None], "h w d -> (h w) d")
+
+    def forward(self, codes: Tensor, labels: Tensor | None = None) -> Tensor:
+        """(b, h, w) codes, (b,) labels or None (null class) -> (b, h, w, k) logits, teacher-forced."""
+        cfg = self.config
+        check_codes(codes, cfg)
+        labels = resolve_labels(labels, codes.shape[0], cfg, codes.device)
+        if self.training:
+            labels = drop_labels(labels, cfg)
+        codes = rearrange(codes, "b h w -> b (h w)").long()
+        tokens = torch.cat([self.start_emb(labels)[:, None], self.code_emb(codes[:, :-1])], dim=1)  # (b, t, d)
+        x = self.drop(tokens + self._positions())
+        for block in self.blocks:
+            x = block(x)
+        logits = self.head(self.ln_f(x))  # (b, t, k)
+        return rearrange(logits, "b (h w) k -> b h w k", h=cfg.grid_height)
+
+    def start(self, labels: Tensor | None, batch_size: int) -> KVCache:
+        """A fresh cache (b rows) holding the start token; labels may include the null class."""
+        cfg = self.config
+        device, dtype = self.head.weight.device, self.head.weight.dtype
+        labels = resolve_labels(labels, batch_size, cfg, device)
+        shape = (batch_size, cfg.n_heads, cfg.seq_len, cfg.d_model // cfg.n_heads)  # (b, nh, t, hd)
+        cache = KVCache(
+            k=[torch.empty(shape, device=device, dtype=dtype) for _ in self.blocks],
+            v=[torch.empty(shape, device=device, dtype=dtype) for _ in self.blocks],
+            length=0,
+            logits=torch.empty(0, device=device),
+        )
+        self._feed(cache, self.start_emb(labels))
+        return cache
+
+    def step(self, cache: KVCache, codes: Tensor, pos: int) -> tuple[Tensor, KVCache]:
+        """(b, t) codes filled before `pos` -> (b, k) logits of code `pos`.
+
+        Feeds code pos-1 into the cache, unless the cache already holds token pos (pos 0: `start` did).
+        """
+        if pos == cache.length:
+            self._feed(cache, self.code_emb(codes[:, pos - 1]))
+        elif pos != cache.length - 1:
+            raise VQGenError(f"step expects pos {cache.length - 1} or {cache.length} (the cache holds {cache.length} tokens), got {pos}")
+        return cache.logits, cache
+
+    def _feed(self, cache: KVCache, token: Tensor) -> None:
+        """Append one (b, d) token embedding at position `cache.length`; keep its logits."""
+        pos = cache.length
+        x = self.drop(token + self._positions()[pos])[:, None]  # (b, 1, d)
+        for block, k_cache, v_cache in zip(self.blocks, cache.k, cache.v):
+            x = block.decode(x, k_cache, v_cache, pos)
+        cache.length = pos + 1
+        cache.logits = self.head(self.ln_f(x[:, 0]))  # (b, k)
+
+
+def _init_weights(module: nn.Module) -> None:
+    """GPT-2 style: normal(0, 0.02) weights, zero biases."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=0.02)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)

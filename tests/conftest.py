@@ -1,0 +1,38 @@
+"""A tiny trained run (both stages) shared by the tests that need one."""
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from stage1_vqvae.train import train_vqvae
+from stage2_prior.train import train_prior
+from vqgen.data import DataConfig
+from vqgen.trainer import TrainConfig
+
+TINY_DATA = DataConfig(builtin_train_size=96, builtin_test_size=40)
+TINY_VQVAE = dict(hidden_channels=16, res_channels=8, num_res_blocks=1, codebook_size=16, code_dim=8,
+                  restart_after=5)
+TINY_TRANSFORMER = dict(d_model=32, n_layers=2, n_heads=2)
+TINY_PIXELCNN = dict(channels=16, n_layers=3)
+
+
+def tiny_train(**changes) -> TrainConfig:
+    base = dict(batch_size=16, learning_rate=3e-3, max_steps=12, warmup_steps=0, log_every=1, eval_every=0,
+                save_every=0, lr_schedule="constant", seed=3)
+    return TrainConfig(**{**base, **changes})
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """runs/tiny with a VQ-VAE, its codes and a conditional transformer prior. Treat as read-only."""
+    run = tmp_path_factory.mktemp("runs") / "tiny"
+    train_vqvae(run, TINY_DATA, tiny_train(max_steps=10), TINY_VQVAE)
+    train_prior(run, "transformer", tiny_train(max_steps=10), TINY_TRANSFORMER)
+    return run
+
+
+def tree_hashes(folder: Path) -> dict[str, str]:
+    """sha256 of every file below `folder`: to show a failed command changed nothing."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}

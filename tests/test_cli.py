@@ -1,0 +1,162 @@
+"""The `vqgen` commands end to end on a tiny run, and their answers to bad input."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from conftest import tree_hashes
+from vqgen import pipeline
+from vqgen.cli import main
+from vqgen.codes import load_codes
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def sample_codes_of(out: Path) -> torch.Tensor:
+    return load_file(out / "codes.safetensors")["codes"]
+
+
+def test_sample_writes_grid_images_codes_and_settings(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    assert main(["sample", "--run", str(run), "--n", "5", "--seed", "1"]) == 0
+    out = run / "samples" / "0000"
+    assert sorted(p.name for p in out.iterdir()) == ["codes.safetensors", "grid.png", "images", "settings.json"]
+    images = sorted((out / "images").glob("*.png"))
+    assert len(images) == 5
+    assert Image.open(images[0]).size == (32, 32) and Image.open(images[0]).mode == "RGB"
+    assert sample_codes_of(out).shape == (5, 8, 8)
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["n"] == 5 and settings["seed"] == 1 and settings["processes"] == 1
+    assert main(["sample", "--run", str(run), "--n", "2"]) == 0
+    assert (run / "samples" / "0001" / "grid.png").is_file()  # a second call never overwrites the first
+
+
+def test_same_seed_same_images_other_seed_other_images(tiny_run, tmp_path):
+    for name, seed in (("a", 7), ("b", 7), ("c", 8)):
+        assert main(["sample", "--run", str(tiny_run), "--n", "6", "--seed", str(seed), "--out", str(tmp_path / name)]) == 0
+    a, b, c = (sample_codes_of(tmp_path / x) for x in "abc")
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert (tmp_path / "a/images/00003.png").read_bytes() == (tmp_path / "b/images/00003.png").read_bytes()
+
+
+def test_a_sample_does_not_depend_on_batch_size(tiny_run, tmp_path):
+    assert main(["sample", "--run", str(tiny_run), "--n", "6", "--out", str(tmp_path / "a")]) == 0
+    assert main(["sample", "--run", str(tiny_run), "--n", "6", "--batch-size", "4", "--out", str(tmp_path / "b")]) == 0
+    assert torch.equal(sample_codes_of(tmp_path / "a"), sample_codes_of(tmp_path / "b"))
+
+
+@pytest.mark.slow
+def test_two_process_sampling_equals_one_process(tiny_run, tmp_path):
+    assert main(["sample", "--run", str(tiny_run), "--n", "7", "--seed", "3", "--out", str(tmp_path / "one")]) == 0
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "--", "vqgen", "sample",
+           "--run", str(tiny_run), "--n", "7", "--seed", "3", "--out", str(tmp_path / "two")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "two/settings.json").read_text())["processes"] == 2
+    assert torch.equal(sample_codes_of(tmp_path / "one"), sample_codes_of(tmp_path / "two"))
+    assert len(list((tmp_path / "two/images").glob("*.png"))) == 7
+
+
+def test_labels_are_honoured(tiny_run, tmp_path):
+    assert main(["sample", "--run", str(tiny_run), "--n", "4", "--label", "circle", "--out", str(tmp_path / "c")]) == 0
+    assert main(["sample", "--run", str(tiny_run), "--n", "4", "--label", "5", "--out", str(tmp_path / "d")]) == 0
+    assert json.loads((tmp_path / "c/settings.json").read_text())["labels"] == [0, 0, 0, 0]
+    assert json.loads((tmp_path / "d/settings.json").read_text())["labels"] == [5, 5, 5, 5]
+    run = pipeline.load_run(tiny_run)
+    with torch.no_grad():  # the label reaches the prior: its first-code distribution changes
+        state = run.prior.start(torch.tensor([0, 5]), 2)
+        logits, _ = run.prior.step(state, torch.zeros(2, 64, dtype=torch.long), 0)
+    assert not torch.allclose(logits[0], logits[1])
+
+
+def test_complete_keeps_the_given_rows(tiny_run):
+    run = pipeline.load_run(tiny_run)
+    splits, _ = load_codes(tiny_run / "codes")
+    codes, labels = splits["test"].codes[:3], splits["test"].labels[:3]
+    completed, images = pipeline.complete(run, codes, keep_rows=5, labels=labels, seed=0)
+    assert torch.equal(completed[:, :5], codes[:, :5])
+    assert images.shape == (3, 3, 32, 32) and images.dtype == torch.uint8
+
+
+def test_other_commands_run(tiny_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    before = load_codes(run / "codes")[0]["test"].codes
+    assert main(["reconstruct", "--run", str(run), "--n", "4"]) == 0
+    assert Image.open(run / "reconstructions.png").size[0] > 4 * 32
+    assert main(["complete", "--run", str(run), "--n", "3", "--keep-rows", "4"]) == 0
+    assert (run / "completions.png").is_file()
+    assert main(["encode", "--run", str(run)]) == 0
+    assert torch.equal(load_codes(run / "codes")[0]["test"].codes, before)
+    assert main(["info", "--run", str(run)]) == 0
+    assert main(["eval", "--run", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "bits_per_code" in out and "psnr" in out and "vqvae" in out
+
+
+BAD_INPUTS = [
+    (["sample", "--run", "{missing}"], "run not found"),
+    (["sample", "--run", "{no_prior}"], "no trained prior"),
+    (["sample", "--n", "0"], "--n must be >= 1, got 0"),
+    (["sample", "--n", "-3"], "--n must be >= 1, got -3"),
+    (["sample", "--label", "hexagon"], "unknown label 'hexagon'"),
+    (["sample", "--top-p", "1.5"], "top_p must be in (0, 1], got 1.5"),
+    (["sample", "--top-p", "0"], "top_p must be in (0, 1], got 0"),
+    (["sample", "--top-k", "0"], "top_k"),
+    (["sample", "--temperature", "0"], "temperature"),
+    (["sample", "--n", "abc"], "invalid int value: 'abc'"),
+    (["sample", "--out", "{run}/vqvae/config.json/out"], "cannot write to"),
+    (["reconstruct", "--out", "/proc/vqgen/x.png"], "cannot write to /proc/vqgen"),
+    (["complete", "--keep-rows", "99"], "--keep-rows must be in [0, 8]"),
+    (["reconstruct", "--n", "0"], "--n must be >= 1, got 0"),
+    (["info", "--run", "{missing}"], "is not a vqgen run"),
+    (["eval", "--run", "{missing}"], "run not found"),
+    (["encode", "--run", "{missing}"], "run not found"),
+    (["encode", "--data", "/no/such/folder"], "/no/such/folder"),
+]
+
+
+@pytest.mark.parametrize("argv,message", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
+def test_bad_input_is_one_line_and_changes_nothing(tiny_run, tmp_path, capsys, argv, message):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    no_prior = tmp_path / "no_prior"
+    shutil.copytree(tiny_run / "vqvae", no_prior / "vqvae")
+    argv = [a.format(missing=tmp_path / "missing", no_prior=no_prior, run=run) for a in argv]
+    if "--run" not in argv:
+        argv += ["--run", str(run)]
+    before = tree_hashes(run)
+    with pytest.raises(SystemExit) if "abc" in argv else _no_raise():
+        code = main(argv)
+        assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("error:"), err
+    assert message in err
+    assert "Traceback" not in err
+    assert tree_hashes(run) == before
+
+
+class _no_raise:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_bad_input_from_a_real_process_has_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "vqgen", "sample", "--run", str(tmp_path / "none")],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
+    assert f"run not found: {tmp_path / 'none'}" in proc.stderr

@@ -1,0 +1,217 @@
+"""Both priors: config checks, causality without a blind spot, cached decoding, learning, bf16."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+from stage2_prior.pixelcnn import PixelCNNConfig, PixelCNNPrior
+from stage2_prior.transformer import KVCache, TransformerConfig, TransformerPrior
+from vqgen.errors import VQGenError
+
+KINDS = ["transformer", "pixelcnn"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from threads, and on a busy 2-core machine threads stall each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_prior(kind: str, **fields) -> torch.nn.Module:
+    """A tiny prior of either kind; `fields` override the shared and architecture fields."""
+    shared = dict(codebook_size=8, grid_height=4, grid_width=4, num_classes=0, label_dropout=0.0) | fields
+    if kind == "transformer":
+        return TransformerPrior(TransformerConfig(**(dict(d_model=32, n_layers=2, n_heads=2) | shared)))
+    return PixelCNNPrior(PixelCNNConfig(**(dict(channels=16, n_layers=5) | shared)))
+
+
+@pytest.mark.parametrize(
+    "cls, fields, bad",
+    [
+        (TransformerConfig, dict(codebook_size=1), "1"),
+        (TransformerConfig, dict(grid_height=0), "0x4"),
+        (TransformerConfig, dict(label_dropout=1.5), "1.5"),
+        (TransformerConfig, dict(d_model=30, n_heads=4), "d_model=30"),
+        (TransformerConfig, dict(num_classes=-2), "-2"),
+        (PixelCNNConfig, dict(kernel_size=4), "4"),
+        (PixelCNNConfig, dict(channels=0), "0"),
+    ],
+)
+def test_config_rejects_bad_values(cls, fields, bad):
+    with pytest.raises(VQGenError, match=bad):
+        cls(**(dict(codebook_size=8, grid_height=4, grid_width=4) | fields))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_bad_inputs_name_the_value(kind):
+    prior = make_prior(kind).eval()
+    codes = torch.zeros(2, 4, 4, dtype=torch.long)
+    with pytest.raises(VQGenError, match="unconditional.*3"):
+        prior(codes, torch.tensor([3, 3]))
+    with pytest.raises(VQGenError, match="got 8"):
+        prior(codes.clone().index_fill_(2, torch.tensor([1]), 8))
+    with pytest.raises(VQGenError, match=r"\(2, 4, 5\)"):
+        prior(torch.zeros(2, 4, 5, dtype=torch.long))
+    conditional = make_prior(kind, num_classes=3).eval()
+    with pytest.raises(VQGenError, match="got 4"):
+        conditional(codes, torch.tensor([0, 4]))
+    with pytest.raises(VQGenError, match="got -1"):
+        conditional.start(torch.tensor([-1, 0]), 2)
+    assert conditional(codes, torch.tensor([0, 3])).shape == (2, 4, 4, 8)  # 3 is the null class
+
+
+def perturbed_logits(prior: torch.nn.Module, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (t, k) of a random grid and (t, t, k) of the grids with code j changed, in row j."""
+    cfg = prior.config
+    t, k = cfg.seq_len, cfg.codebook_size
+    base = torch.randint(0, k, (t,), generator=generator)
+    grids = base.repeat(t + 1, 1)  # (t+1, t): row 0 the base, row j+1 with code j changed
+    grids[torch.arange(1, t + 1), torch.arange(t)] = (base + 1 + torch.randint(0, k - 1, (t,), generator=generator)) % k
+    with torch.no_grad():
+        logits = prior(rearrange(grids, "b (h w) -> b h w", w=cfg.grid_width))
+    logits = rearrange(logits, "b h w k -> b (h w) k")
+    return logits[0], logits[1:]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_causal_and_no_blind_spot(kind):
+    torch.manual_seed(0)
+    prior = make_prior(kind).eval().double()  # float64: no rounding noise to hide a leak or a weak link
+    with torch.no_grad():  # a clearer signal; PixelCNN causality lives in the mask buffers, not the weights
+        for p in prior.parameters():
+            p.mul_(2.0)
+    base, changed = perturbed_logits(prior, torch.Generator().manual_seed(1))
+    diff = (changed - base).abs().amax(dim=-1)  # (t, t): [j, i] = effect of code j on logits i
+    t = base.shape[0]
+    later_or_same = torch.ones(t, t).tril().bool()  # j >= i
+    assert diff[later_or_same].max() <= 1e-12, "logits depend on the current or a later code"
+    earlier = ~later_or_same
+    assert diff[earlier].min() > 1e-6, f"blind spot: min effect of an earlier code is {diff[earlier].min():.2e}"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_step_matches_forward(kind):
+    torch.manual_seed(0)
+    prior = make_prior(kind, num_classes=3).eval()
+    codes = torch.randint(0, 8, (3, 4, 4))
+    labels = torch.tensor([0, 2, 3])  # 3 = null class
+    with torch.no_grad():
+        full = rearrange(prior(codes, labels), "b h w k -> b (h w) k")
+        flat = rearrange(codes, "b h w -> b (h w)")
+        state = prior.start(labels, 3)
+        for pos in range(16):
+            seen = flat.clone()
+            seen[:, pos:] = torch.randint(0, 8, (3, 16 - pos))  # what is not sampled yet is noise
+            logits, state = prior.step(state, seen, pos)
+            torch.testing.assert_close(logits, full[:, pos], atol=1e-5, rtol=0)
+
+
+def test_transformer_cache_is_used_not_recomputed():
+    torch.manual_seed(0)
+    prior = make_prior("transformer").eval()
+    codes = torch.randint(0, 8, (2, 16))
+    with torch.no_grad():
+        full = rearrange(prior(rearrange(codes, "b (h w) -> b h w", w=4)), "b h w k -> b (h w) k")
+        cache = prior.start(None, 2)
+        assert isinstance(cache, KVCache) and cache.length == 1
+        assert all(k.shape == (2, 2, 16, 16) for k in cache.k + cache.v)  # (b, nh, t, hd)
+        for pos in range(16):
+            fed = codes.clone()
+            fed[:, : max(pos - 1, 0)] = 0  # already in the cache: a step must not read them again
+            logits, cache = prior.step(cache, fed, pos)
+            assert cache.length == max(pos + 1, 1)
+            torch.testing.assert_close(logits, full[:, pos], atol=1e-5, rtol=0)
+        with pytest.raises(VQGenError, match="got 3"):
+            prior.step(cache, codes, 3)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_label_changes_logits_and_dropout_uses_null(kind):
+    torch.manual_seed(0)
+    prior = make_prior(kind, num_classes=3, label_dropout=0.5)
+    codes = torch.randint(0, 8, (1, 4, 4)).expand(64, 4, 4)
+    prior.eval()
+    with torch.no_grad():
+        per_label = [prior(codes[:1], torch.tensor([c])) for c in range(4)]  # 3 = null
+        assert all((per_label[a] - per_label[b]).abs().max() > 1e-4 for a in range(4) for b in range(a))
+        prior.train()
+        torch.manual_seed(1)
+        trained = prior(codes, torch.full((64,), 1))
+    is_null = (trained - per_label[3]).abs().amax(dim=(1, 2, 3)) < 1e-5
+    is_label = (trained - per_label[1]).abs().amax(dim=(1, 2, 3)) < 1e-5
+    assert bool((is_null ^ is_label).all()) and 10 < int(is_null.sum()) < 54
+
+
+# A toy code distribution with a known entropy: K=4, 2x3 grids drawn from four patterns.
+PATTERNS = torch.tensor([[0, 1, 2, 3, 0, 1], [0, 1, 2, 0, 0, 0], [3, 3, 1, 1, 2, 2], [0, 2, 2, 2, 1, 3]])
+PROBS = torch.tensor([0.4, 0.3, 0.2, 0.1])
+
+
+def nll_bits_per_code(prior: torch.nn.Module, grids: torch.Tensor, weights: torch.Tensor, labels=None) -> float:
+    """Exact expected NLL (bits per code) of the weighted grids (m, t) under the prior."""
+    with torch.no_grad():
+        logits = prior(rearrange(grids, "m (h w) -> m h w", w=3), labels)
+    nll = F.cross_entropy(rearrange(logits, "m h w k -> m k (h w)"), grids, reduction="none").sum(1)  # (m,) nats
+    return float((weights * nll).sum()) / grids.shape[1] / math.log(2)
+
+
+def train(prior: torch.nn.Module, steps: int, batch, lr: float = 3e-3) -> None:
+    """Adam, learning rate decayed linearly, on minibatches `batch(generator) -> (grids (b, t), labels or None)`."""
+    opt = torch.optim.Adam(prior.parameters(), lr=lr)
+    schedule = torch.optim.lr_scheduler.LinearLR(opt, 1.0, 0.02, total_iters=steps)  # no late Adam spikes
+    gen = torch.Generator().manual_seed(0)
+    prior.train()
+    for _ in range(steps):
+        grids, labels = batch(gen)
+        logits = prior(rearrange(grids, "b (h w) -> b h w", w=3), labels)
+        loss = F.cross_entropy(rearrange(logits, "b h w k -> b k (h w)"), grids)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        schedule.step()
+    prior.eval()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_learns_toy_distribution_to_its_entropy(kind):
+    torch.manual_seed(0)
+    prior = make_prior(kind, codebook_size=4, grid_height=2, grid_width=3, n_layers=3)
+    entropy = float(-(PROBS * PROBS.log2()).sum()) / 6  # bits per code
+    train(prior, 200, lambda g: (PATTERNS[torch.multinomial(PROBS, 64, replacement=True, generator=g)], None))
+    nll = nll_bits_per_code(prior, PATTERNS, PROBS)
+    assert entropy <= nll + 1e-4 and nll - entropy < 0.05, f"nll {nll:.3f} vs entropy {entropy:.3f} bits/code"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_learns_label_conditional_toy(kind):
+    torch.manual_seed(0)
+    prior = make_prior(kind, codebook_size=4, grid_height=2, grid_width=3, n_layers=3, num_classes=4, label_dropout=0.1)
+
+    def batch(g):
+        labels = torch.randint(0, 4, (64,), generator=g)
+        return PATTERNS[labels], labels
+
+    train(prior, 200, batch)
+    nll = nll_bits_per_code(prior, PATTERNS, torch.full((4,), 0.25), labels=torch.arange(4))
+    assert nll < 0.05, f"conditional nll {nll:.3f} bits/code"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_bf16_autocast_gives_finite_logits(kind):
+    torch.manual_seed(0)
+    prior = make_prior(kind, num_classes=2).eval()
+    codes = torch.randint(0, 8, (2, 4, 4))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = prior(codes, torch.tensor([0, 1]))
+        state = prior.start(torch.tensor([0, 2]), 2)
+        step_logits, _ = prior.step(state, rearrange(codes, "b h w -> b (h w)"), 0)
+    assert logits.shape == (2, 4, 4, 8) and torch.isfinite(logits).all()
+    assert torch.isfinite(step_logits).all()
