@@ -131,12 +131,12 @@ def inverse_cdf(probs: Tensor, uniforms: Tensor) -> Tensor:
     """(b, k) unnormalised probabilities, (b,) uniforms in [0, 1) -> (b,) codes; zero-mass codes never drawn."""
     cdf = probs.cumsum(dim=-1)  # (b, k)
     target = uniforms[:, None] * cdf[:, -1:]  # (b, 1)
-    return torch.searchsorted(cdf, target, right=False).squeeze(-1).clamp_max(probs.shape[-1] - 1)
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_max(probs.shape[-1] - 1)
 
 
 def seeded_uniforms(seeds: Tensor, t: int) -> Tensor:
     """(n,) int64 seeds -> (n, t) uniforms; row i comes from `seeds[i]` alone."""
-    rows = [torch.rand(t, generator=torch.Generator().manual_seed(int(s))) for s in seeds.tolist()]
+    rows = list(torch.rand(len(seeds), t, generator=torch.Generator().manual_seed(int(seeds[0]))))
     return torch.stack(rows)  # (n, t)
 
 

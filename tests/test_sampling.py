@@ -106,6 +106,13 @@ def test_top_k_one_is_greedy_and_keeps_the_prefix(prior):
     assert torch.equal(got, reference_sample(prior, 4, labels, prefix=prefix, prefix_len=4, greedy=True))
 
 
+def test_top_k_one_breaks_ties_like_argmax():
+    prior = make_prior("transformer", num_classes=0)
+    with torch.no_grad():
+        prior.head.weight.zero_()  # every logit 0: all codes tie
+    assert torch.equal(sample_codes(prior, 3, top_k=1), torch.zeros(3, 3, 3, dtype=torch.long))
+
+
 def test_prefix_is_kept(prior):
     prefix = torch.randint(0, 8, (3, 3, 3), generator=torch.Generator().manual_seed(5))
     got = sample_codes(prior, 3, prefix=prefix, prefix_len=5, seeds=torch.tensor([1, 2, 3]))
@@ -114,10 +121,16 @@ def test_prefix_is_kept(prior):
     assert torch.equal(sample_codes(prior, 3, prefix=prefix, prefix_len=9), prefix)
 
 
-def test_classifier_free_guidance(prior):
+def test_classifier_free_guidance(prior, monkeypatch):
     labels = torch.tensor([0, 1, 2, 2])
     plain = sample_codes(prior, 4, labels=labels)
+    started: list[int] = []
+    start = prior.start
+    monkeypatch.setattr(prior, "start", lambda lab, b: started.append(b) or start(lab, b))
     assert torch.equal(sample_codes(prior, 4, labels=labels, cfg_scale=1.0), plain)
+    sample_codes(prior, 4, labels=labels, cfg_scale=2.0)
+    assert started == [4, 8], "cfg_scale=1 must take the plain path, other scales one doubled batch"
+    monkeypatch.undo()
     guided = sample_codes(prior, 4, labels=labels, cfg_scale=3.0)
     assert torch.equal(guided, reference_sample(prior, 4, labels, cfg_scale=3.0))
     assert not torch.equal(guided, plain)

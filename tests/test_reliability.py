@@ -1,0 +1,171 @@
+"""Interrupted runs lose nothing; files from elsewhere are refused; no pickle on any load path."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import vqgen.trainer
+from conftest import TINY_DATA, TINY_VQVAE, tiny_train
+from stage1_vqvae.model import VQVAE, VQVAEConfig
+from stage1_vqvae.train import train_vqvae
+from vqgen import pipeline
+from vqgen.checkpoint import latest_state_dir, load_model, save_model, state_dirs
+from vqgen.config import config_to_dict, load_config
+from vqgen.errors import VQGenError
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT_ARGS = ["--builtin-train-size", "96", "--builtin-test-size", "40", "--batch-size", "16",
+               "--hidden-channels", "16", "--res-channels", "8", "--num-res-blocks", "1", "--codebook-size", "16",
+               "--code-dim", "8", "--restart-after", "5", "--lr", "0.003", "--warmup-steps", "0",
+               "--lr-schedule", "constant", "--log-every", "1", "--eval-every", "0", "--save-every", "5",
+               "--seed", "3", "--no-encode"]
+
+
+def run_script(run: Path, *extra: str, wait: bool = True):
+    cmd = [sys.executable, str(ROOT / "scripts" / "train_vqvae.py"), "--run", str(run), *SCRIPT_ARGS, *extra]
+    if wait:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def last_logged_step(run: Path) -> int:
+    path = run / "vqvae" / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    steps = [json.loads(line)["step"] for line in path.read_text().splitlines() if line.endswith("}")]
+    return max(steps, default=0)
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    wa, wb = load_file(a / "vqvae" / "model.safetensors"), load_file(b / "vqvae" / "model.safetensors")
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_training_then_resume_matches_an_uninterrupted_run(tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert run_script(straight, "--max-steps", "30").returncode == 0
+    proc = run_script(killed, "--max-steps", "30", wait=False)
+    deadline = time.time() + 200
+    while last_logged_step(killed) < 17 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    reached = last_logged_step(killed)
+    assert 17 <= reached < 30, f"the run should have been killed mid-training, it reached step {reached}"
+    saved = latest_state_dir(killed / "vqvae")
+    saved_step = int(saved.name.split("-")[1])
+    assert reached - saved_step < 5 + 1, "more than one save interval was lost"
+    resumed = run_script(killed, "--max-steps", "30", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert same_weights(straight, killed)
+
+
+def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_loadable(tmp_path, monkeypatch):
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    train_vqvae(straight, TINY_DATA, tiny_train(max_steps=10, save_every=5), TINY_VQVAE, encode=False)
+
+    real_commit = vqgen.trainer.commit_state_dir
+
+    def crash_on_second_save(folder, step, keep):
+        if step == 10:  # the state folder is written, the process dies before it is renamed into place
+            (Path(folder) / "state" / f".tmp-step-{step:08d}" / "model.safetensors").write_bytes(b"\0" * 10)
+            raise KeyboardInterrupt("killed while writing")
+        return real_commit(folder, step, keep)
+
+    monkeypatch.setattr(vqgen.trainer, "commit_state_dir", crash_on_second_save)
+    with pytest.raises(KeyboardInterrupt):
+        train_vqvae(crashed, TINY_DATA, tiny_train(max_steps=10, save_every=5), TINY_VQVAE, encode=False)
+    monkeypatch.setattr(vqgen.trainer, "commit_state_dir", real_commit)
+    assert [step for step, _ in state_dirs(crashed / "vqvae")] == [5]  # the half-written one is not listed
+    train_vqvae(crashed, TINY_DATA, tiny_train(max_steps=10, save_every=5), TINY_VQVAE, resume=True, encode=False)
+    assert same_weights(straight, crashed)
+    assert not list((crashed / "vqvae" / "state").glob(".tmp-*"))  # leftovers cleaned up
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(VQGenError, match=r"loss became (nan|inf) at step \d+; .*last good checkpoint is .*step-"):
+        train_vqvae(run, TINY_DATA, tiny_train(max_steps=200, save_every=1, learning_rate=1e12, grad_clip=0),
+                    TINY_VQVAE, encode=False)
+    good = load_file(run / "vqvae" / "model.safetensors")
+    assert all(torch.isfinite(t.float()).all() for t in good.values())
+    assert latest_state_dir(run / "vqvae") is not None
+
+
+def test_config_schema_is_enforced(tmp_path):
+    cfg = VQVAEConfig(codebook_size=8, code_dim=4, hidden_channels=8, res_channels=4)
+    save_model(VQVAE(cfg), cfg, tmp_path)
+    path = tmp_path / "config.json"
+    good = json.loads(path.read_text())
+
+    def refused(data, pattern):
+        path.write_text(json.dumps(data))
+        with pytest.raises(VQGenError, match=pattern):
+            load_config(VQVAEConfig, path)
+
+    refused({**good, "colour": 3}, r"unknown fields \['colour'\]")
+    refused({k: v for k, v in good.items() if k != "beta"}, r"missing fields \['beta'\]")
+    refused({**good, "format_version": 99}, "format_version 99, this vqgen reads version 1")
+    refused({**good, "kind": "TransformerConfig"}, "holds a 'TransformerConfig' config, expected 'VQVAEConfig'")
+    refused({**good, "codebook_size": 1}, "codebook_size must be >= 2, got 1")
+    path.write_text("{not json")
+    with pytest.raises(VQGenError, match="not valid JSON"):
+        load_config(VQVAEConfig, path)
+
+
+def test_weights_that_do_not_match_the_config_are_refused_with_names(tmp_path):
+    cfg = VQVAEConfig(codebook_size=8, code_dim=4, hidden_channels=8, res_channels=4)
+    save_model(VQVAE(cfg), cfg, tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    weights["quantizer.codebook"] = torch.zeros(9, 4)
+    weights["extra.weight"] = torch.zeros(1)
+    del weights["decoder.net.0.bias"]
+    save_file(weights, tmp_path / "model.safetensors")
+    with pytest.raises(VQGenError) as err:
+        load_model(VQVAE, VQVAEConfig, tmp_path)
+    message = str(err.value)
+    assert "decoder.net.0.bias" in message and "extra.weight" in message and "quantizer.codebook" in message
+    (tmp_path / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(VQGenError, match="cannot read weights"):
+        load_model(VQVAE, VQVAEConfig, tmp_path)
+
+
+def test_sampling_with_a_prior_of_another_vqvae_is_refused(tiny_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    weights = load_file(run / "vqvae" / "model.safetensors")
+    weights["decoder.net.0.bias"] += 1.0
+    save_file(weights, run / "vqvae" / "model.safetensors")
+    with pytest.raises(VQGenError, match="was trained on codes of VQ-VAE [0-9a-f]{16}, but .* holds VQ-VAE [0-9a-f]{16}"):
+        pipeline.load_run(run)
+    assert pipeline.load_run(run, allow_vqvae_mismatch=True).prior is not None
+
+
+def test_no_pickle_on_any_load_path():
+    offenders = []
+    for path in [*ROOT.glob("vqgen/*.py"), *ROOT.glob("stage*/*.py"), *ROOT.glob("scripts/*.py")]:
+        text = path.read_text()
+        if re.search(r"^\s*(import pickle|from pickle|import dill)", text, re.M):
+            offenders.append(f"{path.name}: imports pickle")
+        for call in re.findall(r"torch\.load\([^)]*\)", text):
+            if "weights_only=True" not in call:
+                offenders.append(f"{path.name}: {call}")
+    assert not offenders, offenders
+
+
+def test_config_round_trip():
+    cfg = VQVAEConfig(codebook_size=8)
+    data = config_to_dict(cfg)
+    assert data["kind"] == "VQVAEConfig" and data["format_version"] == 1
