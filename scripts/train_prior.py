@@ -12,15 +12,12 @@ import dataclasses
 import sys
 
 from stage2_prior.registry import PRIORS
-from stage2_prior.train import train_prior
+from stage2_prior.train import train_from_options
 from vqgen.arguments import Parser, add_config_options, given_options
 from vqgen.console import print_error
 from vqgen.errors import VQGenError
 from vqgen.trainer import TrainConfig
 
-# Stage-2 training defaults (measured, see README's benchmark table); any option overrides them.
-STAGE2_DEFAULTS = dict(learning_rate=1e-3, max_steps=3000, warmup_steps=200, eval_every=1000, save_every=500,
-                       weight_decay=0.01)
 FROM_CODES = ("codebook_size", "grid_height", "grid_width", "num_classes")
 
 
@@ -36,6 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     labels.add_argument("--unconditional", dest="labels", action="store_const", const="no",
                         help="ignore the codes' labels")
     parser.set_defaults(labels="auto")
+    parser.add_argument("--overwrite", action="store_true", help="replace the run's trained prior")
     parser.add_argument("--allow-vqvae-mismatch", action="store_true",
                         help="train even if the codes came from another VQ-VAE than the run's")
     add_config_options(parser, TrainConfig, title="training")
@@ -49,12 +47,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        train_cfg = TrainConfig(**{**STAGE2_DEFAULTS, **given_options(args, TrainConfig)})
         given = {}
         for config_cls, _ in PRIORS.values():
             given.update(given_options(args, config_cls, skip=FROM_CODES))
-        train_prior(args.run, args.prior, train_cfg, given, codes_dir=args.codes, labels=args.labels,
-                    resume=args.resume, allow_vqvae_mismatch=args.allow_vqvae_mismatch)
+        train_from_options(args.run, args.prior, given_options(args, TrainConfig), given, codes_dir=args.codes,
+                           labels=args.labels, resume=args.resume, allow_vqvae_mismatch=args.allow_vqvae_mismatch,
+                           overwrite=args.overwrite)
     except VQGenError as err:
         print_error(str(err))
         return 2

@@ -11,15 +11,13 @@ import argparse
 import sys
 
 from stage1_vqvae.model import VQVAEConfig
-from stage1_vqvae.train import train_vqvae
-from vqgen.arguments import Parser, add_config_options, build_config, given_options
+from stage1_vqvae.train import train_from_options
+from vqgen.arguments import Parser, add_config_options, given_options
 from vqgen.console import print_error
 from vqgen.data import DataConfig
 from vqgen.errors import VQGenError
 from vqgen.trainer import TrainConfig
 
-# Stage-1 training defaults (measured, see README's benchmark table); any option overrides them.
-STAGE1_DEFAULTS = dict(learning_rate=1e-3, max_steps=3000, warmup_steps=100, eval_every=1000, save_every=500)
 MODEL_FROM_DATA = ("in_channels", "image_height", "image_width")
 
 
@@ -27,6 +25,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", default="runs/default", help="run directory (default: runs/default)")
     parser.add_argument("--resume", action="store_true", help="continue from the run's last saved state")
+    parser.add_argument("--overwrite", action="store_true", help="replace the run's trained VQ-VAE")
     parser.add_argument("--no-encode", action="store_true", help="skip dumping the code grids at the end")
     add_config_options(parser, DataConfig, title="data")
     add_config_options(parser, TrainConfig, title="training")
@@ -37,10 +36,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        data_cfg = build_config(DataConfig, args)
-        train_cfg = TrainConfig(**{**STAGE1_DEFAULTS, **given_options(args, TrainConfig)})
-        overrides = given_options(args, VQVAEConfig, skip=MODEL_FROM_DATA)
-        train_vqvae(args.run, data_cfg, train_cfg, overrides, resume=args.resume, encode=not args.no_encode)
+        train_from_options(args.run, given_options(args, DataConfig), given_options(args, TrainConfig),
+                           given_options(args, VQVAEConfig, skip=MODEL_FROM_DATA), resume=args.resume,
+                           encode=not args.no_encode, overwrite=args.overwrite)
     except VQGenError as err:
         print_error(str(err))
         return 2

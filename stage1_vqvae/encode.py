@@ -11,6 +11,7 @@ from torch import nn
 
 from vqgen.checkpoint import weights_fingerprint
 from vqgen.codes import CodeSplit, CodesMeta, save_codes
+from vqgen.errors import VQGenError
 from vqgen.data import ImageData, ImageDataset, ImageSplit
 from vqgen.trainer import make_loader
 
@@ -47,6 +48,9 @@ def encode_splits(
     """Encode train and test, then (main process) write `run_dir/codes` with its metadata."""
     run_dir = Path(run_dir)
     cfg = model.config
+    if (data.channels, data.height, data.width) != (cfg.in_channels, cfg.image_height, cfg.image_width):
+        raise VQGenError(f"the data has {data.channels}x{data.height}x{data.width} images but the VQ-VAE in "
+                         f"{run_dir / 'vqvae'} expects {cfg.in_channels}x{cfg.image_height}x{cfg.image_width}")
     splits = {}
     for name, split in (("train", data.train), ("test", data.test)):
         codes = encode_split(accelerator, model, split, batch_size)

@@ -14,17 +14,19 @@ from torch.utils.data import DataLoader
 
 from stage1_vqvae.encode import encode_splits
 from stage1_vqvae.model import VQVAE, VQVAEConfig
-from vqgen.checkpoint import save_model
-from vqgen.config import load_config, read_json, save_config, write_json_atomic
+from vqgen.checkpoint import check_stage_dir, clear_stage_dir, save_model
+from vqgen.config import load_config, resumed_config, save_config
 from vqgen.console import make_console
 from vqgen.data import DataConfig, ImageData, ImageDataset, load_image_data, to_model_range, to_uint8
 from vqgen.imageio import save_grid
 from vqgen.errors import VQGenError
 from vqgen.metrics import code_usage, psnr
-from vqgen.trainer import TrainConfig, fit, make_accelerator, make_loader
+from vqgen.trainer import TRAIN_CONFIG, TrainConfig, fit, make_accelerator, make_loader
 
 VQVAE_DIR = "vqvae"
 DATA_CONFIG = "data_config.json"
+# Stage-1 training defaults, chosen by measurement (README, "Defaults"); any option overrides them.
+TRAIN_DEFAULTS = dict(learning_rate=1e-3, max_steps=3000, warmup_steps=100, eval_every=1000, save_every=500)
 
 
 def reconstruction_errors(model: nn.Module, images: Tensor) -> tuple[Tensor, Tensor]:
@@ -115,17 +117,14 @@ def train_vqvae(
     model_overrides: dict[str, Any] | None = None,
     resume: bool = False,
     encode: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, float]:
     """Train stage 1 into `run_dir/vqvae`, then (by default) encode every split to `run_dir/codes`."""
     run_dir = Path(run_dir)
     out_dir = run_dir / VQVAE_DIR
-    if resume and not out_dir.is_dir():
-        raise VQGenError(f"--resume: {out_dir} does not exist (train without --resume first)")
+    check_stage_dir(out_dir, "VQ-VAE", resume, overwrite)
     if resume and (out_dir / DATA_CONFIG).is_file():
-        saved_data = DataConfig(**read_json(out_dir / DATA_CONFIG, "data config"))
-        if saved_data != data_cfg:
-            raise VQGenError(f"--resume with different data options than {out_dir / DATA_CONFIG}: "
-                             f"{_diff(asdict(data_cfg), asdict(saved_data))}")
+        resumed_config(DataConfig, out_dir / DATA_CONFIG, asdict(data_cfg), strict=True, what="data options")
     accelerator = make_accelerator(train_cfg, out_dir)
     console = make_console(accelerator.is_main_process)
     set_seed(train_cfg.seed)
@@ -136,17 +135,20 @@ def train_vqvae(
                   f"{data.channels}x{data.height}x{data.width}, {data.num_classes} classes")
     console.print(f"VQ-VAE: K={cfg.codebook_size}, d={cfg.code_dim}, grid {cfg.grid_shape[0]}x{cfg.grid_shape[1]}, "
                   f"codebook update {cfg.codebook_update}")
-    if accelerator.is_main_process:
+    if len(data.train.images) < train_cfg.batch_size:
+        raise VQGenError(f"batch size {train_cfg.batch_size} is larger than the {len(data.train.images)} "
+                         "training images")
+    if accelerator.is_main_process:  # everything is validated: only now is anything written
+        if overwrite and not resume:
+            clear_stage_dir(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.json")
-        write_json_atomic(asdict(data_cfg), out_dir / DATA_CONFIG)
+        save_config(data_cfg, out_dir / DATA_CONFIG)
+    accelerator.wait_for_everyone()
 
     model = VQVAE(cfg).to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=train_cfg.learning_rate, weight_decay=train_cfg.weight_decay)
     train_loader = make_loader(ImageDataset(data.train), train_cfg.batch_size, train=True, seed=train_cfg.seed)
-    if len(train_loader) == 0:
-        raise VQGenError(f"batch size {train_cfg.batch_size} is larger than the {len(data.train.images)} "
-                         "training images")
     test_loader = accelerator.prepare(make_loader(ImageDataset(data.test), train_cfg.batch_size))
     preview = to_model_range(data.test.images[:16])
     stage = VQVAEStage(accelerator, cfg, test_loader, out_dir, preview)
@@ -156,6 +158,18 @@ def train_vqvae(
     return metrics
 
 
-def _diff(new: dict, old: dict) -> str:
-    return ", ".join(f"{k}={new[k]!r} (run has {old.get(k)!r})" for k in new if new[k] != old.get(k))
+def train_from_options(run_dir: str | Path, data: dict[str, Any], training: dict[str, Any], model: dict[str, Any],
+                       resume: bool = False, encode: bool = True, overwrite: bool = False) -> dict[str, float]:
+    """What `scripts/train_vqvae.py` calls with the options given on its command line.
+
+    A fresh run starts from the defaults; --resume starts from the run's saved configs.
+    """
+    out_dir = Path(run_dir) / VQVAE_DIR
+    if resume and (out_dir / DATA_CONFIG).is_file() and (out_dir / TRAIN_CONFIG).is_file():
+        data_cfg = resumed_config(DataConfig, out_dir / DATA_CONFIG, data, strict=True, what="data options")
+        train_cfg = resumed_config(TrainConfig, out_dir / TRAIN_CONFIG, training, strict=False, what="")
+    else:
+        data_cfg = DataConfig(**data)
+        train_cfg = TrainConfig(**{**TRAIN_DEFAULTS, **training})
+    return train_vqvae(run_dir, data_cfg, train_cfg, model, resume=resume, encode=encode, overwrite=overwrite)
 

@@ -7,6 +7,7 @@ position, `logits, state = prior.step(state, codes, pos)`; see `ARPrior`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable, Iterator, Protocol
 
 import torch
@@ -84,7 +85,8 @@ def resolve_labels(labels: Tensor | None, batch_size: int, config: PriorConfig, 
     if null == 0:
         raise VQGenError(f"this prior is unconditional (num_classes=0) but got labels {labels.tolist()[:8]}")
     if labels.shape != (batch_size,) or labels.dtype.is_floating_point:
-        raise VQGenError(f"labels must be an integer tensor of shape ({batch_size},), got {labels.dtype} {tuple(labels.shape)}")
+        got = f"{labels.dtype} {tuple(labels.shape)}"
+        raise VQGenError(f"labels must be an integer tensor of shape ({batch_size},), got {got}")
     lo, hi = int(labels.min()), int(labels.max())
     if lo < 0 or hi > null:
         raise VQGenError(f"labels must be in [0, {null}] ({null} = null class), got {lo if lo < 0 else hi}")
@@ -128,7 +130,7 @@ def filter_logits(logits: Tensor, top_k: int | None = None, top_p: float | None 
 
 
 def inverse_cdf(probs: Tensor, uniforms: Tensor) -> Tensor:
-    """(b, k) unnormalised probabilities, (b,) uniforms in [0, 1) -> (b,) codes; zero-mass codes never drawn."""
+    """(b, k) unnormalised probabilities, (b,) uniforms in [0, 1) -> (b,) codes; zero-mass codes never come out."""
     cdf = probs.cumsum(dim=-1)  # (b, k)
     target = uniforms[:, None] * cdf[:, -1:]  # (b, 1)
     return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_max(probs.shape[-1] - 1)
@@ -136,24 +138,42 @@ def inverse_cdf(probs: Tensor, uniforms: Tensor) -> Tensor:
 
 def seeded_uniforms(seeds: Tensor, t: int) -> Tensor:
     """(n,) int64 seeds -> (n, t) uniforms; row i comes from `seeds[i]` alone."""
-    rows = list(torch.rand(len(seeds), t, generator=torch.Generator().manual_seed(int(seeds[0]))))
+    rows = [torch.rand(t, generator=torch.Generator().manual_seed(int(s))) for s in seeds.tolist()]
     return torch.stack(rows)  # (n, t)
 
 
-def _check_sample_args(prior: ARPrior, n: int, labels, temperature, top_k, top_p, cfg_scale, seeds, prefix, prefix_len, batch_size) -> None:
+def choose_codes(logits: Tensor, uniforms: Tensor, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None) -> Tensor:
+    """(b, k) logits, (b,) uniforms -> (b,) codes: argmax for top_k=1, else the filtered softmax's inverse CDF."""
+    if top_k == 1:  # exactly greedy, ties included
+        return logits.argmax(dim=-1)
+    probs = F.softmax(filter_logits(logits.float() / temperature, top_k, top_p), dim=-1)
+    return inverse_cdf(probs, uniforms)
+
+
+def guide(logits: Tensor, cfg_scale: float) -> Tensor:
+    """(2b, k) conditional rows then null-label rows -> (b, k) guided logits u + s * (c - u)."""
+    cond, uncond = logits.float().chunk(2)
+    return uncond + cfg_scale * (cond - uncond)
+
+
+def _check_sample_args(prior: ARPrior, n: int, labels: Tensor | None, temperature: float, top_k: int | None,
+                       top_p: float | None, cfg_scale: float, seeds: Tensor | None, prefix: Tensor | None,
+                       prefix_len: int, batch_size: int | None) -> None:
     cfg = prior.config
-    h, w, k, t = cfg.grid_height, cfg.grid_width, cfg.codebook_size, cfg.seq_len
+    h, w, t = cfg.grid_height, cfg.grid_width, cfg.seq_len
     if n < 1:
         raise VQGenError(f"n must be >= 1, got {n}")
     if not temperature > 0:
         raise VQGenError(f"temperature must be > 0, got {temperature}")
-    _check_filters(k, top_k, top_p)
+    _check_filters(cfg.codebook_size, top_k, top_p)
     if not cfg_scale >= 0:
         raise VQGenError(f"cfg_scale must be >= 0, got {cfg_scale}")
     if labels is not None:
         resolve_labels(labels, n, cfg, labels.device)
     if seeds is not None and (seeds.shape != (n,) or seeds.dtype.is_floating_point):
-        raise VQGenError(f"seeds must be an integer tensor of shape ({n},), got {seeds.dtype} {tuple(seeds.shape)}")
+        got = f"{seeds.dtype} {tuple(seeds.shape)}"
+        raise VQGenError(f"seeds must be an integer tensor of shape ({n},), got {got}")
     if not 0 <= prefix_len <= t:
         raise VQGenError(f"prefix_len must be in [0, {t}], got {prefix_len}")
     if prefix_len > 0 and prefix is None:
@@ -167,31 +187,20 @@ def _check_sample_args(prior: ARPrior, n: int, labels, temperature, top_k, top_p
 
 
 def _sample_chunk(prior: ARPrior, labels: Tensor | None, uniforms: Tensor, prefix: Tensor | None, prefix_len: int,
-                  temperature: float, top_k: int | None, top_p: float | None, cfg_scale: float) -> Tensor:
-    """Draw one chunk: (b, t) uniforms -> (b, t) codes, one prior step per position."""
+                  cfg_scale: float, choose: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+    """(b, t) uniforms, (b, t) prefix -> (b, t) codes, one prior step per position."""
     b, t = uniforms.shape
     guided = labels is not None and cfg_scale != 1.0
-    if guided:  # conditional rows then null rows, one batch
-        null = torch.full_like(labels, prior.config.num_classes)
-        state = prior.start(torch.cat([labels, null]), 2 * b)
-    else:
-        state = prior.start(labels, b)
+    if guided:  # conditional rows then null rows, in one batch
+        labels = torch.cat([labels, torch.full_like(labels, prior.config.num_classes)])
+    state = prior.start(labels, 2 * b if guided else b)
     codes = torch.zeros(b, t, dtype=torch.long, device=uniforms.device)
     if prefix is not None:
         codes[:, :prefix_len] = prefix[:, :prefix_len]
     for pos in range(t):
-        logits, state = prior.step(state, torch.cat([codes, codes]) if guided else codes, pos)
-        if pos < prefix_len:
-            continue  # the prior still saw this position; its code is given
-        logits = logits.float()  # (b or 2b, k)
-        if guided:
-            cond, uncond = logits.chunk(2)
-            logits = uncond + cfg_scale * (cond - uncond)
-        if top_k == 1:
-            codes[:, pos] = logits.argmax(dim=-1)
-            continue
-        probs = F.softmax(filter_logits(logits / temperature, top_k, top_p), dim=-1)
-        codes[:, pos] = inverse_cdf(probs, uniforms[:, pos])
+        logits, state = prior.step(state, torch.cat([codes, codes]) if guided else codes, pos)  # (b or 2b, k)
+        if pos >= prefix_len:  # a prefix position is still fed through the prior, but its code is given
+            codes[:, pos] = choose(guide(logits, cfg_scale) if guided else logits, uniforms[:, pos])
     return codes
 
 
@@ -201,16 +210,20 @@ def sample_codes(prior: ARPrior, n: int, *, labels: Tensor | None = None, temper
                  batch_size: int | None = None, progress: Callable[[int], None] | None = None) -> Tensor:
     """Draw n code grids (n, h, w) in raster order; sample i depends only on `seeds[i]` (default i).
 
-    `top_k=1` is greedy; `cfg_scale != 1` with labels applies classifier-free guidance;
-    positions < `prefix_len` are copied from `prefix`. `progress(m)` is called after each chunk of m samples.
+    `top_k=1` is greedy; `cfg_scale != 1` with labels applies classifier-free guidance; positions
+    < `prefix_len` are copied from `prefix`. `progress(m)` is called after each chunk of m samples.
     """
-    _check_sample_args(prior, n, labels, temperature, top_k, top_p, cfg_scale, seeds, prefix, prefix_len, batch_size)
+    _check_sample_args(
+        prior, n, labels, temperature, top_k, top_p, cfg_scale, seeds, prefix, prefix_len, batch_size
+    )
     cfg = prior.config
     device = next(prior.parameters()).device
     seeds = torch.arange(n) if seeds is None else seeds.cpu()
     labels = None if labels is None else labels.to(device=device, dtype=torch.long)
-    flat_prefix = None if prefix is None else rearrange(prefix.to(device=device, dtype=torch.long), "b h w -> b (h w)")
+    if prefix is not None:
+        prefix = rearrange(prefix.to(device=device, dtype=torch.long), "n h w -> n (h w)")
     batch_size = n if batch_size is None else batch_size
+    choose = partial(choose_codes, temperature=temperature, top_k=top_k, top_p=top_p)
     was_training = prior.training
     prior.eval()
     try:
@@ -218,15 +231,13 @@ def sample_codes(prior: ARPrior, n: int, *, labels: Tensor | None = None, temper
             uniforms = seeded_uniforms(seeds, cfg.seq_len).to(device)  # (n, t)
             chunks = []
             for lo in range(0, n, batch_size):
-                part = slice(lo, min(lo + batch_size, n))
+                hi = min(lo + batch_size, n)
                 chunks.append(_sample_chunk(
-                    prior, None if labels is None else labels[part], uniforms[part],
-                    None if flat_prefix is None else flat_prefix[part], prefix_len,
-                    temperature, top_k, top_p, cfg_scale,
+                    prior, None if labels is None else labels[lo:hi], uniforms[lo:hi],
+                    None if prefix is None else prefix[lo:hi], prefix_len, cfg_scale, choose,
                 ))
                 if progress is not None:
-                    progress(part.stop - part.start)
+                    progress(hi - lo)
     finally:
         prior.train(was_training)
-    codes = torch.cat(chunks)  # (n, t)
-    return rearrange(codes, "n (h w) -> n h w", h=cfg.grid_height, w=cfg.grid_width)
+    return rearrange(torch.cat(chunks), "n (h w) -> n h w", h=cfg.grid_height)

@@ -16,14 +16,17 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from stage2_prior.registry import PRIORS, SOURCE, PriorSource, load_prior_config, prior_kind
-from vqgen.checkpoint import save_model, weights_fingerprint
+from vqgen.checkpoint import check_stage_dir, clear_stage_dir, save_model, weights_fingerprint
 from vqgen.codes import CodeSplit, CodesMeta, load_codes
-from vqgen.config import save_config
+from vqgen.config import resumed_config, save_config
 from vqgen.console import make_console
 from vqgen.errors import VQGenError
-from vqgen.trainer import TrainConfig, fit, make_accelerator, make_loader
+from vqgen.trainer import TRAIN_CONFIG, TrainConfig, fit, make_accelerator, make_loader
 
 PRIOR_DIR = "prior"
+# Stage-2 training defaults, chosen by measurement (README, "Defaults"); any option overrides them.
+TRAIN_DEFAULTS = dict(learning_rate=1e-3, max_steps=3000, warmup_steps=200, eval_every=1000, save_every=500,
+                      weight_decay=0.01)
 
 
 class CodesDataset(Dataset):
@@ -134,6 +137,7 @@ def train_prior(
     labels: str = "auto",
     resume: bool = False,
     allow_vqvae_mismatch: bool = False,
+    overwrite: bool = False,
 ) -> dict[str, float]:
     """Train a `kind` prior on `run_dir/codes` (or `codes_dir`) into `run_dir/prior`.
 
@@ -143,8 +147,6 @@ def train_prior(
         raise VQGenError(f"--prior must be one of {sorted(PRIORS)}, got {kind!r}")
     run_dir = Path(run_dir)
     out_dir = run_dir / PRIOR_DIR
-    if resume and not out_dir.is_dir():
-        raise VQGenError(f"--resume: {out_dir} does not exist (train without --resume first)")
     splits, meta = load_codes(Path(codes_dir) if codes_dir else run_dir / "codes")
     check_codes_source(run_dir, meta, allow_vqvae_mismatch)
     if labels == "yes" and not meta.num_classes:
@@ -153,7 +155,10 @@ def train_prior(
     for name in ("train", "test"):
         if name not in splits or len(splits[name]) == 0:
             raise VQGenError(f"the codes have no {name!r} grids ({codes_dir or run_dir / 'codes'})")
+    check_stage_dir(out_dir, "prior", resume, overwrite)
     cfg = resolve_prior_config(kind, meta, conditional, model_overrides or {}, out_dir, resume)
+    if len(splits["train"]) < train_cfg.batch_size:
+        raise VQGenError(f"batch size {train_cfg.batch_size} is larger than the {len(splits['train'])} training grids")
 
     accelerator = make_accelerator(train_cfg, out_dir)
     console = make_console(accelerator.is_main_process)
@@ -162,17 +167,29 @@ def train_prior(
     n_params = sum(p.numel() for p in model.parameters())
     console.print(f"prior: {kind}, {n_params / 1e6:.2f}M parameters, K={cfg.codebook_size}, grid "
                   f"{cfg.grid_height}x{cfg.grid_width}, {'conditional on ' + str(cfg.num_classes) + ' classes' if conditional else 'unconditional'}")
-    if accelerator.is_main_process:
+    if accelerator.is_main_process:  # everything is validated: only now is anything written
+        if overwrite and not resume:
+            clear_stage_dir(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.json")
         save_config(PriorSource(prior=kind, vqvae_fingerprint=meta.vqvae_fingerprint,
                                 codes_dir=str(Path(codes_dir or run_dir / "codes").resolve()),
                                 class_names=meta.class_names if conditional else ()), out_dir / SOURCE)
+    accelerator.wait_for_everyone()
     optimizer = torch.optim.AdamW(model.parameters(), lr=train_cfg.learning_rate, weight_decay=train_cfg.weight_decay)
     train_set = CodesDataset(splits["train"], conditional)
-    if len(train_set) < train_cfg.batch_size:
-        raise VQGenError(f"batch size {train_cfg.batch_size} is larger than the {len(train_set)} training grids")
     train_loader = make_loader(train_set, train_cfg.batch_size, train=True, seed=train_cfg.seed)
     test_loader = accelerator.prepare(make_loader(CodesDataset(splits["test"], conditional), 256))
     stage = PriorStage(accelerator, cfg, conditional, test_loader, out_dir)
     return fit(accelerator, train_cfg, stage, model, optimizer, train_loader, out_dir, resume, console)
+
+
+def train_from_options(run_dir: str | Path, kind: str, training: dict[str, Any], model: dict[str, Any],
+                       **kwargs: Any) -> dict[str, float]:
+    """What `scripts/train_prior.py` calls: defaults for a fresh prior, the saved options on --resume."""
+    saved = Path(run_dir) / PRIOR_DIR / TRAIN_CONFIG
+    if kwargs.get("resume") and saved.is_file():
+        train_cfg = resumed_config(TrainConfig, saved, training, strict=False, what="")
+    else:
+        train_cfg = TrainConfig(**{**TRAIN_DEFAULTS, **training})
+    return train_prior(run_dir, kind, train_cfg, model, **kwargs)

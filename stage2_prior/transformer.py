@@ -33,7 +33,9 @@ class TransformerConfig(PriorConfig):
             if getattr(self, name) < 1:
                 raise VQGenError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.d_model % self.n_heads:
-            raise VQGenError(f"d_model must be divisible by n_heads, got d_model={self.d_model}, n_heads={self.n_heads}")
+            raise VQGenError(
+                f"d_model must be divisible by n_heads, got d_model={self.d_model}, n_heads={self.n_heads}"
+            )
 
 
 @dataclass
@@ -63,7 +65,8 @@ class SelfAttention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """(b, t, d) -> (b, t, d), each position attending to itself and earlier ones."""
         q, k, v = self._split(x)  # (b, nh, t, hd)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        dropout = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
         return self.proj(rearrange(y, "b nh t hd -> b t (nh hd)"))
 
     def decode(self, x: Tensor, k_cache: Tensor, v_cache: Tensor, pos: int) -> Tensor:
@@ -71,7 +74,7 @@ class SelfAttention(nn.Module):
         q, k, v = self._split(x)  # (b, nh, 1, hd)
         k_cache[:, :, pos : pos + 1] = k
         v_cache[:, :, pos : pos + 1] = v
-        keys = k_cache[:, :, : pos + 1].to(q.dtype)  # (b, nh, pos+1, hd); the cast only acts under autocast
+        keys = k_cache[:, :, : pos + 1].to(q.dtype)  # (b, nh, pos+1, hd); a no-op unless autocast changed
         values = v_cache[:, :, : pos + 1].to(q.dtype)
         y = F.scaled_dot_product_attention(q, keys, values)  # nothing after pos is in the cache yet
         return self.proj(rearrange(y, "b nh t hd -> b t (nh hd)"))
@@ -107,7 +110,7 @@ class TransformerPrior(nn.Module):
         super().__init__()
         self.config = config
         d = config.d_model
-        self.start_emb = nn.Embedding(config.num_classes + 1, d)  # one per class plus null; just null if unconditional
+        self.start_emb = nn.Embedding(config.num_classes + 1, d)  # each class, then null (alone if unconditional)
         self.code_emb = nn.Embedding(config.codebook_size, d)
         self.row_emb = nn.Parameter(torch.randn(config.grid_height, d) * 0.02)
         self.col_emb = nn.Parameter(torch.randn(config.grid_width, d) * 0.02)
@@ -143,6 +146,8 @@ class TransformerPrior(nn.Module):
         """A fresh cache (b rows) holding the start token; labels may include the null class."""
         cfg = self.config
         device, dtype = self.head.weight.device, self.head.weight.dtype
+        if torch.is_autocast_enabled(device.type):  # keys and values come out of autocast's linears
+            dtype = torch.get_autocast_dtype(device.type)
         labels = resolve_labels(labels, batch_size, cfg, device)
         shape = (batch_size, cfg.n_heads, cfg.seq_len, cfg.d_model // cfg.n_heads)  # (b, nh, t, hd)
         cache = KVCache(
@@ -162,7 +167,8 @@ class TransformerPrior(nn.Module):
         if pos == cache.length:
             self._feed(cache, self.code_emb(codes[:, pos - 1]))
         elif pos != cache.length - 1:
-            raise VQGenError(f"step expects pos {cache.length - 1} or {cache.length} (the cache holds {cache.length} tokens), got {pos}")
+            expected = f"{cache.length - 1} or {cache.length}"
+            raise VQGenError(f"step expects pos {expected} (the cache holds {cache.length} tokens), got {pos}")
         return cache.logits, cache
 
     def _feed(self, cache: KVCache, token: Tensor) -> None:

@@ -51,12 +51,15 @@ def full_logits(prior, codes: torch.Tensor, labels, pos: int) -> torch.Tensor:
     return rearrange(prior(grid, labels), "n h w k -> n (h w) k")[:, pos]
 
 
-def reference_sample(prior, n, labels=None, seeds=None, temperature=1.0, cfg_scale=1.0, prefix=None, prefix_len=0, greedy=False):
+def reference_sample(prior, n, labels=None, seeds=None, temperature=1.0, cfg_scale=1.0, prefix=None, prefix_len=0,
+                     greedy=False):
     """The sampling contract spelled out slowly: full forward per position, uniforms from Generator(seed)."""
     t, k = prior.config.seq_len, prior.config.codebook_size
     seeds = torch.arange(n) if seeds is None else seeds
     uniforms = torch.stack([torch.rand(t, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
-    codes = torch.zeros(n, t, dtype=torch.long) if prefix is None else rearrange(prefix, "n h w -> n (h w)").clone()
+    codes = torch.zeros(n, t, dtype=torch.long)
+    if prefix is not None:
+        codes[:] = rearrange(prefix, "n h w -> n (h w)")
     with torch.no_grad():
         for pos in range(prefix_len, t):
             logits = full_logits(prior, codes, labels, pos)
@@ -92,7 +95,8 @@ def test_sample_depends_only_on_its_seed(prior):
     kwargs = dict(temperature=1.2, top_k=6, top_p=0.9, cfg_scale=2.0)
     whole = sample_codes(prior, 5, labels=labels, seeds=seeds, **kwargs)
     for batch_size in (1, 2):
-        assert torch.equal(whole, sample_codes(prior, 5, labels=labels, seeds=seeds, batch_size=batch_size, **kwargs))
+        chunked = sample_codes(prior, 5, labels=labels, seeds=seeds, batch_size=batch_size, **kwargs)
+        assert torch.equal(whole, chunked)
     neighbours = sample_codes(prior, 3, labels=torch.tensor([1, 2, 0]), seeds=torch.tensor([99, 12, 98]), **kwargs)
     assert torch.equal(neighbours[1], whole[2])
 
@@ -137,6 +141,13 @@ def test_classifier_free_guidance(prior, monkeypatch):
     assert torch.equal(sample_codes(prior, 4, labels=labels, cfg_scale=0.0), sample_codes(prior, 4))  # all null
 
 
+def test_sampling_under_bf16_autocast(prior):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        codes = sample_codes(prior, 3, labels=torch.tensor([0, 1, 2]), cfg_scale=2.0, top_p=0.9)
+    assert codes.shape == (3, 3, 3) and codes.dtype == torch.long
+    assert 0 <= int(codes.min()) and int(codes.max()) < 8
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_frequencies_follow_the_filtered_distribution(kind):
     prior = make_prior(kind, grid_height=1, grid_width=1, codebook_size=4, num_classes=0)
@@ -153,7 +164,8 @@ def test_frequencies_follow_the_filtered_distribution(kind):
 def test_filter_logits_top_k():
     logits = torch.tensor([[1.0, 5.0, 3.0, 2.0], [4.0, 3.0, 2.0, 1.0]])
     kept = filter_logits(logits, top_k=2)
-    assert torch.equal(torch.isfinite(kept), torch.tensor([[False, True, True, False], [True, True, False, False]]))
+    expected = torch.tensor([[False, True, True, False], [True, True, False, False]])
+    assert torch.equal(torch.isfinite(kept), expected)
     assert torch.equal(kept[torch.isfinite(kept)], torch.tensor([5.0, 3.0, 4.0, 3.0]))
     assert torch.equal(filter_logits(logits, top_k=4), logits)
     assert torch.isfinite(logits).all()  # pure: the input is untouched

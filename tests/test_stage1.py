@@ -83,7 +83,7 @@ def test_resume_continues_exactly(tmp_path):
 
 def test_resume_refuses_a_different_config_and_a_missing_state(tmp_path):
     run = tmp_path / "run"
-    with pytest.raises(VQGenError, match="does not exist"):
+    with pytest.raises(VQGenError, match="no saved training state"):
         train_vqvae(run, TINY_DATA, tiny_train(max_steps=2), TINY_MODEL, resume=True)
     train_vqvae(run, TINY_DATA, tiny_train(max_steps=2), TINY_MODEL, encode=False)
     with pytest.raises(VQGenError, match="codebook_size=32 \\(run has 16\\)"):

@@ -94,7 +94,3 @@ def given_options(args: argparse.Namespace, cls: type, skip: tuple[str, ...] = (
     return {f.name: getattr(args, _dest(cls, f.name)) for f in dataclasses.fields(cls)
             if f.name not in skip and getattr(args, _dest(cls, f.name), None) is not None}
 
-
-def build_config(cls: type, args: argparse.Namespace, **fixed: Any) -> Any:
-    """`cls` from its defaults, overridden by the given options and then by `fixed`."""
-    return cls(**{**given_options(args, cls), **fixed})

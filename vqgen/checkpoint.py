@@ -152,3 +152,35 @@ def commit_state_dir(folder: str | os.PathLike, step: int, keep: int) -> Path:
             shutil.rmtree(leftover, ignore_errors=True)
     return final
 
+
+
+def ensure_writable(folder: str | os.PathLike) -> None:
+    """Fail before any work: create (and remove) a file where `folder` is or will be."""
+    folder = Path(folder)
+    probe = folder if folder.exists() else next((p for p in folder.parents if p.exists()), Path("."))
+    try:
+        if not probe.is_dir():
+            raise NotADirectoryError(20, f"{probe} is not a directory")
+        fd, tmp = tempfile.mkstemp(prefix=".vqgen-write-test.", dir=probe)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as err:
+        raise VQGenError(f"cannot write to {folder}: {err.strerror or err}") from None
+
+
+def check_stage_dir(folder: str | os.PathLike, what: str, resume: bool, overwrite: bool) -> None:
+    """A fresh run never silently replaces trained weights; --resume needs a saved state."""
+    folder = Path(folder)
+    ensure_writable(folder)
+    if resume:
+        if latest_state_dir(folder) is None:
+            raise VQGenError(f"--resume: no saved training state under {folder / STATE_DIR} "
+                             "(train without --resume first)")
+    elif (folder / WEIGHTS).exists() and not overwrite:
+        raise VQGenError(f"{folder} already holds a trained {what}: pass --resume to continue it "
+                         "or --overwrite to start again")
+
+
+def clear_stage_dir(folder: str | os.PathLike) -> None:
+    """--overwrite: remove what an earlier run left (called once everything is validated)."""
+    shutil.rmtree(folder, ignore_errors=True)

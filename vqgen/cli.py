@@ -6,6 +6,7 @@ Argument parsing and output files only; the work is in `vqgen.pipeline`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import sys
@@ -20,7 +21,8 @@ from safetensors.torch import save_file
 
 from vqgen import pipeline
 from vqgen.arguments import Parser, add_config_options, given_options
-from vqgen.config import read_json, write_json_atomic
+from vqgen.config import load_config, read_json, write_json_atomic
+from vqgen.checkpoint import ensure_writable
 from vqgen.console import make_console, make_progress, print_error
 from vqgen.data import DataConfig
 from vqgen.errors import VQGenError
@@ -106,19 +108,6 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict:
     return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, cfg_scale=args.cfg)
 
 
-def _check_writable(folder: Path) -> None:
-    """Fail before the work, not after: try to create (and remove) a file where the output goes."""
-    probe = folder if folder.exists() else next((p for p in folder.parents if p.exists()), Path("."))
-    try:
-        if not probe.is_dir():
-            raise NotADirectoryError(f"{probe} is not a directory")
-        fd, tmp = tempfile.mkstemp(prefix=".vqgen-write-test.", dir=probe)
-        os.close(fd)
-        os.unlink(tmp)
-    except OSError as err:
-        raise VQGenError(f"cannot write to {folder}: {err.strerror or err}") from None
-
-
 def _next_samples_dir(run: Path) -> Path:
     root = run / "samples"
     taken = [int(p.name) for p in root.glob("[0-9][0-9][0-9][0-9]")] if root.is_dir() else []
@@ -132,7 +121,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     pipeline.run_on_device(run, accelerator.device)
     labels = pipeline.expand_labels(run.label_ids(args.label), args.n) if args.label else None
     out = Path(args.out) if args.out else _next_samples_dir(run.path)
-    _check_writable(out)
+    ensure_writable(out)
     if args.nrow < 1:
         raise VQGenError(f"--nrow must be >= 1, got {args.nrow}")
     start = time.perf_counter()
@@ -174,7 +163,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> None:
         raise VQGenError(f"--n must be >= 1, got {args.n}")
     run = pipeline.load_run(args.run, need_prior=False)
     out = Path(args.out) if args.out else run.path / "reconstructions.png"
-    _check_writable(out.parent)
+    ensure_writable(out.parent)
     data = pipeline.run_data(run)
     images = getattr(data, args.split).images[: args.n]
     recons, errors = pipeline.reconstruct(run, images)
@@ -193,8 +182,8 @@ def cmd_encode(args: argparse.Namespace) -> None:
     given = given_options(args, DataConfig)
     override = None
     if given:
-        saved = read_json(run.path / "vqvae" / "data_config.json", "data config")
-        override = DataConfig(**{**saved, **given})
+        saved = load_config(DataConfig, run.path / "vqvae" / "data_config.json")
+        override = dataclasses.replace(saved, **given)
     with accelerator.main_process_first():
         data = pipeline.run_data(run, override)
     encode_splits(accelerator, run.vqvae, data, run.path, args.batch_size, console)
@@ -208,7 +197,7 @@ def cmd_complete(args: argparse.Namespace) -> None:
         raise VQGenError(f"--n must be >= 1, got {args.n}")
     run = pipeline.load_run(args.run, allow_vqvae_mismatch=args.allow_vqvae_mismatch)
     out = Path(args.out) if args.out else run.path / "completions.png"
-    _check_writable(out.parent)
+    ensure_writable(out.parent)
     splits, _ = load_codes(run.path / "codes")
     test = splits["test"]
     codes = test.codes[: args.n]

@@ -56,7 +56,9 @@ class CodeSplit:
 
 def save_codes(folder: str | os.PathLike, splits: dict[str, CodeSplit], meta: CodesMeta) -> None:
     """Write every split and meta.json into a temporary folder, then swap it into place."""
-    from datasets import Array2D, Dataset, DatasetDict, Features, Value
+    from datasets import Array2D, Dataset, DatasetDict, Features, Value, disable_progress_bars
+
+    disable_progress_bars()  # vqgen reports what it wrote itself
 
     folder = Path(folder)
     h, w = meta.grid_height, meta.grid_width

@@ -82,3 +82,16 @@ def save_config(cfg: Any, path: str | os.PathLike) -> None:
 
 def load_config(cls: type[T], path: str | os.PathLike) -> T:
     return config_from_dict(cls, read_json(path, "config"), source=str(path))
+
+
+def resumed_config(cls: type[T], path: str | os.PathLike, given: dict[str, Any], strict: bool, what: str) -> T:
+    """On --resume: the config saved at `path`, with the options given now.
+
+    strict: any given option that differs from the saved value is refused, listing each.
+    """
+    saved = load_config(cls, path)
+    if strict:
+        conflicts = [f"{k}={v!r} (run has {getattr(saved, k)!r})" for k, v in given.items() if getattr(saved, k) != v]
+        if conflicts:
+            raise VQGenError(f"--resume with different {what} than {path}: {', '.join(conflicts)}")
+    return dataclasses.replace(saved, **given)

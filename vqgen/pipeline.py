@@ -24,7 +24,7 @@ from stage2_prior.sampling import sample_codes
 from stage2_prior.train import PRIOR_DIR, grid_nll
 from vqgen.checkpoint import load_model, weights_fingerprint
 from vqgen.codes import load_codes
-from vqgen.config import read_json
+from vqgen.config import load_config
 from vqgen.data import DataConfig, ImageData, load_image_data, to_model_range, to_uint8
 from vqgen.errors import VQGenError
 from vqgen.metrics import code_usage, psnr
@@ -164,8 +164,7 @@ def run_data(run: Run, override: DataConfig | None = None) -> ImageData:
     """The dataset the run was trained on (or `override`)."""
     if override is not None:
         return load_image_data(override)
-    saved = read_json(run.path / VQVAE_DIR / DATA_CONFIG, "data config")
-    return load_image_data(DataConfig(**saved))
+    return load_image_data(load_config(DataConfig, run.path / VQVAE_DIR / DATA_CONFIG))
 
 
 @torch.no_grad()

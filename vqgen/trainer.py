@@ -22,12 +22,13 @@ from rich.console import Console
 from torch import Tensor, nn
 
 from vqgen.checkpoint import commit_state_dir, latest_state_dir, temporary_state_dir
-from vqgen.config import write_json_atomic
+from vqgen.config import save_config, write_json_atomic
 from vqgen.console import make_console, make_progress
 from vqgen.errors import VQGenError
 from vqgen.metrics import JsonlLog
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
+TRAIN_CONFIG = "train_config.json"
 LR_SCHEDULES = ("cosine", "constant")
 TRACKERS = ("none", "tensorboard", "wandb")
 
@@ -154,7 +155,7 @@ def fit(
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
     progress = _resume(accelerator, out_dir, console) if resume else Progress()
     if accelerator.is_main_process:
-        write_json_atomic(asdict(cfg), out_dir / "train_config.json")
+        save_config(cfg, out_dir / TRAIN_CONFIG)
     if cfg.report_to != "none":
         accelerator.init_trackers(f"vqgen-{stage.name}", config=asdict(cfg))
 

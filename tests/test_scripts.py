@@ -1,0 +1,149 @@
+"""Every bad input the training scripts can get: exit 2, one line naming the value, nothing changed."""
+
+import importlib.util
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from conftest import tree_hashes
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+train_vqvae = load_script("train_vqvae")
+train_prior = load_script("train_prior")
+
+TINY = ["--hidden-channels", "16", "--res-channels", "8", "--codebook-size", "16", "--code-dim", "8",
+        "--max-steps", "2", "--batch-size", "4", "--no-encode"]
+
+
+@pytest.fixture
+def folders(tmp_path, tiny_run):
+    """Broken data folders, and a copy of the tiny run whose files must not change."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    Image.new("RGB", (32, 32)).save(corrupt / "good.png")
+    (corrupt / "broken.png").write_bytes(b"\x89PNG not really")
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    Image.new("RGB", (32, 32)).save(mixed / "a.png")
+    Image.new("RGB", (40, 24)).save(mixed / "b.png")
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    for i in range(4):
+        Image.new("RGB", (30, 30), (i * 40, 0, 0)).save(odd / f"{i}.png")
+    gray = tmp_path / "gray"
+    gray.mkdir()
+    for i in range(8):
+        Image.new("L", (32, 32), i * 20).save(gray / f"{i}.png")
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    return {"empty": empty, "corrupt": corrupt, "mixed": mixed, "odd": odd, "gray": gray, "run": run,
+            "missing": tmp_path / "missing", "tmp": tmp_path}
+
+
+VQVAE_CASES = [
+    (["--data", "{missing}"], "{missing}"),
+    (["--data", "{empty}"], "{empty}"),
+    (["--data", "{corrupt}"], "broken.png"),
+    (["--data", "{mixed}"], "32x32"),
+    (["--data", "{odd}"], "not divisible by the downsampling factor 4"),
+    (["--run", "{run}", "--resume", "--data", "{gray}"], "source='{gray}' (run has 'builtin')"),
+    (["--run", "{run}", "--resume", "--codebook-size", "32"], "codebook_size=32 (run has 16)"),
+    (["--run", "{tmp}/fresh", "--resume"], "no saved training state under {tmp}/fresh/vqvae/state"),
+    (["--run", "{run}"], "already holds a trained VQ-VAE: pass --resume to continue it or --overwrite"),
+    (["--run", "{run}", "--overwrite", "--data", "{empty}"], "{empty}"),
+    (["--batch-size", "0"], "batch-size must be >= 1, got 0"),
+    (["--lr", "-1"], "learning rate must be a positive number, got -1.0"),
+    (["--max-steps", "-5"], "max-steps must be >= 0, got -5"),
+    (["--codebook-size", "1"], "codebook_size must be >= 2, got 1"),
+    (["--downsample", "3"], "downsample must be a power of two >= 2, got 3"),
+    (["--beta", "0"], "beta must be > 0, got 0.0"),
+    (["--mixed-precision", "fp8"], "mixed-precision must be one of"),
+    (["--codebook-update", "kmeans"], "codebook_update must be one of"),
+    (["--test-fraction", "1.5"], "1.5"),
+    (["--image-size", "0"], "image_size"),
+    (["--max-steps", "many"], "invalid int value: 'many'"),
+    (["--run", "{run}/vqvae/config.json/sub"], "config.json"),
+]
+
+
+def run_case(main, argv, folders, capsys):
+    before = tree_hashes(folders["run"])
+    try:
+        code = main(argv)
+    except SystemExit as exit_:  # argparse's own errors
+        code = exit_.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("error:") and err.count("\n") == 0, err
+    assert "Traceback" not in err
+    assert tree_hashes(folders["run"]) == before
+    return err
+
+
+@pytest.mark.parametrize("argv,expected", VQVAE_CASES, ids=[" ".join(a) for a, _ in VQVAE_CASES])
+def test_train_vqvae_bad_input(folders, capsys, argv, expected):
+    argv = [a.format(**folders) for a in argv]
+    if "--run" not in argv:
+        argv += ["--run", str(folders["tmp"] / "new")]
+    err = run_case(train_vqvae.main, TINY + argv, folders, capsys)
+    assert expected.format(**folders) in err
+
+
+PRIOR_CASES = [
+    (["--run", "{missing}"], "no code grids at {missing}/codes"),
+    (["--codes", "{empty}"], "has no meta.json"),
+    (["--prior", "lstm"], "invalid choice: 'lstm'"),
+    (["--channels", "8"], "do not apply to the transformer prior"),
+    (["--d-model", "30", "--n-heads", "4"], "d_model must be divisible by n_heads"),
+    (["--resume", "--d-model", "64"], "d_model is 64 here but the saved prior has 32"),
+    (["--resume", "--prior", "pixelcnn"], "holds a transformer prior, not --prior pixelcnn"),
+    (["--batch-size", "1000"], "batch size 1000 is larger than the 96 training grids"),
+    (["--label-dropout", "1.5"], "label_dropout must be in [0, 1), got 1.5"),
+    (["--lr", "0"], "learning rate must be a positive number"),
+    (["--max-steps", "-1"], "max-steps must be >= 0, got -1"),
+    (["--resume", "--run", "{tmp}/fresh"], "no code grids"),
+]
+
+
+@pytest.mark.parametrize("argv,expected", PRIOR_CASES, ids=[" ".join(a) for a, _ in PRIOR_CASES])
+def test_train_prior_bad_input(folders, capsys, argv, expected):
+    argv = [a.format(**folders) for a in argv]
+    if "--run" not in argv:
+        argv += ["--run", str(folders["run"])]
+    if "--resume" not in argv:  # a fresh prior would replace the run's: each case must fail before that
+        argv = ["--overwrite", "--max-steps", "1"] + argv
+    err = run_case(train_prior.main, argv, folders, capsys)
+    assert expected.format(**folders) in err
+
+
+def test_train_prior_refuses_labels_where_there_are_none(folders, capsys):
+    from vqgen.codes import CodesMeta, load_codes, save_codes
+
+    codes = folders["tmp"] / "unlabelled"
+    splits, meta = load_codes(folders["run"] / "codes")
+    splits = {k: type(v)(codes=v.codes, labels=None) for k, v in splits.items()}
+    save_codes(codes, splits, CodesMeta(**{**meta.__dict__, "num_classes": 0, "class_names": ()}))
+    err = run_case(train_prior.main, ["--run", str(folders["run"]), "--codes", str(codes), "--conditional",
+                                      "--overwrite"],
+                   folders, capsys)
+    assert f"--conditional: the codes in {codes} have no labels" in err
+
+
+def test_encode_refuses_data_with_other_channels(folders, capsys):
+    from vqgen.cli import main
+
+    err = run_case(main, ["encode", "--run", str(folders["run"]), "--data", str(folders["gray"])], folders, capsys)
+    assert "1x32x32 images but the VQ-VAE" in err and "3x32x32" in err
