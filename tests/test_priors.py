@@ -126,7 +126,8 @@ def test_transformer_cache_is_used_not_recomputed():
         assert all(k.shape == (2, 2, 16, 16) for k in cache.k + cache.v)  # (b, nh, t, hd)
         for pos in range(16):
             fed = codes.clone()
-            fed[:, : max(pos - 1, 0)] = 0  # already in the cache: a step must not read them again
+            cached = slice(0, max(pos - 1, 0))  # codes already in the cache: a step must not read them again
+            fed[:, cached] = (codes[:, cached] + 1) % 8
             logits, cache = prior.step(cache, fed, pos)
             assert cache.length == max(pos + 1, 1)
             torch.testing.assert_close(logits, full[:, pos], atol=1e-5, rtol=0)
