@@ -19,7 +19,7 @@ class VQVAEConfig:
     in_channels: int = 3
     image_height: int = 32
     image_width: int = 32
-    hidden_channels: int = 128    # channels of the conv trunk
+    hidden_channels: int = 64     # channels of the conv trunk
     res_channels: int = 32        # bottleneck channels inside a residual block
     num_res_blocks: int = 2
     downsample: int = 4           # image size / grid size, a power of two

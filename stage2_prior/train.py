@@ -25,8 +25,8 @@ from vqgen.trainer import TRAIN_CONFIG, TrainConfig, fit, make_accelerator, make
 
 PRIOR_DIR = "prior"
 # Stage-2 training defaults, chosen by measurement (README, "Defaults"); any option overrides them.
-TRAIN_DEFAULTS = dict(learning_rate=1e-3, max_steps=3000, warmup_steps=200, eval_every=1000, save_every=500,
-                      weight_decay=0.01)
+TRAIN_DEFAULTS = dict(batch_size=32, learning_rate=1e-3, max_steps=1200, warmup_steps=100, eval_every=600,
+                      save_every=600, weight_decay=0.01)
 
 
 class CodesDataset(Dataset):
@@ -39,8 +39,13 @@ class CodesDataset(Dataset):
         return len(self.split)
 
     def __getitem__(self, i: int) -> dict[str, Tensor]:
-        label = self.split.labels[i] if self.use_labels else torch.tensor(-1)
-        return {"codes": self.split.codes[i], "label": label, "index": torch.tensor(i)}
+        return {k: v[0] for k, v in self.__getitems__([i]).items()}
+
+    def __getitems__(self, indices: list[int]) -> dict[str, Tensor]:
+        """A whole batch by one indexing op (the DataLoader uses this instead of n __getitem__ calls)."""
+        idx = torch.as_tensor(indices, dtype=torch.int64)
+        labels = self.split.labels[idx] if self.use_labels else torch.full_like(idx, -1)
+        return {"codes": self.split.codes[idx], "label": labels, "index": idx}
 
 
 def labels_of(batch: dict[str, Tensor], conditional: bool) -> Tensor | None:

@@ -22,7 +22,7 @@ from vqgen.errors import VQGenError
 class TransformerConfig(PriorConfig):
     """Architecture of `TransformerPrior`; the shared prior fields come from `PriorConfig`."""
 
-    d_model: int = 256  # d
+    d_model: int = 128  # d
     n_layers: int = 4
     n_heads: int = 4  # nh; head dim hd = d / nh
     mlp_ratio: int = 4

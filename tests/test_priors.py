@@ -135,6 +135,46 @@ def test_transformer_cache_is_used_not_recomputed():
             prior.step(cache, codes, 3)
 
 
+
+@pytest.mark.parametrize("height, width, kernel_size", [(3, 5, 3), (3, 5, 5), (5, 2, 5)])
+def test_pixelcnn_step_reads_only_new_codes(height, width, kernel_size):
+    """On non-square grids, step equals forward while every code it has already consumed is noise."""
+    torch.manual_seed(0)
+    prior = make_prior("pixelcnn", grid_height=height, grid_width=width, kernel_size=kernel_size, n_layers=4,
+                       num_classes=3).eval()
+    t = height * width
+    flat = torch.randint(0, 8, (3, t))
+    labels = torch.tensor([0, 2, 3])  # 3 = null class
+    with torch.no_grad():
+        full = rearrange(prior(rearrange(flat, "b (h w) -> b h w", w=width), labels), "b h w k -> b (h w) k")
+        state = prior.start(labels, 3)
+        for pos in range(t):
+            fed = torch.randint(0, 8, (3, t))
+            new = slice(pos - width, pos) if pos % width == 0 else slice(pos - 1, pos)  # the row above, or code pos-1
+            fed[:, new] = flat[:, new]
+            logits, state = prior.step(state, fed, pos)
+            torch.testing.assert_close(logits, full[:, pos], atol=1e-5, rtol=0)
+        with pytest.raises(VQGenError, match="got 3"):
+            prior.step(state, flat, 3)
+
+
+def test_pixelcnn_decoding_costs_no_more_than_one_forward():
+    """Decoding a grid position by position takes no more conv FLOPs than scoring it once."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    prior = make_prior("pixelcnn", grid_height=6, grid_width=3, num_classes=2).eval()
+    codes = torch.randint(0, 8, (2, 6, 3))
+    with torch.no_grad():
+        with FlopCounterMode(display=False) as scoring:
+            prior(codes)
+        state = prior.start(None, 2)
+        with FlopCounterMode(display=False) as decoding:
+            for pos in range(18):
+                prior.step(state, rearrange(codes, "b h w -> b (h w)"), pos)
+    assert 0 < decoding.get_total_flops() <= scoring.get_total_flops()
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_label_changes_logits_and_dropout_uses_null(kind):
     torch.manual_seed(0)

@@ -107,7 +107,12 @@ def make_loader(dataset: torch.utils.data.Dataset, batch_size: int, train: bool 
     """A DataLoader with its own generator: iterating it never draws from the global RNG, so
     evaluations and a resumed epoch leave the training randomness exactly as it was."""
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=train, drop_last=train,
-                                       generator=torch.Generator().manual_seed(seed))
+                                       generator=torch.Generator().manual_seed(seed), collate_fn=_collate)
+
+
+def _collate(batch: dict[str, Tensor] | list) -> dict[str, Tensor]:
+    """Batches from a dataset's `__getitems__` arrive ready; per-item lists are stacked as usual."""
+    return batch if isinstance(batch, dict) else torch.utils.data.default_collate(batch)
 
 
 class Stage(Protocol):
