@@ -12,10 +12,8 @@ import dataclasses
 import sys
 
 from stage2_prior.registry import PRIORS
-from stage2_prior.train import train_from_options
-from vqgen.arguments import Parser, add_config_options, given_options
-from vqgen.console import print_error
-from vqgen.errors import VQGenError
+from stage2_prior.train import TRAIN_DEFAULTS, train_from_options
+from vqgen.arguments import Parser, add_config_options, exit_code, given_options
 from vqgen.trainer import TrainConfig
 
 FROM_CODES = ("codebook_size", "grid_height", "grid_width", "num_classes")
@@ -36,7 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--overwrite", action="store_true", help="replace the run's trained prior")
     parser.add_argument("--allow-vqvae-mismatch", action="store_true",
                         help="train even if the codes came from another VQ-VAE than the run's")
-    add_config_options(parser, TrainConfig, title="training")
+    add_config_options(parser, TrainConfig, title="training", defaults=TRAIN_DEFAULTS)
     seen = set(FROM_CODES)
     for kind, (config_cls, _) in PRIORS.items():
         add_config_options(parser, config_cls, skip=tuple(seen), title=f"{kind} prior")
@@ -46,17 +44,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        given = {}
-        for config_cls, _ in PRIORS.values():
-            given.update(given_options(args, config_cls, skip=FROM_CODES))
-        train_from_options(args.run, args.prior, given_options(args, TrainConfig), given, codes_dir=args.codes,
-                           labels=args.labels, resume=args.resume, allow_vqvae_mismatch=args.allow_vqvae_mismatch,
-                           overwrite=args.overwrite)
-    except VQGenError as err:
-        print_error(str(err))
-        return 2
-    return 0
+    given = {}
+    for config_cls, _ in PRIORS.values():
+        given.update(given_options(args, config_cls, skip=FROM_CODES))
+    return exit_code(lambda: train_from_options(
+        args.run, args.prior, given_options(args, TrainConfig), given, codes_dir=args.codes, labels=args.labels,
+        resume=args.resume, allow_vqvae_mismatch=args.allow_vqvae_mismatch, overwrite=args.overwrite,
+    ))
 
 
 if __name__ == "__main__":

@@ -11,11 +11,9 @@ import argparse
 import sys
 
 from stage1_vqvae.model import VQVAEConfig
-from stage1_vqvae.train import train_from_options
-from vqgen.arguments import Parser, add_config_options, given_options
-from vqgen.console import print_error
+from stage1_vqvae.train import TRAIN_DEFAULTS, train_from_options
+from vqgen.arguments import Parser, add_config_options, exit_code, given_options
 from vqgen.data import DataConfig
-from vqgen.errors import VQGenError
 from vqgen.trainer import TrainConfig
 
 MODEL_FROM_DATA = ("in_channels", "image_height", "image_width")
@@ -28,21 +26,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--overwrite", action="store_true", help="replace the run's trained VQ-VAE")
     parser.add_argument("--no-encode", action="store_true", help="skip dumping the code grids at the end")
     add_config_options(parser, DataConfig, title="data")
-    add_config_options(parser, TrainConfig, title="training")
+    add_config_options(parser, TrainConfig, title="training", defaults=TRAIN_DEFAULTS)
     add_config_options(parser, VQVAEConfig, skip=MODEL_FROM_DATA, title="model")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        train_from_options(args.run, given_options(args, DataConfig), given_options(args, TrainConfig),
-                           given_options(args, VQVAEConfig, skip=MODEL_FROM_DATA), resume=args.resume,
-                           encode=not args.no_encode, overwrite=args.overwrite)
-    except VQGenError as err:
-        print_error(str(err))
-        return 2
-    return 0
+    return exit_code(lambda: train_from_options(
+        args.run, given_options(args, DataConfig), given_options(args, TrainConfig),
+        given_options(args, VQVAEConfig, skip=MODEL_FROM_DATA), resume=args.resume, encode=not args.no_encode,
+        overwrite=args.overwrite,
+    ))
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ class VQVAEConfig:
     codebook_update: str = "loss"  # "loss" (codebook term) or "ema"
     ema_decay: float = 0.99
     kmeans_init: bool = True
-    restart_after: int = 100      # restart codes unused for this many training steps; 0 = never
+    restart_after: int = 20       # restart codes unused for this many training steps; 0 = never
 
     def __post_init__(self):
         positive = ("in_channels", "image_height", "image_width", "hidden_channels", "res_channels", "code_dim")

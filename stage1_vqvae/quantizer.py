@@ -149,7 +149,7 @@ class VectorQuantizer(nn.Module):
         ema_decay: float = 0.99,
         ema_eps: float = 1e-5,
         kmeans_init: bool = True,
-        restart_after: int = 100,
+        restart_after: int = 20,
     ):
         super().__init__()
         self.codebook_size, self.code_dim = codebook_size, code_dim

@@ -26,7 +26,7 @@ from vqgen.trainer import TRAIN_CONFIG, TrainConfig, fit, make_accelerator, make
 VQVAE_DIR = "vqvae"
 DATA_CONFIG = "data_config.json"
 # Stage-1 training defaults, chosen by measurement (README, "Defaults"); any option overrides them.
-TRAIN_DEFAULTS = dict(batch_size=128, learning_rate=1e-3, max_steps=1000, warmup_steps=100, eval_every=500,
+TRAIN_DEFAULTS = dict(batch_size=64, learning_rate=1e-3, max_steps=1000, warmup_steps=100, eval_every=500,
                       save_every=500)
 
 

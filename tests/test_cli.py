@@ -72,6 +72,10 @@ def test_labels_are_honoured(tiny_run, tmp_path):
     assert main(["sample", "--run", str(tiny_run), "--n", "4", "--label", "5", "--out", str(tmp_path / "d")]) == 0
     assert json.loads((tmp_path / "c/settings.json").read_text())["labels"] == [0, 0, 0, 0]
     assert json.loads((tmp_path / "d/settings.json").read_text())["labels"] == [5, 5, 5, 5]
+    assert main(["sample", "--run", str(tiny_run), "--n", "7", "--out", str(tmp_path / "e")]) == 0
+    assert json.loads((tmp_path / "e/settings.json").read_text())["labels"] == [0, 1, 2, 3, 4, 5, 0]
+    assert main(["sample", "--run", str(tiny_run), "--n", "2", "--unconditional", "--out", str(tmp_path / "f")]) == 0
+    assert json.loads((tmp_path / "f/settings.json").read_text())["labels"] is None
     run = pipeline.load_run(tiny_run)
     with torch.no_grad():  # the label reaches the prior: its first-code distribution changes
         state = run.prior.start(torch.tensor([0, 5]), 2)
@@ -160,3 +164,10 @@ def test_bad_input_from_a_real_process_has_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
     assert f"run not found: {tmp_path / 'none'}" in proc.stderr
+
+
+def test_sampling_under_bf16_autocast(tiny_run, tmp_path):
+    assert main(["sample", "--run", str(tiny_run), "--n", "3", "--mixed-precision", "bf16",
+                 "--out", str(tmp_path / "bf16")]) == 0
+    codes = sample_codes_of(tmp_path / "bf16")
+    assert codes.shape == (3, 8, 8) and int(codes.min()) >= 0 and int(codes.max()) < 16

@@ -122,3 +122,12 @@ def test_two_process_training_and_encoding(tmp_path):
     # the state holds one RNG file per process; the quantizer buffers are in the (shared) model
     state = sorted((run / "vqvae" / "state").iterdir())[-1]
     assert (state / "random_states_0.pkl").is_file() and (state / "random_states_1.pkl").is_file()
+
+
+def test_bf16_mixed_precision_training_keeps_the_codebook_fp32(tmp_path):
+    run = tmp_path / "run"
+    train_vqvae(run, TINY_DATA, tiny_train(max_steps=4, mixed_precision="bf16"), TINY_MODEL)
+    weights = load_file(run / "vqvae" / "model.safetensors")
+    assert weights["quantizer.codebook"].dtype == torch.float32
+    assert all(torch.isfinite(t.float()).all() for t in weights.values())
+    assert records(run / "vqvae" / "metrics.jsonl", "test")[-1]["mse"] < 1.0

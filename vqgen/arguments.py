@@ -11,9 +11,10 @@ import dataclasses
 import sys
 import types
 import typing
-from typing import Any, NoReturn
+from typing import Any, Callable, NoReturn
 
 from vqgen.console import print_error
+from vqgen.errors import VQGenError
 
 HELP = {
     # data
@@ -54,6 +55,19 @@ def _dest(cls: type, name: str) -> str:
     return RENAMES.get((cls.__name__, name), name)
 
 
+def exit_code(command: Callable[[], object]) -> int:
+    """Run a command: 0 when it succeeds; a user's mistake is one line on stderr and exit code 2."""
+    try:
+        command()
+    except VQGenError as err:
+        print_error(str(err))
+        return 2
+    except KeyboardInterrupt:
+        print_error("interrupted")
+        return 130
+    return 0
+
+
 class Parser(argparse.ArgumentParser):
     """argparse whose usage errors are one line naming the bad value, like every other error."""
 
@@ -71,8 +85,11 @@ def _base_type(tp: Any) -> Any:
 
 
 def add_config_options(parser: argparse.ArgumentParser | Any, cls: type, skip: tuple[str, ...] = (),
-                       title: str | None = None) -> None:
-    """Add `--field-name` for every field of the dataclass `cls` (defaults None, shown in help)."""
+                       title: str | None = None, defaults: dict[str, Any] | None = None) -> None:
+    """Add `--field-name` for every field of the dataclass `cls` (defaults None, shown in help).
+
+    `defaults`: what the command uses instead of the dataclass default, for the help text.
+    """
     group = parser.add_argument_group(title or cls.__name__)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -82,6 +99,7 @@ def add_config_options(parser: argparse.ArgumentParser | Any, cls: type, skip: t
         dest = _dest(cls, f.name)
         names = ALIASES.get(f.name, []) + [f"--{dest.replace('_', '-')}"]
         default = f.default if f.default is not dataclasses.MISSING else None
+        default = (defaults or {}).get(f.name, default)
         help_text = f"{HELP.get(f.name, f.name.replace('_', ' '))} (default: {default})"
         if tp is bool:
             group.add_argument(*names, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text)

@@ -20,10 +20,10 @@ from rich.table import Table
 from safetensors.torch import save_file
 
 from vqgen import pipeline
-from vqgen.arguments import Parser, add_config_options, given_options
+from vqgen.arguments import Parser, add_config_options, exit_code, given_options
 from vqgen.config import load_config, read_json, write_json_atomic
 from vqgen.checkpoint import ensure_writable
-from vqgen.console import make_console, make_progress, print_error
+from vqgen.console import make_console, make_progress
 from vqgen.data import DataConfig
 from vqgen.errors import VQGenError
 from vqgen.imageio import save_grid, save_png
@@ -63,7 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("sample", "draw images: prior -> codebook -> decoder")
     p.add_argument("--n", type=int, default=64, help="number of images (default: 64)")
-    p.add_argument("--label", nargs="+", default=None, help="class name(s) or id(s): one for all, or n")
+    p.add_argument("--label", nargs="+", default=None,
+                   help="class name(s) or id(s): one for all, or n (default: cycle through the classes)")
+    p.add_argument("--unconditional", action="store_true",
+                   help="sample a conditional prior without labels (its null class)")
     _add_sampling_options(p)
     p.add_argument("--batch-size", type=int, default=1000, help="samples per batch and process (default: 1000)")
     p.add_argument("--out", default=None, help="output folder (default: RUN/samples/NNNN)")
@@ -92,16 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        {"sample": cmd_sample, "reconstruct": cmd_reconstruct, "encode": cmd_encode,
-         "complete": cmd_complete, "info": cmd_info, "eval": cmd_eval}[args.command](args)
-    except VQGenError as err:
-        print_error(str(err))
-        return 2
-    except KeyboardInterrupt:
-        print_error("interrupted")
-        return 130
-    return 0
+    command = {"sample": cmd_sample, "reconstruct": cmd_reconstruct, "encode": cmd_encode,
+               "complete": cmd_complete, "info": cmd_info, "eval": cmd_eval}[args.command]
+    return exit_code(lambda: command(args))
 
 
 def _sampling_kwargs(args: argparse.Namespace) -> dict:
@@ -115,15 +111,18 @@ def _next_samples_dir(run: Path) -> Path:
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
+    for name in ("n", "batch_size", "nrow"):
+        if getattr(args, name) < 1:
+            raise VQGenError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     console = make_console(accelerator.is_main_process)
     run = pipeline.load_run(args.run, allow_vqvae_mismatch=args.allow_vqvae_mismatch)
     pipeline.run_on_device(run, accelerator.device)
-    labels = pipeline.expand_labels(run.label_ids(args.label), args.n) if args.label else None
+    labels = pipeline.choose_labels(run, args.label, args.n, args.unconditional)
     out = Path(args.out) if args.out else _next_samples_dir(run.path)
     ensure_writable(out)
-    if args.nrow < 1:
-        raise VQGenError(f"--nrow must be >= 1, got {args.nrow}")
+    if out.is_dir() and any(out.iterdir()):
+        raise VQGenError(f"--out {out} exists and is not empty; choose another folder")
     start = time.perf_counter()
     with make_progress(console, "sampling") as bar:
         task = bar.add_task("sampling", total=None, metrics="")

@@ -259,6 +259,14 @@ def _folder_source(root: Path) -> _Source:
 # --- `datasets` sources ---------------------------------------------------------------------
 
 
+def _datasets():
+    """`datasets`, imported on first use (the built-in data never needs it) and told to log errors only."""
+    import datasets
+
+    datasets.logging.set_verbosity_error()  # e.g. "Repo card metadata block was not found" for local files
+    return datasets
+
+
 def _reason(err: BaseException) -> str:
     """A short, one-line reason from an exception."""
     if isinstance(err, UnidentifiedImageError):
@@ -269,7 +277,7 @@ def _reason(err: BaseException) -> str:
 
 def _features(ds: Any) -> Any:
     """A dataset's features; streamed sources may only know them once a batch is read."""
-    import datasets
+    datasets = _datasets()
 
     if ds.features is not None:
         return ds.features
@@ -278,7 +286,7 @@ def _features(ds: Any) -> Any:
 
 
 def _image_column(features: Mapping[str, Any], wanted: str | None, origin: str) -> str:
-    import datasets
+    datasets = _datasets()
 
     if wanted is not None:
         if wanted not in features:
@@ -292,7 +300,7 @@ def _image_column(features: Mapping[str, Any], wanted: str | None, origin: str) 
 
 
 def _label_column(features: Mapping[str, Any], wanted: str | None, origin: str) -> str | None:
-    import datasets
+    datasets = _datasets()
 
     if wanted is not None:
         if wanted.lower() == NO_LABELS:
@@ -337,7 +345,7 @@ def _encode_labels(
     columns: dict[str, pa.ChunkedArray], feature: Any, name: str, origin: str
 ) -> tuple[dict[str, np.ndarray], list[str]]:
     """Each split's label column -> int64 class indices, and the class names they index."""
-    import datasets
+    datasets = _datasets()
 
     what = f"label column {name!r} of {origin}"
     ignore = "set label_column='none' to ignore labels"
@@ -397,7 +405,7 @@ def _has_data_files(folder: Path) -> bool:
 
 def _local_source(path: Path, cfg: DataConfig) -> _Source:
     """A save_to_disk folder, parquet/arrow file(s) or, failing those, a folder of images."""
-    import datasets
+    datasets = _datasets()
 
     saved = path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file())
     if path.is_dir() and not saved and not _has_data_files(path):
@@ -429,7 +437,7 @@ def _is_hub_name(source: str) -> bool:
 
 def _hub_source(name: str, cfg: DataConfig) -> _Source:
     """Download through `datasets`; without a network, fail in a second, not after 25 s of retries."""
-    import datasets
+    datasets = _datasets()
     from huggingface_hub import HfApi
     from huggingface_hub.errors import RepositoryNotFoundError
 

@@ -100,6 +100,18 @@ def decode_codes(run: Run, codes: Tensor, batch_size: int = 256) -> Tensor:
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.uint8)
 
 
+def choose_labels(run: Run, names: list[str] | None, n: int, unconditional: bool = False) -> Tensor | None:
+    """The n labels to sample with: the named ones, else (conditional prior) every class in turn."""
+    if names and unconditional:
+        raise VQGenError("--label and --unconditional exclude each other")
+    if names:
+        return expand_labels(run.label_ids(names), n)
+    classes = run.prior.config.num_classes
+    if unconditional or not classes:
+        return None
+    return torch.arange(n) % classes
+
+
 def expand_labels(labels: Tensor | None, n: int) -> Tensor | None:
     """One label for all n samples, or exactly n of them."""
     if labels is None:
