@@ -4,6 +4,7 @@ import hashlib
 from pathlib import Path
 
 import pytest
+import torch
 
 from stage1_vqvae.train import train_vqvae
 from stage2_prior.train import train_prior
@@ -21,6 +22,15 @@ def tiny_train(**changes) -> TrainConfig:
     base = dict(batch_size=16, learning_rate=3e-3, max_steps=12, warmup_steps=0, log_every=1, eval_every=0,
                 save_every=0, lr_schedule="constant", seed=3)
     return TrainConfig(**{**base, **changes})
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Tiny tensors gain nothing from threads, and on a busy 2-core machine threads stall each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -16,15 +16,6 @@ from vqgen.errors import VQGenError
 KINDS = ["transformer", "pixelcnn"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a busy 2-core machine threads stall each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_prior(kind: str, **fields) -> torch.nn.Module:
     """A tiny prior of either kind; `fields` override the shared and architecture fields."""
     shared = dict(codebook_size=8, grid_height=4, grid_width=4, num_classes=0, label_dropout=0.0) | fields

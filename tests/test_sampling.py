@@ -17,15 +17,6 @@ from vqgen.errors import VQGenError
 KINDS = ["transformer", "pixelcnn"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a busy 2-core machine threads stall each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_prior(kind: str, **fields) -> torch.nn.Module:
     """A tiny conditional prior (K=8, 3x3 grid, 3 classes) with weights scaled up for peaky logits."""
     shared = dict(codebook_size=8, grid_height=3, grid_width=3, num_classes=3) | fields

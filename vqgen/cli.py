@@ -125,7 +125,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
         raise VQGenError(f"--out {out} exists and is not empty; choose another folder")
     start = time.perf_counter()
     with make_progress(console, "sampling") as bar:
-        task = bar.add_task("sampling", total=None, metrics="")
+        share = -(-args.n // accelerator.num_processes)  # this process's part of the n samples
+        task = bar.add_task("sampling", total=share, metrics="")
         codes, images = pipeline.sample(run, accelerator, args.n, labels=labels, seed=args.seed,
                                         batch_size=args.batch_size, progress=lambda k: bar.advance(task, k),
                                         **_sampling_kwargs(args))
@@ -225,7 +226,7 @@ def cmd_info(args: argparse.Namespace) -> None:
             continue
         config_file = folder / ("meta.json" if stage == "codes" else "config.json")
         config = read_json(config_file, f"{stage} config") if config_file.is_file() else {}
-        settings = ", ".join(f"{k}={v}" for k, v in config.items() if k not in ("format_version", "split_sizes"))
+        settings = ", ".join(f"{k}={v}" for k, v in config.items() if k not in ("kind", "format_version", "split_sizes"))
         if stage == "vqvae" and (folder / "data_config.json").is_file():
             data = read_json(folder / "data_config.json", "data config")
             settings += f"\ndata: {data.get('source')}"
