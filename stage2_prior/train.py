@@ -25,8 +25,8 @@ from vqgen.trainer import TRAIN_CONFIG, TrainConfig, fit, make_accelerator, make
 
 PRIOR_DIR = "prior"
 # Stage-2 training defaults, chosen by measurement (README, "Defaults"); any option overrides them.
-TRAIN_DEFAULTS = dict(batch_size=32, learning_rate=1e-3, max_steps=1000, warmup_steps=100, eval_every=500,
-                      save_every=500, weight_decay=0.01)
+TRAIN_DEFAULTS = dict(batch_size=32, learning_rate=1e-3, max_steps=1800, warmup_steps=100, eval_every=600,
+                      save_every=600, weight_decay=0.01)
 
 
 class CodesDataset(Dataset):
