@@ -21,6 +21,7 @@ from vqgen.codes import CodeSplit, CodesMeta, load_codes
 from vqgen.config import resumed_config, save_config
 from vqgen.console import make_console
 from vqgen.errors import VQGenError
+from vqgen.metrics import bits
 from vqgen.trainer import TRAIN_CONFIG, TrainConfig, fit, make_accelerator, make_loader
 
 PRIOR_DIR = "prior"
@@ -39,10 +40,10 @@ class CodesDataset(Dataset):
         return len(self.split)
 
     def __getitem__(self, i: int) -> dict[str, Tensor]:
-        return {k: v[0] for k, v in self.__getitems__([i]).items()}
+        return {k: v[0] for k, v in self.batch([i]).items()}
 
-    def __getitems__(self, indices: list[int]) -> dict[str, Tensor]:
-        """A whole batch by one indexing op (the DataLoader uses this instead of n __getitem__ calls)."""
+    def batch(self, indices: list[int]) -> dict[str, Tensor]:
+        """A whole batch by one indexing op (`vqgen.trainer.make_loader` uses it instead of n items)."""
         idx = torch.as_tensor(indices, dtype=torch.int64)
         labels = self.split.labels[idx] if self.use_labels else torch.full_like(idx, -1)
         return {"codes": self.split.codes[idx], "label": labels, "index": idx}
@@ -86,7 +87,7 @@ class PriorStage:
         for batch in self.test_loader:
             nll = grid_nll(model, batch["codes"], labels_of(batch, self.conditional))
             total.append(self.accelerator.gather_for_metrics(nll).cpu())
-        per_grid = torch.cat(total).mean().item() / math.log(2)
+        per_grid = bits(torch.cat(total).mean().item())
         t = self.config.grid_height * self.config.grid_width
         return {"bits_per_code": per_grid / t, "bits_per_image": per_grid}
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 
 from rich.console import Console
@@ -43,6 +42,3 @@ def print_error(message: str) -> None:
     Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {line}", markup=True)
     sys.stderr.flush()
 
-
-def is_ci() -> bool:
-    return os.environ.get("CI", "").lower() in ("1", "true", "yes")

@@ -144,8 +144,8 @@ class ImageDataset(torch.utils.data.Dataset):
             "index": torch.tensor(i, dtype=torch.int64),
         }
 
-    def __getitems__(self, indices: list[int]) -> dict[str, Tensor]:
-        """A whole batch by one indexing op (the DataLoader uses this instead of n __getitem__ calls)."""
+    def batch(self, indices: list[int]) -> dict[str, Tensor]:
+        """A whole batch by one indexing op (`vqgen.trainer.make_loader` uses it instead of n items)."""
         idx = torch.as_tensor(indices, dtype=torch.int64)
         labels = torch.full_like(idx, -1) if self.split.labels is None else self.split.labels[idx]
         return {"image": to_model_range(self.split.images[idx]), "label": labels, "index": idx}

@@ -7,7 +7,6 @@ depend on how many processes drew them.
 
 from __future__ import annotations
 
-import math
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ from vqgen.codes import load_codes
 from vqgen.config import load_config
 from vqgen.data import DataConfig, ImageData, load_image_data, to_model_range, to_uint8
 from vqgen.errors import VQGenError
-from vqgen.metrics import code_usage, psnr
+from vqgen.metrics import bits, code_usage, psnr
 
 
 @dataclass
@@ -220,6 +219,6 @@ def evaluate(run: Run, data: ImageData | None = None, batch_size: int = 256) -> 
         for i in range(0, len(test), batch_size):
             labels = test.labels[i:i + batch_size] if conditional else None
             nll.append(grid_nll(run.prior, test.codes[i:i + batch_size], labels))
-        bits = torch.cat(nll).mean().item() / math.log(2)
-        metrics.update(bits_per_code=bits / test.codes[0].numel(), bits_per_image=bits)
+        per_grid = bits(torch.cat(nll).mean().item())
+        metrics.update(bits_per_code=per_grid / test.codes[0].numel(), bits_per_image=per_grid)
     return metrics

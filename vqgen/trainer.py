@@ -106,12 +106,30 @@ def make_loader(dataset: torch.utils.data.Dataset, batch_size: int, train: bool 
                 seed: int = 0) -> torch.utils.data.DataLoader:
     """A DataLoader with its own generator: iterating it never draws from the global RNG, so
     evaluations and a resumed epoch leave the training randomness exactly as it was."""
+    if hasattr(dataset, "batch"):
+        dataset = _Batched(dataset)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=train, drop_last=train,
                                        generator=torch.Generator().manual_seed(seed), collate_fn=_collate)
 
 
+class _Batched(torch.utils.data.Dataset):
+    """Lets the DataLoader fetch a batch with one `dataset.batch(indices)` call (its `__getitems__` hook)."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        return self.dataset[i]
+
+    def __getitems__(self, indices: list[int]) -> dict[str, Tensor]:
+        return self.dataset.batch(indices)
+
+
 def _collate(batch: dict[str, Tensor] | list) -> dict[str, Tensor]:
-    """Batches from a dataset's `__getitems__` arrive ready; per-item lists are stacked as usual."""
+    """Batches from `_Batched` arrive ready; per-item lists are stacked as usual."""
     return batch if isinstance(batch, dict) else torch.utils.data.default_collate(batch)
 
 
