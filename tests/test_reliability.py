@@ -13,7 +13,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import vqgen.trainer
 from conftest import TINY_DATA, TINY_VQVAE, tiny_train
 from stage1_vqvae.model import VQVAE, VQVAEConfig
 from stage1_vqvae.train import train_vqvae
@@ -70,26 +69,42 @@ def test_sigkill_mid_training_then_resume_matches_an_uninterrupted_run(tmp_path)
     assert same_weights(straight, killed)
 
 
-def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_loadable(tmp_path, monkeypatch):
-    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
-    train_vqvae(straight, TINY_DATA, tiny_train(max_steps=10, save_every=5), TINY_VQVAE, encode=False)
+DIE_DURING_SAVE = """
+import os, runpy, signal, sys
+from pathlib import Path
+import vqgen.trainer
 
-    real_commit = vqgen.trainer.commit_state_dir
+real_commit = vqgen.trainer.commit_state_dir
 
-    def crash_on_second_save(folder, step, keep):
-        if step == 10:  # the state folder is written, the process dies before it is renamed into place
-            (Path(folder) / "state" / f".tmp-step-{step:08d}" / "model.safetensors").write_bytes(b"\0" * 10)
-            raise KeyboardInterrupt("killed while writing")
-        return real_commit(folder, step, keep)
+def die_mid_write(folder, step, keep):
+    if step == 10:  # the state folder is being written: cut a file short, then the process is killed
+        tmp = Path(folder) / "state" / f".tmp-step-{step:08d}"
+        (tmp / "model.safetensors").write_bytes((tmp / "model.safetensors").read_bytes()[:100])
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_commit(folder, step, keep)
 
-    monkeypatch.setattr(vqgen.trainer, "commit_state_dir", crash_on_second_save)
-    with pytest.raises(KeyboardInterrupt):
-        train_vqvae(crashed, TINY_DATA, tiny_train(max_steps=10, save_every=5), TINY_VQVAE, encode=False)
-    monkeypatch.setattr(vqgen.trainer, "commit_state_dir", real_commit)
-    assert [step for step, _ in state_dirs(crashed / "vqvae")] == [5]  # the half-written one is not listed
-    train_vqvae(crashed, TINY_DATA, tiny_train(max_steps=10, save_every=5), TINY_VQVAE, resume=True, encode=False)
-    assert same_weights(straight, crashed)
-    assert not list((crashed / "vqvae" / "state").glob(".tmp-*"))  # leftovers cleaned up
+vqgen.trainer.commit_state_dir = die_mid_write
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert run_script(straight, "--max-steps", "15").returncode == 0
+    driver = tmp_path / "die_during_save.py"
+    driver.write_text(DIE_DURING_SAVE)
+    cmd = [sys.executable, str(driver), str(ROOT / "scripts" / "train_vqvae.py"), "--run", str(killed),
+           *SCRIPT_ARGS, "--max-steps", "15"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert (killed / "vqvae" / "state" / ".tmp-step-00000010").is_dir()  # the half-written state is there
+    assert [step for step, _ in state_dirs(killed / "vqvae")] == [5]      # but never listed as a checkpoint
+    resumed = run_script(killed, "--max-steps", "15", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert same_weights(straight, killed)
+    assert not list((killed / "vqvae" / "state").glob(".tmp-*"))  # leftovers cleaned up
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
