@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from stage1_vqvae.encode import encode_splits
 from stage1_vqvae.model import VQVAE, VQVAEConfig
 from vqgen.checkpoint import check_stage_dir, clear_stage_dir, save_model
-from vqgen.config import load_config, resumed_config, save_config
+from vqgen.config import resumed_config, save_config
 from vqgen.console import make_console
 from vqgen.data import DataConfig, ImageData, ImageDataset, load_image_data, to_model_range, to_uint8
 from vqgen.imageio import save_grid
@@ -94,12 +94,7 @@ def resolve_config(run_dir: Path, overrides: dict[str, Any], data: ImageData, re
     """The model config: from the data and the options, or on --resume from the run, refusing conflicts."""
     saved_path = run_dir / VQVAE_DIR / "config.json"
     if resume and saved_path.is_file():
-        saved = load_config(VQVAEConfig, saved_path)
-        conflicts = {k: (v, getattr(saved, k)) for k, v in overrides.items() if getattr(saved, k) != v}
-        if conflicts:
-            listed = ", ".join(f"{k}={new!r} (run has {old!r})" for k, (new, old) in conflicts.items())
-            raise VQGenError(f"--resume with a different config than {saved_path}: {listed}")
-        cfg = saved
+        cfg = resumed_config(VQVAEConfig, saved_path, overrides, strict=True, what="model options")
     else:
         cfg = VQVAEConfig(**{"in_channels": data.channels, "image_height": data.height,
                              "image_width": data.width, **overrides})

@@ -1,7 +1,6 @@
 """Interrupted runs lose nothing; files from elsewhere are refused; no pickle on any load path."""
 
 import json
-import os
 import re
 import signal
 import subprocess

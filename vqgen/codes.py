@@ -91,8 +91,7 @@ def load_codes_meta(folder: str | os.PathLike) -> CodesMeta:
         raise VQGenError(f"no code grids at {folder} (train stage 1, or run `vqgen encode --run ...`)")
     if not (folder / META).is_file():
         raise VQGenError(f"{folder} has no {META}: not a vqgen codes folder (re-run `vqgen encode`)")
-    meta = load_config(CodesMeta, folder / META)
-    return meta
+    return load_config(CodesMeta, folder / META)
 
 
 def load_codes(folder: str | os.PathLike) -> tuple[dict[str, CodeSplit], CodesMeta]:
