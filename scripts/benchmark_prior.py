@@ -25,9 +25,9 @@ from stage2_prior.registry import PRIORS
 from stage2_prior.sampling import sample_codes
 from stage2_prior.train import TRAIN_DEFAULTS, train_prior
 from vqgen import pipeline
-from vqgen.codes import load_codes
-from vqgen.metrics import JsonlLog
-from vqgen.trainer import TrainConfig
+from vqgen.core.codes import load_codes
+from vqgen.core.metrics import JsonlLog
+from vqgen.core.trainer import TrainConfig
 
 
 def steps_per_second(kind: str, codes: torch.Tensor, labels: torch.Tensor | None, batch_size: int,

@@ -20,9 +20,9 @@ import torch
 
 from stage1_vqvae.train import train_vqvae
 from vqgen import pipeline
-from vqgen.data import DataConfig, to_model_range
-from vqgen.metrics import JsonlLog, code_usage, psnr
-from vqgen.trainer import TrainConfig
+from vqgen.core.data.images import DataConfig, to_model_range
+from vqgen.core.metrics import JsonlLog, code_usage, psnr
+from vqgen.core.trainer import TrainConfig
 
 
 def main() -> None:

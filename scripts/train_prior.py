@@ -14,7 +14,7 @@ import sys
 from stage2_prior.registry import PRIORS
 from stage2_prior.train import TRAIN_DEFAULTS, train_from_options
 from vqgen.arguments import Parser, add_config_options, exit_code, given_options
-from vqgen.trainer import TrainConfig
+from vqgen.core.trainer import TrainConfig
 
 FROM_CODES = ("codebook_size", "grid_height", "grid_width", "num_classes")
 

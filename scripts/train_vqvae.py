@@ -13,8 +13,8 @@ import sys
 from stage1_vqvae.model import VQVAEConfig
 from stage1_vqvae.train import TRAIN_DEFAULTS, train_from_options
 from vqgen.arguments import Parser, add_config_options, exit_code, given_options
-from vqgen.data import DataConfig
-from vqgen.trainer import TrainConfig
+from vqgen.core.data.images import DataConfig
+from vqgen.core.trainer import TrainConfig
 
 MODEL_FROM_DATA = ("in_channels", "image_height", "image_width")
 

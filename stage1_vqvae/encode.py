@@ -9,11 +9,11 @@ from accelerate import Accelerator
 from rich.console import Console
 from torch import nn
 
-from vqgen.checkpoint import weights_fingerprint
-from vqgen.codes import CodeSplit, CodesMeta, save_codes
-from vqgen.errors import VQGenError
-from vqgen.data import ImageData, ImageDataset, ImageSplit
-from vqgen.trainer import make_loader
+from vqgen.core.checkpoint import weights_fingerprint
+from vqgen.core.codes import CodeSplit, CodesMeta, save_codes
+from vqgen.core.errors import VQGenError
+from vqgen.core.data.images import ImageData, ImageDataset, ImageSplit
+from vqgen.core.trainer import make_loader
 
 CODES_DIR = "codes"
 

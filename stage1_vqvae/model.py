@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from stage1_vqvae.quantizer import QuantizerOutput, VectorQuantizer
-from vqgen.errors import VQGenError
+from vqgen.core.errors import VQGenError
 
 CODEBOOK_UPDATES = ("loss", "ema")
 

@@ -14,14 +14,14 @@ from torch.utils.data import DataLoader
 
 from stage1_vqvae.encode import encode_splits
 from stage1_vqvae.model import VQVAE, VQVAEConfig
-from vqgen.checkpoint import check_stage_dir, clear_stage_dir, save_model
-from vqgen.config import resumed_config, save_config
-from vqgen.console import make_console
-from vqgen.data import DataConfig, ImageData, ImageDataset, load_image_data, to_model_range, to_uint8
-from vqgen.imageio import save_grid
-from vqgen.errors import VQGenError
-from vqgen.metrics import code_usage, psnr
-from vqgen.trainer import TRAIN_CONFIG, TrainConfig, fit, make_accelerator, make_loader
+from vqgen.core.checkpoint import check_stage_dir, clear_stage_dir, save_model
+from vqgen.core.config import resumed_config, save_config
+from vqgen.core.console import make_console
+from vqgen.core.data.images import DataConfig, ImageData, ImageDataset, load_image_data, to_model_range, to_uint8
+from vqgen.core.imageio import save_grid
+from vqgen.core.errors import VQGenError
+from vqgen.core.metrics import code_usage, psnr
+from vqgen.core.trainer import TRAIN_CONFIG, TrainConfig, fit, make_accelerator, make_loader
 
 VQVAE_DIR = "vqvae"
 DATA_CONFIG = "data_config.json"
@@ -40,7 +40,7 @@ def reconstruction_errors(model: nn.Module, images: Tensor) -> tuple[Tensor, Ten
 
 @dataclass
 class VQVAEStage:
-    """The stage-1 callbacks for `vqgen.trainer.fit`."""
+    """The stage-1 callbacks for `vqgen.core.trainer.fit`."""
 
     accelerator: Accelerator
     config: VQVAEConfig

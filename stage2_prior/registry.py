@@ -10,9 +10,9 @@ from torch import nn
 
 from stage2_prior.pixelcnn import PixelCNNConfig, PixelCNNPrior
 from stage2_prior.transformer import TransformerConfig, TransformerPrior
-from vqgen.checkpoint import CONFIG, WEIGHTS, load_weights
-from vqgen.config import load_config, read_json
-from vqgen.errors import VQGenError
+from vqgen.core.checkpoint import CONFIG, WEIGHTS, load_weights
+from vqgen.core.config import load_config, read_json
+from vqgen.core.errors import VQGenError
 
 PRIORS: dict[str, tuple[type, type[nn.Module]]] = {
     "transformer": (TransformerConfig, TransformerPrior),

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from vqgen.errors import VQGenError
+from vqgen.core.errors import VQGenError
 
 # ---------------------------------------------------------------------------- the prior contract
 

@@ -16,13 +16,13 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from stage2_prior.registry import PRIORS, SOURCE, PriorSource, load_prior_config, prior_kind
-from vqgen.checkpoint import check_stage_dir, clear_stage_dir, save_model, weights_fingerprint
-from vqgen.codes import CodeSplit, CodesMeta, load_codes
-from vqgen.config import resumed_config, save_config
-from vqgen.console import make_console
-from vqgen.errors import VQGenError
-from vqgen.metrics import bits
-from vqgen.trainer import TRAIN_CONFIG, TrainConfig, fit, make_accelerator, make_loader
+from vqgen.core.checkpoint import check_stage_dir, clear_stage_dir, save_model, weights_fingerprint
+from vqgen.core.codes import CodeSplit, CodesMeta, load_codes
+from vqgen.core.config import resumed_config, save_config
+from vqgen.core.console import make_console
+from vqgen.core.errors import VQGenError
+from vqgen.core.metrics import bits
+from vqgen.core.trainer import TRAIN_CONFIG, TrainConfig, fit, make_accelerator, make_loader
 
 PRIOR_DIR = "prior"
 # Stage-2 training defaults, chosen by measurement (README, "Defaults"); any option overrides them.
@@ -43,7 +43,7 @@ class CodesDataset(Dataset):
         return {k: v[0] for k, v in self.batch([i]).items()}
 
     def batch(self, indices: list[int]) -> dict[str, Tensor]:
-        """A whole batch by one indexing op (`vqgen.trainer.make_loader` uses it instead of n items)."""
+        """A whole batch by one indexing op (`vqgen.core.trainer.make_loader` uses it instead of n items)."""
         idx = torch.as_tensor(indices, dtype=torch.int64)
         labels = self.split.labels[idx] if self.use_labels else torch.full_like(idx, -1)
         return {"codes": self.split.codes[idx], "label": labels, "index": idx}
@@ -62,7 +62,7 @@ def grid_nll(prior: nn.Module, codes: Tensor, labels: Tensor | None) -> Tensor:
 
 @dataclass
 class PriorStage:
-    """The stage-2 callbacks for `vqgen.trainer.fit`."""
+    """The stage-2 callbacks for `vqgen.core.trainer.fit`."""
 
     accelerator: Accelerator
     config: Any

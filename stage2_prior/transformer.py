@@ -15,7 +15,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from stage2_prior.sampling import PriorConfig, check_codes, drop_labels, resolve_labels
-from vqgen.errors import VQGenError
+from vqgen.core.errors import VQGenError
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,8 @@ import torch
 
 from stage1_vqvae.train import train_vqvae
 from stage2_prior.train import train_prior
-from vqgen.data import DataConfig
-from vqgen.trainer import TrainConfig
+from vqgen.core.data.images import DataConfig
+from vqgen.core.trainer import TrainConfig
 
 TINY_DATA = DataConfig(builtin_train_size=96, builtin_test_size=40)
 TINY_VQVAE = dict(hidden_channels=16, res_channels=8, num_res_blocks=1, codebook_size=16, code_dim=8,

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from conftest import tree_hashes
 from vqgen import pipeline
 from vqgen.cli import main
-from vqgen.codes import load_codes
+from vqgen.core.codes import load_codes
 
 ROOT = Path(__file__).resolve().parents[1]
 

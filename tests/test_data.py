@@ -1,4 +1,4 @@
-"""vqgen.shapes and vqgen.data: every source kind, built in tmp_path, and every user mistake."""
+"""vqgen.core.data.shapes and vqgen.core.data.images: every source kind, built in tmp_path, and every user mistake."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from vqgen.data import DataConfig, ImageDataset, ImageSplit, load_image_data, to_model_range, to_uint8
-from vqgen.errors import VQGenError
-from vqgen.shapes import SHAPE_NAMES, make_shapes
+from vqgen.core.data.images import DataConfig, ImageDataset, ImageSplit, load_image_data, to_model_range, to_uint8
+from vqgen.core.errors import VQGenError
+from vqgen.core.data.shapes import SHAPE_NAMES, make_shapes
 
 RED, BLUE = (255, 0, 0), (0, 0, 255)
 

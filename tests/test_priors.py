@@ -11,7 +11,7 @@ from einops import rearrange
 
 from stage2_prior.pixelcnn import PixelCNNConfig, PixelCNNPrior
 from stage2_prior.transformer import KVCache, TransformerConfig, TransformerPrior
-from vqgen.errors import VQGenError
+from vqgen.core.errors import VQGenError
 
 KINDS = ["transformer", "pixelcnn"]
 

@@ -16,9 +16,9 @@ from conftest import TINY_DATA, TINY_VQVAE, tiny_train
 from stage1_vqvae.model import VQVAE, VQVAEConfig
 from stage1_vqvae.train import train_vqvae
 from vqgen import pipeline
-from vqgen.checkpoint import latest_state_dir, load_model, save_model, state_dirs
-from vqgen.config import config_to_dict, load_config
-from vqgen.errors import VQGenError
+from vqgen.core.checkpoint import latest_state_dir, load_model, save_model, state_dirs
+from vqgen.core.config import config_to_dict, load_config
+from vqgen.core.errors import VQGenError
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT_ARGS = ["--builtin-train-size", "96", "--builtin-test-size", "40", "--batch-size", "16",
@@ -71,9 +71,9 @@ def test_sigkill_mid_training_then_resume_matches_an_uninterrupted_run(tmp_path)
 DIE_DURING_SAVE = """
 import os, runpy, signal, sys
 from pathlib import Path
-import vqgen.trainer
+import vqgen.core.trainer
 
-real_commit = vqgen.trainer.commit_state_dir
+real_commit = vqgen.core.trainer.commit_state_dir
 
 def die_mid_write(folder, step, keep):
     if step == 10:  # the state folder is being written: cut a file short, then the process is killed
@@ -82,7 +82,7 @@ def die_mid_write(folder, step, keep):
         os.kill(os.getpid(), signal.SIGKILL)
     return real_commit(folder, step, keep)
 
-vqgen.trainer.commit_state_dir = die_mid_write
+vqgen.core.trainer.commit_state_dir = die_mid_write
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """

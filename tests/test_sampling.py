@@ -12,7 +12,7 @@ from einops import rearrange
 from stage2_prior.pixelcnn import PixelCNNConfig, PixelCNNPrior
 from stage2_prior.sampling import filter_logits, inverse_cdf, sample_codes
 from stage2_prior.transformer import TransformerConfig, TransformerPrior
-from vqgen.errors import VQGenError
+from vqgen.core.errors import VQGenError
 
 KINDS = ["transformer", "pixelcnn"]
 

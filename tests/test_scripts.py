@@ -130,7 +130,7 @@ def test_train_prior_bad_input(folders, capsys, argv, expected):
 
 
 def test_train_prior_refuses_labels_where_there_are_none(folders, capsys):
-    from vqgen.codes import CodesMeta, load_codes, save_codes
+    from vqgen.core.codes import CodesMeta, load_codes, save_codes
 
     codes = folders["tmp"] / "unlabelled"
     splits, meta = load_codes(folders["run"] / "codes")

@@ -11,10 +11,10 @@ import torch
 from safetensors.torch import load_file
 
 from stage1_vqvae.train import train_vqvae
-from vqgen.codes import load_codes
-from vqgen.data import DataConfig
-from vqgen.errors import VQGenError
-from vqgen.trainer import TrainConfig, learning_rate_at
+from vqgen.core.codes import load_codes
+from vqgen.core.data.images import DataConfig
+from vqgen.core.errors import VQGenError
+from vqgen.core.trainer import TrainConfig, learning_rate_at
 
 from conftest import TINY_DATA, TINY_VQVAE as TINY_MODEL, tiny_train
 
@@ -48,8 +48,8 @@ def test_training_lowers_the_loss_and_writes_every_file(tmp_path):
 
 def test_codes_match_the_saved_model(tmp_path):
     from stage1_vqvae.model import VQVAE, VQVAEConfig
-    from vqgen.checkpoint import load_model
-    from vqgen.data import load_image_data, to_model_range
+    from vqgen.core.checkpoint import load_model
+    from vqgen.core.data.images import load_image_data, to_model_range
 
     run = tmp_path / "run"
     train_vqvae(run, TINY_DATA, tiny_train(max_steps=3), TINY_MODEL)
@@ -112,8 +112,8 @@ def test_two_process_training_and_encoding(tmp_path):
     splits, meta = load_codes(run / "codes")
     assert splits["test"].codes.shape[0] == 41  # 41 is odd: padding must not leak in
     from stage1_vqvae.model import VQVAE, VQVAEConfig
-    from vqgen.checkpoint import load_model
-    from vqgen.data import load_image_data, to_model_range
+    from vqgen.core.checkpoint import load_model
+    from vqgen.core.data.images import load_image_data, to_model_range
 
     model = load_model(VQVAE, VQVAEConfig, run / "vqvae").eval()
     data = load_image_data(DataConfig(builtin_train_size=96, builtin_test_size=41))

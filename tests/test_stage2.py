@@ -10,9 +10,9 @@ from safetensors.torch import load_file, save_file
 from conftest import TINY_PIXELCNN, TINY_TRANSFORMER, tiny_train
 from stage2_prior.registry import load_prior
 from stage2_prior.train import train_prior
-from vqgen.codes import CodesMeta, load_codes, save_codes
-from vqgen.config import load_config
-from vqgen.errors import VQGenError
+from vqgen.core.codes import CodesMeta, load_codes, save_codes
+from vqgen.core.config import load_config
+from vqgen.core.errors import VQGenError
 
 SIZES = {"transformer": TINY_TRANSFORMER, "pixelcnn": TINY_PIXELCNN}
 

@@ -13,8 +13,8 @@ import types
 import typing
 from typing import Any, Callable, NoReturn
 
-from vqgen.console import print_error
-from vqgen.errors import VQGenError
+from vqgen.core.console import print_error
+from vqgen.core.errors import VQGenError
 
 HELP = {
     # data

@@ -21,13 +21,13 @@ from safetensors.torch import save_file
 
 from vqgen import pipeline
 from vqgen.arguments import Parser, add_config_options, exit_code, given_options
-from vqgen.config import load_config, read_json, write_json_atomic
-from vqgen.checkpoint import ensure_writable
-from vqgen.console import make_console, make_progress
-from vqgen.data import DataConfig
-from vqgen.errors import VQGenError
-from vqgen.imageio import save_grid, save_png
-from vqgen.metrics import JsonlLog, psnr
+from vqgen.core.config import load_config, read_json, write_json_atomic
+from vqgen.core.checkpoint import ensure_writable
+from vqgen.core.console import make_console, make_progress
+from vqgen.core.data.images import DataConfig
+from vqgen.core.errors import VQGenError
+from vqgen.core.imageio import save_grid, save_png
+from vqgen.core.metrics import JsonlLog, psnr
 
 EXAMPLES = {
     "sample": "vqgen sample --n 64\n  vqgen sample --run runs/mine --n 16 --label circle --cfg 2.0 --top-k 100\n"
@@ -190,7 +190,7 @@ def cmd_encode(args: argparse.Namespace) -> None:
 
 
 def cmd_complete(args: argparse.Namespace) -> None:
-    from vqgen.codes import load_codes
+    from vqgen.core.codes import load_codes
 
     console = make_console()
     if args.n < 1:

@@ -21,12 +21,12 @@ from stage1_vqvae.train import DATA_CONFIG, VQVAE_DIR, reconstruction_errors
 from stage2_prior.registry import PriorSource, load_prior
 from stage2_prior.sampling import sample_codes
 from stage2_prior.train import PRIOR_DIR, grid_nll
-from vqgen.checkpoint import load_model, weights_fingerprint
-from vqgen.codes import load_codes
-from vqgen.config import load_config
-from vqgen.data import DataConfig, ImageData, load_image_data, to_model_range, to_uint8
-from vqgen.errors import VQGenError
-from vqgen.metrics import bits, code_usage, psnr
+from vqgen.core.checkpoint import load_model, weights_fingerprint
+from vqgen.core.codes import load_codes
+from vqgen.core.config import load_config
+from vqgen.core.data.images import DataConfig, ImageData, load_image_data, to_model_range, to_uint8
+from vqgen.core.errors import VQGenError
+from vqgen.core.metrics import bits, code_usage, psnr
 
 
 @dataclass

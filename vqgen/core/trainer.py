@@ -21,11 +21,11 @@ from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 from rich.console import Console
 from torch import Tensor, nn
 
-from vqgen.checkpoint import commit_state_dir, latest_state_dir, temporary_state_dir
-from vqgen.config import save_config, write_json_atomic
-from vqgen.console import make_console, make_progress
-from vqgen.errors import VQGenError
-from vqgen.metrics import JsonlLog
+from vqgen.core.checkpoint import commit_state_dir, latest_state_dir, temporary_state_dir
+from vqgen.core.config import save_config, write_json_atomic
+from vqgen.core.console import make_console, make_progress
+from vqgen.core.errors import VQGenError
+from vqgen.core.metrics import JsonlLog
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 TRAIN_CONFIG = "train_config.json"
@@ -100,37 +100,6 @@ def make_accelerator(cfg: TrainConfig, project_dir: str | Path) -> Accelerator:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
         step_scheduler_with_optimizer=False,
     )
-
-
-def make_loader(dataset: torch.utils.data.Dataset, batch_size: int, train: bool = False,
-                seed: int = 0) -> torch.utils.data.DataLoader:
-    """A DataLoader with its own generator: iterating it never draws from the global RNG, so
-    evaluations and a resumed epoch leave the training randomness exactly as it was."""
-    if hasattr(dataset, "batch"):
-        dataset = _Batched(dataset)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=train, drop_last=train,
-                                       generator=torch.Generator().manual_seed(seed), collate_fn=_collate)
-
-
-class _Batched(torch.utils.data.Dataset):
-    """Lets the DataLoader fetch a batch with one `dataset.batch(indices)` call (its `__getitems__` hook)."""
-
-    def __init__(self, dataset: torch.utils.data.Dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i: int) -> dict[str, Tensor]:
-        return self.dataset[i]
-
-    def __getitems__(self, indices: list[int]) -> dict[str, Tensor]:
-        return self.dataset.batch(indices)
-
-
-def _collate(batch: dict[str, Tensor] | list) -> dict[str, Tensor]:
-    """Batches from `_Batched` arrive ready; per-item lists are stacked as usual."""
-    return batch if isinstance(batch, dict) else torch.utils.data.default_collate(batch)
 
 
 class Stage(Protocol):

@@ -9,11 +9,22 @@ import tempfile
 from pathlib import Path
 from typing import Any, TypeVar
 
-from vqgen.errors import VQGenError
+from vqgen.core.errors import VQGenError
 
 FORMAT_VERSION = 1
 
 T = TypeVar("T")
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", *, choices: tuple[str, ...] | None = None,
+           flag: str | None = None, aliases: tuple[str, ...] = ()) -> Any:
+    """A config field that carries its own command-line help.
+
+    choices: the allowed values (listed in --help); flag: the option's name when the field's would
+    clash with another config's (e.g. "data-seed"); aliases: extra option names ("--lr").
+    """
+    return dataclasses.field(default=default, metadata={
+        "help": help, "choices": choices, "flag": flag, "aliases": aliases})
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

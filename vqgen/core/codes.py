@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from vqgen.config import load_config, save_config
-from vqgen.errors import VQGenError
+from vqgen.core.config import load_config, save_config
+from vqgen.core.errors import VQGenError
 
 META = "meta.json"
 

@@ -2,7 +2,7 @@
 
 Layout of a stage folder (`runs/NAME/vqvae`, `runs/NAME/prior`):
 
-    config.json          the model config (vqgen.config format)
+    config.json          the model config (vqgen.core.config format)
     model.safetensors    the weights, with the fingerprint in its metadata
     train_config.json    the training options of the latest run
     state/step-000400/   accelerate save_state output + progress.json, the last --keep of them
@@ -23,8 +23,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from vqgen.config import load_config, save_config
-from vqgen.errors import VQGenError
+from vqgen.core.config import load_config, save_config
+from vqgen.core.errors import VQGenError
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"

@@ -1,0 +1,1 @@
+"""The foundation: everything both stages stand on. It never imports a stage, the pipeline or the CLI."""

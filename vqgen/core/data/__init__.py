@@ -1,0 +1,1 @@
+"""The user's images: configuration, sources, decoding, splits. Import the submodules directly."""

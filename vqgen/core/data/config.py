@@ -1,0 +1,64 @@
+"""What the user asks for: `--data` and how images are brought to one size. No torch here, so that
+`--help` stays fast."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vqgen.core.config import option
+from vqgen.core.errors import VQGenError
+
+BUILTIN = "builtin"
+NO_LABELS = "none"  # label_column value that ignores the source's labels
+RESIZE_MODES = ("resize", "center-crop", "pad")
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the images come from and how they are brought to one size.
+
+    `source`: "builtin", a folder of images (one subfolder per class, or flat), a parquet or
+    arrow file or folder of them, a `save_to_disk` folder, or a hub name like "ylecun/mnist".
+    Columns are found automatically when None; label_column="none" ignores labels.
+    """
+
+    source: str = BUILTIN
+    image_column: str | None = None
+    label_column: str | None = None
+    image_size: int | None = None  # every image brought to image_size x image_size when set
+    resize_mode: str = "resize"  # "resize" (stretch), "center-crop" or "pad" (zeros, never shrinks)
+    test_fraction: float = 0.1  # held out, from seed, when the source has no test split
+    seed: int = 0  # built-in images and the held-out test split
+    builtin_train_size: int = 10000
+    builtin_test_size: int = 2000
+    max_images: int | None = None  # keep the first N of each split (quick runs)
+
+    def __post_init__(self):
+        if not isinstance(self.source, str) or not self.source.strip():
+            raise VQGenError(f"data source must be a non-empty string, got {self.source!r}")
+        for name in ("image_column", "label_column"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise VQGenError(f"{name} must be a column name or None, got {value!r}")
+        if self.image_size is not None and (not isinstance(self.image_size, int) or self.image_size < 1):
+            raise VQGenError(f"image_size must be a positive integer or None, got {self.image_size!r}")
+        if self.resize_mode not in RESIZE_MODES:
+            raise VQGenError(f"resize_mode must be one of {', '.join(RESIZE_MODES)}, got {self.resize_mode!r}")
+        if not 0.0 < self.test_fraction < 1.0:
+            raise VQGenError(f"test_fraction must be between 0 and 1 (exclusive), got {self.test_fraction!r}")
+        for name in ("builtin_train_size", "builtin_test_size"):
+            if getattr(self, name) < 1:
+                raise VQGenError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.max_images is not None and self.max_images < 1:
+            raise VQGenError(f"max_images must be >= 1 or None, got {self.max_images!r}")
+
+
+    @property
+    def ignores_labels(self) -> bool:
+        return self.label_column is not None and self.label_column.lower() == NO_LABELS
+
+    def check_no_columns(self, what: str) -> None:
+        """Column options only mean something for `datasets` sources; refusing beats ignoring them."""
+        for name in ("image_column", "label_column"):
+            value = getattr(self, name)
+            if value is not None and not (name == "label_column" and self.ignores_labels):
+                raise VQGenError(f"{name}={value!r} applies to parquet, arrow, saved or hub data, not to {what}")
