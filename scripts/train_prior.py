@@ -22,7 +22,8 @@ FROM_CODES = ("codebook_size", "grid_height", "grid_width", "num_classes")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", default="runs/default", help="run directory (default: runs/default)")
-    parser.add_argument("--prior", default="transformer", choices=sorted(PRIORS), help="which prior (default: transformer)")
+    parser.add_argument("--prior", default="transformer", choices=sorted(PRIORS),
+                        help=f"which prior ({' | '.join(sorted(PRIORS))}; default: transformer)")
     parser.add_argument("--codes", default=None, help="codes folder (default: RUN/codes)")
     parser.add_argument("--resume", action="store_true", help="continue from the prior's last saved state")
     labels = parser.add_mutually_exclusive_group()
@@ -36,17 +37,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="train even if the codes came from another VQ-VAE than the run's")
     add_config_options(parser, TrainConfig, title="training", defaults=TRAIN_DEFAULTS)
     seen = set(FROM_CODES)
-    for kind, (config_cls, _) in PRIORS.items():
-        add_config_options(parser, config_cls, skip=tuple(seen), title=f"{kind} prior")
-        seen |= {f.name for f in dataclasses.fields(config_cls)}
+    for kind in PRIORS.values():
+        add_config_options(parser, kind.config, skip=tuple(seen), title=f"{kind.name} prior")
+        seen |= {f.name for f in dataclasses.fields(kind.config)}
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     given = {}
-    for config_cls, _ in PRIORS.values():
-        given.update(given_options(args, config_cls, skip=FROM_CODES))
+    for kind in PRIORS.values():
+        given.update(given_options(args, kind.config, skip=FROM_CODES))
     return exit_code(lambda: train_from_options(
         args.run, args.prior, given_options(args, TrainConfig), given, codes_dir=args.codes, labels=args.labels,
         resume=args.resume, allow_vqvae_mismatch=args.allow_vqvae_mismatch, overwrite=args.overwrite,

@@ -11,11 +11,10 @@ from torch import nn
 
 from vqgen.core.checkpoint import weights_fingerprint
 from vqgen.core.codes import CodeSplit, CodesMeta, save_codes
-from vqgen.core.errors import VQGenError
+from vqgen.core.batches import make_loader
 from vqgen.core.data.images import ImageData, ImageDataset, ImageSplit
-from vqgen.core.trainer import make_loader
-
-CODES_DIR = "codes"
+from vqgen.core.errors import VQGenError
+from vqgen.core.layout import RunLayout
 
 
 @torch.no_grad()
@@ -42,26 +41,25 @@ def encode_split(accelerator: Accelerator, model: nn.Module, split: ImageSplit, 
 
 
 def encode_splits(
-    accelerator: Accelerator, model: nn.Module, data: ImageData, run_dir: str | Path, batch_size: int,
+    accelerator: Accelerator, model: nn.Module, data: ImageData, run: RunLayout, batch_size: int,
     console: Console,
 ) -> Path:
-    """Encode train and test, then (main process) write `run_dir/codes` with its metadata."""
-    run_dir = Path(run_dir)
+    """Encode train and test, then (main process) write the run's codes with their metadata."""
     cfg = model.config
     if (data.channels, data.height, data.width) != (cfg.in_channels, cfg.image_height, cfg.image_width):
         raise VQGenError(f"the data has {data.channels}x{data.height}x{data.width} images but the VQ-VAE in "
-                         f"{run_dir / 'vqvae'} expects {cfg.in_channels}x{cfg.image_height}x{cfg.image_width}")
+                         f"{run.vqvae.path} expects {cfg.in_channels}x{cfg.image_height}x{cfg.image_width}")
     splits = {}
     for name, split in (("train", data.train), ("test", data.test)):
         codes = encode_split(accelerator, model, split, batch_size)
         splits[name] = CodeSplit(codes=codes, labels=split.labels)
-    out = run_dir / CODES_DIR
+    out = run.codes
     if accelerator.is_main_process:
         h, w = cfg.grid_shape
         meta = CodesMeta(
             codebook_size=cfg.codebook_size, grid_height=h, grid_width=w,
             num_classes=data.num_classes, class_names=tuple(data.class_names or ()),
-            vqvae_fingerprint=weights_fingerprint(run_dir / "vqvae"), vqvae_dir=str((run_dir / "vqvae").resolve()),
+            vqvae_fingerprint=weights_fingerprint(run.vqvae.path), vqvae_dir=str(run.vqvae.path.resolve()),
             data_source=data.source, image_channels=data.channels, image_height=data.height, image_width=data.width,
             split_sizes=tuple((k, len(v)) for k, v in splits.items()),
         )

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from stage1_vqvae.quantizer import QuantizerOutput, VectorQuantizer
+from vqgen.core.config import option
 from vqgen.core.errors import VQGenError
 
 CODEBOOK_UPDATES = ("loss", "ema")
@@ -16,20 +17,24 @@ CODEBOOK_UPDATES = ("loss", "ema")
 
 @dataclass(frozen=True)
 class VQVAEConfig:
-    in_channels: int = 3
-    image_height: int = 32
-    image_width: int = 32
-    hidden_channels: int = 64     # channels of the conv trunk
-    res_channels: int = 32        # bottleneck channels inside a residual block
-    num_res_blocks: int = 2
-    downsample: int = 4           # image size / grid size, a power of two
-    codebook_size: int = 512      # K
-    code_dim: int = 64            # d
-    beta: float = 0.25            # commitment weight
-    codebook_update: str = "loss"  # "loss" (codebook term) or "ema"
-    ema_decay: float = 0.99
-    kmeans_init: bool = True
-    restart_after: int = 20       # restart codes unused for this many training steps; 0 = never
+    """Architecture of the VQ-VAE: image shape (from the data), trunk, codebook and its upkeep."""
+
+    in_channels: int = option(3, "image channels, from the data")
+    image_height: int = option(32, "image height, from the data")
+    image_width: int = option(32, "image width, from the data")
+    hidden_channels: int = option(64, "channels of the encoder and decoder trunk")
+    res_channels: int = option(32, "bottleneck channels inside a residual block")
+    num_res_blocks: int = option(2, "residual blocks in the encoder and in the decoder")
+    downsample: int = option(4, "image side / code grid side, a power of two (32x32 -> 8x8 at 4)")
+    codebook_size: int = option(512, "number of codes K")
+    code_dim: int = option(64, "dimension d of a code vector")
+    beta: float = option(0.25, "commitment weight, on ||z_e - sg[e]||^2")
+    codebook_update: str = option("loss", "loss: the codebook term ||sg[z_e] - e||^2 moves the codes; "
+                                  "ema: exponential moving averages of their assigned vectors",
+                                  choices=CODEBOOK_UPDATES)
+    ema_decay: float = option(0.99, "decay of the moving averages (--codebook-update ema)")
+    kmeans_init: bool = option(True, "initialise the codebook by k-means on the first batch")
+    restart_after: int = option(20, "restart codes unused for this many steps from encoder outputs (0: never)")
 
     def __post_init__(self):
         positive = ("in_channels", "image_height", "image_width", "hidden_channels", "res_channels", "code_dim")
@@ -46,7 +51,7 @@ class VQVAEConfig:
             if getattr(self, name) % self.downsample:
                 raise VQGenError(
                     f"image {name.split('_')[1]} {getattr(self, name)} is not divisible by the downsampling "
-                    f"factor {self.downsample} (resize with --image-size or change --downsample)"
+                    f"factor {self.downsample} (resize with image_size or change downsample)"
                 )
         if self.codebook_update not in CODEBOOK_UPDATES:
             raise VQGenError(f"codebook_update must be one of {CODEBOOK_UPDATES}, got {self.codebook_update!r}")
@@ -172,3 +177,12 @@ class VQVAE(nn.Module):
             raise VQGenError(
                 f"image size {x.shape[2]}x{x.shape[3]} is not divisible by the downsampling factor {cfg.downsample}"
             )
+
+
+def reconstruction_errors(model: VQVAE, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(b, c, H, W) in [-1, 1] -> per-image MSE on [0, 1] pixels (b,), the reconstructions clamped to
+    [-1, 1] (b, c, H, W) and the codes (b, h, w): one encoder and one decoder pass."""
+    out = model(images)
+    recon = out.recon.float().clamp(-1, 1)
+    mse = ((recon - images.float()) / 2).pow(2).flatten(1).mean(1)
+    return mse, recon, out.quant.indices

@@ -205,26 +205,34 @@ class VectorQuantizer(nn.Module):
         return int((self.unused_steps >= limit).sum())
 
     # -- maintenance: runs in training only, identically on every process --------------
+    # Neither k-means nor the restarts read a tensor value on the host after the first step, so a
+    # training step never waits for the device here.
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._known_initialized = False  # the loaded flag may say either
 
     @torch.no_grad()
     def _maintain(self, flat: Tensor) -> None:
-        if not bool(self.initialized):
-            self._set_codes(torch.arange(self.codebook_size, device=flat.device), kmeans(flat, self.codebook_size, 10))
-            self.initialized.fill_(True)
+        if not getattr(self, "_known_initialized", False):
+            if not bool(self.initialized):  # one device sync, on the first training step only
+                self._set_codes(torch.ones(self.codebook_size, dtype=torch.bool, device=flat.device),
+                                kmeans(flat, self.codebook_size, 10))
+                self.initialized.fill_(True)
+            self._known_initialized = True
         if self.restart_after > 0:
-            dead = (self.unused_steps >= self.restart_after).nonzero().squeeze(1)
-            if dead.numel() > 0:
-                pick = torch.randint(flat.shape[0], (dead.numel(),), device=flat.device)
-                self._set_codes(dead, flat[pick])
-                self.unused_steps[dead] = 0
+            dead = self.unused_steps >= self.restart_after  # (k,)
+            pick = torch.randint(flat.shape[0], (self.codebook_size,), device=flat.device)
+            self._set_codes(dead, flat[pick])
+            self.unused_steps.masked_fill_(dead, 0)
 
     def _set_codes(self, rows: Tensor, vectors: Tensor) -> None:
-        """Overwrite codebook rows with vectors chosen on the main process."""
+        """Overwrite the codebook rows where `rows` (k,) is true by `vectors` (k, d) of the main process."""
         vectors = _broadcast_from_main(vectors.contiguous().to(self.codebook.dtype))
-        self.codebook.data[rows] = vectors
+        self.codebook.data.copy_(torch.where(rows[:, None], vectors, self.codebook.data))
         if self.update == "ema":
-            self.ema_cluster_size[rows] = 1.0
-            self.ema_sum[rows] = vectors
+            self.ema_cluster_size.masked_fill_(rows, 1.0)
+            self.ema_sum.copy_(torch.where(rows[:, None], vectors, self.ema_sum))
 
     @torch.no_grad()
     def _track_usage(self, counts: Tensor) -> None:

@@ -8,34 +8,26 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from stage1_vqvae.encode import encode_splits
-from stage1_vqvae.model import VQVAE, VQVAEConfig
-from vqgen.core.checkpoint import check_stage_dir, clear_stage_dir, save_model
-from vqgen.core.config import resumed_config, save_config
-from vqgen.core.console import make_console
-from vqgen.core.data.images import DataConfig, ImageData, ImageDataset, load_image_data, to_model_range, to_uint8
-from vqgen.core.imageio import save_grid
+from stage1_vqvae.model import VQVAE, VQVAEConfig, reconstruction_errors
+from vqgen.core.batches import make_loader
+from vqgen.core.checkpoint import check_stage_dir
+from vqgen.core.config import resumed_config
+from vqgen.core.data.config import DataConfig
+from vqgen.core.data.images import ImageData, ImageDataset, load_image_data, to_model_range, to_uint8
 from vqgen.core.errors import VQGenError
+from vqgen.core.imageio import save_grid
+from vqgen.core.layout import RunLayout, StageDir
 from vqgen.core.metrics import code_usage, psnr
-from vqgen.core.trainer import TRAIN_CONFIG, TrainConfig, fit, make_accelerator, make_loader
+from vqgen.core.stage import check_batch_size, start, train_config, write_stage_files
+from vqgen.core.trainer import TrainConfig, fit
 
-VQVAE_DIR = "vqvae"
-DATA_CONFIG = "data_config.json"
 # Stage-1 training defaults, chosen by measurement (README, "Defaults"); any option overrides them.
 TRAIN_DEFAULTS = dict(batch_size=64, learning_rate=1e-3, max_steps=1000, warmup_steps=100, eval_every=500,
                       save_every=500)
-
-
-def reconstruction_errors(model: nn.Module, images: Tensor) -> tuple[Tensor, Tensor]:
-    """(b, c, H, W) in [-1, 1] -> per-image MSE on [0, 1] pixels (b,), and the codes (b, h, w)."""
-    out = model(images)
-    recon = out.recon.float().clamp(-1, 1)
-    mse = ((recon - images.float()) / 2).pow(2).flatten(1).mean(1)
-    return mse, out.quant.indices
 
 
 @dataclass
@@ -45,17 +37,17 @@ class VQVAEStage:
     accelerator: Accelerator
     config: VQVAEConfig
     test_loader: DataLoader
-    out_dir: Path
+    stage_dir: StageDir
     preview: Tensor               # (16, c, H, W) test images for the reconstruction grid
     name: str = "vqvae"
 
     def __post_init__(self):
-        self._counts = torch.zeros(self.config.codebook_size, dtype=torch.long)
+        self._counts = torch.zeros(self.config.codebook_size, dtype=torch.long, device=self.accelerator.device)
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         images = batch["image"].contiguous(memory_format=torch.channels_last)
         out = model(images)
-        self._counts += out.quant.counts.detach().cpu()  # already summed over processes
+        self._counts += out.quant.counts.detach()  # already summed over processes; stays on the device
         logs = {
             "loss": out.loss.detach(),
             "recon_mse": out.recon_loss.detach() / 4,  # [-1, 1] -> [0, 1] pixels
@@ -65,7 +57,7 @@ class VQVAEStage:
         return out.loss, logs
 
     def window_metrics(self) -> dict[str, float]:
-        usage = code_usage(self._counts)
+        usage = code_usage(self._counts.cpu())
         self._counts.zero_()
         return usage
 
@@ -74,7 +66,7 @@ class VQVAEStage:
         model.eval()
         errors, codes = [], []
         for batch in self.test_loader:
-            mse, indices = reconstruction_errors(model, batch["image"])
+            mse, _, indices = reconstruction_errors(model, batch["image"])
             mse, indices = self.accelerator.gather_for_metrics((mse, indices))
             errors.append(mse.cpu())
             codes.append(indices.cpu())
@@ -83,18 +75,14 @@ class VQVAEStage:
         if self.accelerator.is_main_process:
             recon = self.accelerator.unwrap_model(model)(self.preview.to(self.accelerator.device)).recon
             pair = torch.cat([to_uint8(self.preview), to_uint8(recon.float().cpu())])
-            save_grid(pair, self.out_dir / "reconstructions" / f"step-{step:07d}.png", nrow=len(self.preview))
+            save_grid(pair, self.stage_dir.reconstructions / f"step-{step:07d}.png", nrow=len(self.preview))
         return {"mse": mse, "psnr": psnr(mse), **code_usage(counts)}
 
-    def export(self, model: nn.Module) -> None:
-        save_model(model, self.config, self.out_dir)
 
-
-def resolve_config(run_dir: Path, overrides: dict[str, Any], data: ImageData, resume: bool) -> VQVAEConfig:
-    """The model config: from the data and the options, or on --resume from the run, refusing conflicts."""
-    saved_path = run_dir / VQVAE_DIR / "config.json"
-    if resume and saved_path.is_file():
-        cfg = resumed_config(VQVAEConfig, saved_path, overrides, strict=True, what="model options")
+def resolve_config(stage: StageDir, overrides: dict[str, Any], data: ImageData, resume: bool) -> VQVAEConfig:
+    """The model config: from the data and the options, or on resume from the run, refusing conflicts."""
+    if resume and stage.config.is_file():
+        cfg = resumed_config(VQVAEConfig, stage.config, overrides, strict=True, what="model options")
     else:
         cfg = VQVAEConfig(**{"in_channels": data.channels, "image_height": data.height,
                              "image_width": data.width, **overrides})
@@ -115,42 +103,33 @@ def train_vqvae(
     encode: bool = True,
     overwrite: bool = False,
 ) -> dict[str, float]:
-    """Train stage 1 into `run_dir/vqvae`, then (by default) encode every split to `run_dir/codes`."""
-    run_dir = Path(run_dir)
-    out_dir = run_dir / VQVAE_DIR
-    check_stage_dir(out_dir, "VQ-VAE", resume, overwrite)
-    if resume and (out_dir / DATA_CONFIG).is_file():
-        resumed_config(DataConfig, out_dir / DATA_CONFIG, asdict(data_cfg), strict=True, what="data options")
-    accelerator = make_accelerator(train_cfg, out_dir)
-    console = make_console(accelerator.is_main_process)
-    set_seed(train_cfg.seed)
+    """Train stage 1 into the run's vqvae folder, then (by default) encode every split to its codes."""
+    run = RunLayout(run_dir)
+    stage = run.vqvae
+    check_stage_dir(stage, "VQ-VAE", resume, overwrite)
+    if resume and stage.data_config.is_file():
+        resumed_config(DataConfig, stage.data_config, asdict(data_cfg), strict=True, what="data options")
+    accelerator, console = start(stage, train_cfg)
     with accelerator.main_process_first():
         data = load_image_data(data_cfg)
-    cfg = resolve_config(run_dir, model_overrides or {}, data, resume)
+    cfg = resolve_config(stage, model_overrides or {}, data, resume)
     console.print(f"data: {data.source}: {len(data.train.images)} train / {len(data.test.images)} test images, "
                   f"{data.channels}x{data.height}x{data.width}, {data.num_classes} classes")
     console.print(f"VQ-VAE: K={cfg.codebook_size}, d={cfg.code_dim}, grid {cfg.grid_shape[0]}x{cfg.grid_shape[1]}, "
                   f"codebook update {cfg.codebook_update}")
-    if len(data.train.images) < train_cfg.batch_size:
-        raise VQGenError(f"batch size {train_cfg.batch_size} is larger than the {len(data.train.images)} "
-                         "training images")
-    if accelerator.is_main_process:  # everything is validated: only now is anything written
-        if overwrite and not resume:
-            clear_stage_dir(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out_dir / "config.json")
-        save_config(data_cfg, out_dir / DATA_CONFIG)
-    accelerator.wait_for_everyone()
+    check_batch_size(train_cfg.batch_size, len(data.train.images), "training images")
+    write_stage_files(accelerator, stage, {stage.config: cfg, stage.data_config: data_cfg},
+                      fresh=overwrite and not resume)
 
     model = VQVAE(cfg).to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=train_cfg.learning_rate, weight_decay=train_cfg.weight_decay)
     train_loader = make_loader(ImageDataset(data.train), train_cfg.batch_size, train=True, seed=train_cfg.seed)
     test_loader = accelerator.prepare(make_loader(ImageDataset(data.test), train_cfg.batch_size))
     preview = to_model_range(data.test.images[:16])
-    stage = VQVAEStage(accelerator, cfg, test_loader, out_dir, preview)
-    metrics = fit(accelerator, train_cfg, stage, model, optimizer, train_loader, out_dir, resume, console)
+    vqvae_stage = VQVAEStage(accelerator, cfg, test_loader, stage, preview)
+    metrics = fit(accelerator, train_cfg, vqvae_stage, model, optimizer, train_loader, stage, resume, console)
     if encode:
-        encode_splits(accelerator, accelerator.unwrap_model(model), data, run_dir, train_cfg.batch_size, console)
+        encode_splits(accelerator, accelerator.unwrap_model(model), data, run, train_cfg.batch_size, console)
     return metrics
 
 
@@ -158,14 +137,12 @@ def train_from_options(run_dir: str | Path, data: dict[str, Any], training: dict
                        resume: bool = False, encode: bool = True, overwrite: bool = False) -> dict[str, float]:
     """What `scripts/train_vqvae.py` calls with the options given on its command line.
 
-    A fresh run starts from the defaults; --resume starts from the run's saved configs.
+    A fresh run starts from the defaults; resuming starts from the run's saved configs.
     """
-    out_dir = Path(run_dir) / VQVAE_DIR
-    if resume and (out_dir / DATA_CONFIG).is_file() and (out_dir / TRAIN_CONFIG).is_file():
-        data_cfg = resumed_config(DataConfig, out_dir / DATA_CONFIG, data, strict=True, what="data options")
-        train_cfg = resumed_config(TrainConfig, out_dir / TRAIN_CONFIG, training, strict=False, what="")
+    stage = RunLayout(run_dir).vqvae
+    if resume and stage.data_config.is_file():
+        data_cfg = resumed_config(DataConfig, stage.data_config, data, strict=True, what="data options")
     else:
         data_cfg = DataConfig(**data)
-        train_cfg = TrainConfig(**{**TRAIN_DEFAULTS, **training})
+    train_cfg = train_config(stage, training, TRAIN_DEFAULTS, resume)
     return train_vqvae(run_dir, data_cfg, train_cfg, model, resume=resume, encode=encode, overwrite=overwrite)
-

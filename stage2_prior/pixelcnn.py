@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from stage2_prior.sampling import PriorConfig, check_codes, drop_labels, resolve_labels
+from stage2_prior.contract import PriorConfig, check_code_shape, drop_labels, resolve_labels
+from vqgen.core.config import option
 from vqgen.core.errors import VQGenError
 
 
@@ -23,9 +24,9 @@ from vqgen.core.errors import VQGenError
 class PixelCNNConfig(PriorConfig):
     """Architecture of `PixelCNNPrior`; the shared prior fields come from `PriorConfig`."""
 
-    channels: int = 128  # c
-    n_layers: int = 8
-    kernel_size: int = 3  # odd; each layer widens the receptive field by kernel_size // 2
+    channels: int = option(128, "PixelCNN channels")  # c
+    n_layers: int = option(8, "Transformer blocks / PixelCNN gated layers")
+    kernel_size: int = option(3, "PixelCNN kernel size (odd; each layer widens the view by kernel_size // 2)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -152,7 +153,7 @@ class PixelCNNPrior(nn.Module):
 
     def forward(self, codes: Tensor, labels: Tensor | None = None) -> Tensor:
         """(b, h, w) codes, (b,) labels or None (null class) -> (b, h, w, k) logits, teacher-forced."""
-        check_codes(codes, self.config)
+        check_code_shape(codes, self.config)
         labels = resolve_labels(labels, codes.shape[0], self.config, codes.device)
         if self.training:
             labels = drop_labels(labels, self.config)

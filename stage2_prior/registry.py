@@ -3,22 +3,31 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 from torch import nn
 
+from stage2_prior.contract import PriorConfig
 from stage2_prior.pixelcnn import PixelCNNConfig, PixelCNNPrior
 from stage2_prior.transformer import TransformerConfig, TransformerPrior
-from vqgen.core.checkpoint import CONFIG, WEIGHTS, load_weights
+from vqgen.core.checkpoint import load_weights
 from vqgen.core.config import load_config, read_json
 from vqgen.core.errors import VQGenError
+from vqgen.core.layout import StageDir
 
-PRIORS: dict[str, tuple[type, type[nn.Module]]] = {
-    "transformer": (TransformerConfig, TransformerPrior),
-    "pixelcnn": (PixelCNNConfig, PixelCNNPrior),
-}
-SOURCE = "source.json"
+
+@dataclass(frozen=True)
+class PriorKind:
+    """One prior: its name on the command line, its config and its model."""
+
+    name: str
+    config: type[PriorConfig]
+    model: type[nn.Module]
+
+
+PRIORS: dict[str, PriorKind] = {p.name: p for p in (
+    PriorKind("transformer", TransformerConfig, TransformerPrior),
+    PriorKind("pixelcnn", PixelCNNConfig, PixelCNNPrior),
+)}
 
 
 @dataclass(frozen=True)
@@ -31,29 +40,36 @@ class PriorSource:
     class_names: tuple[str, ...]
 
 
-def prior_kind(cfg: Any) -> str:
-    for kind, (config_cls, _) in PRIORS.items():
-        if isinstance(cfg, config_cls):
+def prior_kind(name: str) -> PriorKind:
+    if name not in PRIORS:
+        raise VQGenError(f"prior must be one of {sorted(PRIORS)}, got {name!r}")
+    return PRIORS[name]
+
+
+def kind_of(cfg: PriorConfig) -> PriorKind:
+    """The registered prior a config belongs to."""
+    for kind in PRIORS.values():
+        if type(cfg) is kind.config:
             return kind
     raise TypeError(f"not a prior config: {type(cfg).__name__}")
 
 
-def load_prior_config(folder: str | Path) -> Any:
-    """The config in `folder/config.json`, whichever prior it describes."""
-    path = Path(folder) / CONFIG
-    kind = read_json(path, "prior config").get("kind")
-    for config_cls, _ in PRIORS.values():
-        if config_cls.__name__ == kind:
-            return load_config(config_cls, path)
-    raise VQGenError(f"{path} describes {kind!r}, not one of the priors {[c.__name__ for c, _ in PRIORS.values()]}")
+def load_prior_config(stage: StageDir) -> PriorConfig:
+    """The config in the stage's config.json, whichever prior it describes."""
+    name = read_json(stage.config, "prior config").get("kind")
+    for kind in PRIORS.values():
+        if kind.config.__name__ == name:
+            return load_config(kind.config, stage.config)
+    raise VQGenError(f"{stage.config} describes {name!r}, not one of the priors "
+                     f"{[k.config.__name__ for k in PRIORS.values()]}")
 
 
-def load_prior(folder: str | Path) -> tuple[nn.Module, PriorSource]:
-    """Rebuild a trained prior and its source record from `folder`."""
-    folder = Path(folder)
-    if not (folder / WEIGHTS).is_file():
-        raise VQGenError(f"no trained prior in {folder} (run `python scripts/train_prior.py --run {folder.parent}`)")
-    cfg = load_prior_config(folder)
-    model = PRIORS[prior_kind(cfg)][1](cfg)
-    load_weights(model, folder / WEIGHTS)
-    return model.eval(), load_config(PriorSource, folder / SOURCE)
+def load_prior(stage: StageDir) -> tuple[nn.Module, PriorSource]:
+    """Rebuild a trained prior and its source record from its stage folder."""
+    if not stage.trained:
+        raise VQGenError(f"no trained prior in {stage.path} "
+                         f"(run `python scripts/train_prior.py --run {stage.path.parent}`)")
+    cfg = load_prior_config(stage)
+    model = kind_of(cfg).model(cfg)
+    load_weights(model, stage.weights)
+    return model.eval(), load_config(PriorSource, stage.source)

@@ -1,108 +1,21 @@
-"""The contract both priors share (config fields, input checks) and one sampler for both.
+"""One sampler for both priors: temperature, top-k, top-p, classifier-free guidance, per-sample seeds.
 
-A prior is sampled through `state = prior.start(labels, b)` then, for every raster
-position, `logits, state = prior.step(state, codes, pos)`; see `ARPrior`.
+A prior is sampled through `state = prior.start(labels, b)` then, for every raster position,
+`logits, state = prior.step(state, codes, pos)` (`stage2_prior.contract.ARPrior`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Iterator, Protocol
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from torch import Tensor, nn
+from torch import Tensor
 
+from stage2_prior.contract import ARPrior, check_codes, check_labels
 from vqgen.core.errors import VQGenError
-
-# ---------------------------------------------------------------------------- the prior contract
-
-
-@dataclass(frozen=True)
-class PriorConfig:
-    """Fields every prior shares; `num_classes` is also the index of the null class."""
-
-    codebook_size: int  # k
-    grid_height: int  # h
-    grid_width: int  # w
-    num_classes: int = 0  # 0 = unconditional
-    label_dropout: float = 0.1  # training-time probability of the null class
-    dropout: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.codebook_size < 2:
-            raise VQGenError(f"codebook_size must be >= 2, got {self.codebook_size}")
-        if self.grid_height < 1 or self.grid_width < 1:
-            raise VQGenError(f"grid must be at least 1x1, got {self.grid_height}x{self.grid_width}")
-        if self.num_classes < 0:
-            raise VQGenError(f"num_classes must be >= 0, got {self.num_classes}")
-        for name in ("label_dropout", "dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise VQGenError(f"{name} must be in [0, 1), got {getattr(self, name)}")
-
-    @property
-    def seq_len(self) -> int:
-        """t = h * w, the number of codes in one grid."""
-        return self.grid_height * self.grid_width
-
-
-class ARPrior(Protocol):
-    """What `sample_codes` needs from a prior (both `TransformerPrior` and `PixelCNNPrior`)."""
-
-    config: PriorConfig
-    training: bool
-
-    def start(self, labels: Tensor | None, batch_size: int) -> Any: ...
-
-    def step(self, state: Any, codes: Tensor, pos: int) -> tuple[Tensor, Any]: ...
-
-    def parameters(self) -> Iterator[nn.Parameter]: ...
-
-    def train(self, mode: bool = True) -> Any: ...
-
-    def eval(self) -> Any: ...
-
-
-def check_codes(codes: Tensor, config: PriorConfig) -> None:
-    """Refuse a code grid (b, h, w) of the wrong shape, dtype or range."""
-    h, w, k = config.grid_height, config.grid_width, config.codebook_size
-    if codes.ndim != 3 or tuple(codes.shape[1:]) != (h, w):
-        raise VQGenError(f"codes must have shape (b, {h}, {w}), got {tuple(codes.shape)}")
-    if codes.dtype.is_floating_point or codes.dtype == torch.bool:
-        raise VQGenError(f"codes must be an integer tensor, got {codes.dtype}")
-    lo, hi = int(codes.min()), int(codes.max())
-    if lo < 0 or hi >= k:
-        raise VQGenError(f"codes must be in [0, {k}), got {lo if lo < 0 else hi}")
-
-
-def resolve_labels(labels: Tensor | None, batch_size: int, config: PriorConfig, device: torch.device) -> Tensor:
-    """(b,) class indices, the null class `num_classes` standing in for `None`."""
-    null = config.num_classes
-    if labels is None:
-        return torch.full((batch_size,), null, dtype=torch.long, device=device)
-    if null == 0:
-        raise VQGenError(f"this prior is unconditional (num_classes=0) but got labels {labels.tolist()[:8]}")
-    if labels.shape != (batch_size,) or labels.dtype.is_floating_point:
-        got = f"{labels.dtype} {tuple(labels.shape)}"
-        raise VQGenError(f"labels must be an integer tensor of shape ({batch_size},), got {got}")
-    lo, hi = int(labels.min()), int(labels.max())
-    if lo < 0 or hi > null:
-        raise VQGenError(f"labels must be in [0, {null}] ({null} = null class), got {lo if lo < 0 else hi}")
-    return labels.to(device=device, dtype=torch.long)
-
-
-def drop_labels(labels: Tensor, config: PriorConfig) -> Tensor:
-    """Replace each label by the null class with probability `label_dropout` (global RNG)."""
-    if config.num_classes == 0 or config.label_dropout == 0.0:
-        return labels
-    drop = torch.rand(labels.shape, device=labels.device) < config.label_dropout
-    return labels.masked_fill(drop, config.num_classes)
-
-
-# ---------------------------------------------------------------------------- sampling
-
 
 def _check_filters(k: int, top_k: int | None, top_p: float | None) -> None:
     if top_k is not None and not 1 <= top_k <= k:
@@ -170,7 +83,7 @@ def _check_sample_args(prior: ARPrior, n: int, labels: Tensor | None, temperatur
     if not cfg_scale >= 0:
         raise VQGenError(f"cfg_scale must be >= 0, got {cfg_scale}")
     if labels is not None:
-        resolve_labels(labels, n, cfg, labels.device)
+        check_labels(labels, n, cfg)
     if seeds is not None and (seeds.shape != (n,) or seeds.dtype.is_floating_point):
         got = f"{seeds.dtype} {tuple(seeds.shape)}"
         raise VQGenError(f"seeds must be an integer tensor of shape ({n},), got {got}")

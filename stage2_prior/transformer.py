@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from stage2_prior.sampling import PriorConfig, check_codes, drop_labels, resolve_labels
+from stage2_prior.contract import PriorConfig, check_code_shape, drop_labels, resolve_labels
+from vqgen.core.config import option
 from vqgen.core.errors import VQGenError
 
 
@@ -22,10 +23,10 @@ from vqgen.core.errors import VQGenError
 class TransformerConfig(PriorConfig):
     """Architecture of `TransformerPrior`; the shared prior fields come from `PriorConfig`."""
 
-    d_model: int = 128  # d
-    n_layers: int = 4
-    n_heads: int = 4  # nh; head dim hd = d / nh
-    mlp_ratio: int = 4
+    d_model: int = option(128, "Transformer width")  # d
+    n_layers: int = option(4, "Transformer blocks / PixelCNN gated layers")
+    n_heads: int = option(4, "attention heads (must divide --d-model)")  # nh; head dim hd = d / nh
+    mlp_ratio: int = option(4, "MLP width as a multiple of --d-model")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -130,7 +131,7 @@ class TransformerPrior(nn.Module):
     def forward(self, codes: Tensor, labels: Tensor | None = None) -> Tensor:
         """(b, h, w) codes, (b,) labels or None (null class) -> (b, h, w, k) logits, teacher-forced."""
         cfg = self.config
-        check_codes(codes, cfg)
+        check_code_shape(codes, cfg)
         labels = resolve_labels(labels, codes.shape[0], cfg, codes.device)
         if self.training:
             labels = drop_labels(labels, cfg)

@@ -1,6 +1,7 @@
 """A tiny trained run (both stages) shared by the tests that need one."""
 
 import hashlib
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -55,3 +56,11 @@ def tree_hashes(folder: Path) -> dict[str, str]:
     """sha256 of every file below `folder`: to show a failed command changed nothing."""
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def load_script(name: str):
+    """scripts/NAME.py as a module (the scripts are entry points, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -19,6 +19,7 @@ from vqgen import pipeline
 from vqgen.core.checkpoint import latest_state_dir, load_model, save_model, state_dirs
 from vqgen.core.config import config_to_dict, load_config
 from vqgen.core.errors import VQGenError
+from vqgen.core.layout import RunLayout
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT_ARGS = ["--builtin-train-size", "96", "--builtin-test-size", "40", "--batch-size", "16",
@@ -60,7 +61,7 @@ def test_sigkill_mid_training_then_resume_matches_an_uninterrupted_run(tmp_path)
     proc.wait()
     reached = last_logged_step(killed)
     assert 17 <= reached < 30, f"the run should have been killed mid-training, it reached step {reached}"
-    saved = latest_state_dir(killed / "vqvae")
+    saved = latest_state_dir(RunLayout(killed).vqvae)
     saved_step = int(saved.name.split("-")[1])
     assert reached - saved_step < 5 + 1, "more than one save interval was lost"
     resumed = run_script(killed, "--max-steps", "30", "--resume")
@@ -70,17 +71,16 @@ def test_sigkill_mid_training_then_resume_matches_an_uninterrupted_run(tmp_path)
 
 DIE_DURING_SAVE = """
 import os, runpy, signal, sys
-from pathlib import Path
 import vqgen.core.trainer
 
 real_commit = vqgen.core.trainer.commit_state_dir
 
-def die_mid_write(folder, step, keep):
+def die_mid_write(stage, step, keep):
     if step == 10:  # the state folder is being written: cut a file short, then the process is killed
-        tmp = Path(folder) / "state" / f".tmp-step-{step:08d}"
+        tmp = stage.temporary_state(step)
         (tmp / "model.safetensors").write_bytes((tmp / "model.safetensors").read_bytes()[:100])
         os.kill(os.getpid(), signal.SIGKILL)
-    return real_commit(folder, step, keep)
+    return real_commit(stage, step, keep)
 
 vqgen.core.trainer.commit_state_dir = die_mid_write
 sys.argv = sys.argv[1:]
@@ -99,7 +99,7 @@ def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert (killed / "vqvae" / "state" / ".tmp-step-00000010").is_dir()  # the half-written state is there
-    assert [step for step, _ in state_dirs(killed / "vqvae")] == [5]      # but never listed as a checkpoint
+    assert [step for step, _ in state_dirs(RunLayout(killed).vqvae)] == [5]      # but never listed as a checkpoint
     resumed = run_script(killed, "--max-steps", "15", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert same_weights(straight, killed)
@@ -113,7 +113,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
                     TINY_VQVAE, encode=False)
     good = load_file(run / "vqvae" / "model.safetensors")
     assert all(torch.isfinite(t.float()).all() for t in good.values())
-    assert latest_state_dir(run / "vqvae") is not None
+    assert latest_state_dir(RunLayout(run).vqvae) is not None
 
 
 def test_config_schema_is_enforced(tmp_path):

@@ -13,6 +13,7 @@ from stage2_prior.train import train_prior
 from vqgen.core.codes import CodesMeta, load_codes, save_codes
 from vqgen.core.config import load_config
 from vqgen.core.errors import VQGenError
+from vqgen.core.layout import RunLayout
 
 SIZES = {"transformer": TINY_TRANSFORMER, "pixelcnn": TINY_PIXELCNN}
 
@@ -37,7 +38,7 @@ def test_prior_trains_and_reports_held_out_bits(tiny_run, tmp_path, kind):
     assert metrics["bits_per_code"] < 4.0  # uniform over K=16 codes is 4 bits: it learned something
     train = [r for r in lines if r["split"] == "train"]
     assert train[-1]["loss"] < train[0]["loss"]
-    prior, source = load_prior(run / "prior")
+    prior, source = load_prior(RunLayout(run).prior)
     assert prior.config.num_classes == 6 and len(source.class_names) == 6
 
 
@@ -79,11 +80,11 @@ def test_bad_inputs(tiny_run, tmp_path):
     run = copy_stage1(tiny_run, tmp_path)
     with pytest.raises(VQGenError, match="no code grids at"):
         train_prior(tmp_path / "nothing", "transformer", tiny_train())
-    with pytest.raises(VQGenError, match="--prior must be one of"):
+    with pytest.raises(VQGenError, match="prior must be one of"):
         train_prior(run, "lstm", tiny_train())
     with pytest.raises(VQGenError, match="do not apply to the transformer prior"):
         train_prior(run, "transformer", tiny_train(), {"channels": 8})
-    with pytest.raises(VQGenError, match="--resume: no saved training state"):
+    with pytest.raises(VQGenError, match="nothing to resume: no saved training state"):
         train_prior(run, "transformer", tiny_train(), resume=True)
     (run / "codes" / "meta.json").unlink()
     with pytest.raises(VQGenError, match="has no meta.json"):
@@ -95,7 +96,7 @@ def test_labels_requested_where_there_are_none_and_empty_split(tiny_run, tmp_pat
     splits, meta = load_codes(run / "codes")
     unlabelled = {k: type(v)(codes=v.codes, labels=None) for k, v in splits.items()}
     save_codes(run / "codes", unlabelled, CodesMeta(**{**meta.__dict__, "num_classes": 0, "class_names": ()}))
-    with pytest.raises(VQGenError, match="--conditional: the codes in .* have no labels"):
+    with pytest.raises(VQGenError, match="conditional training asked for, but the codes in .* have no labels"):
         train_prior(run, "transformer", tiny_train(), labels="yes")
     save_codes(run / "codes", {"train": unlabelled["train"]}, CodesMeta(**{**meta.__dict__, "num_classes": 0, "class_names": ()}))
     with pytest.raises(VQGenError, match="no 'test' grids"):

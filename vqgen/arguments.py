@@ -1,7 +1,8 @@
-"""Command-line options generated from the config dataclasses, shared by scripts and the CLI.
+"""Command-line options generated from the config dataclasses, shared by the scripts and the CLI.
 
-Every option defaults to None so that "given on the command line" can be told apart from
-"the config's default": on --resume only the given ones are compared with the run.
+Each field carries its help (and choices, flag name, aliases) as metadata (`vqgen.core.config.option`);
+this module maps fields to `--flags`. Every option defaults to None so that "given on the command
+line" can be told apart from "the config's default": on --resume only the given ones are compared.
 """
 
 from __future__ import annotations
@@ -16,43 +17,14 @@ from typing import Any, Callable, NoReturn
 from vqgen.core.console import print_error
 from vqgen.core.errors import VQGenError
 
-HELP = {
-    # data
-    "source": "built-in dataset ('builtin'), a folder of images, a parquet/arrow folder or file, "
-              "a save_to_disk folder, or a hub name",
-    "image_column": "image column of a datasets source (found automatically)",
-    "label_column": "label column of a datasets source (found automatically; 'none' ignores labels)",
-    "image_size": "bring every image to this square size",
-    "resize_mode": "how --image-size is reached: resize | center-crop | pad",
-    "test_fraction": "fraction held out as test split when the source has none",
-    "max_images": "use at most this many images per split",
-    "seed": "random seed (training: initialisation and data order; --data-seed: built-in data and hold-out)",
-    # training
-    "batch_size": "batch size per process",
-    "learning_rate": "peak learning rate (--lr)",
-    "max_steps": "optimizer steps to train (0: use --epochs)",
-    "grad_accum_steps": "micro-batches per optimizer step",
-    "mixed_precision": "no | fp16 | bf16",
-    "eval_every": "evaluate on the test split every N steps (0: at the end)",
-    "save_every": "save weights and resumable state every N steps (0: at the end)",
-    "keep": "number of resumable states to keep",
-    "report_to": "none | tensorboard | wandb (must be installed)",
-    # vq-vae
-    "codebook_size": "number of codes K",
-    "code_dim": "dimension d of a code vector",
-    "downsample": "image size / code grid size (power of two)",
-    "beta": "commitment weight (on ||z_e - sg[e]||^2)",
-    "codebook_update": "loss (codebook term) | ema (moving averages)",
-    "restart_after": "restart codes unused for this many steps (0: never)",
-    "kmeans_init": "initialise the codebook by k-means on the first batch",
-}
-ALIASES = {"learning_rate": ["--lr"], "source": ["--data"]}
-# fields whose option name would clash with another config's: (config class, field) -> option dest
-RENAMES = {("DataConfig", "seed"): "data_seed"}
+
+def flag(f: dataclasses.Field) -> str:
+    """The option name of a config field, without dashes: `learning_rate` -> `learning-rate`."""
+    return f.metadata.get("flag") or f.name.replace("_", "-")
 
 
-def _dest(cls: type, name: str) -> str:
-    return RENAMES.get((cls.__name__, name), name)
+def _dest(f: dataclasses.Field) -> str:
+    return flag(f).replace("-", "_")
 
 
 def exit_code(command: Callable[[], object]) -> int:
@@ -96,19 +68,21 @@ def add_config_options(parser: argparse.ArgumentParser | Any, cls: type, skip: t
         if f.name in skip:
             continue
         tp = _base_type(hints[f.name])
-        dest = _dest(cls, f.name)
-        names = ALIASES.get(f.name, []) + [f"--{dest.replace('_', '-')}"]
+        names = list(f.metadata.get("aliases", ())) + [f"--{flag(f)}"]
         default = f.default if f.default is not dataclasses.MISSING else None
         default = (defaults or {}).get(f.name, default)
-        help_text = f"{HELP.get(f.name, f.name.replace('_', ' '))} (default: {default})"
+        choices = f.metadata.get("choices")
+        help_text = f.metadata.get("help") or f.name.replace("_", " ")
+        help_text += f" ({' | '.join(choices)}; default: {default})" if choices else f" (default: {default})"
         if tp is bool:
-            group.add_argument(*names, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            group.add_argument(*names, dest=_dest(f), action=argparse.BooleanOptionalAction, default=None,
+                               help=help_text)
         elif tp in (int, float, str):
-            group.add_argument(*names, dest=dest, type=tp, default=None, metavar=tp.__name__.upper(), help=help_text)
+            group.add_argument(*names, dest=_dest(f), type=tp, default=None, choices=choices,
+                               metavar=tp.__name__.upper(), help=help_text)
 
 
 def given_options(args: argparse.Namespace, cls: type, skip: tuple[str, ...] = ()) -> dict[str, Any]:
     """The fields of `cls` that were given on the command line."""
-    return {f.name: getattr(args, _dest(cls, f.name)) for f in dataclasses.fields(cls)
-            if f.name not in skip and getattr(args, _dest(cls, f.name), None) is not None}
-
+    return {f.name: getattr(args, _dest(f)) for f in dataclasses.fields(cls)
+            if f.name not in skip and getattr(args, _dest(f), None) is not None}

@@ -16,25 +16,32 @@ import torch
 from accelerate import Accelerator
 from torch import Tensor
 
-from stage1_vqvae.model import VQVAE, VQVAEConfig
-from stage1_vqvae.train import DATA_CONFIG, VQVAE_DIR, reconstruction_errors
+from stage1_vqvae.model import VQVAE, VQVAEConfig, reconstruction_errors
+from stage2_prior.contract import grid_nll
 from stage2_prior.registry import PriorSource, load_prior
 from stage2_prior.sampling import sample_codes
-from stage2_prior.train import PRIOR_DIR, grid_nll
 from vqgen.core.checkpoint import load_model, weights_fingerprint
 from vqgen.core.codes import load_codes
 from vqgen.core.config import load_config
-from vqgen.core.data.images import DataConfig, ImageData, load_image_data, to_model_range, to_uint8
+from vqgen.core.data.config import DataConfig
+from vqgen.core.data.images import ImageData, load_image_data, to_model_range, to_uint8
 from vqgen.core.errors import VQGenError
+from vqgen.core.layout import RunLayout
 from vqgen.core.metrics import bits, code_usage, psnr
 
 
 @dataclass
 class Run:
-    path: Path
+    """A loaded run: its layout, its VQ-VAE and (when trained) its prior with the record of its codes."""
+
+    layout: RunLayout
     vqvae: VQVAE
     prior: torch.nn.Module | None
     source: PriorSource | None
+
+    @property
+    def path(self) -> Path:
+        return self.layout.root
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -44,7 +51,7 @@ class Run:
         """Class names or integer ids -> (n,) int64 ids, refusing unknown ones."""
         names = self.class_names
         if not names:
-            raise VQGenError(f"--label given but the prior in {self.path / PRIOR_DIR} is unconditional")
+            raise VQGenError(f"labels given but the prior in {self.layout.prior.path} is unconditional")
         ids = []
         for label in labels:
             if label in names:
@@ -57,27 +64,27 @@ class Run:
 
 
 def load_run(path: str | Path, need_prior: bool = True, allow_vqvae_mismatch: bool = False) -> Run:
-    """Load `path/vqvae` and (if present or needed) `path/prior`, checking they belong together."""
-    path = Path(path)
-    if not path.is_dir():
-        raise VQGenError(f"run not found: {path}")
-    if not (path / VQVAE_DIR / "model.safetensors").is_file():
-        raise VQGenError(f"{path} has no trained VQ-VAE (run `python scripts/train_vqvae.py --run {path}`)")
-    vqvae = load_model(VQVAE, VQVAEConfig, path / VQVAE_DIR).eval()
+    """Load the run's VQ-VAE and (if trained or needed) its prior, checking they belong together."""
+    layout = RunLayout(path)
+    if not layout.root.is_dir():
+        raise VQGenError(f"run not found: {layout.root}")
+    if not layout.vqvae.trained:
+        raise VQGenError(f"{layout.root} has no trained VQ-VAE (run `python scripts/train_vqvae.py --run {layout.root}`)")
+    vqvae = load_model(VQVAE, VQVAEConfig, layout.vqvae.path).eval()
     prior, source = None, None
-    if need_prior or (path / PRIOR_DIR / "model.safetensors").is_file():
-        prior, source = load_prior(path / PRIOR_DIR)
-        own = weights_fingerprint(path / VQVAE_DIR)
+    if need_prior or layout.prior.trained:
+        prior, source = load_prior(layout.prior)
+        own = weights_fingerprint(layout.vqvae.path)
         if source.vqvae_fingerprint != own and not allow_vqvae_mismatch:
             raise VQGenError(
-                f"the prior in {path / PRIOR_DIR} was trained on codes of VQ-VAE {source.vqvae_fingerprint}, but "
-                f"{path / VQVAE_DIR} holds VQ-VAE {own} (retrain the prior, or pass --allow-vqvae-mismatch)"
+                f"the prior in {layout.prior.path} was trained on codes of VQ-VAE {source.vqvae_fingerprint}, but "
+                f"{layout.vqvae.path} holds VQ-VAE {own} (retrain the prior, or pass --allow-vqvae-mismatch)"
             )
         pc, vc = prior.config, vqvae.config
         if (pc.codebook_size, (pc.grid_height, pc.grid_width)) != (vc.codebook_size, vc.grid_shape):
             raise VQGenError(f"prior expects K={pc.codebook_size} on a {pc.grid_height}x{pc.grid_width} grid, the "
                              f"VQ-VAE gives K={vc.codebook_size} on {vc.grid_shape[0]}x{vc.grid_shape[1]}")
-    return run_on_device(Run(path, vqvae, prior, source))
+    return run_on_device(Run(layout, vqvae, prior, source))
 
 
 def run_on_device(run: Run, device: torch.device | str = "cpu") -> Run:
@@ -102,7 +109,7 @@ def decode_codes(run: Run, codes: Tensor, batch_size: int = 256) -> Tensor:
 def choose_labels(run: Run, names: list[str] | None, n: int, unconditional: bool = False) -> Tensor | None:
     """The n labels to sample with: the named ones, else (conditional prior) every class in turn."""
     if names and unconditional:
-        raise VQGenError("--label and --unconditional exclude each other")
+        raise VQGenError("labels and unconditional sampling exclude each other")
     if names:
         return expand_labels(run.label_ids(names), n)
     classes = run.prior.config.num_classes
@@ -118,7 +125,7 @@ def expand_labels(labels: Tensor | None, n: int) -> Tensor | None:
     if len(labels) == 1:
         return labels.expand(n).clone()
     if len(labels) != n:
-        raise VQGenError(f"got {len(labels)} labels for --n {n}: give one label or n of them")
+        raise VQGenError(f"got {len(labels)} labels for {n} samples: give one label or n of them")
     return labels
 
 
@@ -134,9 +141,9 @@ def sample(
 ) -> tuple[Tensor, Tensor]:
     """n samples -> ((n, h, w) codes, (n, c, H, W) uint8 images), split across processes, identical on all."""
     if n < 1:
-        raise VQGenError(f"--n must be >= 1, got {n}")
+        raise VQGenError(f"the number of samples must be >= 1, got {n}")
     if batch_size < 1:
-        raise VQGenError(f"--batch-size must be >= 1, got {batch_size}")
+        raise VQGenError(f"batch_size must be >= 1, got {batch_size}")
     labels = expand_labels(labels, n)
     seeds = seed * 1_000_003 + torch.arange(n, dtype=torch.long)
     shares = torch.arange(n).tensor_split(accelerator.num_processes)
@@ -173,21 +180,23 @@ def _gather_shares(accelerator: Accelerator, *parts: Tensor, sizes: list[int]) -
 
 def run_data(run: Run, override: DataConfig | None = None) -> ImageData:
     """The dataset the run was trained on (or `override`)."""
-    if override is not None:
-        return load_image_data(override)
-    return load_image_data(load_config(DataConfig, run.path / VQVAE_DIR / DATA_CONFIG))
+    return load_image_data(override or load_config(DataConfig, run.layout.vqvae.data_config))
 
 
 @torch.no_grad()
-def reconstruct(run: Run, images: Tensor, batch_size: int = 256) -> tuple[Tensor, Tensor]:
-    """(n, c, H, W) uint8 -> (reconstructions uint8, per-image MSE on [0, 1] pixels)."""
-    recons, errors = [], []
+def reconstruct(run: Run, images: Tensor, batch_size: int = 256) -> tuple[Tensor, Tensor, Tensor]:
+    """(n, c, H, W) uint8 -> reconstructions uint8, per-image MSE on [0, 1] pixels (n,), codes (n, h, w).
+
+    One encoder and one decoder pass per image: the same forward pass that stage 1 evaluates with.
+    """
+    recons, errors, codes = [], [], []
+    device = next(run.vqvae.parameters()).device
     for chunk in images.split(batch_size):
-        x = to_model_range(chunk)
-        mse, indices = reconstruction_errors(run.vqvae, x)
-        recons.append(to_uint8(run.vqvae.decode(indices).float()))
-        errors.append(mse)
-    return torch.cat(recons), torch.cat(errors)
+        mse, recon, indices = reconstruction_errors(run.vqvae, to_model_range(chunk).to(device))
+        recons.append(to_uint8(recon.cpu()))
+        errors.append(mse.cpu())
+        codes.append(indices.cpu())
+    return torch.cat(recons), torch.cat(errors), torch.cat(codes)
 
 
 def complete(run: Run, codes: Tensor, keep_rows: int, labels: Tensor | None, seed: int = 0,
@@ -195,7 +204,7 @@ def complete(run: Run, codes: Tensor, keep_rows: int, labels: Tensor | None, see
     """Keep the first `keep_rows` rows of each (n, h, w) grid and sample the rest -> (codes, images)."""
     h, w = codes.shape[1:]
     if not 0 <= keep_rows <= h:
-        raise VQGenError(f"--keep-rows must be in [0, {h}] for a {h}x{w} grid, got {keep_rows}")
+        raise VQGenError(f"keep_rows must be in [0, {h}] for a {h}x{w} grid, got {keep_rows}")
     seeds = seed * 1_000_003 + torch.arange(len(codes), dtype=torch.long)
     out = sample_codes(run.prior, len(codes), labels=labels, seeds=seeds, prefix=codes,
                        prefix_len=keep_rows * w, **sampling)
@@ -206,13 +215,12 @@ def complete(run: Run, codes: Tensor, keep_rows: int, labels: Tensor | None, see
 def evaluate(run: Run, data: ImageData | None = None, batch_size: int = 256) -> dict[str, float]:
     """Test metrics of both stages: reconstruction MSE/PSNR and code usage; the prior's bits per code."""
     data = data or run_data(run)
-    _, errors = reconstruct(run, data.test.images, batch_size)
-    codes = torch.cat([run.vqvae.encode(to_model_range(c)) for c in data.test.images.split(batch_size)])
+    _, errors, codes = reconstruct(run, data.test.images, batch_size)
     counts = torch.bincount(codes.flatten(), minlength=run.vqvae.config.codebook_size)
     mse = errors.mean().item()
     metrics = {"mse": mse, "psnr": psnr(mse), **code_usage(counts)}
     if run.prior is not None:
-        splits, _ = load_codes(run.path / "codes")
+        splits, _ = load_codes(run.layout.codes)
         test = splits["test"]
         conditional = run.prior.config.num_classes > 0
         nll = []

@@ -1,18 +1,13 @@
-"""Weights on disk: safetensors + config.json, written atomically; training-state folders.
+"""Weights on disk: safetensors + config.json, written atomically; a stage's training-state folders.
 
-Layout of a stage folder (`runs/NAME/vqvae`, `runs/NAME/prior`):
-
-    config.json          the model config (vqgen.core.config format)
-    model.safetensors    the weights, with the fingerprint in its metadata
-    train_config.json    the training options of the latest run
-    state/step-000400/   accelerate save_state output + progress.json, the last --keep of them
+File names come from `vqgen.core.layout`; a model folder holds `config.json` (vqgen.core.config
+format) and `model.safetensors` (with the weights' fingerprint in its metadata).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -25,11 +20,7 @@ from torch import nn
 
 from vqgen.core.config import load_config, save_config
 from vqgen.core.errors import VQGenError
-
-WEIGHTS = "model.safetensors"
-CONFIG = "config.json"
-STATE_DIR = "state"
-_STEP_DIR = re.compile(r"^step-(\d+)$")
+from vqgen.core.layout import CONFIG, PROGRESS, WEIGHTS, StageDir
 
 T = TypeVar("T")
 
@@ -110,33 +101,26 @@ def weights_fingerprint(folder: str | os.PathLike) -> str:
 # --- training-state folders ----------------------------------------------------------
 
 
-def state_dirs(folder: str | os.PathLike) -> list[tuple[int, Path]]:
-    """Completed state folders under `folder/state`, oldest first (temporary ones are ignored)."""
-    root = Path(folder) / STATE_DIR
-    if not root.is_dir():
+def state_dirs(stage: StageDir) -> list[tuple[int, Path]]:
+    """Completed state folders of a stage, oldest first (temporary ones are ignored)."""
+    if not stage.states.is_dir():
         return []
     found = []
-    for p in root.iterdir():
-        m = _STEP_DIR.match(p.name)
-        if m and p.is_dir() and (p / "progress.json").is_file():
-            found.append((int(m.group(1)), p))
+    for p in stage.states.iterdir():
+        step = stage.state_step(p)
+        if step is not None and p.is_dir() and (p / PROGRESS).is_file():
+            found.append((step, p))
     return sorted(found)
 
 
-def latest_state_dir(folder: str | os.PathLike) -> Path | None:
-    dirs = state_dirs(folder)
+def latest_state_dir(stage: StageDir) -> Path | None:
+    dirs = state_dirs(stage)
     return dirs[-1][1] if dirs else None
 
 
-def temporary_state_dir(folder: str | os.PathLike, step: int) -> Path:
-    """Where a state is written before `commit_state_dir` renames it into place."""
-    return Path(folder) / STATE_DIR / f".tmp-step-{step:08d}"
-
-
-def commit_state_dir(folder: str | os.PathLike, step: int, keep: int) -> Path:
+def commit_state_dir(stage: StageDir, step: int, keep: int) -> Path:
     """Rename a fully written temporary state into place, then prune to the newest `keep`."""
-    tmp = temporary_state_dir(folder, step)
-    final = Path(folder) / STATE_DIR / f"step-{step:08d}"
+    tmp, final = stage.temporary_state(step), stage.state(step)
     if final.exists():  # the same step saved twice (resume then immediate save): replace it
         old = final.with_name(f".old-{final.name}")
         shutil.rmtree(old, ignore_errors=True)
@@ -145,13 +129,12 @@ def commit_state_dir(folder: str | os.PathLike, step: int, keep: int) -> Path:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
-    for _, path in state_dirs(folder)[:-keep] if keep > 0 else []:
+    for _, path in state_dirs(stage)[:-keep] if keep > 0 else []:
         shutil.rmtree(path, ignore_errors=True)
-    for leftover in (Path(folder) / STATE_DIR).glob(".tmp-step-*"):  # from a crash mid-write
+    for leftover in stage.states.glob(".tmp-step-*"):  # from a crash mid-write
         if leftover != tmp:
             shutil.rmtree(leftover, ignore_errors=True)
     return final
-
 
 
 def ensure_writable(folder: str | os.PathLike) -> None:
@@ -168,19 +151,18 @@ def ensure_writable(folder: str | os.PathLike) -> None:
         raise VQGenError(f"cannot write to {folder}: {err.strerror or err}") from None
 
 
-def check_stage_dir(folder: str | os.PathLike, what: str, resume: bool, overwrite: bool) -> None:
-    """A fresh run never silently replaces trained weights; --resume needs a saved state."""
-    folder = Path(folder)
-    ensure_writable(folder)
+def check_stage_dir(stage: StageDir, what: str, resume: bool, overwrite: bool) -> None:
+    """A fresh run never silently replaces trained weights; resuming needs a saved state."""
+    ensure_writable(stage.path)
     if resume:
-        if latest_state_dir(folder) is None:
-            raise VQGenError(f"--resume: no saved training state under {folder / STATE_DIR} "
+        if latest_state_dir(stage) is None:
+            raise VQGenError(f"nothing to resume: no saved training state under {stage.states} "
                              "(train without --resume first)")
-    elif (folder / WEIGHTS).exists() and not overwrite:
-        raise VQGenError(f"{folder} already holds a trained {what}: pass --resume to continue it "
+    elif stage.trained and not overwrite:
+        raise VQGenError(f"{stage.path} already holds a trained {what}: pass --resume to continue it "
                          "or --overwrite to start again")
 
 
-def clear_stage_dir(folder: str | os.PathLike) -> None:
-    """--overwrite: remove what an earlier run left (called once everything is validated)."""
-    shutil.rmtree(folder, ignore_errors=True)
+def clear_stage_dir(stage: StageDir) -> None:
+    """Overwriting: remove what an earlier run left (called once everything is validated)."""
+    shutil.rmtree(stage.path, ignore_errors=True)

@@ -19,8 +19,8 @@ from torch import Tensor
 
 from vqgen.core.config import load_config, save_config
 from vqgen.core.errors import VQGenError
+from vqgen.core.layout import CODES_META as META
 
-META = "meta.json"
 
 
 @dataclass(frozen=True)

@@ -104,5 +104,5 @@ def resumed_config(cls: type[T], path: str | os.PathLike, given: dict[str, Any],
     if strict:
         conflicts = [f"{k}={v!r} (run has {getattr(saved, k)!r})" for k, v in given.items() if getattr(saved, k) != v]
         if conflicts:
-            raise VQGenError(f"--resume with different {what} than {path}: {', '.join(conflicts)}")
+            raise VQGenError(f"cannot resume with different {what} than {path}: {', '.join(conflicts)}")
     return dataclasses.replace(saved, **given)

@@ -109,6 +109,10 @@ class RunLayout:
         return self.root / "codes"
 
     @property
+    def codes_meta(self) -> Path:
+        return self.codes / CODES_META
+
+    @property
     def samples(self) -> Path:
         return self.root / "samples"
 

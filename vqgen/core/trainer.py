@@ -1,6 +1,6 @@
 """The one training loop both stages share: Accelerate, accumulation, resume, eval, export.
 
-A stage hands `fit` a `Stage` (how to compute a loss, evaluate, export) and a model,
+A stage hands `fit` a `Stage` (its model config, how to compute a loss, evaluate) and a model,
 optimizer and loader; `fit` owns everything else: prepare, mixed precision, gradient
 accumulation and clipping, the learning-rate schedule, the progress bar, the JSONL log
 and trackers, periodic evaluation, atomic checkpoints and exact resume.
@@ -12,8 +12,7 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from accelerate import Accelerator
@@ -21,47 +20,50 @@ from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 from rich.console import Console
 from torch import Tensor, nn
 
-from vqgen.core.checkpoint import commit_state_dir, latest_state_dir, temporary_state_dir
-from vqgen.core.config import save_config, write_json_atomic
+from vqgen.core.checkpoint import commit_state_dir, latest_state_dir, save_model
+from vqgen.core.config import option, save_config, write_json_atomic
 from vqgen.core.console import make_console, make_progress
 from vqgen.core.errors import VQGenError
+from vqgen.core.layout import PROGRESS, StageDir
 from vqgen.core.metrics import JsonlLog
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
-TRAIN_CONFIG = "train_config.json"
 LR_SCHEDULES = ("cosine", "constant")
 TRACKERS = ("none", "tensorboard", "wandb")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    batch_size: int = 128           # per process
-    learning_rate: float = 3e-4
-    weight_decay: float = 0.0
-    max_steps: int = 0              # optimizer steps; 0 = use epochs
-    epochs: int = 10
-    grad_accum_steps: int = 1
-    warmup_steps: int = 100
-    lr_schedule: str = "cosine"     # cosine decays to min_lr_ratio * learning_rate
-    min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0          # 0 = no clipping
-    mixed_precision: str = "no"
-    seed: int = 0
-    log_every: int = 50
-    eval_every: int = 1000          # 0 = only at the end
-    save_every: int = 1000          # 0 = only at the end
-    keep: int = 2                   # training states kept for --resume
-    report_to: str = "none"
+    """How a stage trains: batch, optimizer, schedule, precision, logging and checkpoints."""
+
+    batch_size: int = option(128, "batch size per process")
+    learning_rate: float = option(3e-4, "peak learning rate", aliases=("--lr",))
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    max_steps: int = option(0, "optimizer steps to train (0: use --epochs)")
+    epochs: int = option(10, "passes over the training data when --max-steps is 0")
+    grad_accum_steps: int = option(1, "micro-batches per optimizer step")
+    warmup_steps: int = option(100, "steps of linear learning-rate warm-up")
+    lr_schedule: str = option("cosine", "learning rate after warm-up: cosine decays to --min-lr-ratio of the peak",
+                              choices=LR_SCHEDULES)
+    min_lr_ratio: float = option(0.1, "final learning rate of the cosine schedule, as a fraction of the peak")
+    grad_clip: float = option(1.0, "clip the gradient norm to this (0: no clipping)")
+    mixed_precision: str = option("no", "autocast precision (the quantizer stays fp32)", choices=MIXED_PRECISION)
+    seed: int = option(0, "seed of initialisation, data order and dropout")
+    log_every: int = option(50, "log training metrics every N steps")
+    eval_every: int = option(1000, "evaluate on the test split every N steps (0: at the end only)")
+    save_every: int = option(1000, "save weights and a resumable state every N steps (0: at the end only)")
+    keep: int = option(2, "resumable training states kept")
+    report_to: str = option("none", "also log to this tracker (its package must be installed)", choices=TRACKERS)
 
     def __post_init__(self):
         for name in ("batch_size", "grad_accum_steps", "epochs", "log_every"):
             if getattr(self, name) < 1:
-                raise VQGenError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+                raise VQGenError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("max_steps", "warmup_steps", "eval_every", "save_every", "weight_decay", "grad_clip"):
             if getattr(self, name) < 0:
-                raise VQGenError(f"{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+                raise VQGenError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
-            raise VQGenError(f"learning rate must be a positive number, got {self.learning_rate}")
+            raise VQGenError(f"learning_rate must be a positive number, got {self.learning_rate}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise VQGenError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.keep < 1:
@@ -69,7 +71,7 @@ class TrainConfig:
         for name, allowed in (("mixed_precision", MIXED_PRECISION), ("lr_schedule", LR_SCHEDULES),
                               ("report_to", TRACKERS)):
             if getattr(self, name) not in allowed:
-                raise VQGenError(f"{name.replace('_', '-')} must be one of {allowed}, got {getattr(self, name)!r}")
+                raise VQGenError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
 
 
 def learning_rate_at(cfg: TrainConfig, step: int, total_steps: int) -> float:
@@ -83,20 +85,20 @@ def learning_rate_at(cfg: TrainConfig, step: int, total_steps: int) -> float:
     return cfg.learning_rate * ratio
 
 
-def make_accelerator(cfg: TrainConfig, project_dir: str | Path) -> Accelerator:
+def make_accelerator(cfg: TrainConfig, stage_dir: StageDir) -> Accelerator:
     """The Accelerator both stages train with: seedable sampler so a resumed epoch replays its order."""
     log_with = None
     if cfg.report_to != "none":
         import importlib.util
 
         if importlib.util.find_spec(cfg.report_to) is None:
-            raise VQGenError(f"--report-to {cfg.report_to} needs the package {cfg.report_to!r}: pip install {cfg.report_to}")
+            raise VQGenError(f"report_to={cfg.report_to!r} needs the package {cfg.report_to!r}: pip install {cfg.report_to}")
         log_with = cfg.report_to
     return Accelerator(
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.grad_accum_steps,
         log_with=log_with,
-        project_config=ProjectConfiguration(project_dir=str(project_dir), logging_dir=str(Path(project_dir) / "logs")),
+        project_config=ProjectConfiguration(project_dir=str(stage_dir.path), logging_dir=str(stage_dir.logs)),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
         step_scheduler_with_optimizer=False,
     )
@@ -106,18 +108,16 @@ class Stage(Protocol):
     """What a stage tells the loop."""
 
     name: str
+    config: Any  # the model config, saved beside the weights
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        """Loss of one micro-batch and detached scalars to log."""
+        """Loss of one micro-batch and detached scalar tensors to log (left on the device)."""
 
     def window_metrics(self) -> dict[str, float]:
         """Metrics over the steps since the last call (e.g. codebook usage); may be empty."""
 
     def evaluate(self, model: nn.Module, step: int) -> dict[str, float]:
         """Test metrics; runs on every process, gathers across them."""
-
-    def export(self, model: nn.Module) -> None:
-        """Write the weights and config (called on the main process with the unwrapped model)."""
 
 
 @dataclass
@@ -127,6 +127,53 @@ class Progress:
     batch_in_epoch: int = 0   # micro-batches of the current epoch already consumed
 
 
+class _Window:
+    """Sums of the logged scalars and the first non-finite loss since the last logging step, kept on
+    the device: nothing here waits for the device until `read` at a logging, eval or save step."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, Tensor] = {}
+        self.micro_batches = 0
+        self.first_bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
+        self.bad_value = torch.zeros((), device=self.device)
+        self.started = time.perf_counter()
+
+    def add(self, step: int, loss: Tensor, logs: dict[str, Tensor]) -> None:
+        for k, v in logs.items():
+            v = v.detach().float()
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+        self.micro_batches += 1
+        bad = ~torch.isfinite(loss.detach()).all() & (self.first_bad_step < 0)
+        self.first_bad_step = torch.where(bad, step, self.first_bad_step)
+        self.bad_value = torch.where(bad, loss.detach().float(), self.bad_value)
+
+    def check_finite(self, accelerator: Accelerator, stage_dir: StageDir) -> None:
+        """One sync: stop if any process saw a non-finite loss since the last check."""
+        first = self.first_bad_step.clone()
+        if accelerator.num_processes > 1:
+            first = accelerator.reduce(torch.where(first < 0, torch.iinfo(torch.long).max, first), "min")
+            first = torch.where(first == torch.iinfo(torch.long).max, -1, first)
+        step = int(first)
+        if step >= 0:
+            last = latest_state_dir(stage_dir)
+            kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+            raise VQGenError(
+                f"loss became {float(self.bad_value)} at step {step + 1}; training stopped and {kept} "
+                "(lower the learning rate or train without mixed precision, then resume)"
+            )
+
+    def means(self, accelerator: Accelerator) -> dict[str, float]:
+        keys = list(self.sums)
+        if not keys:
+            return {}
+        means = torch.stack([self.sums[k] for k in keys]) / max(1, self.micro_batches)
+        return dict(zip(keys, accelerator.reduce(means, "mean").tolist()))
+
+
 def fit(
     accelerator: Accelerator,
     cfg: TrainConfig,
@@ -134,26 +181,27 @@ def fit(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     train_loader: torch.utils.data.DataLoader,
-    out_dir: str | Path,
+    stage_dir: StageDir,
     resume: bool = False,
     console: Console | None = None,
 ) -> dict[str, float]:
-    """Train until `max_steps` (or `epochs`); return the last evaluation's metrics."""
-    out_dir = Path(out_dir)
+    """Train until `max_steps` (or `epochs`); return the last evaluation's metrics.
+
+    The device is synchronised only at logging, evaluation and save steps.
+    """
     console = console or make_console(accelerator.is_main_process)
-    log = JsonlLog(out_dir / "metrics.jsonl", enabled=accelerator.is_main_process)
+    log = JsonlLog(stage_dir.metrics, enabled=accelerator.is_main_process)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     steps_per_epoch = max(1, len(train_loader) // cfg.grad_accum_steps)
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
-    progress = _resume(accelerator, out_dir, console) if resume else Progress()
+    progress = _resume(accelerator, stage_dir, console) if resume else Progress()
     if accelerator.is_main_process:
-        save_config(cfg, out_dir / TRAIN_CONFIG)
+        save_config(cfg, stage_dir.train_config)
     if cfg.report_to != "none":
         accelerator.init_trackers(f"vqgen-{stage.name}", config=asdict(cfg))
 
     metrics: dict[str, float] = {}
-    sums: dict[str, float] = {}
-    n_logged, t_window = 0, time.perf_counter()
+    window = _Window(accelerator.device)
     with make_progress(console, stage.name) as bar:
         task = bar.add_task(stage.name, total=total, completed=progress.step, metrics="")
         while progress.step < total:
@@ -165,7 +213,7 @@ def fit(
             for batch in loader:
                 with accelerator.accumulate(model):
                     loss, logs = stage.loss(model, batch)
-                    _check_finite(accelerator, loss, progress.step, out_dir)
+                    window.add(progress.step, loss, logs)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         if cfg.grad_clip:
@@ -176,32 +224,33 @@ def fit(
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 progress.batch_in_epoch += 1
-                for k, v in logs.items():
-                    sums[k] = sums.get(k, 0.0) + float(v)
-                n_logged += 1
                 if not accelerator.sync_gradients:
                     continue
                 progress.step += 1
                 step = progress.step
-                if step % cfg.log_every == 0 or step == total:
-                    elapsed = time.perf_counter() - t_window
-                    keys = list(sums)
-                    means = torch.tensor([sums[k] / n_logged for k in keys], device=accelerator.device)
-                    record = dict(zip(keys, accelerator.reduce(means, "mean").tolist()))
+                log_now = step % cfg.log_every == 0 or step == total
+                eval_now = (cfg.eval_every and step % cfg.eval_every == 0) or step == total
+                save_now = (cfg.save_every and step % cfg.save_every == 0) or step == total
+                if log_now or eval_now or save_now:
+                    window.check_finite(accelerator, stage_dir)
+                if log_now:
+                    elapsed = time.perf_counter() - window.started
+                    record = window.means(accelerator)
                     record.update(stage.window_metrics())
                     record["lr"] = optimizer.param_groups[0]["lr"]
-                    record["samples_per_s"] = n_logged * cfg.batch_size * accelerator.num_processes / max(elapsed, 1e-9)
+                    record["samples_per_s"] = (window.micro_batches * cfg.batch_size * accelerator.num_processes
+                                               / max(elapsed, 1e-9))
                     _emit(accelerator, log, "train", step, record)
                     bar.update(task, metrics=_short(record))
-                    sums, n_logged, t_window = {}, 0, time.perf_counter()
-                if (cfg.eval_every and step % cfg.eval_every == 0) or step == total:
+                    window.reset()
+                if eval_now:
                     metrics = stage.evaluate(model, step)
                     _emit(accelerator, log, "test", step, metrics)
                     console.print(f"[bold]{stage.name}[/] step {step}: " + _short(metrics))
                     model.train()
-                    t_window = time.perf_counter()
-                if (cfg.save_every and step % cfg.save_every == 0) or step == total:
-                    _save(accelerator, stage, model, progress, out_dir, cfg.keep)
+                    window.started = time.perf_counter()
+                if save_now:
+                    _save(accelerator, stage, model, progress, stage_dir, cfg.keep)
                 bar.update(task, completed=step)
                 if step >= total:
                     break
@@ -211,19 +260,6 @@ def fit(
     for tracker in accelerator.trackers:  # not end_training(): that also ends the process group,
         tracker.finish()                   # and stage 1 still encodes the dataset across processes
     return metrics
-
-
-def _check_finite(accelerator: Accelerator, loss: Tensor, step: int, out_dir: Path) -> None:
-    bad = torch.tensor(0.0 if torch.isfinite(loss.detach()).all() else 1.0, device=accelerator.device)
-    if accelerator.num_processes > 1:
-        bad = accelerator.reduce(bad, "sum")
-    if bad.item():
-        last = latest_state_dir(out_dir)
-        kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
-        raise VQGenError(
-            f"loss became {loss.item()} at step {step + 1}; training stopped and {kept} "
-            "(lower --lr or use --mixed-precision no, then --resume)"
-        )
 
 
 def _emit(accelerator: Accelerator, log: JsonlLog, split: str, step: int, record: dict[str, float]) -> None:
@@ -237,25 +273,27 @@ def _short(record: dict[str, float]) -> str:
     return "  ".join(f"{k} {v:.4g}" for k, v in record.items() if k not in skip)
 
 
-def _save(accelerator: Accelerator, stage: Stage, model: nn.Module, progress: Progress, out_dir: Path, keep: int) -> None:
+def _save(accelerator: Accelerator, stage: Stage, model: nn.Module, progress: Progress, stage_dir: StageDir,
+          keep: int) -> None:
     """Export the weights, then write the full state to a temporary folder and rename it into place."""
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        stage.export(accelerator.unwrap_model(model))
-    tmp = temporary_state_dir(out_dir, progress.step)
+        save_model(accelerator.unwrap_model(model), stage.config, stage_dir.path)
+    tmp = stage_dir.temporary_state(progress.step)
     accelerator.save_state(str(tmp), safe_serialization=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        write_json_atomic(asdict(progress), tmp / "progress.json")
-        commit_state_dir(out_dir, progress.step, keep)
+        write_json_atomic(asdict(progress), tmp / PROGRESS)
+        commit_state_dir(stage_dir, progress.step, keep)
     accelerator.wait_for_everyone()
 
 
-def _resume(accelerator: Accelerator, out_dir: Path, console: Console) -> Progress:
-    state = latest_state_dir(out_dir)
+def _resume(accelerator: Accelerator, stage_dir: StageDir, console: Console) -> Progress:
+    state = latest_state_dir(stage_dir)
     if state is None:
-        raise VQGenError(f"--resume: no saved training state under {out_dir / 'state'} (train without --resume first)")
+        raise VQGenError(f"nothing to resume: no saved training state under {stage_dir.states} "
+                         "(train without --resume first)")
     accelerator.load_state(str(state))
-    progress = Progress(**json.loads((state / "progress.json").read_text()))
+    progress = Progress(**json.loads((state / PROGRESS).read_text()))
     console.print(f"resumed from {state} (step {progress.step}, epoch {progress.epoch})")
     return progress

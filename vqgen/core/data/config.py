@@ -12,6 +12,7 @@ BUILTIN = "builtin"
 NO_LABELS = "none"  # label_column value that ignores the source's labels
 RESIZE_MODES = ("resize", "center-crop", "pad")
 
+
 @dataclass(frozen=True)
 class DataConfig:
     """Where the images come from and how they are brought to one size.
@@ -21,16 +22,19 @@ class DataConfig:
     Columns are found automatically when None; label_column="none" ignores labels.
     """
 
-    source: str = BUILTIN
-    image_column: str | None = None
-    label_column: str | None = None
-    image_size: int | None = None  # every image brought to image_size x image_size when set
-    resize_mode: str = "resize"  # "resize" (stretch), "center-crop" or "pad" (zeros, never shrinks)
-    test_fraction: float = 0.1  # held out, from seed, when the source has no test split
-    seed: int = 0  # built-in images and the held-out test split
-    builtin_train_size: int = 10000
-    builtin_test_size: int = 2000
-    max_images: int | None = None  # keep the first N of each split (quick runs)
+    source: str = option(BUILTIN, "'builtin' (generated shapes), a folder of images, a parquet/arrow file or "
+                                  "folder, a save_to_disk folder, or a hub name (owner/name)", aliases=("--data",))
+    image_column: str | None = option(None, "image column of a datasets source (found automatically)")
+    label_column: str | None = option(None, "label column of a datasets source (found automatically; "
+                                            "'none' ignores labels)")
+    image_size: int | None = option(None, "bring every image to image-size x image-size (needed for mixed sizes)")
+    resize_mode: str = option("resize", "how --image-size is reached: stretch, resize the shorter side and crop, "
+                                        "or pad with zeros (never shrinks)", choices=RESIZE_MODES)
+    test_fraction: float = option(0.1, "share of train held out as the test split when the source has none")
+    seed: int = option(0, "seed of the built-in images and of the held-out test split", flag="data-seed")
+    builtin_train_size: int = option(10000, "training images of the built-in shapes")
+    builtin_test_size: int = option(2000, "test images of the built-in shapes")
+    max_images: int | None = option(None, "use at most this many images of each split (quick runs)")
 
     def __post_init__(self):
         if not isinstance(self.source, str) or not self.source.strip():

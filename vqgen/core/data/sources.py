@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from vqgen.core.data.config import DataConfig
+from vqgen.core.data.config import NO_LABELS, DataConfig
 from vqgen.core.errors import VQGenError, one_line
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"})

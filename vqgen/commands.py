@@ -1,0 +1,176 @@
+"""The work behind each `vqgen` command: load the run, call the pipeline, write the files.
+
+`vqgen.cli` parses the arguments and imports this module only then, so `vqgen --help` never
+imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from rich.table import Table
+from safetensors.torch import save_file
+
+from stage1_vqvae.encode import encode_splits
+from vqgen import pipeline
+from vqgen.arguments import given_options
+from vqgen.core.checkpoint import ensure_writable
+from vqgen.core.codes import load_codes
+from vqgen.core.config import load_config, read_json, write_json_atomic
+from vqgen.core.console import make_console, make_progress
+from vqgen.core.data.config import DataConfig
+from vqgen.core.errors import VQGenError
+from vqgen.core.imageio import save_grid, save_png
+from vqgen.core.layout import RunLayout
+from vqgen.core.metrics import JsonlLog, psnr
+
+
+def _sampling_kwargs(args: argparse.Namespace) -> dict:
+    return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, cfg_scale=args.cfg)
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    for name in ("n", "batch_size", "nrow"):
+        if getattr(args, name) < 1:
+            raise VQGenError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    console = make_console(accelerator.is_main_process)
+    run = pipeline.load_run(args.run, allow_vqvae_mismatch=args.allow_vqvae_mismatch)
+    pipeline.run_on_device(run, accelerator.device)
+    labels = pipeline.choose_labels(run, args.label, args.n, args.unconditional)
+    out = Path(args.out) if args.out else run.layout.next_samples_dir()
+    ensure_writable(out)
+    if out.is_dir() and any(out.iterdir()):
+        raise VQGenError(f"--out {out} exists and is not empty; choose another folder")
+    start = time.perf_counter()
+    with make_progress(console, "sampling") as bar:
+        share = -(-args.n // accelerator.num_processes)  # this process's part of the n samples
+        task = bar.add_task("sampling", total=share, metrics="")
+        codes, images = pipeline.sample(run, accelerator, args.n, labels=labels, seed=args.seed,
+                                        batch_size=args.batch_size, progress=lambda k: bar.advance(task, k),
+                                        **_sampling_kwargs(args))
+    seconds = time.perf_counter() - start
+    if accelerator.is_main_process:
+        settings = {**vars(args), "processes": accelerator.num_processes, "seconds": seconds,
+                    "labels": None if labels is None else labels.tolist()}
+        _write_samples(out, codes, images, settings, args.nrow)
+        console.print(f"{args.n} samples in {seconds:.2f} s -> {out}/grid.png, {out}/images/, {out}/codes.safetensors")
+
+
+def _write_samples(out: Path, codes: torch.Tensor, images: torch.Tensor, settings: dict, nrow: int) -> None:
+    """Everything into a temporary folder first, then one rename: a crash leaves no half sample set."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_grid(images, tmp / "grid.png", nrow=nrow)
+        for i, image in enumerate(images):
+            save_png(image, tmp / "images" / f"{i:05d}.png")
+        save_file({"codes": codes.to(torch.int16).contiguous()}, str(tmp / "codes.safetensors"))
+        write_json_atomic(settings, tmp / "settings.json")
+        if out.exists():
+            if any(out.iterdir()):
+                raise VQGenError(f"--out {out} exists and is not empty; choose another folder")
+            out.rmdir()
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def cmd_reconstruct(args: argparse.Namespace) -> None:
+    if args.n < 1:
+        raise VQGenError(f"--n must be >= 1, got {args.n}")
+    console = make_console()
+    run = pipeline.load_run(args.run, need_prior=False)
+    out = Path(args.out) if args.out else run.layout.reconstructions
+    ensure_writable(out.parent)
+    data = pipeline.run_data(run)
+    images = getattr(data, args.split).images[: args.n]
+    recons, errors, _ = pipeline.reconstruct(run, images)
+    save_grid(torch.cat([images, recons]), out, nrow=len(images))
+    mse = errors.mean().item()
+    console.print(f"{len(images)} {args.split} images: MSE {mse:.5f}, PSNR {psnr(mse):.2f} dB -> {out}")
+
+
+def cmd_encode(args: argparse.Namespace) -> None:
+    accelerator = Accelerator()
+    console = make_console(accelerator.is_main_process)
+    run = pipeline.load_run(args.run, need_prior=False)
+    pipeline.run_on_device(run, accelerator.device)
+    given = given_options(args, DataConfig)
+    override = None
+    if given:
+        saved = load_config(DataConfig, run.layout.vqvae.data_config)
+        override = dataclasses.replace(saved, **given)
+    with accelerator.main_process_first():
+        data = pipeline.run_data(run, override)
+    encode_splits(accelerator, run.vqvae, data, run.layout, args.batch_size, console)
+
+
+def cmd_complete(args: argparse.Namespace) -> None:
+    if args.n < 1:
+        raise VQGenError(f"--n must be >= 1, got {args.n}")
+    console = make_console()
+    run = pipeline.load_run(args.run, allow_vqvae_mismatch=args.allow_vqvae_mismatch)
+    out = Path(args.out) if args.out else run.layout.completions
+    ensure_writable(out.parent)
+    if args.keep_rows is not None and not 0 <= args.keep_rows <= run.prior.config.grid_height:
+        raise VQGenError(f"--keep-rows must be in [0, {run.prior.config.grid_height}], got {args.keep_rows}")
+    splits, _ = load_codes(run.layout.codes)
+    test = splits["test"]
+    codes = test.codes[: args.n]
+    labels = test.labels[: args.n] if run.prior.config.num_classes and test.labels is not None else None
+    keep = args.keep_rows if args.keep_rows is not None else codes.shape[1] // 2
+    completed, images = pipeline.complete(run, codes, keep, labels, seed=args.seed, **_sampling_kwargs(args))
+    originals = pipeline.decode_codes(run, codes)
+    save_grid(torch.cat([originals, images]), out, nrow=len(codes))
+    console.print(f"{len(codes)} completions keeping {keep} of {codes.shape[1]} code rows "
+                  f"(top: decoded originals, bottom: completions) -> {out}")
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    console = make_console()
+    run = RunLayout(args.run)
+    if not run.vqvae.config.is_file():
+        raise VQGenError(f"{run.root} is not a vqgen run (no {run.vqvae.config.relative_to(run.root)})")
+    table = Table(title=f"run {run.root}", show_lines=True)
+    table.add_column("stage", style="bold")
+    table.add_column("settings")
+    table.add_column("latest test metrics")
+    for name, config_file, metrics_file in (("vqvae", run.vqvae.config, run.vqvae.metrics),
+                                            ("codes", run.codes_meta, None),
+                                            ("prior", run.prior.config, run.prior.metrics)):
+        if not config_file.parent.is_dir():
+            table.add_row(name, "not trained yet", "")
+            continue
+        config = read_json(config_file, f"{name} config") if config_file.is_file() else {}
+        settings = ", ".join(f"{k}={v}" for k, v in config.items() if k not in ("kind", "format_version", "split_sizes"))
+        if name == "vqvae" and run.vqvae.data_config.is_file():
+            settings += f"\ndata: {read_json(run.vqvae.data_config, 'data config').get('source')}"
+        tests = [r for r in JsonlLog(metrics_file).read() if r.get("split") == "test"] if metrics_file else []
+        metrics = ""
+        if tests:
+            last = tests[-1]
+            metrics = f"step {last['step']}: " + ", ".join(
+                f"{k} {v:.4g}" for k, v in last.items() if k not in ("split", "step", "time"))
+        table.add_row(name, settings, metrics)
+    console.print(table)
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    console = make_console()
+    run = pipeline.load_run(args.run, need_prior=False)
+    metrics = pipeline.evaluate(run)
+    table = Table(title=f"test metrics of {run.path}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in metrics.items():
+        table.add_row(k, f"{v:.5g}")
+    console.print(table)

@@ -1,0 +1,54 @@
+"""What both training stages do around `fit`: settle the options, validate, then write, then start.
+
+A stage script calls, in order: `train_config` (defaults, or the run's saved options on resume),
+`check_stage_dir` and its own validation, `check_batch_size`, `start` (accelerator, console, seed),
+`write_stage_files` (only now is anything written), then `vqgen.core.trainer.fit`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from rich.console import Console
+
+from vqgen.core.checkpoint import clear_stage_dir
+from vqgen.core.config import resumed_config, save_config
+from vqgen.core.console import make_console
+from vqgen.core.errors import VQGenError
+from vqgen.core.layout import StageDir
+from vqgen.core.trainer import TrainConfig, make_accelerator
+
+
+def train_config(stage: StageDir, given: dict[str, Any], defaults: dict[str, Any], resume: bool) -> TrainConfig:
+    """A fresh stage: the stage's defaults under the given options. Resuming: the saved options, with
+    the given ones (a longer `max_steps`, say) on top."""
+    if resume and stage.train_config.is_file():
+        return resumed_config(TrainConfig, stage.train_config, given, strict=False, what="training options")
+    return TrainConfig(**{**defaults, **given})
+
+
+def check_batch_size(batch_size: int, available: int, what: str) -> None:
+    if available < batch_size:
+        raise VQGenError(f"batch size {batch_size} is larger than the {available} {what}")
+
+
+def start(stage: StageDir, cfg: TrainConfig) -> tuple[Accelerator, Console]:
+    """The accelerator and console of a training run, with every RNG seeded."""
+    accelerator = make_accelerator(cfg, stage)
+    set_seed(cfg.seed)
+    return accelerator, make_console(accelerator.is_main_process)
+
+
+def write_stage_files(accelerator: Accelerator, stage: StageDir, files: dict[Path, Any], fresh: bool) -> None:
+    """Everything is validated: clear the stage folder for a fresh run (when overwriting), then write
+    its configs. Main process only; every process waits for it."""
+    if accelerator.is_main_process:
+        if fresh:
+            clear_stage_dir(stage)
+        stage.path.mkdir(parents=True, exist_ok=True)
+        for path, config in files.items():
+            save_config(config, path)
+    accelerator.wait_for_everyone()
