@@ -59,8 +59,10 @@ def unflatten_vectors(v: Tensor, b: int, h: int, w: int) -> Tensor:
 
 
 def straight_through(z_e: Tensor, z_q: Tensor) -> Tensor:
-    """Value of z_q, gradient of z_e."""
-    return z_e + (z_q - z_e).detach()
+    """Value of z_q, gradient of z_e. Written as sg[z_q] + (z_e - sg[z_e]) rather than z_e + sg[z_q - z_e]:
+    the added term is exactly zero, so the value is z_q to the bit and decoding the codes later gives
+    exactly what the training forward pass decoded."""
+    return z_q.detach() + (z_e - z_e.detach())
 
 
 # --- losses and codebook maintenance ---------------------------------------------------

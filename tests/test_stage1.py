@@ -131,3 +131,27 @@ def test_bf16_mixed_precision_training_keeps_the_codebook_fp32(tmp_path):
     assert weights["quantizer.codebook"].dtype == torch.float32
     assert all(torch.isfinite(t.float()).all() for t in weights.values())
     assert records(run / "vqvae" / "metrics.jsonl", "test")[-1]["mse"] < 1.0
+
+
+def test_reconstruct_decodes_once_and_equals_decode_of_encode(tiny_run):
+    """`vqgen reconstruct` and `vqgen eval` run the evaluation forward pass once per image, and the
+    codes they report decode to exactly that reconstruction."""
+    from vqgen import pipeline
+    from vqgen.core.data.images import to_model_range, to_uint8
+
+    run = pipeline.load_run(tiny_run, need_prior=False)
+    images = pipeline.run_data(run).test.images[:8]
+    calls = []
+    hooks = [m.register_forward_hook(lambda *_, name=name: calls.append(name))
+             for name, m in (("encoder", run.vqvae.encoder), ("decoder", run.vqvae.decoder))]
+    recons, errors, codes = pipeline.reconstruct(run, images)
+    for h in hooks:
+        h.remove()
+    assert calls == ["encoder", "decoder"]
+    with torch.no_grad():
+        x = to_model_range(images)
+        forward = run.vqvae(x).recon
+        assert torch.equal(run.vqvae.encode(x), codes)
+        assert torch.equal(run.vqvae.decode(codes), forward)
+    assert torch.equal(recons, to_uint8(forward))
+    assert torch.allclose(errors, ((forward.clamp(-1, 1) - x) / 2).pow(2).flatten(1).mean(1))

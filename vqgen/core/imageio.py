@@ -9,7 +9,6 @@ from pathlib import Path
 import torch
 from PIL import Image
 from torch import Tensor
-from torchvision.utils import make_grid
 
 
 def to_pil(image: Tensor) -> Image.Image:
@@ -32,12 +31,16 @@ def save_png(image: Tensor, path: str | os.PathLike) -> None:
 
 
 def grid(images: Tensor, nrow: int = 8, padding: int = 2) -> Tensor:
-    """(n, c, H, W) uint8 -> one (c, H', W') uint8 image with `nrow` images per row."""
-    g = make_grid(images.float(), nrow=max(1, nrow), padding=padding, pad_value=255)
-    g = g.round().clamp(0, 255).to(torch.uint8)
-    return g[:1] if images.shape[1] == 1 else g
+    """(n, c, H, W) uint8 -> one (c, H', W') uint8 image, `nrow` images per row on a white background."""
+    n, c, h, w = images.shape
+    cols = max(1, min(nrow, n))
+    rows = -(-n // cols)
+    out = torch.full((c, padding + rows * (h + padding), padding + cols * (w + padding)), 255, dtype=torch.uint8)
+    for i, image in enumerate(images):
+        top, left = padding + (i // cols) * (h + padding), padding + (i % cols) * (w + padding)
+        out[:, top:top + h, left:left + w] = image
+    return out
 
 
 def save_grid(images: Tensor, path: str | os.PathLike, nrow: int = 8) -> None:
     save_png(grid(images, nrow), path)
-
