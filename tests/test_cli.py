@@ -58,7 +58,7 @@ def test_a_sample_does_not_depend_on_batch_size(tiny_run, tmp_path):
 def test_two_process_sampling_equals_one_process(tiny_run, tmp_path):
     assert main(["sample", "--run", str(tiny_run), "--n", "7", "--seed", "3", "--out", str(tmp_path / "one")]) == 0
     env = {**os.environ, "ACCELERATE_USE_CPU": "true"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "--", "vqgen", "sample",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "--", "vqgen", "sample",
            "--run", str(tiny_run), "--n", "7", "--seed", "3", "--out", str(tmp_path / "two")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]

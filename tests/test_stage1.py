@@ -101,7 +101,7 @@ def test_learning_rate_schedule():
 def test_two_process_training_and_encoding(tmp_path):
     """accelerate launch with 2 CPU processes: identical codebooks, codes neither dropped nor duplicated."""
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--",
            str(ROOT / "scripts" / "train_vqvae.py"), "--run", str(run), "--builtin-train-size", "96",
            "--builtin-test-size", "41", "--batch-size", "8", "--max-steps", "6", "--hidden-channels", "16",
            "--res-channels", "8", "--codebook-size", "16", "--code-dim", "8", "--restart-after", "2",

@@ -206,7 +206,8 @@ def train_judge(images: Tensor, labels: Tensor | None, config: JudgeConfig,
                 progress: Callable[[int, float], None] | None = None) -> Judge:
     """Train a judge on uint8 (n, c, h, w) images and int64 labels (n,), or the rotation task when labels is None.
 
-    Deterministic in config.seed; runs on the images' device; progress(step, loss) after every step.
+    Runs on the images' device; bit-identical per config.seed on CPU (cuDNN may vary slightly on CUDA).
+    progress(step, loss) is called after every step.
     """
     if labels is None and config.task == "labels":
         config = dataclasses.replace(config, task="rotation", num_classes=0)  # unlabelled: learn rotations

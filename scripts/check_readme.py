@@ -1,0 +1,135 @@
+"""Every command the README shows, parsed (and optionally run) exactly as written.
+
+    python scripts/check_readme.py            # parse each command with the parser that will read it
+    python scripts/check_readme.py --run      # and run them, in order, in a fresh clone (CPU: minutes)
+
+Parsing uses the real parsers: the scripts', `vqgen`'s, `accelerate launch`'s and `torchrun`'s, so a
+flag that one of them would refuse or find ambiguous fails here. `--run` clones the repository into a
+scratch folder, writes a small `my_images/` folder (cat/ and dog/ subfolders) for the own-data
+example, and runs every command that the machine can (not the multi-GPU ones, nor, unless
+`--benchmarks`, the half-hour benchmarks), stopping at the first that fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SET_UP = ("python3 -m venv", "pip install", ". .venv/bin/activate")
+
+
+def readme_commands(readme: Path = ROOT / "README.md") -> list[str]:
+    """The shell commands of the README's bash blocks: one per line, `&&` chains split, comments dropped."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", readme.read_text(), flags=re.S):
+        for line in block.splitlines():
+            line = re.sub(r"\s+#.*$", "", line).strip()
+            if line and not line.startswith("#"):
+                commands += [part.strip() for part in line.split("&&")]
+    return commands
+
+
+def _script_parser(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.parse_args
+
+
+def _parse_program(words: list[str]) -> None:
+    """`scripts/x.py ARGS`, `python scripts/x.py ARGS`, `-m vqgen ARGS`, `vqgen ARGS`."""
+    if words[0] in ("python", "python3"):
+        words = words[1:]
+    if words[:2] == ["-m", "vqgen"]:
+        words = ["vqgen"] + words[2:]
+    if words[0] == "vqgen":
+        from vqgen.cli import build_parser
+
+        build_parser().parse_args(words[1:])
+    elif words[0].startswith("scripts/") and words[0].endswith(".py"):
+        _script_parser(Path(words[0]).stem)(words[1:])
+    else:
+        raise ValueError(f"not a vqgen program: {' '.join(words)}")
+
+
+def parse(command: str) -> None:
+    """Parse one README command as its programs would; raise (or exit) when any of them refuses it."""
+    words = shlex.split(command)
+    while words and re.fullmatch(r"[A-Z_]+=\S*", words[0]):  # VAR=value prefixes
+        words = words[1:]
+    if command.startswith(SET_UP):
+        return
+    if words[:3] in (["python", "-m", "pytest"], ["python3", "-m", "pytest"]):
+        return
+    if words[:2] == ["accelerate", "launch"]:
+        from accelerate.commands.launch import launch_command_parser
+
+        args = launch_command_parser().parse_args(words[2:])
+        inner = (["-m"] if args.module else []) + [args.training_script, *args.training_script_args]
+        return _parse_program(inner)
+    if words[0] == "torchrun":
+        from torch.distributed.run import get_args_parser
+
+        args = get_args_parser().parse_args(words[1:])
+        return _parse_program([args.training_script, *args.training_script_args])
+    _parse_program(words)
+
+
+def needs_gpus(command: str) -> bool:
+    return "--multi_gpu" in command or "--mixed-precision" in command and "accelerate launch" in command
+
+
+def is_benchmark(command: str) -> bool:
+    return "scripts/benchmark_" in command
+
+
+def write_my_images(folder: Path) -> None:
+    """A small labelled folder for the own-data example: 64x64 circles as cat/, squares as dog/."""
+    from vqgen.core.data.shapes import make_shapes
+    from vqgen.core.imageio import save_png
+
+    images, labels, names = make_shapes(240, seed=5, size=64)
+    for i, (image, label) in enumerate(zip(images, labels.tolist())):
+        if names[label] in ("circle", "square"):
+            save_png(image, folder / ("cat" if names[label] == "circle" else "dog") / f"{i:04d}.png")
+
+
+def run_all(benchmarks: bool) -> int:
+    scratch = Path(tempfile.mkdtemp(prefix="vqgen-readme-"))
+    clone = scratch / "vqgen"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
+    write_my_images(clone / "my_images")
+    for command in readme_commands():
+        if needs_gpus(command) or (is_benchmark(command) and not benchmarks):
+            print(f"skipped (needs {'GPUs' if needs_gpus(command) else '--benchmarks'}): {command}", flush=True)
+            continue
+        print(f"$ {command}", flush=True)
+        shell = command if command.startswith(SET_UP) else f". .venv/bin/activate && {command}"
+        done = subprocess.run(["bash", "-c", shell], cwd=clone)
+        if done.returncode != 0:
+            print(f"FAILED ({done.returncode}): {command}", flush=True)
+            return 1
+    print(f"every command ran; the clone is in {clone}")
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", action="store_true", help="also run the commands in a fresh clone")
+    parser.add_argument("--benchmarks", action="store_true", help="with --run: the benchmark commands too")
+    args = parser.parse_args()
+    for command in readme_commands():
+        parse(command)
+    print(f"{len(readme_commands())} README commands parse")
+    return run_all(args.benchmarks) if args.run else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
