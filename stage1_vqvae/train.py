@@ -23,7 +23,7 @@ from vqgen.core.imageio import save_grid
 from vqgen.core.layout import RunLayout, StageDir
 from vqgen.core.metrics import code_usage, psnr
 from vqgen.core.stage import check_batch_size, start, train_config, write_stage_files
-from vqgen.core.trainer import TrainConfig, fit
+from vqgen.core.trainer import TrainConfig, fit, make_optimizer
 
 # Stage-1 training defaults, chosen by measurement (README, "Defaults"); any option overrides them.
 TRAIN_DEFAULTS = dict(batch_size=64, learning_rate=1e-3, max_steps=1000, warmup_steps=100, eval_every=500,
@@ -40,6 +40,7 @@ class VQVAEStage:
     stage_dir: StageDir
     preview: Tensor               # (16, c, H, W) test images for the reconstruction grid
     name: str = "vqvae"
+    held_out: tuple[str, str] = ("mse", "recon_mse")
 
     def __post_init__(self):
         self._counts = torch.zeros(self.config.codebook_size, dtype=torch.long, device=self.accelerator.device)
@@ -122,7 +123,7 @@ def train_vqvae(
                       fresh=overwrite and not resume)
 
     model = VQVAE(cfg).to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=train_cfg.learning_rate, weight_decay=train_cfg.weight_decay)
+    optimizer = make_optimizer(model, train_cfg)
     train_loader = make_loader(ImageDataset(data.train), train_cfg.batch_size, train=True, seed=train_cfg.seed)
     test_loader = accelerator.prepare(make_loader(ImageDataset(data.test), train_cfg.batch_size))
     preview = to_model_range(data.test.images[:16])

@@ -23,7 +23,7 @@ from vqgen.core.errors import VQGenError
 from vqgen.core.layout import RunLayout, StageDir
 from vqgen.core.metrics import bits
 from vqgen.core.stage import check_batch_size, start, train_config, write_stage_files
-from vqgen.core.trainer import TrainConfig, fit
+from vqgen.core.trainer import TrainConfig, fit, make_optimizer
 
 # Stage-2 training defaults, chosen by measurement (README, "Defaults"); any option overrides them.
 TRAIN_DEFAULTS = dict(batch_size=32, learning_rate=1e-3, max_steps=1800, warmup_steps=100, eval_every=600,
@@ -59,6 +59,7 @@ class PriorStage:
     conditional: bool
     test_loader: DataLoader
     name: str = "prior"
+    held_out: tuple[str, str] = ("bits_per_code", "bits_per_code")
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         codes = batch["codes"]
@@ -159,7 +160,7 @@ def train_prior(
     source = PriorSource(prior=kind, vqvae_fingerprint=meta.vqvae_fingerprint, codes_dir=str(codes_dir.resolve()),
                          class_names=meta.class_names if conditional else ())
     write_stage_files(accelerator, stage, {stage.config: cfg, stage.source: source}, fresh=overwrite and not resume)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=train_cfg.learning_rate, weight_decay=train_cfg.weight_decay)
+    optimizer = make_optimizer(model, train_cfg)
     train_set = CodesDataset(splits["train"], conditional)
     train_loader = make_loader(train_set, train_cfg.batch_size, train=True, seed=train_cfg.seed)
     test_loader = accelerator.prepare(make_loader(CodesDataset(splits["test"], conditional), 256))

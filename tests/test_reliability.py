@@ -109,7 +109,7 @@ def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
     run = tmp_path / "run"
     with pytest.raises(VQGenError, match=r"loss became (nan|inf) at step \d+; .*last good checkpoint is .*step-"):
-        train_vqvae(run, TINY_DATA, tiny_train(max_steps=200, save_every=1, learning_rate=1e12, grad_clip=0),
+        train_vqvae(run, TINY_DATA, tiny_train(max_steps=200, save_every=1, eval_every=1, learning_rate=1e12, grad_clip=0),
                     TINY_VQVAE, encode=False)
     good = load_file(run / "vqvae" / "model.safetensors")
     assert all(torch.isfinite(t.float()).all() for t in good.values())

@@ -143,7 +143,7 @@ def cmd_info(args: argparse.Namespace) -> None:
     table = Table(title=f"run {run.root}", show_lines=True)
     table.add_column("stage", style="bold")
     table.add_column("settings")
-    table.add_column("latest test metrics")
+    table.add_column("test metrics: best (the weights in use) and latest")
     for name, config_file, metrics_file in (("vqvae", run.vqvae.config, run.vqvae.metrics),
                                             ("codes", run.codes_meta, None),
                                             ("prior", run.prior.config, run.prior.metrics)):
@@ -155,13 +155,23 @@ def cmd_info(args: argparse.Namespace) -> None:
         if name == "vqvae" and run.vqvae.data_config.is_file():
             settings += f"\ndata: {read_json(run.vqvae.data_config, 'data config').get('source')}"
         tests = [r for r in JsonlLog(metrics_file).read() if r.get("split") == "test"] if metrics_file else []
-        metrics = ""
-        if tests:
-            last = tests[-1]
-            metrics = f"step {last['step']}: " + ", ".join(
-                f"{k} {v:.4g}" for k, v in last.items() if k not in ("split", "step", "time"))
-        table.add_row(name, settings, metrics)
+        table.add_row(name, settings, _test_summary(tests))
     console.print(table)
+
+
+def _test_summary(tests: list[dict]) -> str:
+    """The best evaluation (whose weights the stage keeps) and the latest one, from metrics.jsonl."""
+    if not tests:
+        return ""
+
+    def line(record: dict) -> str:
+        return f"step {record['step']}: " + ", ".join(
+            f"{k} {v:.4g}" for k, v in record.items()
+            if k not in ("split", "step", "time", "best_step") and not k.startswith("best_"))
+
+    last = tests[-1]
+    best = next((r for r in tests if r["step"] == last.get("best_step")), last)
+    return f"best {line(best)}" + ("" if best is last else f"\nlatest {line(last)}")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -20,10 +20,11 @@ from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 from rich.console import Console
 from torch import Tensor, nn
 
-from vqgen.core.checkpoint import commit_state_dir, latest_state_dir, save_model
+from vqgen.core.checkpoint import commit_state_dir, latest_state_dir, load_weights, save_model
 from vqgen.core.config import option, save_config, write_json_atomic
 from vqgen.core.console import make_console, make_progress
 from vqgen.core.errors import VQGenError
+from vqgen.core.heldout import HeldOut
 from vqgen.core.layout import PROGRESS, StageDir
 from vqgen.core.metrics import JsonlLog
 
@@ -38,7 +39,7 @@ class TrainConfig:
 
     batch_size: int = option(128, "batch size per process")
     learning_rate: float = option(3e-4, "peak learning rate", aliases=("--lr",))
-    weight_decay: float = option(0.0, "AdamW weight decay")
+    weight_decay: float = option(0.0, "AdamW weight decay, on the weight matrices of linear and conv layers only")
     max_steps: int = option(0, "optimizer steps to train (0: use --epochs)")
     epochs: int = option(10, "passes over the training data when --max-steps is 0")
     grad_accum_steps: int = option(1, "micro-batches per optimizer step")
@@ -53,13 +54,14 @@ class TrainConfig:
     eval_every: int = option(1000, "evaluate on the test split every N steps (0: at the end only)")
     save_every: int = option(1000, "save weights and a resumable state every N steps (0: at the end only)")
     keep: int = option(2, "resumable training states kept")
+    patience: int = option(5, "stop after this many evaluations without a better test metric (0: never)")
     report_to: str = option("none", "also log to this tracker (its package must be installed)", choices=TRACKERS)
 
     def __post_init__(self):
         for name in ("batch_size", "grad_accum_steps", "epochs", "log_every"):
             if getattr(self, name) < 1:
                 raise VQGenError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_steps", "warmup_steps", "eval_every", "save_every", "weight_decay", "grad_clip"):
+        for name in ("max_steps", "warmup_steps", "eval_every", "save_every", "weight_decay", "grad_clip", "patience"):
             if getattr(self, name) < 0:
                 raise VQGenError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
@@ -85,6 +87,18 @@ def learning_rate_at(cfg: TrainConfig, step: int, total_steps: int) -> float:
     return cfg.learning_rate * ratio
 
 
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW that decays only the weight matrices of linear and convolution layers: not biases, norms,
+    embeddings or the codebook, which weight decay would shrink towards zero for no gain."""
+    decay, rest = [], []
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            is_matrix = name == "weight" and isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))
+            (decay if is_matrix else rest).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate)
+
+
 def make_accelerator(cfg: TrainConfig, stage_dir: StageDir) -> Accelerator:
     """The Accelerator both stages train with: seedable sampler so a resumed epoch replays its order."""
     log_with = None
@@ -108,7 +122,8 @@ class Stage(Protocol):
     """What a stage tells the loop."""
 
     name: str
-    config: Any  # the model config, saved beside the weights
+    config: Any                      # the model config, saved beside the weights
+    held_out: tuple[str, str]        # (test metric, its training counterpart); lower is better
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         """Loss of one micro-batch and detached scalar tensors to log (left on the device)."""
@@ -125,6 +140,7 @@ class Progress:
     step: int = 0             # optimizer steps done
     epoch: int = 0
     batch_in_epoch: int = 0   # micro-batches of the current epoch already consumed
+    held_out: dict = field(default_factory=dict)  # `HeldOut.state()`; empty in states of vqgen < 0.2
 
 
 class _Window:
@@ -185,9 +201,12 @@ def fit(
     resume: bool = False,
     console: Console | None = None,
 ) -> dict[str, float]:
-    """Train until `max_steps` (or `epochs`); return the last evaluation's metrics.
+    """Train until `max_steps` (or `epochs`), or until the test metric stops improving for `patience`
+    evaluations; return the metrics of the best evaluation.
 
-    The device is synchronised only at logging, evaluation and save steps.
+    The weights of the best evaluation are the stage's `model.safetensors` (what later commands load)
+    and are back in `model` on return; the newest `state/` holds the last step, for resume. The device
+    is synchronised only at logging, evaluation and save steps.
     """
     console = console or make_console(accelerator.is_main_process)
     log = JsonlLog(stage_dir.metrics, enabled=accelerator.is_main_process)
@@ -200,7 +219,10 @@ def fit(
     if cfg.report_to != "none":
         accelerator.init_trackers(f"vqgen-{stage.name}", config=asdict(cfg))
 
-    metrics: dict[str, float] = {}
+    held = HeldOut(*stage.held_out, patience=cfg.patience, **progress.held_out)
+    best: dict[str, float] = {}
+    last_train: dict[str, float] = {}
+    stop = False
     window = _Window(accelerator.device)
     with make_progress(console, stage.name) as bar:
         task = bar.add_task(stage.name, total=total, completed=progress.step, metrics="")
@@ -242,24 +264,42 @@ def fit(
                                                / max(elapsed, 1e-9))
                     _emit(accelerator, log, "train", step, record)
                     bar.update(task, metrics=_short(record))
+                    last_train = record
                     window.reset()
                 if eval_now:
                     metrics = stage.evaluate(model, step)
-                    _emit(accelerator, log, "test", step, metrics)
-                    console.print(f"[bold]{stage.name}[/] step {step}: " + _short(metrics))
+                    verdict = held.update(step, metrics, last_train)
+                    if verdict.improved:
+                        best = metrics
+                        _export(accelerator, stage, model, stage_dir)
+                    _emit(accelerator, log, "test", step, {**metrics, **held.record()})
+                    console.print(f"[bold]{stage.name}[/] step {step}: " + _short(metrics)
+                                  + ("  (best)" if verdict.improved else f"  (best: step {held.best_step})"))
+                    if verdict.warning:
+                        console.print(f"[bold yellow]warning:[/] {verdict.warning}")
+                    stop = verdict.stop
                     model.train()
                     window.started = time.perf_counter()
-                if save_now:
-                    _save(accelerator, stage, model, progress, stage_dir, cfg.keep)
+                if save_now or stop:
+                    progress.held_out = held.state()
+                    _save(accelerator, model, progress, stage_dir, cfg.keep)
                 bar.update(task, completed=step)
-                if step >= total:
+                if stop:
+                    console.print(f"{stage.name}: stopped early at step {step}: test {held.metric} has not "
+                                  f"improved for {held.evals_since_best} evaluations (patience {cfg.patience}); "
+                                  f"keeping step {held.best_step} ({held.best_value:.4g})")
+                if step >= total or stop:
                     break
             else:
                 progress.epoch += 1
                 progress.batch_in_epoch = 0
+            if stop:
+                break
     for tracker in accelerator.trackers:  # not end_training(): that also ends the process group,
         tracker.finish()                   # and stage 1 still encodes the dataset across processes
-    return metrics
+    accelerator.wait_for_everyone()
+    load_weights(accelerator.unwrap_model(model), stage_dir.weights)  # the best weights, on every process
+    return {**best, **held.record()}
 
 
 def _emit(accelerator: Accelerator, log: JsonlLog, split: str, step: int, record: dict[str, float]) -> None:
@@ -273,12 +313,17 @@ def _short(record: dict[str, float]) -> str:
     return "  ".join(f"{k} {v:.4g}" for k, v in record.items() if k not in skip)
 
 
-def _save(accelerator: Accelerator, stage: Stage, model: nn.Module, progress: Progress, stage_dir: StageDir,
-          keep: int) -> None:
-    """Export the weights, then write the full state to a temporary folder and rename it into place."""
+def _export(accelerator: Accelerator, stage: Stage, model: nn.Module, stage_dir: StageDir) -> None:
+    """The model as it is now becomes the stage's weights (config.json + model.safetensors)."""
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_model(accelerator.unwrap_model(model), stage.config, stage_dir.path)
+    accelerator.wait_for_everyone()
+
+
+def _save(accelerator: Accelerator, model: nn.Module, progress: Progress, stage_dir: StageDir, keep: int) -> None:
+    """Write the full training state to a temporary folder and rename it into place."""
+    accelerator.wait_for_everyone()
     tmp = stage_dir.temporary_state(progress.step)
     accelerator.save_state(str(tmp), safe_serialization=True)
     accelerator.wait_for_everyone()

@@ -1,0 +1,56 @@
+"""Training driven by the held-out metric: keep the best weights, stop when it stops improving, and say
+so when the model starts memorising its training set.
+
+A stage names the metric (`Stage.held_out`: test MSE for stage 1, test bits per code for stage 2,
+lower is better) and the training metric that mirrors it; the loop feeds every evaluation to
+`HeldOut.update` and acts on the verdict.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class Verdict:
+    improved: bool          # a new best: its weights become the stage's weights
+    stop: bool              # `patience` evaluations without improvement
+    warning: str | None     # test metric rising while the training metric falls
+
+
+@dataclass
+class HeldOut:
+    """Best test value so far and how long ago it was; saved in the training state for resume."""
+
+    metric: str                          # the test metric, lower is better
+    train_metric: str                    # its training-log counterpart
+    patience: int = 0                    # 0: never stop early
+    best_step: int = 0
+    best_value: float | None = None
+    best_train: float | None = None      # the training metric when the best was seen
+    evals_since_best: int = 0
+
+    def update(self, step: int, test: dict[str, float], train: dict[str, float]) -> Verdict:
+        value, train_now = test[self.metric], train.get(self.train_metric)
+        if self.best_value is None or value < self.best_value:
+            self.best_step, self.best_value, self.best_train = step, value, train_now
+            self.evals_since_best = 0
+            return Verdict(improved=True, stop=False, warning=None)
+        self.evals_since_best += 1
+        warning = None
+        if (self.evals_since_best == 2 and train_now is not None and self.best_train is not None
+                and train_now < self.best_train):
+            warning = (f"test {self.metric} has not improved for 2 evaluations ({self.best_value:.4g} at step "
+                       f"{self.best_step}, {value:.4g} at step {step}) while training {self.train_metric} fell "
+                       f"({self.best_train:.4g} -> {train_now:.4g}): the model is memorising its training set; "
+                       f"the run keeps step {self.best_step}'s weights (more dropout, weight decay or --augment "
+                       "would help)")
+        return Verdict(improved=False, stop=bool(self.patience) and self.evals_since_best >= self.patience,
+                       warning=warning)
+
+    def state(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k not in ("metric", "train_metric", "patience")}
+
+    def record(self) -> dict[str, float]:
+        """What metrics.jsonl and `vqgen info` show with each evaluation."""
+        return {"best_step": self.best_step, f"best_{self.metric}": self.best_value}
