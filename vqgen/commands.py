@@ -138,8 +138,9 @@ def cmd_complete(args: argparse.Namespace) -> None:
 def cmd_info(args: argparse.Namespace) -> None:
     console = make_console()
     run = RunLayout(args.run)
-    if not run.vqvae.config.is_file():
-        raise VQGenError(f"{run.root} is not a vqgen run (no {run.vqvae.config.relative_to(run.root)})")
+    if not (run.vqvae.config.is_file() or run.prior.config.is_file()):
+        raise VQGenError(f"{run.root} is not a vqgen run (no {run.vqvae.config.relative_to(run.root)} "
+                         f"nor {run.prior.config.relative_to(run.root)})")
     table = Table(title=f"run {run.root}", show_lines=True)
     table.add_column("stage", style="bold")
     table.add_column("settings")
