@@ -11,20 +11,21 @@ from typing import Any, TypeVar
 
 from vqgen.core.errors import VQGenError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: TrainConfig.patience, DataConfig.augment/code_copies; files of version 1 still load
 
 T = TypeVar("T")
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *, choices: tuple[str, ...] | None = None,
-           flag: str | None = None, aliases: tuple[str, ...] = ()) -> Any:
+           flag: str | None = None, aliases: tuple[str, ...] = (), since: int = 1) -> Any:
     """A config field that carries its own command-line help.
 
     choices: the allowed values (listed in --help); flag: the option's name when the field's would
-    clash with another config's (e.g. "data-seed"); aliases: extra option names ("--lr").
+    clash with another config's (e.g. "data-seed"); aliases: extra option names ("--lr"); since: the
+    format version that added the field (older files without it get the default).
     """
     return dataclasses.field(default=default, metadata={
-        "help": help, "choices": choices, "flag": flag, "aliases": aliases})
+        "help": help, "choices": choices, "flag": flag, "aliases": aliases, "since": since})
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
@@ -39,11 +40,13 @@ def config_from_dict(cls: type[T], data: dict[str, Any], source: str = "config")
     version = data.pop("format_version", None)
     if kind != cls.__name__:
         raise VQGenError(f"{source} holds a {kind!r} config, expected {cls.__name__!r}")
-    if version != FORMAT_VERSION:
-        raise VQGenError(f"{source} has format_version {version!r}, this vqgen reads version {FORMAT_VERSION}")
+    if version not in range(1, FORMAT_VERSION + 1):
+        raise VQGenError(f"{source} has format_version {version!r}, this vqgen reads versions 1 to {FORMAT_VERSION}")
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - fields)
-    missing = sorted(fields - set(data))
+    # a field added in a later format version may be absent from an older file: it takes its default
+    missing = sorted(f.name for f in dataclasses.fields(cls)
+                     if f.name not in data and not f.metadata.get("since", 1) > version)
     if unknown or missing:
         parts = []
         if unknown:
@@ -52,7 +55,7 @@ def config_from_dict(cls: type[T], data: dict[str, Any], source: str = "config")
             parts.append(f"missing fields {missing}")
         raise VQGenError(f"{source} does not match {cls.__name__}: {', '.join(parts)}")
     for f in dataclasses.fields(cls):  # JSON has no tuples
-        if isinstance(data[f.name], list) and isinstance(f.default, tuple):
+        if isinstance(data.get(f.name), list) and isinstance(f.default, tuple):
             data[f.name] = tuple(data[f.name])
     try:
         return cls(**data)

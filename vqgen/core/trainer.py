@@ -54,7 +54,8 @@ class TrainConfig:
     eval_every: int = option(1000, "evaluate on the test split every N steps (0: at the end only)")
     save_every: int = option(1000, "save weights and a resumable state every N steps (0: at the end only)")
     keep: int = option(2, "resumable training states kept")
-    patience: int = option(5, "stop after this many evaluations without a better test metric (0: never)")
+    patience: int = option(5, "stop after this many evaluations without a better test metric (0: never)",
+                           since=2)
     report_to: str = option("none", "also log to this tracker (its package must be installed)", choices=TRACKERS)
 
     def __post_init__(self):
