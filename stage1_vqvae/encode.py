@@ -12,6 +12,8 @@ from torch import nn
 from vqgen.core.checkpoint import weights_fingerprint
 from vqgen.core.codes import CodeSplit, CodesMeta, save_codes
 from vqgen.core.batches import make_loader
+from vqgen.core.data.augment import with_augmented_copies
+from vqgen.core.data.config import DataConfig, parse_augment
 from vqgen.core.data.images import ImageData, ImageDataset, ImageSplit
 from vqgen.core.errors import VQGenError
 from vqgen.core.layout import RunLayout
@@ -41,16 +43,18 @@ def encode_split(accelerator: Accelerator, model: nn.Module, split: ImageSplit, 
 
 
 def encode_splits(
-    accelerator: Accelerator, model: nn.Module, data: ImageData, run: RunLayout, batch_size: int,
-    console: Console,
+    accelerator: Accelerator, model: nn.Module, data: ImageData, data_cfg: DataConfig, run: RunLayout,
+    batch_size: int, console: Console,
 ) -> Path:
-    """Encode train and test, then (main process) write the run's codes with their metadata."""
+    """Encode train (with `data_cfg.code_copies` augmented copies of each image) and test, then (main
+    process) write the run's codes with their metadata."""
     cfg = model.config
     if (data.channels, data.height, data.width) != (cfg.in_channels, cfg.image_height, cfg.image_width):
         raise VQGenError(f"the data has {data.channels}x{data.height}x{data.width} images but the VQ-VAE in "
                          f"{run.vqvae.path} expects {cfg.in_channels}x{cfg.image_height}x{cfg.image_width}")
     splits = {}
-    for name, split in (("train", data.train), ("test", data.test)):
+    train = with_augmented_copies(data.train, parse_augment(data_cfg.augment), data_cfg.code_copies, data_cfg.seed)
+    for name, split in (("train", train), ("test", data.test)):
         codes = encode_split(accelerator, model, split, batch_size)
         splits[name] = CodeSplit(codes=codes, labels=split.labels)
     out = run.codes
@@ -61,7 +65,7 @@ def encode_splits(
             num_classes=data.num_classes, class_names=tuple(data.class_names or ()),
             vqvae_fingerprint=weights_fingerprint(run.vqvae.path), vqvae_dir=str(run.vqvae.path.resolve()),
             data_source=data.source, image_channels=data.channels, image_height=data.height, image_width=data.width,
-            split_sizes=tuple((k, len(v)) for k, v in splits.items()),
+            split_sizes=tuple((k, len(v)) for k, v in splits.items()), train_copies=data_cfg.code_copies,
         )
         save_codes(out, splits, meta)
         console.print(f"codes: {out} ({', '.join(f'{k} {len(v)}' for k, v in splits.items())} grids of {h}x{w})")

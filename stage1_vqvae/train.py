@@ -16,7 +16,8 @@ from stage1_vqvae.model import VQVAE, VQVAEConfig, reconstruction_errors
 from vqgen.core.batches import make_loader
 from vqgen.core.checkpoint import check_stage_dir
 from vqgen.core.config import resumed_config
-from vqgen.core.data.config import DataConfig
+from vqgen.core.data.augment import augment
+from vqgen.core.data.config import DataConfig, parse_augment
 from vqgen.core.data.images import ImageData, ImageDataset, load_image_data, to_model_range, to_uint8
 from vqgen.core.errors import VQGenError
 from vqgen.core.imageio import save_grid
@@ -39,6 +40,7 @@ class VQVAEStage:
     test_loader: DataLoader
     stage_dir: StageDir
     preview: Tensor               # (16, c, H, W) test images for the reconstruction grid
+    augment: tuple[str, ...] = ()  # training-batch augmentations (`vqgen.core.data.augment`)
     name: str = "vqvae"
     held_out: tuple[str, str] = ("mse", "recon_mse")
 
@@ -46,8 +48,8 @@ class VQVAEStage:
         self._counts = torch.zeros(self.config.codebook_size, dtype=torch.long, device=self.accelerator.device)
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        images = batch["image"].contiguous(memory_format=torch.channels_last)
-        out = model(images)
+        images = augment(batch["image"], self.augment) if self.augment else batch["image"]
+        out = model(images.contiguous(memory_format=torch.channels_last))
         self._counts += out.quant.counts.detach()  # already summed over processes; stays on the device
         logs = {
             "loss": out.loss.detach(),
@@ -127,10 +129,11 @@ def train_vqvae(
     train_loader = make_loader(ImageDataset(data.train), train_cfg.batch_size, train=True, seed=train_cfg.seed)
     test_loader = accelerator.prepare(make_loader(ImageDataset(data.test), train_cfg.batch_size))
     preview = to_model_range(data.test.images[:16])
-    vqvae_stage = VQVAEStage(accelerator, cfg, test_loader, stage, preview)
+    vqvae_stage = VQVAEStage(accelerator, cfg, test_loader, stage, preview, parse_augment(data_cfg.augment))
     metrics = fit(accelerator, train_cfg, vqvae_stage, model, optimizer, train_loader, stage, resume, console)
     if encode:
-        encode_splits(accelerator, accelerator.unwrap_model(model), data, run, train_cfg.batch_size, console)
+        encode_splits(accelerator, accelerator.unwrap_model(model), data, data_cfg, run, train_cfg.batch_size,
+                      console)
     return metrics
 
 

@@ -139,3 +139,15 @@ def test_encode_refuses_data_with_other_channels(folders, capsys):
 
     err = run_case(main, ["encode", "--run", str(folders["run"]), "--data", str(folders["gray"])], folders, capsys)
     assert "1x32x32 images but the VQ-VAE" in err and "3x32x32" in err
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["--augment", "rotate"], "unknown augmentation 'rotate'"),
+    (["--code-copies", "3"], "code_copies=3 needs augment"),
+    (["--code-copies", "-1", "--augment", "flip"], "code_copies must be >= 0, got -1"),
+    (["--patience", "-1"], "patience must be >= 0, got -1"),
+], ids=["augment-unknown", "copies-without-augment", "copies-negative", "patience-negative"])
+def test_train_vqvae_bad_data_sized_options(folders, capsys, argv, expected):
+    err = run_case(train_vqvae.main, TINY + argv + ["--run", str(folders["tmp"] / "new")], folders, capsys)
+    assert expected in err
+    assert not (folders["tmp"] / "new").exists()

@@ -111,7 +111,8 @@ def cmd_encode(args: argparse.Namespace) -> None:
         override = dataclasses.replace(saved, **given)
     with accelerator.main_process_first():
         data = pipeline.run_data(run, override)
-    encode_splits(accelerator, run.vqvae, data, run.layout, args.batch_size, console)
+    encode_splits(accelerator, run.vqvae, data, override or load_config(DataConfig, run.layout.vqvae.data_config),
+                  run.layout, args.batch_size, console)
 
 
 def cmd_complete(args: argparse.Namespace) -> None:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from vqgen.core.config import load_config, save_config
+from vqgen.core.config import load_config, option, save_config
 from vqgen.core.errors import VQGenError
 from vqgen.core.layout import CODES_META as META
 
@@ -37,6 +37,7 @@ class CodesMeta:
     image_height: int
     image_width: int
     split_sizes: tuple[tuple[str, int], ...]
+    train_copies: int = option(0, "augmented copies of each training image in the train split", since=2)
 
     def __post_init__(self):
         if self.codebook_size < 2 or self.grid_height < 1 or self.grid_width < 1:

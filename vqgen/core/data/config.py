@@ -11,6 +11,19 @@ from vqgen.core.errors import VQGenError
 BUILTIN = "builtin"
 NO_LABELS = "none"  # label_column value that ignores the source's labels
 RESIZE_MODES = ("resize", "center-crop", "pad")
+AUGMENTATIONS = ("flip", "translate")
+
+
+def parse_augment(spec: str) -> tuple[str, ...]:
+    """"none" -> (); "flip,translate" -> ("flip", "translate"); anything else is refused by name."""
+    if spec.strip().lower() in ("none", ""):
+        return ()
+    names = tuple(n.strip().lower() for n in spec.split(","))
+    unknown = [n for n in names if n not in AUGMENTATIONS]
+    if unknown:
+        raise VQGenError(f"augment: unknown augmentation {unknown[0]!r}; expected 'none' or a comma list of "
+                         f"{', '.join(AUGMENTATIONS)}")
+    return names
 
 
 @dataclass(frozen=True)
@@ -35,6 +48,11 @@ class DataConfig:
     builtin_train_size: int = option(10000, "training images of the built-in shapes")
     builtin_test_size: int = option(2000, "test images of the built-in shapes")
     max_images: int | None = option(None, "use at most this many images of each split (quick runs)")
+    augment: str = option("none", "stage-1 training augmentation: 'none' or a comma list of flip (horizontal "
+                                  "mirror: not for digits or text) and translate (shifts up to 1/8 of the side)",
+                          since=2)
+    code_copies: int = option(0, "augmented copies of each training image added to the code dump, so the prior "
+                                 "sees more grids (uses --augment)", since=2)
 
     def __post_init__(self):
         if not isinstance(self.source, str) or not self.source.strip():
@@ -52,6 +70,11 @@ class DataConfig:
         for name in ("builtin_train_size", "builtin_test_size"):
             if getattr(self, name) < 1:
                 raise VQGenError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        parse_augment(self.augment)
+        if self.code_copies < 0:
+            raise VQGenError(f"code_copies must be >= 0, got {self.code_copies}")
+        if self.code_copies and not parse_augment(self.augment):
+            raise VQGenError(f"code_copies={self.code_copies} needs augment (e.g. 'flip,translate'), got 'none'")
         if self.max_images is not None and self.max_images < 1:
             raise VQGenError(f"max_images must be >= 1 or None, got {self.max_images!r}")
 

@@ -1,0 +1,65 @@
+"""Augmentation: what it does to a batch, that it only moves pixels, and the augmented code dump."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import TINY_DATA, TINY_VQVAE, tiny_train
+from vqgen.core.data.augment import augment, with_augmented_copies
+from vqgen.core.data.config import DataConfig, parse_augment
+from vqgen.core.data.images import ImageSplit
+from vqgen.core.errors import VQGenError
+
+
+def test_parse_augment():
+    assert parse_augment("none") == ()
+    assert parse_augment("flip, Translate") == ("flip", "translate")
+    with pytest.raises(VQGenError, match="unknown augmentation 'rotate'; expected 'none' or a comma list of flip"):
+        parse_augment("flip,rotate")
+    with pytest.raises(VQGenError, match="code_copies=2 needs augment"):
+        DataConfig(code_copies=2)
+
+
+def test_flip_mirrors_about_half_the_images_exactly():
+    x = torch.randn(400, 3, 8, 8)
+    y = augment(x, ("flip",), torch.Generator().manual_seed(0))
+    flipped = torch.tensor([torch.equal(a, b.flip(-1)) for a, b in zip(y, x)])
+    kept = torch.tensor([torch.equal(a, b) for a, b in zip(y, x)])
+    assert bool((flipped | kept).all()) and 150 < int(flipped.sum()) < 250
+
+
+def test_translate_shifts_whole_images_within_an_eighth_of_the_side():
+    x = torch.arange(16 * 16, dtype=torch.float32).reshape(1, 1, 16, 16).repeat(64, 1, 1, 1)
+    y = augment(x, ("translate",), torch.Generator().manual_seed(1))
+    shifts = set()
+    for image in y[:, 0]:
+        # the centre pixel of the original (value 8*16+8) lands at (8+dy, 8+dx): every pixel moved alike
+        dy, dx = [int(v[0]) - 8 for v in torch.nonzero(image == 8 * 16 + 8, as_tuple=True)]
+        assert abs(dy) <= 2 and abs(dx) <= 2
+        assert torch.equal(image[4:12, 4:12], x[0, 0, 4 - dy:12 - dy, 4 - dx:12 - dx])
+        shifts.add((dy, dx))
+    assert len(shifts) > 5  # different images, different shifts
+    assert set(y.unique().tolist()) <= set(x.unique().tolist())  # edge pixels repeated, nothing invented
+
+
+def test_augmented_copies_follow_the_originals_and_are_reproducible():
+    images = torch.randint(0, 256, (10, 3, 16, 16), dtype=torch.uint8)
+    split = ImageSplit(images, torch.arange(10))
+    a = with_augmented_copies(split, ("flip", "translate"), copies=2, seed=7)
+    b = with_augmented_copies(split, ("flip", "translate"), copies=2, seed=7)
+    assert len(a) == 30 and torch.equal(a.images[:10], images) and torch.equal(a.images, b.images)
+    assert torch.equal(a.labels, torch.arange(10).repeat(3))
+    assert not torch.equal(a.images[10:20], images)
+
+
+def test_stage1_trains_with_augmentation_and_dumps_more_training_grids(tmp_path):
+    from stage1_vqvae.train import train_vqvae
+    from vqgen.core.codes import load_codes
+
+    data = DataConfig(**{**TINY_DATA.__dict__, "augment": "flip,translate", "code_copies": 2})
+    train_vqvae(tmp_path / "run", data, tiny_train(max_steps=4), TINY_VQVAE)
+    splits, meta = load_codes(tmp_path / "run" / "codes")
+    assert len(splits["train"]) == 3 * TINY_DATA.builtin_train_size and meta.train_copies == 2
+    assert len(splits["test"]) == TINY_DATA.builtin_test_size  # never augmented
+    assert torch.equal(splits["train"].labels[:96], splits["train"].labels[96:192])
