@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
@@ -23,7 +23,8 @@ from vqgen.core.errors import VQGenError
 from vqgen.core.imageio import save_grid
 from vqgen.core.layout import RunLayout, StageDir
 from vqgen.core.metrics import code_usage, psnr
-from vqgen.core.stage import check_batch_size, start, train_config, write_stage_files
+from vqgen.core.console import make_console
+from vqgen.core.stage import check_batch_size, sized_schedule, start, train_config, write_stage_files
 from vqgen.core.trainer import TrainConfig, fit, make_optimizer
 
 # Stage-1 training defaults, chosen by measurement (README, "Defaults"); any option overrides them.
@@ -97,6 +98,20 @@ def resolve_config(stage: StageDir, overrides: dict[str, Any], data: ImageData, 
     return cfg
 
 
+def sized_defaults(data: ImageData, given_training: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Stage-1 defaults from the data (README, "Defaults sized to the data"): model options, training options.
+
+    Width: 128 channels for colour images or sides of 64 px and more (more to reconstruct per code),
+    64 for small grey images. Length: 60 passes over the training images, 1,500 to 6,000 steps,
+    evaluated 10 times (the best evaluation's weights are kept).
+    """
+    wide = data.channels == 3 or max(data.height, data.width) >= 64
+    model = {"hidden_channels": 128, "res_channels": 64} if wide else {"hidden_channels": 64, "res_channels": 32}
+    training = sized_schedule(len(data.train), given_training, TRAIN_DEFAULTS, epochs=60, lowest=1500,
+                              highest=6000, evaluations=10)
+    return model, training
+
+
 def train_vqvae(
     run_dir: str | Path,
     data_cfg: DataConfig,
@@ -105,16 +120,21 @@ def train_vqvae(
     resume: bool = False,
     encode: bool = True,
     overwrite: bool = False,
+    data: ImageData | None = None,
 ) -> dict[str, float]:
-    """Train stage 1 into the run's vqvae folder, then (by default) encode every split to its codes."""
+    """Train stage 1 into the run's vqvae folder, then (by default) encode every split to its codes.
+
+    `data`: the images of `data_cfg`, when the caller has loaded them already.
+    """
     run = RunLayout(run_dir)
     stage = run.vqvae
     check_stage_dir(stage, "VQ-VAE", resume, overwrite)
     if resume and stage.data_config.is_file():
         resumed_config(DataConfig, stage.data_config, asdict(data_cfg), strict=True, what="data options")
     accelerator, console = start(stage, train_cfg)
-    with accelerator.main_process_first():
-        data = load_image_data(data_cfg)
+    if data is None:
+        with accelerator.main_process_first():
+            data = load_image_data(data_cfg)
     cfg = resolve_config(stage, model_overrides or {}, data, resume)
     console.print(f"data: {data.source}: {len(data.train.images)} train / {len(data.test.images)} test images, "
                   f"{data.channels}x{data.height}x{data.width}, {data.num_classes} classes")
@@ -144,9 +164,20 @@ def train_from_options(run_dir: str | Path, data: dict[str, Any], training: dict
     A fresh run starts from the defaults; resuming starts from the run's saved configs.
     """
     stage = RunLayout(run_dir).vqvae
+    check_stage_dir(stage, "VQ-VAE", resume, overwrite)
     if resume and stage.data_config.is_file():
         data_cfg = resumed_config(DataConfig, stage.data_config, data, strict=True, what="data options")
     else:
         data_cfg = DataConfig(**data)
-    train_cfg = train_config(stage, training, TRAIN_DEFAULTS, resume)
-    return train_vqvae(run_dir, data_cfg, train_cfg, model, resume=resume, encode=encode, overwrite=overwrite)
+    TrainConfig(**{**TRAIN_DEFAULTS, **training})  # refuse bad training options before loading any data
+    with PartialState().main_process_first():
+        images = load_image_data(data_cfg)
+    sized_model, sized_training = sized_defaults(images, training)
+    train_cfg = train_config(stage, training, {**TRAIN_DEFAULTS, **sized_training}, resume)
+    if not resume:  # a resumed run keeps its saved model
+        chosen = {k: v for k, v in {**sized_model, **sized_training}.items() if k not in {**model, **training}}
+        model = {**sized_model, **model}
+        make_console(PartialState().is_main_process).print(
+            "defaults sized to the data: " + (", ".join(f"{k} {v}" for k, v in chosen.items()) or "none (all given)"))
+    return train_vqvae(run_dir, data_cfg, train_cfg, model, resume=resume, encode=encode, overwrite=overwrite,
+                       data=images)

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
@@ -18,16 +18,17 @@ from stage2_prior.contract import PriorConfig, grid_nll
 from stage2_prior.registry import PriorSource, kind_of, load_prior_config, prior_kind
 from vqgen.core.batches import BatchDataset, make_loader
 from vqgen.core.checkpoint import check_stage_dir, weights_fingerprint
-from vqgen.core.codes import CodeSplit, CodesMeta, load_codes
+from vqgen.core.codes import CodeSplit, CodesMeta, load_codes, load_codes_meta
+from vqgen.core.console import make_console
 from vqgen.core.errors import VQGenError
 from vqgen.core.layout import RunLayout, StageDir
 from vqgen.core.metrics import bits
-from vqgen.core.stage import check_batch_size, start, train_config, write_stage_files
+from vqgen.core.stage import check_batch_size, sized_schedule, start, train_config, write_stage_files
 from vqgen.core.trainer import TrainConfig, fit, make_optimizer
 
 # Stage-2 training defaults, chosen by measurement (README, "Defaults"); any option overrides them.
 TRAIN_DEFAULTS = dict(batch_size=32, learning_rate=1e-3, max_steps=1800, warmup_steps=100, eval_every=600,
-                      save_every=600, weight_decay=0.01)
+                      save_every=600, weight_decay=0.1)
 
 
 class CodesDataset(BatchDataset):
@@ -168,8 +169,33 @@ def train_prior(
     return fit(accelerator, train_cfg, prior_stage, model, optimizer, train_loader, stage, resume, console)
 
 
+def sized_defaults(meta: CodesMeta, given_training: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Stage-2 defaults from the codes (README, "Defaults sized to the data"): model options, training options.
+
+    Regularisation by the number of training codes (grids x codes per grid): dropout 0.3 under 500k
+    codes, 0.1 under 5M, none above. Length: 40 passes over the grids, 2,000 to 8,000 steps, evaluated
+    20 times, so that early stopping (patience 5) ends a run that has started to memorise.
+    """
+    grids = dict(meta.split_sizes).get("train", 0)
+    codes = grids * meta.grid_height * meta.grid_width
+    model = {"dropout": 0.3 if codes < 500_000 else 0.1 if codes < 5_000_000 else 0.0}
+    training = sized_schedule(grids, given_training, TRAIN_DEFAULTS, epochs=40, lowest=2000, highest=8000,
+                              evaluations=20)
+    return model, training
+
+
 def train_from_options(run_dir: str | Path, kind: str, training: dict[str, Any], model: dict[str, Any],
                        **kwargs: Any) -> dict[str, float]:
-    """What `scripts/train_prior.py` calls: defaults for a fresh prior, the saved options on resume."""
-    train_cfg = train_config(RunLayout(run_dir).prior, training, TRAIN_DEFAULTS, kwargs.get("resume", False))
+    """What `scripts/train_prior.py` calls: defaults sized to the codes for a fresh prior, the saved
+    options on resume."""
+    run = RunLayout(run_dir)
+    resume = kwargs.get("resume", False)
+    meta = load_codes_meta(Path(kwargs.get("codes_dir") or run.codes))
+    sized_model, sized_training = sized_defaults(meta, training)
+    train_cfg = train_config(run.prior, training, {**TRAIN_DEFAULTS, **sized_training}, resume)
+    if not resume:  # a resumed run keeps its saved model
+        chosen = {k: v for k, v in {**sized_model, **sized_training}.items() if k not in {**model, **training}}
+        model = {**sized_model, **model}
+        make_console(PartialState().is_main_process).print(
+            "defaults sized to the data: " + (", ".join(f"{k} {v}" for k, v in chosen.items()) or "none (all given)"))
     return train_prior(run_dir, kind, train_cfg, model, **kwargs)

@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import tree_hashes
+from conftest import TINY_TRANSFORMER, tiny_train, tree_hashes
+from stage2_prior.train import train_prior
 from vqgen import pipeline
 from vqgen.cli import main
 from vqgen.core.codes import load_codes
@@ -127,6 +128,13 @@ BAD_INPUTS = [
     (["eval", "--run", "{missing}"], "run not found"),
     (["encode", "--run", "{missing}"], "run not found"),
     (["encode", "--data", "/no/such/folder"], "/no/such/folder"),
+    (["eval", "--samples", "1"], "--samples must be 0 (none) or >= 2, got 1"),
+    (["eval", "--samples", "-5"], "--samples must be 0 (none) or >= 2, got -5"),
+    (["eval", "--samples", "8", "--judge-steps", "0"], "--judge-steps must be >= 1, got 0"),
+    (["eval", "--inception"], "give --samples N as well"),
+    (["eval", "--samples", "8", "--inception"], "needs torch-fidelity"),
+    (["eval", "--run", "{no_prior}", "--samples", "8"], "no trained prior"),
+    (["sample", "--run", "{unconditional}", "--label", "circle"], "labels given but the prior"),
 ]
 
 
@@ -136,7 +144,8 @@ def test_bad_input_is_one_line_and_changes_nothing(tiny_run, tmp_path, capsys, a
     shutil.copytree(tiny_run, run)
     no_prior = tmp_path / "no_prior"
     shutil.copytree(tiny_run / "vqvae", no_prior / "vqvae")
-    argv = [a.format(missing=tmp_path / "missing", no_prior=no_prior, run=run) for a in argv]
+    argv = [a.format(missing=tmp_path / "missing", no_prior=no_prior, run=run,
+                     unconditional=unconditional_run(tiny_run, tmp_path)) for a in argv]
     if "--run" not in argv:
         argv += ["--run", str(run)]
     before = tree_hashes(run)
@@ -148,6 +157,31 @@ def test_bad_input_is_one_line_and_changes_nothing(tiny_run, tmp_path, capsys, a
     assert message in err
     assert "Traceback" not in err
     assert tree_hashes(run) == before
+
+
+def unconditional_run(tiny_run: Path, tmp_path: Path) -> Path:
+    """A copy of the tiny run whose prior ignores the labels (what an unlabelled folder gives)."""
+    run = tmp_path / "unconditional"
+    if not run.exists():
+        shutil.copytree(tiny_run, run)
+        train_prior(run, "transformer", tiny_train(max_steps=2), TINY_TRANSFORMER, labels="no", overwrite=True)
+    return run
+
+
+def test_eval_scores_samples_beside_real_images(tiny_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    assert main(["eval", "--run", str(run), "--samples", "12", "--judge-steps", "20"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "12 samples against the 40 test images" in out and "12 real training images" in out
+    for measure in ("fid", "class_accuracy", "coverage"):
+        assert measure in out
+    record = json.loads((run / "evaluations.jsonl").read_text().splitlines()[-1])
+    assert record["samples"]["n_samples"] == 12 and record["real"]["fid"] >= 0
+    assert (run / "judge" / "model.safetensors").is_file()  # trained once, then reused
+    assert main(["eval", "--run", str(unconditional_run(tiny_run, tmp_path)), "--samples", "6",
+                 "--judge-steps", "5"]) == 0
+    assert "class_accuracy" not in capsys.readouterr().out  # nothing to check a class against
 
 
 class _no_raise:

@@ -18,7 +18,7 @@ EXAMPLES = {
     "encode": "vqgen encode\n  vqgen encode --run runs/mine --data ./more_images",
     "complete": "vqgen complete --n 8 --keep-rows 4",
     "info": "vqgen info --run runs/mine",
-    "eval": "vqgen eval --run runs/mine",
+    "eval": "vqgen eval --run runs/mine\n  vqgen eval --run runs/mine --samples 1000 --cfg 2.0",
 }
 
 
@@ -73,7 +73,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output PNG (default: RUN/completions.png)")
 
     command("info", "a table of the run: configs, data, metrics")
-    command("eval", "recompute the test metrics of both stages")
+    p = command("eval", "recompute the test metrics of both stages; with --samples, how good samples are")
+    p.add_argument("--samples", type=int, default=0,
+                   help="draw this many samples and score them against the test split: in-domain FID, class "
+                        "accuracy and coverage, beside real training images (default: 0, no samples)")
+    p.add_argument("--inception", action="store_true",
+                   help="with --samples: also the standard Inception FID (needs torch-fidelity and its weights)")
+    p.add_argument("--retrain-judge", action="store_true", help="train the run's judge again instead of reusing it")
+    p.add_argument("--judge-steps", type=int, default=600,
+                   help="training steps of the judge, when it is trained (default: 600)")
+    p.add_argument("--batch-size", type=int, default=1000, help="samples per batch (default: 1000)")
+    _add_sampling_options(p)
     return parser
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import shutil
 import tempfile
@@ -177,12 +178,40 @@ def _test_summary(tests: list[dict]) -> str:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    if args.samples < 0 or args.samples == 1:
+        raise VQGenError(f"--samples must be 0 (none) or >= 2, got {args.samples}")
+    if args.judge_steps < 1:
+        raise VQGenError(f"--judge-steps must be >= 1, got {args.judge_steps}")
+    if args.inception and not args.samples:
+        raise VQGenError("--inception scores samples: give --samples N as well")
     console = make_console()
-    run = pipeline.load_run(args.run, need_prior=False)
-    metrics = pipeline.evaluate(run)
+    run = pipeline.load_run(args.run, need_prior=bool(args.samples), allow_vqvae_mismatch=args.allow_vqvae_mismatch)
+    data = pipeline.run_data(run)
+    metrics = pipeline.evaluate(run, data)
     table = Table(title=f"test metrics of {run.path}")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for k, v in metrics.items():
         table.add_row(k, f"{v:.5g}")
     console.print(table)
+    if not args.samples:
+        return
+    accelerator = Accelerator()
+    pipeline.run_on_device(run, accelerator.device)
+    scores = pipeline.sample_quality(run, accelerator, args.samples, data, seed=args.seed, batch_size=args.batch_size,
+                                     retrain_judge=args.retrain_judge, inception=args.inception,
+                                     judge_steps=args.judge_steps, **_sampling_kwargs(args))
+    table = Table(title=f"{args.samples} samples against the {len(data.test)} test images")
+    for column in ("measure", "samples", f"{min(args.samples, len(data.train))} real training images"):
+        table.add_column(column, justify="left" if column == "measure" else "right")
+    for k, v in scores["samples"].items():
+        real = scores["real"].get(k)
+        table.add_row(k, f"{v:.4g}", "" if real is None else f"{real:.4g}")
+    console.print(table)
+    accuracy, chance = scores["samples"].get("judge_test_accuracy"), scores["samples"].get("judge_chance")
+    if accuracy is not None and chance is not None and accuracy < min(2 * chance, (1 + chance) / 2):
+        console.print(f"[bold yellow]warning:[/] the judge scores only {accuracy:.2f} on the test images (chance "
+                      f"{chance:.2f}): its features say little about these images; trust the FID less")
+    record = {"time": time.time(), "samples": args.samples, **_sampling_kwargs(args), "seed": args.seed, **scores}
+    with run.layout.evaluations.open("a") as f:
+        f.write(json.dumps(record) + "\n")

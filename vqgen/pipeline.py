@@ -7,6 +7,7 @@ depend on how many processes drew them.
 
 from __future__ import annotations
 
+import importlib.util
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from vqgen.core.data.images import ImageData, load_image_data, to_model_range, t
 from vqgen.core.errors import VQGenError
 from vqgen.core.layout import RunLayout
 from vqgen.core.metrics import bits, code_usage, psnr
+from vqgen.core import quality
 
 
 @dataclass
@@ -230,3 +232,51 @@ def evaluate(run: Run, data: ImageData | None = None, batch_size: int = 256) -> 
         per_grid = bits(torch.cat(nll).mean().item())
         metrics.update(bits_per_code=per_grid / test.codes[0].numel(), bits_per_image=per_grid)
     return metrics
+
+
+def judge_of(run: Run, data: ImageData, retrain: bool = False, device: torch.device | str = "cpu",
+             steps: int = 600) -> quality.Judge:
+    """The run's judge: trained once on its training images (their labels, or rotations when unlabelled),
+    then cached in the run directory."""
+    folder = run.layout.judge
+    if folder.trained and not retrain:
+        judge = quality.load_judge(folder.path)
+        if (judge.config.in_channels, judge.config.image_height, judge.config.image_width) == (
+                data.channels, data.height, data.width):
+            return judge.to(device)
+    images = data.train.images.to(device)
+    labels = None if data.train.labels is None else data.train.labels.to(device)
+    config = quality.JudgeConfig.for_data(images, labels, data.num_classes or None, steps=steps)
+    judge = quality.train_judge(images, labels, config)
+    quality.save_judge(judge, folder.path)
+    return judge
+
+
+def sample_quality(run: Run, accelerator: Accelerator, n: int, data: ImageData | None = None, seed: int = 0,
+                   batch_size: int = 1000, retrain_judge: bool = False, inception: bool = False,
+                   judge_steps: int = 600, **sampling: float | int | None) -> dict[str, dict[str, float]]:
+    """How good n samples are against the test split, beside what n real training images score.
+
+    -> {"samples": {fid, class_accuracy, coverage, ...}, "real": {...}}: in-domain FID in the features of
+    the run's judge, the share of samples the judge assigns the class they were drawn for, and the
+    normalised entropy of its predicted classes; `inception` adds the standard Inception FID.
+    """
+    if run.prior is None:
+        raise VQGenError(f"judging samples needs a trained prior; {run.layout.prior.path} has none")
+    data = data or run_data(run)
+    if len(data.test) < 2:
+        raise VQGenError(f"judging samples needs a test split of at least 2 images, {data.source} has {len(data.test)}")
+    if inception and importlib.util.find_spec("torch_fidelity") is None:
+        raise VQGenError("the Inception FID needs torch-fidelity: pip install torch-fidelity "
+                         "(and network access once for its Inception weights)")
+    judge = judge_of(run, data, retrain_judge, accelerator.device, judge_steps)
+    labels = choose_labels(run, None, n)
+    _, images = sample(run, accelerator, n, labels=labels, seed=seed, batch_size=batch_size, **sampling)
+    device = accelerator.device
+    scores = quality.sample_quality(judge, images.to(device), labels, data.test.images.to(device), data.test.labels)
+    real = quality.reference_floor(judge, data.train.images.to(device), data.test.images.to(device),
+                                   data.test.labels, n=min(n, len(data.train)), seed=seed,
+                                   train_labels=data.train.labels)
+    if inception:
+        scores["inception_fid"] = quality.inception_fid(images, data.test.images)
+    return {"samples": scores, "real": real}

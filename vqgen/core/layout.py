@@ -7,6 +7,8 @@
       prior/     StageDir: config.json, model.safetensors, train_config.json, metrics.jsonl,
                  source.json, state/step-*/
       samples/   NNNN/ from each `vqgen sample`: grid.png, images/, codes.safetensors, settings.json
+      judge/     config.json, model.safetensors: the classifier that scores samples (`vqgen eval --samples`)
+      evaluations.jsonl   the sample-quality scores of each `vqgen eval --samples`
 
 Stages, pipeline and CLI ask a `RunLayout` for paths; none spells a name itself.
 """
@@ -111,6 +113,16 @@ class RunLayout:
     @property
     def codes_meta(self) -> Path:
         return self.codes / CODES_META
+
+    @property
+    def judge(self) -> StageDir:
+        """The small classifier `vqgen eval --samples` trains on the run's images to judge samples."""
+        return StageDir(self.root / "judge")
+
+    @property
+    def evaluations(self) -> Path:
+        """One JSON line per `vqgen eval --samples`: settings and scores."""
+        return self.root / "evaluations.jsonl"
 
     @property
     def samples(self) -> Path:

@@ -30,6 +30,17 @@ def train_config(stage: StageDir, given: dict[str, Any], defaults: dict[str, Any
     return TrainConfig(**{**defaults, **given})
 
 
+def sized_schedule(items: int, given: dict[str, Any], defaults: dict[str, Any], epochs: float, lowest: int,
+                   highest: int, evaluations: int) -> dict[str, int]:
+    """The training length the data calls for: `epochs` passes over `items` at the batch size in force,
+    kept within [lowest, highest] steps (in hundreds); `evaluations` evaluations (and saves) over the run.
+    Options the user gave win."""
+    batch = given.get("batch_size", defaults["batch_size"])
+    steps = given.get("max_steps", min(highest, max(lowest, int(round(epochs * items / batch, -2)))))
+    every = max(50, round((steps or highest) / evaluations / 50) * 50)
+    return {"max_steps": steps, "eval_every": every, "save_every": every}
+
+
 def check_batch_size(batch_size: int, available: int, what: str) -> None:
     if available < batch_size:
         raise VQGenError(f"batch size {batch_size} is larger than the {available} {what}")
