@@ -29,11 +29,15 @@ def median_seconds(cmd: list[str], repeats: int, before=None) -> float:
     return statistics.median(times)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", default="runs/default", help="a trained run (default: runs/default)")
     parser.add_argument("--repeats", type=int, default=5, help="processes per command (default: 5)")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
     if not (Path(args.run) / "prior").is_dir():
         sys.exit(f"error: {args.run} has no trained prior: run the quickstart first")
     out = Path(tempfile.mkdtemp()) / "samples"

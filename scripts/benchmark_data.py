@@ -79,7 +79,7 @@ def score(run_dir: Path, judge: Path, settings: list[tuple[float, float]], n: in
     return results
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--name", required=True, help="dataset name, for the output folder and the judge")
     p.add_argument("--out", default="bench/data", help="output root (default: bench/data)")
@@ -94,7 +94,11 @@ def main() -> None:
                    help="cfg:temperature settings to score (default: 1:1,1.5:1,2:1,3:1,2:0.9)")
     p.add_argument("--grid-cfg", type=float, default=None, help="cfg of the sample grid (default: the CLI's)")
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args()
+    return p.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
 
     out = Path(args.out) / args.name
     out.mkdir(parents=True, exist_ok=True)

@@ -67,13 +67,17 @@ def time_sampling(run_dir: Path, n: int, repeats: int = 2) -> dict[str, float]:
     return {f"sample_codes_s_n{n}": best_codes, f"sample_and_decode_s_n{n}": best_total}
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", default="bench/mnist", help="stage-1 benchmark run with codes")
     p.add_argument("--priors", nargs="+", default=["transformer", "pixelcnn"])
     p.add_argument("--seconds", type=float, default=300, help="training wall-clock per prior")
     p.add_argument("--skip-training", action="store_true")
-    args = p.parse_args()
+    return p.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
 
     source = Path(args.run)
     splits, meta = load_codes(source / "codes")

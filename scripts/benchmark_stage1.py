@@ -25,7 +25,7 @@ from vqgen.core.metrics import JsonlLog, code_usage, psnr
 from vqgen.core.trainer import TrainConfig
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="../shared/data/mnist")
     p.add_argument("--run", default="bench/mnist")
@@ -34,7 +34,11 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--codebook-update", default="loss", choices=("loss", "ema"))
     p.add_argument("--skip-training", action="store_true", help="only evaluate an existing run")
-    args = p.parse_args()
+    return p.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
 
     data_cfg = DataConfig(source=args.data, image_size=32, resize_mode="pad")
     model = dict(hidden_channels=128, res_channels=32, num_res_blocks=2, downsample=4, codebook_size=512,

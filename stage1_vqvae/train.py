@@ -22,6 +22,7 @@ from vqgen.core.data.images import ImageData, ImageDataset, load_image_data, to_
 from vqgen.core.errors import VQGenError
 from vqgen.core.imageio import save_grid
 from vqgen.core.layout import RunLayout, StageDir
+from vqgen.core.lock import holds_stage_lock
 from vqgen.core.metrics import code_usage, psnr
 from vqgen.core.console import make_console
 from vqgen.core.stage import check_batch_size, sized_schedule, start, train_config, write_stage_files
@@ -112,6 +113,7 @@ def sized_defaults(data: ImageData, given_training: dict[str, Any]) -> tuple[dic
     return model, training
 
 
+@holds_stage_lock("vqvae")  # one writer per stage folder: a second run is refused
 def train_vqvae(
     run_dir: str | Path,
     data_cfg: DataConfig,

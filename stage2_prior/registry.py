@@ -10,7 +10,7 @@ from stage2_prior.contract import PriorConfig
 from stage2_prior.pixelcnn import PixelCNNConfig, PixelCNNPrior
 from stage2_prior.transformer import TransformerConfig, TransformerPrior
 from vqgen.core.checkpoint import load_weights
-from vqgen.core.config import load_config, read_json
+from vqgen.core.config import load_config, option, read_json
 from vqgen.core.errors import VQGenError
 from vqgen.core.layout import StageDir
 
@@ -38,6 +38,8 @@ class PriorSource:
     vqvae_fingerprint: str
     codes_dir: str
     class_names: tuple[str, ...]
+    class_frequencies: tuple[float, ...] = option((), "share of the training grids in each class", since=2)
+    pseudo_labels: bool = option(False, "the classes are clusters of the codes (unlabelled data)", since=2)
 
 
 def prior_kind(name: str) -> PriorKind:

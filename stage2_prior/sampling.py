@@ -99,6 +99,12 @@ def _check_sample_args(prior: ARPrior, n: int, labels: Tensor | None, temperatur
         raise VQGenError(f"batch_size must be >= 1, got {batch_size}")
 
 
+def check_sampling(prior: ARPrior, n: int, labels: Tensor | None = None, temperature: float = 1.0,
+                   top_k: int | None = None, top_p: float | None = None, cfg_scale: float = 1.0) -> None:
+    """Refuse bad sampling options before anything is drawn (or written), as `sample_codes` would."""
+    _check_sample_args(prior, n, labels, temperature, top_k, top_p, cfg_scale, None, None, 0, None)
+
+
 def _sample_chunk(prior: ARPrior, labels: Tensor | None, uniforms: Tensor, prefix: Tensor | None, prefix_len: int,
                   cfg_scale: float, choose: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
     """(b, t) uniforms, (b, t) prefix -> (b, t) codes, one prior step per position."""

@@ -22,6 +22,7 @@ from vqgen.core.codes import CodeSplit, CodesMeta, load_codes, load_codes_meta
 from vqgen.core.console import make_console
 from vqgen.core.errors import VQGenError
 from vqgen.core.layout import RunLayout, StageDir
+from vqgen.core.lock import holds_stage_lock
 from vqgen.core.metrics import bits
 from vqgen.core.stage import check_batch_size, sized_schedule, start, train_config, write_stage_files
 from vqgen.core.trainer import TrainConfig, fit, make_optimizer
@@ -121,6 +122,7 @@ def resolve_prior_config(kind: str, meta: CodesMeta, conditional: bool, override
     return config_cls(**{**from_codes, **overrides})
 
 
+@holds_stage_lock("prior")  # one writer per stage folder: a second run is refused
 def train_prior(
     run_dir: str | Path,
     kind: str,
@@ -158,8 +160,13 @@ def train_prior(
     console.print(f"prior: {kind}, {n_params / 1e6:.2f}M parameters, K={cfg.codebook_size}, grid "
                   f"{cfg.grid_height}x{cfg.grid_width}, "
                   f"{'conditional on ' + str(cfg.num_classes) + ' classes' if conditional else 'unconditional'}")
+    frequencies = ()
+    if conditional:
+        counts = torch.bincount(splits["train"].labels, minlength=meta.num_classes).double()
+        frequencies = tuple((counts / counts.sum()).tolist())
     source = PriorSource(prior=kind, vqvae_fingerprint=meta.vqvae_fingerprint, codes_dir=str(codes_dir.resolve()),
-                         class_names=meta.class_names if conditional else ())
+                         class_names=meta.class_names if conditional else (), class_frequencies=frequencies,
+                         pseudo_labels=conditional and meta.pseudo_labels)
     write_stage_files(accelerator, stage, {stage.config: cfg, stage.source: source}, fresh=overwrite and not resume)
     optimizer = make_optimizer(model, train_cfg)
     train_set = CodesDataset(splits["train"], conditional)

@@ -63,3 +63,34 @@ def test_stage1_trains_with_augmentation_and_dumps_more_training_grids(tmp_path)
     assert len(splits["train"]) == 3 * TINY_DATA.builtin_train_size and meta.train_copies == 2
     assert len(splits["test"]) == TINY_DATA.builtin_test_size  # never augmented
     assert torch.equal(splits["train"].labels[:96], splits["train"].labels[96:192])
+
+
+def test_unlabelled_data_gets_clusters_that_the_prior_conditions_on(tmp_path):
+    """An unlabelled folder's code dump carries k-means clusters of the codes as pseudo-classes; the prior
+    conditions on them and sampling draws them as often as they occur (an empty cluster never)."""
+    from conftest import TINY_TRANSFORMER
+    from stage1_vqvae.train import train_vqvae
+    from stage2_prior.train import train_prior
+    from vqgen import pipeline
+    from vqgen.core.codes import load_codes
+
+    data = DataConfig(**{**TINY_DATA.__dict__, "label_column": "none", "pseudo_classes": 5})
+    run = tmp_path / "run"
+    train_vqvae(run, data, tiny_train(max_steps=6), TINY_VQVAE)
+    splits, meta = load_codes(run / "codes")
+    assert meta.pseudo_labels and meta.class_names == tuple(f"cluster{i}" for i in range(5))
+    assert int(splits["train"].labels.max()) < 5 and len(splits["test"].labels) == len(splits["test"])
+    train_prior(run, "transformer", tiny_train(max_steps=2), TINY_TRANSFORMER)
+    loaded = pipeline.load_run(run)
+    assert loaded.source.pseudo_labels and loaded.prior.config.num_classes == 5
+    assert sum(loaded.source.class_frequencies) == pytest.approx(1.0)
+    labels = pipeline.choose_labels(loaded, None, 200, seed=3)
+    assert torch.equal(labels, pipeline.choose_labels(loaded, None, 200, seed=3))
+    empty = [i for i, f in enumerate(loaded.source.class_frequencies) if f == 0]
+    assert not any(int(label) in empty for label in labels)
+
+    off = DataConfig(**{**data.__dict__, "pseudo_classes": 0})
+    train_vqvae(tmp_path / "off", off, tiny_train(max_steps=2), TINY_VQVAE)
+    assert load_codes(tmp_path / "off" / "codes")[1].num_classes == 0
+    with pytest.raises(VQGenError, match="pseudo_classes must be 0 \\(off\\) or >= 2, got 1"):
+        DataConfig(pseudo_classes=1)

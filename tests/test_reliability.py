@@ -71,9 +71,9 @@ def test_sigkill_mid_training_then_resume_matches_an_uninterrupted_run(tmp_path)
 
 DIE_DURING_SAVE = """
 import os, runpy, signal, sys
-import vqgen.core.trainer
+import vqgen.core.states
 
-real_commit = vqgen.core.trainer.commit_state_dir
+real_commit = vqgen.core.states.commit_state_dir
 
 def die_mid_write(stage, step, keep):
     if step == 10:  # the state folder is being written: cut a file short, then the process is killed
@@ -82,7 +82,7 @@ def die_mid_write(stage, step, keep):
         os.kill(os.getpid(), signal.SIGKILL)
     return real_commit(stage, step, keep)
 
-vqgen.core.trainer.commit_state_dir = die_mid_write
+vqgen.core.states.commit_state_dir = die_mid_write
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """

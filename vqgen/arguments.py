@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import shlex
+import signal
 import sys
 import types
 import typing
 from typing import Any, Callable, NoReturn
 
 from vqgen.core.console import print_error
-from vqgen.core.errors import VQGenError
+from vqgen.core.errors import TrainingStopped, VQGenError
 
 
 def flag(f: dataclasses.Field) -> str:
@@ -28,16 +31,31 @@ def _dest(f: dataclasses.Field) -> str:
 
 
 def exit_code(command: Callable[[], object]) -> int:
-    """Run a command: 0 when it succeeds; a user's mistake is one line on stderr and exit code 2."""
+    """Run a command: 0 when it succeeds; a user's mistake is one line on stderr and exit code 2; a
+    training stopped by a signal says how to resume it and exits 128 + the signal's number."""
     try:
         command()
     except VQGenError as err:
         print_error(str(err))
         return 2
-    except KeyboardInterrupt:
-        print_error("interrupted")
-        return 130
+    except TrainingStopped as stop:
+        if stop.main_process:
+            print_error(f"{stop}; resume with: {resume_command(sys.argv)}", label="stopped")
+        return stop.exit_code
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM turned into an interrupt (`Terminated`)
+        print_error("interrupted: nothing half-written was kept", label="stopped")
+        return 128 + getattr(err, "signum", signal.SIGINT)
     return 0
+
+
+def resume_command(argv: list[str]) -> str:
+    """The command line that continues this training: the same options, `--resume`, never `--overwrite`."""
+    options = [a for a in argv[1:] if a != "--overwrite"]
+    if "--resume" not in options:
+        options.append("--resume")
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    launcher = ["accelerate", "launch", "--num_processes", str(processes)] if processes > 1 else ["python"]
+    return shlex.join([*launcher, argv[0], *options])
 
 
 class Parser(argparse.ArgumentParser):

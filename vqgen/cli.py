@@ -22,11 +22,16 @@ EXAMPLES = {
 }
 
 
+DEFAULT_CFG = 1.5  # README, "Sampling defaults": in-domain FID and class accuracy on four datasets
+
+
 def _add_sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (default: 1.0)")
     p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely codes")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]")
-    p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1: off)")
+    p.add_argument("--cfg", type=float, default=DEFAULT_CFG,
+                   help=f"classifier-free guidance scale of a conditional prior (1: off; default: {DEFAULT_CFG}, "
+                        "measured best on shapes and MNIST; 1.0 gives more varied samples)")
     p.add_argument("--seed", type=int, default=0, help="sample i is seeded by (seed, i) (default: 0)")
     p.add_argument("--allow-vqvae-mismatch", action="store_true",
                    help="use a prior trained on another VQ-VAE's codes")

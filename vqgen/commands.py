@@ -7,31 +7,32 @@ imports torch.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from rich.table import Table
-from safetensors.torch import save_file
 
 from stage1_vqvae.encode import encode_splits
 from vqgen import pipeline
 from vqgen.arguments import given_options
+from vqgen.core.agree import from_main, raise_together
 from vqgen.core.checkpoint import ensure_writable
 from vqgen.core.codes import load_codes
-from vqgen.core.config import load_config, read_json, write_json_atomic
+from vqgen.core.config import load_config, read_json
 from vqgen.core.console import make_console, make_progress
 from vqgen.core.data.config import DataConfig
 from vqgen.core.errors import VQGenError
-from vqgen.core.imageio import save_grid, save_png
+from vqgen.core.interrupt import terminate_interrupts
+from vqgen.core.imageio import png_size, save_grid
 from vqgen.core.layout import RunLayout
+from vqgen.core.lock import stage_lock
 from vqgen.core.metrics import JsonlLog, psnr
+from vqgen.core.samples import SampleSetWriter, discard_sample_set, finish_sample_set, start_sample_set
 
 
 def _sampling_kwargs(args: argparse.Namespace) -> dict:
@@ -46,43 +47,52 @@ def cmd_sample(args: argparse.Namespace) -> None:
     console = make_console(accelerator.is_main_process)
     run = pipeline.load_run(args.run, allow_vqvae_mismatch=args.allow_vqvae_mismatch)
     pipeline.run_on_device(run, accelerator.device)
-    labels = pipeline.choose_labels(run, args.label, args.n, args.unconditional)
-    out = Path(args.out) if args.out else run.layout.next_samples_dir()
+    labels = pipeline.choose_labels(run, args.label, args.n, args.unconditional, seed=args.seed)
+    batches = pipeline.sample_batches(run, accelerator, args.n, labels=labels, seed=args.seed,
+                                      batch_size=args.batch_size, **_sampling_kwargs(args))  # checked, not drawn
+    out = from_main(accelerator, Path(args.out) if args.out else run.layout.next_samples_dir())
     ensure_writable(out)
     if out.is_dir() and any(out.iterdir()):
         raise VQGenError(f"--out {out} exists and is not empty; choose another folder")
-    start = time.perf_counter()
-    with make_progress(console, "sampling") as bar:
-        share = -(-args.n // accelerator.num_processes)  # this process's part of the n samples
-        task = bar.add_task("sampling", total=share, metrics="")
-        codes, images = pipeline.sample(run, accelerator, args.n, labels=labels, seed=args.seed,
-                                        batch_size=args.batch_size, progress=lambda k: bar.advance(task, k),
-                                        **_sampling_kwargs(args))
-    seconds = time.perf_counter() - start
+    tmp, error = None, None
     if accelerator.is_main_process:
-        settings = {**vars(args), "processes": accelerator.num_processes, "seconds": seconds,
-                    "labels": None if labels is None else labels.tolist()}
-        _write_samples(out, codes, images, settings, args.nrow)
-        console.print(f"{args.n} samples in {seconds:.2f} s -> {out}/grid.png, {out}/images/, {out}/codes.safetensors")
-
-
-def _write_samples(out: Path, codes: torch.Tensor, images: torch.Tensor, settings: dict, nrow: int) -> None:
-    """Everything into a temporary folder first, then one rename: a crash leaves no half sample set."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        try:
+            tmp = start_sample_set(out, args.n, run.vqvae.config.grid_shape, _png_bytes(run), args.nrow)
+        except VQGenError as err:
+            error = str(err)
+    raise_together(accelerator, error, main_only=True)
+    tmp = from_main(accelerator, tmp)
+    start, writer = time.perf_counter(), None
     try:
-        save_grid(images, tmp / "grid.png", nrow=nrow)
-        for i, image in enumerate(images):
-            save_png(image, tmp / "images" / f"{i:05d}.png")
-        save_file({"codes": codes.to(torch.int16).contiguous()}, str(tmp / "codes.safetensors"))
-        write_json_atomic(settings, tmp / "settings.json")
-        if out.exists():
-            if any(out.iterdir()):
-                raise VQGenError(f"--out {out} exists and is not empty; choose another folder")
-            out.rmdir()
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with terminate_interrupts():  # SIGTERM, like Ctrl-C, removes the temporary folder
+            writer = SampleSetWriter(tmp, args.n)
+            with make_progress(console, "sampling") as bar:
+                task = bar.add_task("sampling", total=-(-args.n // accelerator.num_processes), metrics="")
+                for indices, codes, images in batches:  # each process writes its own samples as they come
+                    writer.write(indices, codes, images)
+                    bar.advance(task, len(indices))
+            writer.close()
+            accelerator.wait_for_everyone()
+            seconds = time.perf_counter() - start
+            if accelerator.is_main_process:
+                settings = {**vars(args), "processes": accelerator.num_processes, "seconds": seconds,
+                            "labels": None if labels is None else labels.tolist()}
+                finish_sample_set(tmp, out, args.n, args.nrow, settings)
+    except BaseException:
+        if writer is not None:
+            with contextlib.suppress(Exception):
+                writer.close()
+        if accelerator.is_main_process:
+            discard_sample_set(tmp)
+        raise
+    console.print(f"{args.n} samples in {seconds:.2f} s -> {out}/grid.png, {out}/images/, {out}/codes.safetensors")
+
+
+def _png_bytes(run: pipeline.Run) -> int:
+    """Bytes of one decoded image as a PNG, for the disk estimate: random codes, busier than most samples."""
+    cfg = run.vqvae.config
+    codes = torch.randint(cfg.codebook_size, (1, *cfg.grid_shape), generator=torch.Generator().manual_seed(0))
+    return png_size(pipeline.decode_codes(run, codes)[0])
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> None:
@@ -104,16 +114,18 @@ def cmd_encode(args: argparse.Namespace) -> None:
     accelerator = Accelerator()
     console = make_console(accelerator.is_main_process)
     run = pipeline.load_run(args.run, need_prior=False)
-    pipeline.run_on_device(run, accelerator.device)
-    given = given_options(args, DataConfig)
-    override = None
-    if given:
-        saved = load_config(DataConfig, run.layout.vqvae.data_config)
-        override = dataclasses.replace(saved, **given)
-    with accelerator.main_process_first():
-        data = pipeline.run_data(run, override)
-    encode_splits(accelerator, run.vqvae, data, override or load_config(DataConfig, run.layout.vqvae.data_config),
-                  run.layout, args.batch_size, console)
+    # one writer: refused while stage 1 trains (it encodes at its end) or another encode runs
+    with stage_lock(run.layout.vqvae, "encoding"), terminate_interrupts():
+        pipeline.run_on_device(run, accelerator.device)
+        given = given_options(args, DataConfig)
+        override = None
+        if given:
+            saved = load_config(DataConfig, run.layout.vqvae.data_config)
+            override = dataclasses.replace(saved, **given)
+        with accelerator.main_process_first():
+            data = pipeline.run_data(run, override)
+        encode_splits(accelerator, run.vqvae, data, override or load_config(DataConfig, run.layout.vqvae.data_config),
+                      run.layout, args.batch_size, console)
 
 
 def cmd_complete(args: argparse.Namespace) -> None:

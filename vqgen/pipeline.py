@@ -11,7 +11,7 @@ import importlib.util
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from accelerate import Accelerator
@@ -20,7 +20,7 @@ from torch import Tensor
 from stage1_vqvae.model import VQVAE, VQVAEConfig, reconstruction_errors
 from stage2_prior.contract import grid_nll
 from stage2_prior.registry import PriorSource, load_prior
-from stage2_prior.sampling import sample_codes
+from stage2_prior.sampling import check_sampling, sample_codes
 from vqgen.core.checkpoint import load_model, weights_fingerprint
 from vqgen.core.codes import load_codes
 from vqgen.core.config import load_config
@@ -108,8 +108,10 @@ def decode_codes(run: Run, codes: Tensor, batch_size: int = 256) -> Tensor:
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.uint8)
 
 
-def choose_labels(run: Run, names: list[str] | None, n: int, unconditional: bool = False) -> Tensor | None:
-    """The n labels to sample with: the named ones, else (conditional prior) every class in turn."""
+def choose_labels(run: Run, names: list[str] | None, n: int, unconditional: bool = False,
+                  seed: int = 0) -> Tensor | None:
+    """The n labels to sample with: the named ones; else, for a conditional prior, every class in turn,
+    or for clusters of unlabelled data (uneven, some maybe empty) clusters drawn as often as in training."""
     if names and unconditional:
         raise VQGenError("labels and unconditional sampling exclude each other")
     if names:
@@ -117,6 +119,9 @@ def choose_labels(run: Run, names: list[str] | None, n: int, unconditional: bool
     classes = run.prior.config.num_classes
     if unconditional or not classes:
         return None
+    if run.source.pseudo_labels and run.source.class_frequencies:
+        weights = torch.tensor(run.source.class_frequencies, dtype=torch.double)
+        return torch.multinomial(weights, n, replacement=True, generator=torch.Generator().manual_seed(seed))
     return torch.arange(n) % classes
 
 
@@ -131,6 +136,38 @@ def expand_labels(labels: Tensor | None, n: int) -> Tensor | None:
     return labels
 
 
+def sample_batches(
+    run: Run,
+    accelerator: Accelerator,
+    n: int,
+    labels: Tensor | None = None,
+    seed: int = 0,
+    batch_size: int = 1000,
+    **sampling: float | int | None,
+) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    """This process's share of n samples, one batch at a time: (indices (b,) into the n, codes (b, h, w),
+    uint8 images (b, c, H, W)). Every option is checked now, before the first batch is drawn."""
+    if n < 1:
+        raise VQGenError(f"the number of samples must be >= 1, got {n}")
+    if batch_size < 1:
+        raise VQGenError(f"batch_size must be >= 1, got {batch_size}")
+    labels = expand_labels(labels, n)
+    check_sampling(run.prior, n, labels, **sampling)
+    mine = torch.arange(n).tensor_split(accelerator.num_processes)[accelerator.process_index]
+    return _draw(run, accelerator, mine, labels, seed, batch_size, sampling)
+
+
+def _draw(run: Run, accelerator: Accelerator, mine: Tensor, labels: Tensor | None, seed: int, batch_size: int,
+          sampling: dict) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    for indices in mine.split(batch_size):
+        seeds = seed * 1_000_003 + indices  # sample i depends on (seed, i) alone
+        batch_labels = None if labels is None else labels[indices].to(accelerator.device)
+        with autocast(accelerator):
+            codes = sample_codes(run.prior, len(indices), labels=batch_labels, seeds=seeds, **sampling).cpu()
+            images = decode_codes(run, codes, batch_size)
+        yield indices, codes, images
+
+
 def sample(
     run: Run,
     accelerator: Accelerator,
@@ -141,28 +178,22 @@ def sample(
     progress: Callable[[int], None] | None = None,
     **sampling: float | int | None,
 ) -> tuple[Tensor, Tensor]:
-    """n samples -> ((n, h, w) codes, (n, c, H, W) uint8 images), split across processes, identical on all."""
-    if n < 1:
-        raise VQGenError(f"the number of samples must be >= 1, got {n}")
-    if batch_size < 1:
-        raise VQGenError(f"batch_size must be >= 1, got {batch_size}")
-    labels = expand_labels(labels, n)
-    seeds = seed * 1_000_003 + torch.arange(n, dtype=torch.long)
-    shares = torch.arange(n).tensor_split(accelerator.num_processes)
-    mine = shares[accelerator.process_index]
-    codes = torch.zeros(0, run.prior.config.grid_height, run.prior.config.grid_width, dtype=torch.long)
-    images = None
-    if len(mine):
-        with autocast(accelerator):
-            codes = sample_codes(
-                run.prior, len(mine), labels=None if labels is None else labels[mine].to(accelerator.device),
-                seeds=seeds[mine], batch_size=batch_size, progress=progress, **sampling,
-            ).cpu()
-            images = decode_codes(run, codes, batch_size)
-    if images is None:
-        cfg = run.vqvae.config
-        images = torch.zeros(0, cfg.in_channels, cfg.image_height, cfg.image_width, dtype=torch.uint8)
+    """n samples -> ((n, h, w) codes, (n, c, H, W) uint8 images), split across processes, identical on all.
+
+    Holds all n in memory; `sample_batches` streams them.
+    """
+    cfg = run.vqvae.config
+    h, w = cfg.grid_shape
+    codes = [torch.zeros(0, h, w, dtype=torch.long)]
+    images = [torch.zeros(0, cfg.in_channels, cfg.image_height, cfg.image_width, dtype=torch.uint8)]
+    for _, batch_codes, batch_images in sample_batches(run, accelerator, n, labels, seed, batch_size, **sampling):
+        codes.append(batch_codes)
+        images.append(batch_images)
+        if progress is not None:
+            progress(len(batch_codes))
+    codes, images = torch.cat(codes), torch.cat(images)
     if accelerator.num_processes > 1:
+        shares = torch.arange(n).tensor_split(accelerator.num_processes)
         codes, images = _gather_shares(accelerator, codes, images, sizes=[len(s) for s in shares])
     return codes, images
 
@@ -270,7 +301,7 @@ def sample_quality(run: Run, accelerator: Accelerator, n: int, data: ImageData |
         raise VQGenError("the Inception FID needs torch-fidelity: pip install torch-fidelity "
                          "(and network access once for its Inception weights)")
     judge = judge_of(run, data, retrain_judge, accelerator.device, judge_steps)
-    labels = choose_labels(run, None, n)
+    labels = choose_labels(run, None, n, seed=seed)
     _, images = sample(run, accelerator, n, labels=labels, seed=seed, batch_size=batch_size, **sampling)
     device = accelerator.device
     scores = quality.sample_quality(judge, images.to(device), labels, data.test.images.to(device), data.test.labels)

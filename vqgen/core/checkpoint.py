@@ -20,7 +20,10 @@ from torch import nn
 
 from vqgen.core.config import load_config, save_config
 from vqgen.core.errors import VQGenError
-from vqgen.core.layout import CONFIG, PROGRESS, WEIGHTS, StageDir
+from vqgen.core.interrupt import signals_deferred
+from vqgen.core.layout import CONFIG, LOCK, PROGRESS, WEIGHTS, StageDir
+from vqgen.core.manifest import state_damage
+from vqgen.core.writes import writing
 
 T = TypeVar("T")
 
@@ -41,22 +44,24 @@ def state_fingerprint(state: dict[str, torch.Tensor]) -> str:
 
 
 def save_model(model: nn.Module, config: Any, folder: str | os.PathLike) -> str:
-    """Write config.json and model.safetensors into `folder`, each atomically. Returns the fingerprint."""
+    """Write config.json and model.safetensors into `folder`, each atomically. Returns the fingerprint.
+
+    A failed write (a full disk) is one VQGenError naming the file; the previous files stay as they were.
+    """
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     state = {k: _plain(v) for k, v in model.state_dict().items()}
     fingerprint = state_fingerprint(state)
-    fd, tmp = tempfile.mkstemp(prefix=f".{WEIGHTS}.", dir=folder)
-    os.close(fd)
-    try:
+    tmp = None
+    with writing(folder / WEIGHTS):
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{WEIGHTS}.", dir=folder)
+        os.close(fd)
+    with writing(folder / WEIGHTS, temporary=tmp):
         save_file(state, tmp, metadata={"fingerprint": fingerprint, "config_kind": type(config).__name__})
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         save_config(config, folder / CONFIG)
         os.replace(tmp, folder / WEIGHTS)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return fingerprint
 
 
@@ -118,14 +123,33 @@ def latest_state_dir(stage: StageDir) -> Path | None:
     return dirs[-1][1] if dirs else None
 
 
+def newest_intact_state(stage: StageDir) -> tuple[Path, list[str]]:
+    """The newest state folder whose files match its manifest, and one line for each newer damaged one.
+
+    None intact: a VQGenError listing why each was refused.
+    """
+    skipped = []
+    for _, path in reversed(state_dirs(stage)):
+        damage = state_damage(path)
+        if damage is None:
+            return path, skipped
+        skipped.append(f"skipped the damaged training state {path.name}: {damage}")
+    if not skipped:
+        raise VQGenError(f"nothing to resume: no saved training state under {stage.states} "
+                         "(train without --resume first)")
+    raise VQGenError(f"no intact training state under {stage.states} to resume from: "
+                     + "; ".join(s.split(": ", 1)[1] for s in skipped))
+
+
 def commit_state_dir(stage: StageDir, step: int, keep: int) -> Path:
     """Rename a fully written temporary state into place, then prune to the newest `keep`."""
     tmp, final = stage.temporary_state(step), stage.state(step)
     if final.exists():  # the same step saved twice (resume then immediate save): replace it
         old = final.with_name(f".old-{final.name}")
         shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
+        with signals_deferred():
+            os.replace(final, old)
+            os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
@@ -164,5 +188,14 @@ def check_stage_dir(stage: StageDir, what: str, resume: bool, overwrite: bool) -
 
 
 def clear_stage_dir(stage: StageDir) -> None:
-    """Overwriting: remove what an earlier run left (called once everything is validated)."""
-    shutil.rmtree(stage.path, ignore_errors=True)
+    """Overwriting: remove what an earlier run left (called once everything is validated), except the lock
+    this run holds."""
+    if not stage.path.is_dir():
+        return
+    for child in stage.path.iterdir():
+        if child.name == LOCK:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)

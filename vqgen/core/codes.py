@@ -19,7 +19,9 @@ from torch import Tensor
 
 from vqgen.core.config import load_config, option, save_config
 from vqgen.core.errors import VQGenError
+from vqgen.core.interrupt import signals_deferred
 from vqgen.core.layout import CODES_META as META
+from vqgen.core.writes import writing
 
 
 
@@ -38,12 +40,19 @@ class CodesMeta:
     image_width: int
     split_sizes: tuple[tuple[str, int], ...]
     train_copies: int = option(0, "augmented copies of each training image in the train split", since=2)
+    pseudo_labels: bool = option(False, "the labels are clusters of the codes, not classes of the data", since=2)
 
     def __post_init__(self):
         if self.codebook_size < 2 or self.grid_height < 1 or self.grid_width < 1:
             raise VQGenError(
                 f"codes metadata is inconsistent: K={self.codebook_size}, grid {self.grid_height}x{self.grid_width}"
             )
+        for name in ("num_classes", "train_copies", "image_channels", "image_height", "image_width"):
+            if getattr(self, name) < (0 if name in ("num_classes", "train_copies") else 1):
+                raise VQGenError(f"{name} must be >= {0 if name in ('num_classes', 'train_copies') else 1}, "
+                                 f"got {getattr(self, name)}")
+        if any(size < 0 for _, size in self.split_sizes):
+            raise VQGenError(f"split sizes must be >= 0, got {list(self.split_sizes)}")
 
 
 @dataclass
@@ -76,13 +85,15 @@ def save_codes(folder: str | os.PathLike, splits: dict[str, CodeSplit], meta: Co
         parts[name] = Dataset.from_dict(columns, features=Features(features))
     tmp = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    DatasetDict(parts).save_to_disk(str(tmp))
-    save_config(meta, tmp / META)
+    with writing(tmp, temporary=tmp):  # a full disk: one line, the old codes untouched, no temporary folder left
+        DatasetDict(parts).save_to_disk(str(tmp))
+        save_config(meta, tmp / META)
     old = folder.with_name(f".{folder.name}.old")
     shutil.rmtree(old, ignore_errors=True)
-    if folder.exists():
-        os.replace(folder, old)
-    os.replace(tmp, folder)
+    with signals_deferred():  # a Ctrl-C between the renames would leave no codes folder at all
+        if folder.exists():
+            os.replace(folder, old)
+        os.replace(tmp, folder)
     shutil.rmtree(old, ignore_errors=True)
 
 

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import tempfile
+import types
+import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -35,6 +38,8 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 
 def config_from_dict(cls: type[T], data: dict[str, Any], source: str = "config") -> T:
     """Rebuild `cls` from `config_to_dict` output; unknown, missing or foreign fields are refused."""
+    if not isinstance(data, dict):
+        raise VQGenError(f"{source} holds {type(data).__name__} JSON, expected an object of config fields")
     data = dict(data)
     kind = data.pop("kind", None)
     version = data.pop("format_version", None)
@@ -54,29 +59,95 @@ def config_from_dict(cls: type[T], data: dict[str, Any], source: str = "config")
         if missing:
             parts.append(f"missing fields {missing}")
         raise VQGenError(f"{source} does not match {cls.__name__}: {', '.join(parts)}")
-    for f in dataclasses.fields(cls):  # JSON has no tuples
-        if isinstance(data.get(f.name), list) and isinstance(f.default, tuple):
-            data[f.name] = tuple(data[f.name])
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            data[f.name] = checked_value(data[f.name], hints[f.name], f.name, source, f.metadata.get("choices"))
     try:
         return cls(**data)
-    except TypeError as err:
+    except (TypeError, ValueError) as err:  # the dataclass's own range checks
         raise VQGenError(f"{source}: {err}") from None
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _expected(value: Any, tp: Any) -> str | None:
+    """None when the JSON `value` fits the type hint `tp`, else what was expected ("an integer")."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        problems = [_expected(value, arm) for arm in args]
+        return None if None in problems else " or ".join(problems)
+    if tp is type(None):
+        return None if value is None else "null"
+    if tp is bool:
+        return None if isinstance(value, bool) else "true or false"
+    if tp is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return "a number"
+        return None if math.isfinite(value) else "a finite number"
+    if tp is str:
+        return None if isinstance(value, str) else "a string"
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            return "a list"
+        if len(args) == 2 and args[1] is Ellipsis:
+            pairs = [(item, args[0]) for item in value]
+        elif len(value) != len(args):
+            return f"a list of {len(args)} items"
+        else:
+            pairs = list(zip(value, args))
+        for item, arm in pairs:
+            problem = _expected(item, arm)
+            if problem:
+                return f"a list whose items are {problem}"
+    return None
+
+
+def _as_tuples(value: Any, tp: Any) -> Any:
+    """JSON has no tuples: lists become the tuples the type hint asks for, nested ones too."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        arm = next((a for a in args if _expected(value, a) is None), None)
+        return value if arm is None else _as_tuples(value, arm)
+    if origin is tuple and isinstance(value, (list, tuple)):
+        arms = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
+        return tuple(_as_tuples(item, arm) for item, arm in zip(value, arms))
+    return value
+
+
+def checked_value(value: Any, tp: Any, name: str, source: str, choices: tuple[str, ...] | None = None) -> Any:
+    """`value` as field `name` of type `tp` takes it, or a VQGenError: `config.json: K must be an integer, got "512"`."""
+    problem = _expected(value, tp)
+    if problem:
+        raise VQGenError(f"{source}: {name} must be {problem}, got {_shown(value)}")
+    if choices and value not in choices:
+        raise VQGenError(f"{source}: {name} must be one of {', '.join(choices)}, got {_shown(value)}")
+    return _as_tuples(value, tp)
 
 
 def write_json_atomic(data: Any, path: str | os.PathLike) -> None:
     """Write JSON through a temporary file and a rename, so a reader never sees half a file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=2, sort_keys=False)
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as err:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError):  # a full disk, say: one line naming the file
+            raise VQGenError(f"cannot write {path}: {err.strerror or err}") from None
         raise
 
 

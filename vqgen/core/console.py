@@ -36,9 +36,10 @@ def make_progress(console: Console, description: str = "") -> Progress:
     )
 
 
-def print_error(message: str) -> None:
-    """One line on stderr, no traceback: how a user's mistake is reported."""
+def print_error(message: str, label: str = "error") -> None:
+    """One line on stderr, no traceback: how a user's mistake (or a stop on a signal) is reported."""
     line = " ".join(str(message).split())
-    Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {line}", markup=True)
+    colour = "red" if label == "error" else "yellow"
+    Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold {colour}]{label}:[/] {line}", markup=True)
     sys.stderr.flush()
 

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
+
+from vqgen.core.writes import writing
 
 
 def to_pil(image: Tensor) -> Image.Image:
@@ -18,16 +22,30 @@ def to_pil(image: Tensor) -> Image.Image:
 
 
 def save_png(image: Tensor, path: str | os.PathLike) -> None:
+    """(c, H, W) uint8 -> a PNG at `path`, through a temporary file; a failed write is one VQGenError."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
+    tmp = None
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
+        os.close(fd)
+    with writing(path, temporary=tmp):
         to_pil(image).save(tmp, format="PNG")
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+
+def load_png(path: str | os.PathLike) -> Tensor:
+    """A PNG written by `save_png` -> (c, H, W) uint8."""
+    array = np.asarray(Image.open(path))
+    return torch.from_numpy(array.copy()).unsqueeze(0) if array.ndim == 2 else torch.from_numpy(
+        array.copy()).permute(2, 0, 1)
+
+
+def png_size(image: Tensor) -> int:
+    """Bytes of `image` (c, H, W) uint8 as a PNG."""
+    buffer = io.BytesIO()
+    to_pil(image).save(buffer, format="PNG")
+    return buffer.tell()
 
 
 def grid(images: Tensor, nrow: int = 8, padding: int = 2) -> Tensor:

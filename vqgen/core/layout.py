@@ -2,11 +2,13 @@
 
     runs/NAME/
       vqvae/     StageDir: config.json, model.safetensors, train_config.json, metrics.jsonl,
-                 data_config.json, reconstructions/step-*.png, state/step-*/ (for --resume)
+                 data_config.json, reconstructions/step-*.png, state/step-*/ (for --resume; each
+                 with progress.json and manifest.json), .lock (while a training or encoding runs)
       codes/     the code grids (a `datasets` DatasetDict) + meta.json
       prior/     StageDir: config.json, model.safetensors, train_config.json, metrics.jsonl,
                  source.json, state/step-*/
-      samples/   NNNN/ from each `vqgen sample`: grid.png, images/, codes.safetensors, settings.json
+      samples/   NNNN/ from each `vqgen sample`: SampleSetDir: grid.png, images/, codes.safetensors,
+                 settings.json
       judge/     config.json, model.safetensors: the classifier that scores samples (`vqgen eval --samples`)
       evaluations.jsonl   the sample-quality scores of each `vqgen eval --samples`
 
@@ -23,6 +25,8 @@ CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 CODES_META = "meta.json"
 PROGRESS = "progress.json"
+MANIFEST = "manifest.json"   # in a state folder: every file's size and sha256, written last
+LOCK = ".lock"               # in a stage folder: who is writing it now
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -72,6 +76,11 @@ class StageDir:
     def states(self) -> Path:
         return self.path / "state"
 
+    @property
+    def lock(self) -> Path:
+        """Held (flock) by the one process training into this folder or encoding from it."""
+        return self.path / LOCK
+
     def state(self, step: int) -> Path:
         return self.states / f"step-{step:08d}"
 
@@ -87,6 +96,34 @@ class StageDir:
     @property
     def trained(self) -> bool:
         return self.weights.is_file()
+
+
+@dataclass(frozen=True)
+class SampleSetDir:
+    """One `vqgen sample` output folder (or the temporary folder it is written in)."""
+
+    path: Path
+
+    @property
+    def grid(self) -> Path:
+        return self.path / "grid.png"
+
+    @property
+    def images(self) -> Path:
+        return self.path / "images"
+
+    def image(self, index: int, n: int) -> Path:
+        """Sample `index` of `n`: images/00000.png, numbered by the sample, at least five digits."""
+        return self.images / f"{index:0{max(5, len(str(n - 1)))}d}.png"
+
+    @property
+    def codes(self) -> Path:
+        """One int16 tensor "codes" (n, h, w) in safetensors format."""
+        return self.path / "codes.safetensors"
+
+    @property
+    def settings(self) -> Path:
+        return self.path / "settings.json"
 
 
 @dataclass(frozen=True)

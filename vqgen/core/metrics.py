@@ -10,6 +10,8 @@ from typing import Any
 
 from torch import Tensor
 
+from vqgen.core.errors import VQGenError
+
 
 def code_usage(counts: Tensor) -> dict[str, float]:
     """(k,) code counts -> usage fraction, perplexity and number of dead (unused) codes."""
@@ -46,9 +48,12 @@ class JsonlLog:
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as err:  # a full disk, say: one line naming the log
+            raise VQGenError(f"cannot write {self.path}: {err.strerror or err}") from None
 
     def read(self) -> list[dict[str, Any]]:
         if not self.path.is_file():

@@ -8,10 +8,10 @@ and trackers, periodic evaluation, atomic checkpoints and exact resume.
 
 from __future__ import annotations
 
-import json
 import math
+import signal
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 import torch
@@ -20,13 +20,15 @@ from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 from rich.console import Console
 from torch import Tensor, nn
 
-from vqgen.core.checkpoint import commit_state_dir, latest_state_dir, load_weights, save_model
-from vqgen.core.config import option, save_config, write_json_atomic
+from vqgen.core.checkpoint import latest_state_dir, load_weights
+from vqgen.core.config import option, save_config
 from vqgen.core.console import make_console, make_progress
-from vqgen.core.errors import VQGenError
+from vqgen.core.errors import TrainingStopped, VQGenError
 from vqgen.core.heldout import HeldOut
-from vqgen.core.layout import PROGRESS, StageDir
+from vqgen.core.interrupt import StopSignals
+from vqgen.core.layout import StageDir
 from vqgen.core.metrics import JsonlLog
+from vqgen.core.states import Progress, export_weights, resume_state, save_state
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 LR_SCHEDULES = ("cosine", "constant")
@@ -136,14 +138,6 @@ class Stage(Protocol):
         """Test metrics; runs on every process, gathers across them."""
 
 
-@dataclass
-class Progress:
-    step: int = 0             # optimizer steps done
-    epoch: int = 0
-    batch_in_epoch: int = 0   # micro-batches of the current epoch already consumed
-    held_out: dict = field(default_factory=dict)  # `HeldOut.state()`; empty in states of vqgen < 0.2
-
-
 class _Window:
     """Sums of the logged scalars and the first non-finite loss since the last logging step, kept on
     the device: nothing here waits for the device until `read` at a logging, eval or save step."""
@@ -171,9 +165,10 @@ class _Window:
     def check_finite(self, accelerator: Accelerator, stage_dir: StageDir) -> None:
         """One sync: stop if any process saw a non-finite loss since the last check."""
         first = self.first_bad_step.clone()
-        if accelerator.num_processes > 1:
-            first = accelerator.reduce(torch.where(first < 0, torch.iinfo(torch.long).max, first), "min")
-            first = torch.where(first == torch.iinfo(torch.long).max, -1, first)
+        if accelerator.num_processes > 1:  # the earliest bad step: a max over negated steps (reduce has no min)
+            none = torch.iinfo(torch.long).min
+            first = -accelerator.reduce(torch.where(first < 0, none + 1, -first), "max")
+            first = torch.where(first == -(none + 1), -1, first)
         step = int(first)
         if step >= 0:
             last = latest_state_dir(stage_dir)
@@ -207,14 +202,15 @@ def fit(
 
     The weights of the best evaluation are the stage's `model.safetensors` (what later commands load)
     and are back in `model` on return; the newest `state/` holds the last step, for resume. The device
-    is synchronised only at logging, evaluation and save steps.
+    is synchronised only at logging, evaluation and save steps. A first SIGTERM/SIGINT ends the run after
+    the current step with a resumable state and `TrainingStopped`; a second one exits at once.
     """
     console = console or make_console(accelerator.is_main_process)
     log = JsonlLog(stage_dir.metrics, enabled=accelerator.is_main_process)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     steps_per_epoch = max(1, len(train_loader) // cfg.grad_accum_steps)
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
-    progress = _resume(accelerator, stage_dir, console) if resume else Progress()
+    progress = resume_state(accelerator, stage_dir, console) if resume else Progress()
     if accelerator.is_main_process:
         save_config(cfg, stage_dir.train_config)
     if cfg.report_to != "none":
@@ -224,8 +220,9 @@ def fit(
     best: dict[str, float] = {}
     last_train: dict[str, float] = {}
     stop = False
+    stopped_by = 0  # the signal every process stopped for
     window = _Window(accelerator.device)
-    with make_progress(console, stage.name) as bar:
+    with StopSignals(announce=accelerator.is_main_process) as signals, make_progress(console, stage.name) as bar:
         task = bar.add_task(stage.name, total=total, completed=progress.step, metrics="")
         while progress.step < total:
             if hasattr(train_loader, "set_epoch"):
@@ -272,7 +269,7 @@ def fit(
                     verdict = held.update(step, metrics, last_train)
                     if verdict.improved:
                         best = metrics
-                        _export(accelerator, stage, model, stage_dir)
+                        export_weights(accelerator, model, stage.config, stage_dir)
                     _emit(accelerator, log, "test", step, {**metrics, **held.record()})
                     console.print(f"[bold]{stage.name}[/] step {step}: " + _short(metrics)
                                   + ("  (best)" if verdict.improved else f"  (best: step {held.best_step})"))
@@ -283,21 +280,30 @@ def fit(
                     window.started = time.perf_counter()
                 if save_now or stop:
                     progress.held_out = held.state()
-                    _save(accelerator, model, progress, stage_dir, cfg.keep)
+                    save_state(accelerator, progress, stage_dir, cfg.keep)
                 bar.update(task, completed=step)
                 if stop:
                     console.print(f"{stage.name}: stopped early at step {step}: test {held.metric} has not "
                                   f"improved for {held.evals_since_best} evaluations (patience {cfg.patience}); "
                                   f"keeping step {held.best_step} ({held.best_value:.4g})")
-                if step >= total or stop:
+                else:
+                    stopped_by = signals.agreed(accelerator, step, synced=log_now or eval_now or save_now)
+                    if stopped_by and not save_now:
+                        progress.held_out = held.state()
+                        save_state(accelerator, progress, stage_dir, cfg.keep)
+                if step >= total or stop or stopped_by:
                     break
             else:
                 progress.epoch += 1
                 progress.batch_in_epoch = 0
-            if stop:
+            if stop or stopped_by:
                 break
     for tracker in accelerator.trackers:  # not end_training(): that also ends the process group,
         tracker.finish()                   # and stage 1 still encodes the dataset across processes
+    if stopped_by:
+        raise TrainingStopped(f"{stage.name}: stopped by {signal.Signals(stopped_by).name} after step "
+                              f"{progress.step} of {total}; resumable state: {stage_dir.state(progress.step)}",
+                              exit_code=128 + stopped_by, main_process=accelerator.is_main_process)
     accelerator.wait_for_everyone()
     load_weights(accelerator.unwrap_model(model), stage_dir.weights)  # the best weights, on every process
     return {**best, **held.record()}
@@ -312,34 +318,3 @@ def _emit(accelerator: Accelerator, log: JsonlLog, split: str, step: int, record
 def _short(record: dict[str, float]) -> str:
     skip = {"lr", "time"}
     return "  ".join(f"{k} {v:.4g}" for k, v in record.items() if k not in skip)
-
-
-def _export(accelerator: Accelerator, stage: Stage, model: nn.Module, stage_dir: StageDir) -> None:
-    """The model as it is now becomes the stage's weights (config.json + model.safetensors)."""
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        save_model(accelerator.unwrap_model(model), stage.config, stage_dir.path)
-    accelerator.wait_for_everyone()
-
-
-def _save(accelerator: Accelerator, model: nn.Module, progress: Progress, stage_dir: StageDir, keep: int) -> None:
-    """Write the full training state to a temporary folder and rename it into place."""
-    accelerator.wait_for_everyone()
-    tmp = stage_dir.temporary_state(progress.step)
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        write_json_atomic(asdict(progress), tmp / PROGRESS)
-        commit_state_dir(stage_dir, progress.step, keep)
-    accelerator.wait_for_everyone()
-
-
-def _resume(accelerator: Accelerator, stage_dir: StageDir, console: Console) -> Progress:
-    state = latest_state_dir(stage_dir)
-    if state is None:
-        raise VQGenError(f"nothing to resume: no saved training state under {stage_dir.states} "
-                         "(train without --resume first)")
-    accelerator.load_state(str(state))
-    progress = Progress(**json.loads((state / PROGRESS).read_text()))
-    console.print(f"resumed from {state} (step {progress.step}, epoch {progress.epoch})")
-    return progress

@@ -51,6 +51,9 @@ class DataConfig:
     augment: str = option("none", "stage-1 training augmentation: 'none' or a comma list of flip (horizontal "
                                   "mirror: not for digits or text) and translate (shifts up to 1/8 of the side)",
                           since=2)
+    pseudo_classes: int | None = option(None, "unlabelled data: group the training images into this many clusters "
+                                              "of their codes, which the prior then conditions on like classes "
+                                              "(0: off; default: 10 when the data has no labels)", since=2)
     code_copies: int = option(0, "augmented copies of each training image added to the code dump, so the prior "
                                  "sees more grids (uses --augment)", since=2)
 
@@ -71,6 +74,8 @@ class DataConfig:
             if getattr(self, name) < 1:
                 raise VQGenError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         parse_augment(self.augment)
+        if self.pseudo_classes is not None and (self.pseudo_classes < 0 or self.pseudo_classes == 1):
+            raise VQGenError(f"pseudo_classes must be 0 (off) or >= 2, got {self.pseudo_classes}")
         if self.code_copies < 0:
             raise VQGenError(f"code_copies must be >= 0, got {self.code_copies}")
         if self.code_copies and not parse_augment(self.augment):
