@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator, PartialState
+from accelerate import Accelerator
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
@@ -22,10 +22,11 @@ from vqgen.core.data.images import ImageData, ImageDataset, load_image_data, to_
 from vqgen.core.errors import VQGenError
 from vqgen.core.imageio import save_grid
 from vqgen.core.layout import RunLayout, StageDir
+from vqgen.core.agree import process_state
 from vqgen.core.lock import holds_stage_lock
 from vqgen.core.metrics import code_usage, psnr
-from vqgen.core.console import make_console
-from vqgen.core.stage import check_batch_size, sized_schedule, start, train_config, write_stage_files
+from vqgen.core.stage import (check_batch_size, sized_model_options, sized_schedule, start, train_config,
+                              write_stage_files)
 from vqgen.core.trainer import TrainConfig, fit, make_optimizer
 
 # Stage-1 training defaults, chosen by measurement (README, "Defaults"); any option overrides them.
@@ -172,14 +173,10 @@ def train_from_options(run_dir: str | Path, data: dict[str, Any], training: dict
     else:
         data_cfg = DataConfig(**data)
     TrainConfig(**{**TRAIN_DEFAULTS, **training})  # refuse bad training options before loading any data
-    with PartialState().main_process_first():
+    with process_state().main_process_first():
         images = load_image_data(data_cfg)
     sized_model, sized_training = sized_defaults(images, training)
     train_cfg = train_config(stage, training, {**TRAIN_DEFAULTS, **sized_training}, resume)
-    if not resume:  # a resumed run keeps its saved model
-        chosen = {k: v for k, v in {**sized_model, **sized_training}.items() if k not in {**model, **training}}
-        model = {**sized_model, **model}
-        make_console(PartialState().is_main_process).print(
-            "defaults sized to the data: " + (", ".join(f"{k} {v}" for k, v in chosen.items()) or "none (all given)"))
+    model = sized_model_options(model, training, sized_model, sized_training, resume)
     return train_vqvae(run_dir, data_cfg, train_cfg, model, resume=resume, encode=encode, overwrite=overwrite,
                        data=images)

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator, PartialState
+from accelerate import Accelerator
 from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
@@ -19,12 +19,12 @@ from stage2_prior.registry import PriorSource, kind_of, load_prior_config, prior
 from vqgen.core.batches import BatchDataset, make_loader
 from vqgen.core.checkpoint import check_stage_dir, weights_fingerprint
 from vqgen.core.codes import CodeSplit, CodesMeta, load_codes, load_codes_meta
-from vqgen.core.console import make_console
 from vqgen.core.errors import VQGenError
 from vqgen.core.layout import RunLayout, StageDir
 from vqgen.core.lock import holds_stage_lock
 from vqgen.core.metrics import bits
-from vqgen.core.stage import check_batch_size, sized_schedule, start, train_config, write_stage_files
+from vqgen.core.stage import (check_batch_size, sized_model_options, sized_schedule, start, train_config,
+                              write_stage_files)
 from vqgen.core.trainer import TrainConfig, fit, make_optimizer
 
 # Stage-2 training defaults, chosen by measurement (README, "Defaults"); any option overrides them.
@@ -200,9 +200,5 @@ def train_from_options(run_dir: str | Path, kind: str, training: dict[str, Any],
     meta = load_codes_meta(Path(kwargs.get("codes_dir") or run.codes))
     sized_model, sized_training = sized_defaults(meta, training)
     train_cfg = train_config(run.prior, training, {**TRAIN_DEFAULTS, **sized_training}, resume)
-    if not resume:  # a resumed run keeps its saved model
-        chosen = {k: v for k, v in {**sized_model, **sized_training}.items() if k not in {**model, **training}}
-        model = {**sized_model, **model}
-        make_console(PartialState().is_main_process).print(
-            "defaults sized to the data: " + (", ".join(f"{k} {v}" for k, v in chosen.items()) or "none (all given)"))
+    model = sized_model_options(model, training, sized_model, sized_training, resume)
     return train_prior(run_dir, kind, train_cfg, model, **kwargs)

@@ -57,15 +57,35 @@ def test_a_sample_does_not_depend_on_batch_size(tiny_run, tmp_path):
 
 @pytest.mark.slow
 def test_two_process_sampling_equals_one_process(tiny_run, tmp_path):
-    assert main(["sample", "--run", str(tiny_run), "--n", "7", "--seed", "3", "--out", str(tmp_path / "one")]) == 0
+    """Each process writes its own samples into the shared temporary folder: the same files as one process."""
+    assert main(["sample", "--run", str(tiny_run), "--n", "7", "--seed", "3", "--batch-size", "2",
+                 "--out", str(tmp_path / "one")]) == 0
     env = {**os.environ, "ACCELERATE_USE_CPU": "true"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "--", "vqgen", "sample",
-           "--run", str(tiny_run), "--n", "7", "--seed", "3", "--out", str(tmp_path / "two")]
+           "--run", str(tiny_run), "--n", "7", "--seed", "3", "--batch-size", "2", "--out", str(tmp_path / "two")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((tmp_path / "two/settings.json").read_text())["processes"] == 2
     assert torch.equal(sample_codes_of(tmp_path / "one"), sample_codes_of(tmp_path / "two"))
-    assert len(list((tmp_path / "two/images").glob("*.png"))) == 7
+    one, two = tree_hashes(tmp_path / "one"), tree_hashes(tmp_path / "two")
+    assert len([k for k in two if k.startswith("images/")]) == 7
+    assert {k: v for k, v in one.items() if k != "settings.json"} == {k: v for k, v in two.items() if k != "settings.json"}
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary folder left
+
+
+def test_sampling_streams_batches_and_the_grid_shows_the_first_nrow_squared(tiny_run, tmp_path):
+    from accelerate import Accelerator
+
+    run = pipeline.load_run(tiny_run)
+    batches = pipeline.sample_batches(run, Accelerator(), 10, seed=4, batch_size=4)
+    sizes = [(indices.tolist(), codes.shape, images.shape) for indices, codes, images in batches]
+    assert sizes == [([0, 1, 2, 3], (4, 8, 8), (4, 3, 32, 32)), ([4, 5, 6, 7], (4, 8, 8), (4, 3, 32, 32)),
+                     ([8, 9], (2, 8, 8), (2, 3, 32, 32))]
+    with pytest.raises(Exception, match="top_p must be in"):
+        pipeline.sample_batches(run, Accelerator(), 10, top_p=2.0)  # refused before anything is drawn
+    assert main(["sample", "--run", str(tiny_run), "--n", "10", "--nrow", "2", "--out", str(tmp_path / "s")]) == 0
+    assert Image.open(tmp_path / "s" / "grid.png").size == (2 + 2 * 34, 2 + 2 * 34)  # 2x2: the first 4 samples
+    assert len(list((tmp_path / "s" / "images").glob("*.png"))) == 10
 
 
 def test_labels_are_honoured(tiny_run, tmp_path):

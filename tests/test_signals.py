@@ -87,7 +87,7 @@ def start(tmp_path: Path, command: list[str], at_step: int, save_marker: Path | 
     env = {**os.environ, **(env or {}), "VQGEN_TEST_MARKER": str(marker), "VQGEN_TEST_AT_STEP": str(at_step),
            "VQGEN_TEST_SAVE_MARKER": str(save_marker or "")}
     cmd = [sys.executable, str(driver), *command] if command[0] != "torchrun" else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(driver),
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--", str(driver),
         *command[1:]]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     return proc, marker
@@ -161,7 +161,7 @@ def test_two_processes_stop_at_the_same_step_and_resume_bit_identically(tmp_path
     """SIGTERM to the torchrun agent, which forwards it to both workers; they agree on a check step."""
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     sparse = ["--max-steps", "20", "--log-every", "100", "--save-every", "0"]  # checks at steps 10 and 20 only
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--"]
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     done = subprocess.run([*torchrun, *vqvae_command(straight, *sparse)], capture_output=True, text=True,
                           timeout=400, cwd=ROOT, env=env)

@@ -8,11 +8,18 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
-from accelerate.utils import broadcast_object_list, gather_object
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list, gather_object, parse_flag_from_env
 
 from vqgen.core.errors import VQGenError
 
 T = TypeVar("T")
+
+
+def process_state() -> PartialState:
+    """Which process this is, before any Accelerator exists. Set up as `Accelerator()` sets it up
+    (ACCELERATE_USE_CPU included): the first one made fixes it for the whole process."""
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
 
 
 def from_main(state: Any, value: T) -> T:

@@ -19,9 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
-from accelerate import PartialState
-
-from vqgen.core.agree import raise_together
+from vqgen.core.agree import process_state, raise_together
 from vqgen.core.console import make_console
 from vqgen.core.errors import VQGenError
 from vqgen.core.layout import RunLayout, StageDir
@@ -144,7 +142,7 @@ class StageLock:
 def stage_lock(stage: StageDir, what: str) -> Iterator[None]:
     """Hold `stage`'s lock for the block. Under Accelerate the main process takes it and every process
     learns whether it could, so all of them start, or all stop with the same line."""
-    state = PartialState()
+    state = process_state()
     lock = StageLock(stage.lock, what)
     error = None
     if state.is_main_process:

@@ -51,15 +51,14 @@ def disk_needed(folder: Path, n: int, grid: tuple[int, int], png_bytes: int, nro
 
 def start_sample_set(out: Path, n: int, grid: tuple[int, int], png_bytes: int, nrow: int) -> Path:
     """Main process: refuse what will not fit, then make the temporary folder with its codes file."""
-    with writing(out.parent):
-        out.parent.mkdir(parents=True, exist_ok=True)
-    needed, per_image = disk_needed(out.parent, n, grid, png_bytes, nrow)
-    free = shutil.disk_usage(out.parent).free
+    there = next(p for p in (out.parent, *out.parent.parents) if p.exists())  # the file system it will be on
+    needed, per_image = disk_needed(there, n, grid, png_bytes, nrow)
+    free = shutil.disk_usage(there).free
     if needed > free:
         raise VQGenError(f"--n {n} needs about {_size(needed)} in {out.parent} ({_size(per_image)} per image) but "
                          f"only {_size(free)} is free: sample fewer or make room")
-    tmp = None
     with writing(out.parent):
+        out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     folder = SampleSetDir(tmp)
     with writing(folder.codes, temporary=tmp):

@@ -14,6 +14,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from rich.console import Console
 
+from vqgen.core.agree import process_state
 from vqgen.core.checkpoint import clear_stage_dir
 from vqgen.core.config import resumed_config, save_config
 from vqgen.core.console import make_console
@@ -39,6 +40,19 @@ def sized_schedule(items: int, given: dict[str, Any], defaults: dict[str, Any], 
     steps = given.get("max_steps", min(highest, max(lowest, int(round(epochs * items / batch, -2)))))
     every = max(50, round((steps or highest) / evaluations / 50) * 50)
     return {"max_steps": steps, "eval_every": every, "save_every": every}
+
+
+def sized_model_options(given_model: dict[str, Any], given_training: dict[str, Any], sized_model: dict[str, Any],
+                        sized_training: dict[str, Any], resume: bool) -> dict[str, Any]:
+    """The model options of a fresh run: the data-sized ones under those given; says what the rule chose.
+    A resumed run keeps its saved model: only the given options, to be checked against it."""
+    if resume:
+        return given_model
+    given = {**given_model, **given_training}
+    chosen = {k: v for k, v in {**sized_model, **sized_training}.items() if k not in given}
+    make_console(process_state().is_main_process).print(
+        "defaults sized to the data: " + (", ".join(f"{k} {v}" for k, v in chosen.items()) or "none (all given)"))
+    return {**sized_model, **given_model}
 
 
 def check_batch_size(batch_size: int, available: int, what: str) -> None:

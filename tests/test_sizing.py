@@ -1,0 +1,55 @@
+"""The rule that sizes the defaults to the data, pinned to the README's table."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stage1_vqvae.train import sized_defaults as stage1_defaults
+from stage2_prior.train import sized_defaults as stage2_defaults
+from vqgen.core.codes import CodesMeta
+from vqgen.core.data.images import ImageData, ImageSplit
+
+
+def images(n: int, c: int, side: int) -> ImageData:
+    split = ImageSplit(torch.zeros(n, c, side, side, dtype=torch.uint8), None)
+    return ImageData(split, ImageSplit(split.images[:2], None), None, "test")
+
+
+def codes(grids: int, side: int) -> CodesMeta:
+    return CodesMeta(codebook_size=512, grid_height=side, grid_width=side, num_classes=0, class_names=(),
+                     vqvae_fingerprint="x", vqvae_dir="x", data_source="x", image_channels=3, image_height=32,
+                     image_width=32, split_sizes=(("train", grids), ("test", 10)))
+
+
+@pytest.mark.parametrize("n,c,side,width,steps,every", [
+    (10_000, 3, 32, 128, 6000, 600),   # the built-in shapes
+    (60_000, 1, 32, 64, 6000, 600),    # MNIST
+    (2_221, 3, 32, 128, 2100, 200),    # OpenMoji
+    (2_221, 1, 64, 128, 2100, 200),    # grey but large
+    (500, 1, 28, 64, 1500, 150),       # tiny: the lowest budget
+])
+def test_stage1_rule(n, c, side, width, steps, every):
+    model, training = stage1_defaults(images(n, c, side), {})
+    assert model == {"hidden_channels": width, "res_channels": width // 2}
+    assert training == {"max_steps": steps, "eval_every": every, "save_every": every}
+
+
+@pytest.mark.parametrize("grids,side,dropout,steps,every", [
+    (10_000, 8, 0.1, 8000, 400),
+    (60_000, 8, 0.1, 8000, 400),
+    (2_221, 8, 0.3, 2800, 150),
+    (2_221, 16, 0.1, 2800, 150),
+    (200_000, 8, 0.0, 8000, 400),
+])
+def test_stage2_rule(grids, side, dropout, steps, every):
+    model, training = stage2_defaults(codes(grids, side), {})
+    assert model == {"dropout": dropout}
+    assert training == {"max_steps": steps, "eval_every": every, "save_every": every}
+
+
+def test_given_options_win_and_set_the_evaluation_interval():
+    _, training = stage1_defaults(images(2_221, 3, 32), {"max_steps": 1000, "batch_size": 16})
+    assert training == {"max_steps": 1000, "eval_every": 100, "save_every": 100}
+    _, training = stage2_defaults(codes(2_221, 8), {"batch_size": 8})  # smaller batches: more steps
+    assert training["max_steps"] == 8000
