@@ -68,11 +68,8 @@ class StopSignals:
             _say(f"\n{name}: stopping after this step and saving a resumable state (send it again to exit at once)\n")
 
     def agreed(self, accelerator: Any, step: int, synced: bool) -> int:
-        """The signal every process stops for after `step`, or 0.
-
-        One process: the flag, no device sync. Several: the largest flag over all of them, read only at
-        steps that synchronise anyway (`synced`) and every STOP_CHECK_EVERY-th step, so all agree.
-        """
+        """The signal every process stops for after `step`, or 0. One process: the flag, no device sync.
+        Several: the largest flag of all, read at steps that sync anyway and every STOP_CHECK_EVERY-th."""
         if accelerator.num_processes == 1:
             return self.signum
         if not (synced or step % STOP_CHECK_EVERY == 0):
