@@ -225,3 +225,13 @@ def test_sampling_under_bf16_autocast(tiny_run, tmp_path):
                  "--out", str(tmp_path / "bf16")]) == 0
     codes = sample_codes_of(tmp_path / "bf16")
     assert codes.shape == (3, 8, 8) and int(codes.min()) >= 0 and int(codes.max()) < 16
+
+
+def test_sample_folders_and_files_are_readable_by_others(tiny_run, tmp_path):
+    old = os.umask(0o022)
+    try:
+        assert main(["sample", "--run", str(tiny_run), "--n", "2", "--out", str(tmp_path / "s")]) == 0
+    finally:
+        os.umask(old)
+    assert (tmp_path / "s").stat().st_mode & 0o777 == 0o755
+    assert {p.stat().st_mode & 0o777 for p in (tmp_path / "s").rglob("*") if p.is_file()} == {0o644}

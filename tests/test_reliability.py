@@ -1,6 +1,7 @@
 """Interrupted runs lose nothing; files from elsewhere are refused; no pickle on any load path."""
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -57,10 +58,12 @@ def test_sigkill_mid_training_then_resume_matches_an_uninterrupted_run(tmp_path)
     deadline = time.time() + 200
     while last_logged_step(killed) < 17 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
+    ended_by_itself = proc.poll() is not None
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     reached = last_logged_step(killed)
-    assert 17 <= reached < 30, f"the run should have been killed mid-training, it reached step {reached}"
+    assert 17 <= reached < 30, (f"the run should have been killed mid-training, it reached step {reached}"
+                                + (f"; it ended by itself: {proc.stderr.read()[-2000:]}" if ended_by_itself else ""))
     saved = latest_state_dir(RunLayout(killed).vqvae)
     saved_step = int(saved.name.split("-")[1])
     assert reached - saved_step < 5 + 1, "more than one save interval was lost"
@@ -197,3 +200,20 @@ def test_a_version_1_file_without_later_fields_loads_and_a_current_one_without_t
     (tmp_path / "v2.json").write_text(json.dumps(data))
     with pytest.raises(VQGenError, match=r"missing fields \['patience'\]"):
         load_config(TrainConfig, tmp_path / "v2.json")
+
+
+def test_written_files_get_ordinary_permissions(tmp_path):
+    """Files are written to a temporary file and renamed; they must not keep mkstemp's 0600."""
+    from vqgen.core.config import write_json_atomic
+    from vqgen.core.imageio import save_png
+
+    old = os.umask(0o022)
+    try:
+        cfg = VQVAEConfig(codebook_size=8, code_dim=4, hidden_channels=8, res_channels=4)
+        save_model(VQVAE(cfg), cfg, tmp_path)
+        write_json_atomic({"a": 1}, tmp_path / "x.json")
+        save_png(torch.zeros(3, 4, 4, dtype=torch.uint8), tmp_path / "x.png")
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert set(modes.values()) == {0o644}, modes

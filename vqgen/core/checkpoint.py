@@ -23,7 +23,7 @@ from vqgen.core.errors import VQGenError
 from vqgen.core.interrupt import signals_deferred
 from vqgen.core.layout import CONFIG, LOCK, PROGRESS, WEIGHTS, StageDir
 from vqgen.core.manifest import state_damage
-from vqgen.core.writes import writing
+from vqgen.core.writes import ordinary_mode, temporary_file, writing
 
 T = TypeVar("T")
 
@@ -54,10 +54,11 @@ def save_model(model: nn.Module, config: Any, folder: str | os.PathLike) -> str:
     tmp = None
     with writing(folder / WEIGHTS):
         folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{WEIGHTS}.", dir=folder)
+        fd, tmp = temporary_file(folder, prefix=f".{WEIGHTS}.")
         os.close(fd)
     with writing(folder / WEIGHTS, temporary=tmp):
         save_file(state, tmp, metadata={"fingerprint": fingerprint, "config_kind": type(config).__name__})
+        os.chmod(tmp, ordinary_mode())  # safetensors writes through a 0600 file of its own
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         save_config(config, folder / CONFIG)

@@ -6,13 +6,13 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 import types
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
 from vqgen.core.errors import VQGenError
+from vqgen.core.writes import temporary_file
 
 FORMAT_VERSION = 2  # 2: TrainConfig.patience, DataConfig.augment/code_copies; files of version 1 still load
 
@@ -136,7 +136,7 @@ def write_json_atomic(data: Any, path: str | os.PathLike) -> None:
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        fd, tmp = temporary_file(path.parent, prefix=f".{path.name}.")
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=2, sort_keys=False)
             f.write("\n")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from vqgen.core.writes import writing
+from vqgen.core.writes import temporary_file, writing
 
 
 def to_pil(image: Tensor) -> Image.Image:
@@ -27,7 +26,7 @@ def save_png(image: Tensor, path: str | os.PathLike) -> None:
     tmp = None
     with writing(path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
+        fd, tmp = temporary_file(path.parent, prefix=f".{path.stem}.", suffix=".png")
         os.close(fd)
     with writing(path, temporary=tmp):
         to_pil(image).save(tmp, format="PNG")

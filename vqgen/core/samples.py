@@ -24,7 +24,7 @@ from vqgen.core.imageio import load_png, save_grid, to_pil
 from vqgen.core.interrupt import signals_deferred
 from vqgen.core.layout import SampleSetDir
 from vqgen.core.tensorfile import TensorFileRows, create_tensor_file
-from vqgen.core.writes import remove, writing
+from vqgen.core.writes import ordinary_mode, remove, writing
 
 PNG_MARGIN = 1.25  # the PNG size is estimated from one image; samples vary
 
@@ -60,6 +60,7 @@ def start_sample_set(out: Path, n: int, grid: tuple[int, int], png_bytes: int, n
     with writing(out.parent):
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+        tmp.chmod(ordinary_mode(folder=True))  # mkdtemp's 0700 would stay with the renamed folder
     folder = SampleSetDir(tmp)
     with writing(folder.codes, temporary=tmp):
         folder.images.mkdir()

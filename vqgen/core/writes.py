@@ -10,6 +10,7 @@ import errno
 import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -18,6 +19,21 @@ from vqgen.core.errors import VQGenError, one_line
 # torch.save reports a failed write as a RuntimeError from its zip writer, safetensors as its own error
 _LIBRARY_WRITE_FAILURE = re.compile(r"PytorchStreamWriter|inline_container|file write failed|I/O error|os error \d+")
 NEARLY_FULL = 1 << 20  # bytes free below which a library's vague write failure is taken for a full disk
+
+
+def ordinary_mode(folder: bool = False) -> int:
+    """The permissions of an ordinary new file (0666) or folder (0777), less the umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return (0o777 if folder else 0o666) & ~mask
+
+
+def temporary_file(folder: str | os.PathLike, prefix: str, suffix: str = "") -> tuple[int, str]:
+    """`tempfile.mkstemp` with the permissions of an ordinary new file, not 0600: the file is renamed
+    into place, and a run's files are often read by other users or a web server."""
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=folder)
+    os.fchmod(fd, ordinary_mode())
+    return fd, tmp
 
 
 def is_write_error(err: BaseException) -> bool:
