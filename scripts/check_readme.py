@@ -19,6 +19,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,6 +104,10 @@ def is_benchmark(command: str) -> bool:
     return "scripts/benchmark_" in command
 
 
+def is_this_check(command: str) -> bool:
+    return "scripts/check_readme.py" in command
+
+
 def write_my_images(folder: Path) -> None:
     """A small labelled folder for the own-data example: 64x64 circles as cat/, squares as dog/."""
     from vqgen.core.data.shapes import make_shapes
@@ -120,15 +125,18 @@ def run_all(benchmarks: bool) -> int:
     subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
     write_my_images(clone / "my_images")
     for command in readme_commands():
-        if needs_gpus(command) or (is_benchmark(command) and not benchmarks):
-            print(f"skipped (needs {'GPUs' if needs_gpus(command) else '--benchmarks'}): {command}", flush=True)
+        if needs_gpus(command) or (is_benchmark(command) and not benchmarks) or is_this_check(command):
+            why = "GPUs" if needs_gpus(command) else "itself" if is_this_check(command) else "--benchmarks"
+            print(f"skipped ({why}): {command}", flush=True)
             continue
+        start = time.perf_counter()
         print(f"$ {command}", flush=True)
         shell = command if command.startswith(SET_UP) else f". .venv/bin/activate && {command}"
         done = subprocess.run(["bash", "-c", shell], cwd=clone)
         if done.returncode != 0:
             print(f"FAILED ({done.returncode}): {command}", flush=True)
             return 1
+        print(f"ok in {time.perf_counter() - start:.0f} s: {command}", flush=True)
     print(f"every command ran; the clone is in {clone}")
     return 0
 
