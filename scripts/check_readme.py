@@ -131,7 +131,7 @@ def run_all(benchmarks: bool) -> int:
             continue
         start = time.perf_counter()
         print(f"$ {command}", flush=True)
-        shell = command if command.startswith(SET_UP) else f". .venv/bin/activate && {command}"
+        shell = command if command.startswith("python3 -m venv") else f". .venv/bin/activate && {command}"
         done = subprocess.run(["bash", "-c", shell], cwd=clone)
         if done.returncode != 0:
             print(f"FAILED ({done.returncode}): {command}", flush=True)
