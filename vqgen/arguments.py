@@ -45,7 +45,17 @@ def exit_code(command: Callable[[], object]) -> int:
     except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM turned into an interrupt (`Terminated`)
         print_error("interrupted: nothing half-written was kept", label="stopped")
         return 128 + getattr(err, "signum", signal.SIGINT)
+    finally:
+        _end_process_group()
     return 0
+
+
+def _end_process_group() -> None:
+    """Shut down the process group of a multi-process run (gloo, NCCL) before the interpreter exits: left
+    running, its threads can abort the process at exit ("terminate called without an active exception")."""
+    dist = sys.modules.get("torch.distributed")  # imported only if the command used it: --help stays light
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def resume_command(argv: list[str]) -> str:
