@@ -304,7 +304,9 @@ def sample_quality(run: Run, accelerator: Accelerator, n: int, data: ImageData |
     labels = choose_labels(run, None, n, seed=seed)
     _, images = sample(run, accelerator, n, labels=labels, seed=seed, batch_size=batch_size, **sampling)
     device = accelerator.device
-    scores = quality.sample_quality(judge, images.to(device), labels, data.test.images.to(device), data.test.labels)
+    judged_labels = None if run.source.pseudo_labels else labels  # clusters are not the judge's classes
+    scores = quality.sample_quality(judge, images.to(device), judged_labels, data.test.images.to(device),
+                                    data.test.labels)
     real = quality.reference_floor(judge, data.train.images.to(device), data.test.images.to(device),
                                    data.test.labels, n=min(n, len(data.train)), seed=seed,
                                    train_labels=data.train.labels)
