@@ -10,14 +10,14 @@ from accelerate import Accelerator
 from rich.console import Console
 from torch import nn
 
+from stage1_vqvae.quantizer import kmeans, nearest_codes
+from vqgen.core.agree import raise_together
+from vqgen.core.batches import make_loader
 from vqgen.core.checkpoint import weights_fingerprint
 from vqgen.core.codes import CodeSplit, CodesMeta, save_codes
-from stage1_vqvae.quantizer import kmeans, nearest_codes
-from vqgen.core.batches import make_loader
 from vqgen.core.data.augment import with_augmented_copies
 from vqgen.core.data.config import DataConfig, parse_augment
 from vqgen.core.data.images import ImageData, ImageDataset, ImageSplit
-from vqgen.core.agree import raise_together
 from vqgen.core.errors import VQGenError
 from vqgen.core.layout import RunLayout
 
@@ -84,22 +84,23 @@ def encode_splits(
     for name, split in (("train", train), ("test", data.test)):
         codes = encode_split(accelerator, model, split, batch_size)
         splits[name] = CodeSplit(codes=codes, labels=split.labels)
-    class_names = tuple(data.class_names or ())
-    clusters = data_cfg.pseudo_classes if data_cfg.pseudo_classes is not None else DEFAULT_PSEUDO_CLASSES
-    if not class_names and clusters:  # unlabelled: clusters of the codes stand in for classes
-        train_labels, test_labels = cluster_codes(model, splits["train"].codes, splits["test"].codes, clusters,
-                                                  seed=data_cfg.seed)
-        splits = {"train": CodeSplit(splits["train"].codes, train_labels),
-                  "test": CodeSplit(splits["test"].codes, test_labels)}
-        class_names = tuple(f"cluster{i}" for i in range(clusters))
-        console.print(f"no labels: {clusters} clusters of the codes stand in for classes (sizes "
-                      f"{torch.bincount(train_labels, minlength=clusters).tolist()}; --pseudo-classes 0 turns this off)")
     out, error = run.codes, None
-    if accelerator.is_main_process:
+    if accelerator.is_main_process:  # the clustering and the writing: once, on the main process
+        class_names = tuple(data.class_names or ())
+        clusters = data_cfg.pseudo_classes if data_cfg.pseudo_classes is not None else DEFAULT_PSEUDO_CLASSES
+        if not class_names and clusters:  # unlabelled: clusters of the codes stand in for classes
+            train_labels, test_labels = cluster_codes(model, splits["train"].codes, splits["test"].codes, clusters,
+                                                      seed=data_cfg.seed)
+            splits = {"train": CodeSplit(splits["train"].codes, train_labels),
+                      "test": CodeSplit(splits["test"].codes, test_labels)}
+            class_names = tuple(f"cluster{i}" for i in range(clusters))
+            console.print(f"no labels: {clusters} clusters of the codes stand in for classes (sizes "
+                          f"{torch.bincount(train_labels, minlength=clusters).tolist()}; "
+                          "--pseudo-classes 0 turns this off)")
         h, w = cfg.grid_shape
         meta = CodesMeta(
-            codebook_size=cfg.codebook_size, grid_height=h, grid_width=w,
-            num_classes=len(class_names), class_names=class_names, pseudo_labels=bool(class_names) and not data.class_names,
+            codebook_size=cfg.codebook_size, grid_height=h, grid_width=w, num_classes=len(class_names),
+            class_names=class_names, pseudo_labels=bool(class_names) and not data.class_names,
             vqvae_fingerprint=weights_fingerprint(run.vqvae.path), vqvae_dir=str(run.vqvae.path.resolve()),
             data_source=data.source, image_channels=data.channels, image_height=data.height, image_width=data.width,
             split_sizes=tuple((k, len(v)) for k, v in splits.items()), train_copies=data_cfg.code_copies,
