@@ -184,6 +184,7 @@ def _rank_worker(rank: int, world: int, port: int, update: str, out_dir: str) ->
             opt.step()
     torch.save({"codebook": vq.codebook.detach().clone(), "unused": vq.unused_steps.clone()},
                os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()  # a broadcast's root can return before the others have received it: meet before tearing down
     dist.destroy_process_group()
 
 

@@ -8,6 +8,7 @@ line" can be told apart from "the config's default": on --resume only the given 
 from __future__ import annotations
 
 import argparse
+import datetime
 import dataclasses
 import os
 import shlex
@@ -55,7 +56,15 @@ def _end_process_group() -> None:
     running, its threads can abort the process at exit ("terminate called without an active exception")."""
     dist = sys.modules.get("torch.distributed")  # imported only if the command used it: --help stays light
     if dist is not None and dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        try:  # every process past its last collective before any tears its connections down
+            if dist.get_backend() == "gloo":  # bounded: a process that failed alone must not hang the others
+                dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
+            else:
+                dist.barrier()
+        except Exception:  # noqa: BLE001 - exiting anyway; the command's own outcome is what counts
+            pass
+        finally:
+            dist.destroy_process_group()
 
 
 def resume_command(argv: list[str]) -> str:
