@@ -132,7 +132,7 @@ def test_config_schema_is_enforced(tmp_path):
 
     refused({**good, "colour": 3}, r"unknown fields \['colour'\]")
     refused({k: v for k, v in good.items() if k != "beta"}, r"missing fields \['beta'\]")
-    refused({**good, "format_version": 99}, "format_version 99, this vqgen reads versions 1 to 2")
+    refused({**good, "format_version": 99}, "format_version 99, this vqgen reads versions 1 to 3")
     refused({**good, "kind": "TransformerConfig"}, "holds a 'TransformerConfig' config, expected 'VQVAEConfig'")
     refused({**good, "codebook_size": 1}, "codebook_size must be >= 2, got 1")
     path.write_text("{not json")
@@ -185,7 +185,7 @@ def test_no_pickle_on_any_load_path():
 def test_config_round_trip():
     cfg = VQVAEConfig(codebook_size=8)
     data = config_to_dict(cfg)
-    assert data["kind"] == "VQVAEConfig" and data["format_version"] == 2
+    assert data["kind"] == "VQVAEConfig" and data["format_version"] == 3
 
 
 def test_a_version_1_file_without_later_fields_loads_and_a_current_one_without_them_is_refused(tmp_path):

@@ -14,7 +14,8 @@ from typing import Any, TypeVar
 from vqgen.core.errors import VQGenError
 from vqgen.core.writes import temporary_file
 
-FORMAT_VERSION = 2  # 2: TrainConfig.patience, DataConfig.augment/code_copies; files of version 1 still load
+FORMAT_VERSION = 3  # 2: TrainConfig.patience, DataConfig.augment/code_copies; 3: scalable trunk, factorised codes,
+                    # streaming data, GPU options, report; files of versions 1 and 2 still load
 
 T = TypeVar("T")
 
