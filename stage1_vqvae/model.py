@@ -1,4 +1,8 @@
-"""The VQ-VAE: convolutional encoder, vector quantizer, convolutional decoder."""
+"""The VQ-VAE: convolutional encoder, vector quantizer, convolutional decoder.
+
+The encoder and decoder here are the paper's convnet (architecture "paper"); the scalable trunk for
+larger images (architecture "resnet") lives in `stage1_vqvae.trunk`.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +13,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from stage1_vqvae.quantizer import QuantizerOutput, VectorQuantizer
+from stage1_vqvae.trunk import ResnetDecoder, ResnetEncoder
 from vqgen.core.config import option
 from vqgen.core.errors import VQGenError
 
 CODEBOOK_UPDATES = ("loss", "ema")
+ARCHITECTURES = ("paper", "resnet")
 
 
 @dataclass(frozen=True)
@@ -22,10 +28,18 @@ class VQVAEConfig:
     in_channels: int = option(3, "image channels, from the data")
     image_height: int = option(32, "image height, from the data")
     image_width: int = option(32, "image width, from the data")
-    hidden_channels: int = option(64, "channels of the encoder and decoder trunk")
-    res_channels: int = option(32, "bottleneck channels inside a residual block")
-    num_res_blocks: int = option(2, "residual blocks in the encoder and in the decoder")
+    hidden_channels: int = option(64, "channels of the encoder and decoder trunk (resnet: of its first level)")
+    res_channels: int = option(32, "bottleneck channels inside a residual block (paper)")
+    num_res_blocks: int = option(2, "residual blocks in the encoder and in the decoder (resnet: per level)")
     downsample: int = option(4, "image side / code grid side, a power of two (32x32 -> 8x8 at 4)")
+    architecture: str = option("paper", "encoder/decoder trunk: paper: the paper's convnet (ReLU residual "
+                               "blocks at one width); resnet: levels of GroupNorm+SiLU residual blocks, one per "
+                               "halving, for larger images", choices=ARCHITECTURES, since=3)
+    channel_mult: tuple[int, ...] = option((), "resnet: width of each level as a multiple of hidden_channels, "
+                                           "one level more than the halvings of downsample (1,2,2 at 4; "
+                                           "1,2,2,4 at 8); empty: doubling every second level, at most 4",
+                                           since=3)
+    attention: bool = option(False, "resnet: self-attention at the lowest resolution", since=3)
     codebook_size: int = option(512, "number of codes K")
     code_dim: int = option(64, "dimension d of a code vector")
     beta: float = option(0.25, "commitment weight, on ||z_e - sg[e]||^2")
@@ -35,6 +49,10 @@ class VQVAEConfig:
     ema_decay: float = option(0.99, "decay of the moving averages (--codebook-update ema)")
     kmeans_init: bool = option(True, "initialise the codebook by k-means on the first batch")
     restart_after: int = option(20, "restart codes unused for this many steps from encoder outputs (0: never)")
+    code_lookup_dim: int = option(0, "factorised codes: search the K codes among l2-normalised vectors of this "
+                                  "dimension (z_e projected down; nearest by cosine), the chosen code projected "
+                                  "back up to code_dim; keeps usage high at large K (8 or 32; 0: off, search in "
+                                  "code_dim)", since=3)
 
     def __post_init__(self):
         positive = ("in_channels", "image_height", "image_width", "hidden_channels", "res_channels", "code_dim")
@@ -53,6 +71,7 @@ class VQVAEConfig:
                     f"image {name.split('_')[1]} {getattr(self, name)} is not divisible by the downsampling "
                     f"factor {self.downsample} (resize with image_size or change downsample)"
                 )
+        self._check_trunk()
         if self.codebook_update not in CODEBOOK_UPDATES:
             raise VQGenError(f"codebook_update must be one of {CODEBOOK_UPDATES}, got {self.codebook_update!r}")
         if not 0 < self.beta:
@@ -61,10 +80,55 @@ class VQVAEConfig:
             raise VQGenError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
         if self.restart_after < 0:
             raise VQGenError(f"restart_after must be >= 0, got {self.restart_after}")
+        if self.code_lookup_dim and not 2 <= self.code_lookup_dim <= self.code_dim:
+            raise VQGenError(f"code_lookup_dim must be 0 (off) or in [2, code_dim={self.code_dim}], "
+                             f"got {self.code_lookup_dim}")
+
+    def _check_trunk(self) -> None:
+        if self.architecture not in ARCHITECTURES:
+            raise VQGenError(f"architecture must be one of {', '.join(ARCHITECTURES)}, got {self.architecture!r}")
+        mults = ",".join(map(str, self.channel_mult))
+        if self.architecture == "paper":
+            if self.channel_mult:
+                raise VQGenError(f"channel_mult {mults} applies to architecture resnet only, got architecture paper")
+            if self.attention:
+                raise VQGenError("attention applies to architecture resnet only, got architecture paper")
+            return
+        if any(m < 1 for m in self.channel_mult):
+            raise VQGenError(f"channel_mult must hold integers >= 1, got {mults}")
+        levels = self.downsample.bit_length()  # log2(downsample) halvings + 1
+        if self.channel_mult and len(self.channel_mult) != levels:
+            raise VQGenError(
+                f"channel_mult {mults} has {len(self.channel_mult)} levels but downsample {self.downsample} needs "
+                f"{levels} (one more than its {levels - 1} halvings)"
+            )
+
+    @property
+    def level_mults(self) -> tuple[int, ...]:
+        """The resnet trunk's width multiplier per level: channel_mult, or 1, 2, 2, 4, 4, ... when empty."""
+        levels = self.downsample.bit_length()
+        return self.channel_mult or tuple(min(2 ** ((i + 1) // 2), 4) for i in range(levels))
 
     @property
     def grid_shape(self) -> tuple[int, int]:
         return self.image_height // self.downsample, self.image_width // self.downsample
+
+
+def kmeans_sample_note(cfg: VQVAEConfig, batch_size: int) -> str | None:
+    """The k-means initialisation clusters one process's first batch, batch_size * h * w vectors. Fewer
+    than K: the line to log (the surplus codes start as repeats, which the restarts replace); refused
+    when restarts are off, since a repeat is never chosen and would stay unused for good."""
+    h, w = cfg.grid_shape
+    vectors, k = batch_size * h * w, cfg.codebook_size
+    if not cfg.kmeans_init or vectors >= k:
+        return None
+    if cfg.restart_after == 0:
+        raise VQGenError(f"codebook_size {k} is larger than the {vectors} vectors of a batch ({batch_size} images x "
+                         f"{h}x{w}) that k-means initialises it from, and restart_after is 0: raise the batch size "
+                         f"to {-(-k // (h * w))}, restart codes (restart_after > 0) or turn off kmeans_init")
+    return (f"k-means initialises {vectors} of the {k} codes from the first batch ({batch_size} images x {h}x{w}); "
+            f"the other {k - vectors} start as repeats and are restarted from encoder outputs after "
+            f"{cfg.restart_after} unused steps")
 
 
 class ResBlock(nn.Module):
@@ -125,6 +189,22 @@ class Decoder(nn.Module):
         return self.net(z)
 
 
+def build_encoder(cfg: VQVAEConfig) -> nn.Module:
+    """The encoder of `cfg.architecture`: (b, c, H, W) -> (b, d, H/f, W/f)."""
+    if cfg.architecture == "resnet":
+        return ResnetEncoder(cfg.in_channels, cfg.hidden_channels, cfg.level_mults, cfg.num_res_blocks,
+                             cfg.attention, cfg.code_dim)
+    return Encoder(cfg)
+
+
+def build_decoder(cfg: VQVAEConfig) -> nn.Module:
+    """The decoder of `cfg.architecture`: (b, d, h, w) -> (b, c, h*f, w*f)."""
+    if cfg.architecture == "resnet":
+        return ResnetDecoder(cfg.in_channels, cfg.hidden_channels, cfg.level_mults, cfg.num_res_blocks,
+                             cfg.attention, cfg.code_dim)
+    return Decoder(cfg)
+
+
 @dataclass
 class VQVAEOutput:
     recon: Tensor         # (b, c, H, W) in the data range [-1, 1] (not clamped)
@@ -137,7 +217,7 @@ class VQVAE(nn.Module):
     def __init__(self, cfg: VQVAEConfig):
         super().__init__()
         self.config = cfg
-        self.encoder = Encoder(cfg)
+        self.encoder = build_encoder(cfg)
         self.quantizer = VectorQuantizer(
             cfg.codebook_size,
             cfg.code_dim,
@@ -146,8 +226,9 @@ class VQVAE(nn.Module):
             ema_decay=cfg.ema_decay,
             kmeans_init=cfg.kmeans_init,
             restart_after=cfg.restart_after,
+            lookup_dim=cfg.code_lookup_dim,
         )
-        self.decoder = Decoder(cfg)
+        self.decoder = build_decoder(cfg)
 
     def forward(self, x: Tensor) -> VQVAEOutput:
         """(b, c, H, W) images in [-1, 1] -> reconstruction, losses and codes."""
@@ -168,6 +249,11 @@ class VQVAE(nn.Module):
         if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= k):
             raise VQGenError(f"codes must lie in [0, {k}), got values in [{int(indices.min())}, {int(indices.max())}]")
         return self.decoder(self.quantizer.decode_indices(indices))
+
+    def compile_targets(self) -> list[nn.Module]:
+        """What `--compile` compiles: the convolutional encoder and decoder. The quantizer stays eager: its
+        k-means start and code restarts are data-dependent branches that would only break the graph."""
+        return [self.encoder, self.decoder]
 
     def _check_input(self, x: Tensor) -> None:
         cfg = self.config

@@ -9,6 +9,13 @@ from encoder outputs (k-means on the first batch), codes unused for `restart_aft
 steps are restarted from current encoder outputs, and every statistic kept outside
 autograd (EMA sums, usage counters) is all-reduced, so every process holds the same
 codebook at every step.
+
+Factorised codes (`lookup_dim > 0`, as in ViT-VQGAN and LlamaGen): the search happens in a
+low-dimensional space, z_e projected to `lookup_dim` and l2-normalised, against l2-normalised codes
+(nearest by cosine); the chosen code is projected back up to `code_dim` for the decoder. The losses,
+straight-through, k-means, restarts and EMA keep their definitions, in that lookup space. The
+nearest-code search goes through the rows in chunks, so a large K never needs an (m, k) matrix over
+the whole batch.
 """
 
 from __future__ import annotations
@@ -43,9 +50,26 @@ def squared_distances(z: Tensor, codebook: Tensor) -> Tensor:
         )
 
 
-def nearest_codes(z: Tensor, codebook: Tensor) -> Tensor:
-    """(m, d), (k, d) -> (m,) index of the nearest codebook row (argmin has no gradient)."""
-    return squared_distances(z, codebook).argmin(dim=1)
+MAX_DISTANCE_ELEMENTS = 2**24  # the largest (rows, k) block of distances held at once: 64 MiB in fp32
+
+
+def distance_scores(z: Tensor, codebook: Tensor, codebook_sq: Tensor) -> Tensor:
+    """(m, d), (k, d), (k,) |e|^2 -> (m, k) |e|^2 - 2 z.e, in fp32: the squared distance less |z|^2, which
+    is the same for every code of a row, so it has the same argmin; one fused matmul."""
+    return torch.addmm(codebook_sq, z, codebook.t(), alpha=-2.0)
+
+
+def nearest_codes(z: Tensor, codebook: Tensor, max_elements: int | None = None) -> Tensor:
+    """(m, d), (k, d) -> (m,) index of the nearest codebook row (argmin has no gradient; ties: the lowest).
+
+    Rows go through in chunks of at most `max_elements` (default `MAX_DISTANCE_ELEMENTS`) distances, so
+    memory stays bounded for any K and batch; every row gets the same formula whatever its chunk.
+    """
+    rows = max(1, (max_elements or MAX_DISTANCE_ELEMENTS) // codebook.shape[0])
+    with torch.autocast(device_type=z.device.type, enabled=False):
+        z, codebook = z.float(), codebook.float()
+        codebook_sq = codebook.pow(2).sum(1)  # (k,)
+        return torch.cat([distance_scores(part, codebook, codebook_sq).argmin(dim=1) for part in z.split(rows)])
 
 
 def lookup(indices: Tensor, codebook: Tensor) -> Tensor:
@@ -93,13 +117,20 @@ def ema_update(
     return cluster_size, embed_sum, embed_sum / smoothed[:, None]
 
 
-def kmeans(x: Tensor, k: int, iters: int, generator: torch.Generator | None = None) -> Tensor:
-    """(m, d) -> (k, d) centroids by Lloyd's algorithm, seeded with k sampled rows."""
+def kmeans(x: Tensor, k: int, iters: int, generator: torch.Generator | None = None,
+           spherical: bool = False) -> Tensor:
+    """(m, d) -> (k, d) centroids by Lloyd's algorithm, seeded with k sampled rows.
+
+    Fewer rows than centroids (m < k): every row seeds one centroid and the other k - m repeat rows;
+    a repeat never wins a row (ties go to the lowest index), so it stays unused until restarted.
+    spherical: centroids l2-normalised after each update (k-means by cosine, for unit-length x).
+    """
     m = x.shape[0]
     if m >= k:
         start = torch.randperm(m, generator=generator, device="cpu")[:k]
-    else:  # fewer vectors than codes: repeat some of them
-        start = torch.randint(m, (k,), generator=generator, device="cpu")
+    else:
+        start = torch.cat([torch.randperm(m, generator=generator, device="cpu"),
+                           torch.randint(m, (k - m,), generator=generator, device="cpu")])
     centroids = x[start.to(x.device)].clone()
     for _ in range(iters):
         assign = nearest_codes(x, centroids)
@@ -107,6 +138,8 @@ def kmeans(x: Tensor, k: int, iters: int, generator: torch.Generator | None = No
         sums = torch.zeros_like(centroids).index_add_(0, assign, x)
         filled = counts > 0
         centroids[filled] = sums[filled] / counts[filled, None]
+        if spherical:
+            centroids = F.normalize(centroids, dim=1)
     return centroids
 
 
@@ -140,7 +173,11 @@ class QuantizerOutput:
 
 
 class VectorQuantizer(nn.Module):
-    """Nearest-neighbour quantization with straight-through gradients and a healthy codebook."""
+    """Nearest-neighbour quantization with straight-through gradients and a healthy codebook.
+
+    lookup_dim > 0: factorised codes, searched by cosine among K l2-normalised `lookup_dim` vectors
+    (see the module's docstring); 0: the paper's quantizer, searched in `code_dim`.
+    """
 
     def __init__(
         self,
@@ -152,13 +189,18 @@ class VectorQuantizer(nn.Module):
         ema_eps: float = 1e-5,
         kmeans_init: bool = True,
         restart_after: int = 20,
+        lookup_dim: int = 0,
     ):
         super().__init__()
-        self.codebook_size, self.code_dim = codebook_size, code_dim
+        self.codebook_size, self.code_dim, self.lookup_dim = codebook_size, code_dim, lookup_dim
         self.beta, self.update = beta, update
         self.ema_decay, self.ema_eps = ema_decay, ema_eps
         self.restart_after = restart_after
-        init = torch.randn(codebook_size, code_dim) / code_dim**0.5
+        space = lookup_dim or code_dim  # where the codes live and are searched
+        init = torch.randn(codebook_size, space) / space**0.5
+        if lookup_dim:
+            self.proj_in = nn.Linear(code_dim, lookup_dim)
+            self.proj_out = nn.Linear(lookup_dim, code_dim)
         if update == "loss":
             self.codebook = nn.Parameter(init)
         else:  # EMA: the codebook is a statistic, not a parameter
@@ -171,13 +213,14 @@ class VectorQuantizer(nn.Module):
     def forward(self, z_e: Tensor) -> QuantizerOutput:
         """(b, d, h, w) encoder output -> quantized output, codes and losses."""
         b, _, h, w = z_e.shape
-        flat = flatten_vectors(z_e).float()  # (m, d), m = b*h*w
-        if self.training:
-            self._maintain(flat.detach())
-        indices = nearest_codes(flat.detach(), self.codebook)  # (m,)
-        z_q = unflatten_vectors(lookup(indices, self.codebook), b, h, w)  # (b, d, h, w), fp32
         z_e32 = z_e.float()
-        codebook_loss, commitment_loss = vq_losses(z_e32, z_q)
+        u = self.to_lookup(flatten_vectors(z_e32))  # (m, l), m = b*h*w; l = d without factorisation
+        if self.training:
+            self._maintain(u.detach())
+        codes = self.codes()  # (k, l)
+        indices = nearest_codes(u.detach(), codes)  # (m,)
+        q = lookup(indices, codes)  # (m, l), fp32
+        codebook_loss, commitment_loss = vq_losses(u, q)
         if self.update == "ema":
             codebook_loss = codebook_loss.detach() * 0  # the EMA moves the codes instead
         loss = codebook_loss + self.beta * commitment_loss
@@ -186,9 +229,9 @@ class VectorQuantizer(nn.Module):
             counts = _all_reduce_sum(counts)
             self._track_usage(counts)
             if self.update == "ema":
-                self._ema_step(flat.detach(), indices, counts)
+                self._ema_step(u.detach(), indices, counts)
         return QuantizerOutput(
-            z_q=straight_through(z_e32, z_q),
+            z_q=unflatten_vectors(self.from_lookup(straight_through(u, q)), b, h, w),  # (b, d, h, w)
             indices=rearrange(indices, "(b h w) -> b h w", b=b, h=h, w=w),
             loss=loss,
             codebook_loss=codebook_loss,
@@ -197,8 +240,29 @@ class VectorQuantizer(nn.Module):
         )
 
     def decode_indices(self, indices: Tensor) -> Tensor:
-        """(b, h, w) codes -> (b, d, h, w) codebook vectors."""
-        return rearrange(lookup(indices, self.codebook), "b h w d -> b d h w")
+        """(b, h, w) codes -> (b, d, h, w) codebook vectors (projected up to code_dim when factorised)."""
+        b, h, w = indices.shape
+        return unflatten_vectors(self.from_lookup(lookup(indices.flatten(), self.codes())), b, h, w)
+
+    # -- the lookup space: z_e's own space, or the factorised one -------------------------
+
+    def to_lookup(self, flat: Tensor) -> Tensor:
+        """(m, d) encoder vectors -> (m, l) vectors the codes are searched among (fp32)."""
+        if not self.lookup_dim:
+            return flat
+        with torch.autocast(device_type=flat.device.type, enabled=False):
+            return F.normalize(self.proj_in(flat.float()), dim=1)
+
+    def from_lookup(self, v: Tensor) -> Tensor:
+        """(m, l) quantized vectors -> (m, d) for the decoder (fp32)."""
+        if not self.lookup_dim:
+            return v
+        with torch.autocast(device_type=v.device.type, enabled=False):
+            return self.proj_out(v.float())
+
+    def codes(self) -> Tensor:
+        """(k, l) the codes as searched: the codebook, l2-normalised when factorised."""
+        return F.normalize(self.codebook, dim=1) if self.lookup_dim else self.codebook
 
     @property
     def dead_codes(self) -> int:
@@ -219,7 +283,7 @@ class VectorQuantizer(nn.Module):
         if not getattr(self, "_known_initialized", False):
             if not bool(self.initialized):  # one device sync, on the first training step only
                 self._set_codes(torch.ones(self.codebook_size, dtype=torch.bool, device=flat.device),
-                                kmeans(flat, self.codebook_size, 10))
+                                kmeans(flat, self.codebook_size, 10, spherical=bool(self.lookup_dim)))
                 self.initialized.fill_(True)
             self._known_initialized = True
         if self.restart_after > 0:
@@ -229,7 +293,7 @@ class VectorQuantizer(nn.Module):
             self.unused_steps.masked_fill_(dead, 0)
 
     def _set_codes(self, rows: Tensor, vectors: Tensor) -> None:
-        """Overwrite the codebook rows where `rows` (k,) is true by `vectors` (k, d) of the main process."""
+        """Overwrite the codebook rows where `rows` (k,) is true by `vectors` (k, l) of the main process."""
         vectors = _broadcast_from_main(vectors.contiguous().to(self.codebook.dtype))
         self.codebook.data.copy_(torch.where(rows[:, None], vectors, self.codebook.data))
         if self.update == "ema":

@@ -12,26 +12,39 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from stage1_vqvae.encode import encode_splits
-from stage1_vqvae.model import VQVAE, VQVAEConfig, reconstruction_errors
+from stage1_vqvae.model import VQVAE, VQVAEConfig, kmeans_sample_note, reconstruction_errors
 from vqgen.core.batches import make_loader
 from vqgen.core.checkpoint import check_stage_dir
 from vqgen.core.config import resumed_config
+from vqgen.core.console import make_console
 from vqgen.core.data.augment import augment
 from vqgen.core.data.config import DataConfig, parse_augment
 from vqgen.core.data.images import ImageData, ImageDataset, load_image_data, to_model_range, to_uint8
 from vqgen.core.errors import VQGenError
-from vqgen.core.imageio import save_grid
+from vqgen.core.imageio import grid, save_png
 from vqgen.core.layout import RunLayout, StageDir
 from vqgen.core.agree import process_state
 from vqgen.core.lock import holds_stage_lock
 from vqgen.core.metrics import code_usage, psnr
 from vqgen.core.stage import (check_batch_size, sized_model_options, sized_schedule, start, train_config,
                               write_stage_files)
-from vqgen.core.trainer import TrainConfig, fit, make_optimizer
+from vqgen.core.trainer import TrainConfig, fit, make_optimizer, refresh_report
 
 # Stage-1 training defaults, chosen by measurement (README, "Defaults"); any option overrides them.
 TRAIN_DEFAULTS = dict(batch_size=64, learning_rate=1e-3, max_steps=1000, warmup_steps=100, eval_every=500,
                       save_every=500)
+
+# Model options by image side (`--preset 128`), a thin layer over VQVAEConfig: they fill only the options
+# not given. Each codes its images as a 16x16 grid (8x8 at 32 px, the paper's net).
+PRESETS: dict[str, dict[str, Any]] = {
+    "32": dict(architecture="paper", downsample=4),
+    "64": dict(architecture="resnet", downsample=4, hidden_channels=32, channel_mult=(1, 2, 4), num_res_blocks=1),
+    "128": dict(architecture="resnet", downsample=8, hidden_channels=32, channel_mult=(1, 1, 2, 4),
+                num_res_blocks=1),
+    "256": dict(architecture="resnet", downsample=16, hidden_channels=32, channel_mult=(1, 1, 2, 2, 4),
+                num_res_blocks=2, attention=True),
+}
+RESNET_ONLY = ("channel_mult", "attention")
 
 
 @dataclass
@@ -49,6 +62,7 @@ class VQVAEStage:
 
     def __post_init__(self):
         self._counts = torch.zeros(self.config.codebook_size, dtype=torch.long, device=self.accelerator.device)
+        self._images: dict[str, Tensor] = {}  # the last evaluation's, for the trackers
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         images = augment(batch["image"], self.augment) if self.augment else batch["image"]
@@ -70,19 +84,24 @@ class VQVAEStage:
     @torch.no_grad()
     def evaluate(self, model: nn.Module, step: int) -> dict[str, float]:
         model.eval()
-        errors, codes = [], []
+        errors, counts = [], torch.zeros(self.config.codebook_size, dtype=torch.long)
         for batch in self.test_loader:
             mse, _, indices = reconstruction_errors(model, batch["image"])
             mse, indices = self.accelerator.gather_for_metrics((mse, indices))
             errors.append(mse.cpu())
-            codes.append(indices.cpu())
+            # counted per batch: a large test split's codes are never held together
+            counts += torch.bincount(indices.cpu().flatten(), minlength=self.config.codebook_size)
         mse = torch.cat(errors).mean().item()
-        counts = torch.bincount(torch.cat(codes).flatten(), minlength=self.config.codebook_size)
         if self.accelerator.is_main_process:
             recon = self.accelerator.unwrap_model(model)(self.preview.to(self.accelerator.device)).recon
             pair = torch.cat([to_uint8(self.preview), to_uint8(recon.float().cpu())])
-            save_grid(pair, self.stage_dir.reconstructions / f"step-{step:07d}.png", nrow=len(self.preview))
+            self._images = {"reconstructions": grid(pair, nrow=len(self.preview))}
+            save_png(self._images["reconstructions"], self.stage_dir.reconstructions / f"step-{step:07d}.png")
         return {"mse": mse, "psnr": psnr(mse), **code_usage(counts)}
+
+    def eval_images(self) -> dict[str, Tensor]:
+        """The last evaluation's test originals over their reconstructions, (c, H, W) uint8 (main process)."""
+        return self._images
 
 
 def resolve_config(stage: StageDir, overrides: dict[str, Any], data: ImageData, resume: bool) -> VQVAEConfig:
@@ -98,6 +117,22 @@ def resolve_config(stage: StageDir, overrides: dict[str, Any], data: ImageData, 
             f"{cfg.in_channels}x{cfg.image_height}x{cfg.image_width}"
         )
     return cfg
+
+
+def preset_options(preset: str | None, given_model: dict[str, Any]) -> dict[str, Any]:
+    """The model options of `preset` under the given ones. A preset's channel_mult gives way to a given
+    downsample (its levels would not match), and its resnet-only options to a given architecture paper."""
+    if preset is None:
+        return given_model
+    if preset not in PRESETS:
+        raise VQGenError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+    options = dict(PRESETS[preset])
+    if "downsample" in given_model:
+        options.pop("channel_mult", None)
+    if given_model.get("architecture") == "paper":
+        for name in RESNET_ONLY:
+            options.pop(name, None)
+    return {**options, **given_model}
 
 
 def sized_defaults(data: ImageData, given_training: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -137,35 +172,44 @@ def train_vqvae(
     accelerator, console = start(stage, train_cfg)
     if data is None:
         with accelerator.main_process_first():
-            data = load_image_data(data_cfg)
+            data = load_image_data(data_cfg, console)
     cfg = resolve_config(stage, model_overrides or {}, data, resume)
-    console.print(f"data: {data.source}: {len(data.train.images)} train / {len(data.test.images)} test images, "
-                  f"{data.channels}x{data.height}x{data.width}, {data.num_classes} classes")
+    console.print(f"data: {data.source}: {len(data.train)} train / {len(data.test)} test images, "
+                  f"{data.channels}x{data.height}x{data.width}, {data.num_classes} classes, {data.storage}")
     console.print(f"VQ-VAE: K={cfg.codebook_size}, d={cfg.code_dim}, grid {cfg.grid_shape[0]}x{cfg.grid_shape[1]}, "
                   f"codebook update {cfg.codebook_update}")
-    check_batch_size(train_cfg.batch_size, len(data.train.images), "training images")
+    check_batch_size(train_cfg.batch_size, len(data.train), "training images")
+    note = None if resume else kmeans_sample_note(cfg, train_cfg.batch_size)
+    if note:
+        console.print(f"[bold yellow]warning:[/] {note}")
     write_stage_files(accelerator, stage, {stage.config: cfg, stage.data_config: data_cfg},
                       fresh=overwrite and not resume)
 
     model = VQVAE(cfg).to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, train_cfg)
-    train_loader = make_loader(ImageDataset(data.train), train_cfg.batch_size, train=True, seed=train_cfg.seed)
-    test_loader = accelerator.prepare(make_loader(ImageDataset(data.test), train_cfg.batch_size))
-    preview = to_model_range(data.test.images[:16])
+    train_loader = make_loader(ImageDataset(data.train), train_cfg.batch_size, train=True, seed=train_cfg.seed,
+                               num_workers=train_cfg.num_workers)
+    test_loader = accelerator.prepare(make_loader(ImageDataset(data.test), train_cfg.batch_size,
+                                                  num_workers=train_cfg.num_workers))
+    preview = to_model_range(data.test.take(range(min(16, len(data.test)))))
     vqvae_stage = VQVAEStage(accelerator, cfg, test_loader, stage, preview, parse_augment(data_cfg.augment))
     metrics = fit(accelerator, train_cfg, vqvae_stage, model, optimizer, train_loader, stage, resume, console)
     if encode:
         encode_splits(accelerator, accelerator.unwrap_model(model), data, data_cfg, run, train_cfg.batch_size,
-                      console)
+                      console, train_cfg.num_workers)
+        refresh_report(accelerator, train_cfg, stage, console)  # now with the codes' frequencies
     return metrics
 
 
 def train_from_options(run_dir: str | Path, data: dict[str, Any], training: dict[str, Any], model: dict[str, Any],
-                       resume: bool = False, encode: bool = True, overwrite: bool = False) -> dict[str, float]:
+                       resume: bool = False, encode: bool = True, overwrite: bool = False,
+                       preset: str | None = None) -> dict[str, float]:
     """What `scripts/train_vqvae.py` calls with the options given on its command line.
 
-    A fresh run starts from the defaults; resuming starts from the run's saved configs.
+    A fresh run starts from the defaults; resuming starts from the run's saved configs. `preset`: the
+    PRESETS entry whose model options count as given, under those given.
     """
+    model = preset_options(preset, model)
     stage = RunLayout(run_dir).vqvae
     check_stage_dir(stage, "VQ-VAE", resume, overwrite)
     if resume and stage.data_config.is_file():
@@ -174,7 +218,7 @@ def train_from_options(run_dir: str | Path, data: dict[str, Any], training: dict
         data_cfg = DataConfig(**data)
     TrainConfig(**{**TRAIN_DEFAULTS, **training})  # refuse bad training options before loading any data
     with process_state().main_process_first():
-        images = load_image_data(data_cfg)
+        images = load_image_data(data_cfg, make_console(process_state().is_main_process))
     sized_model, sized_training = sized_defaults(images, training)
     train_cfg = train_config(stage, training, {**TRAIN_DEFAULTS, **sized_training}, resume)
     model = sized_model_options(model, training, sized_model, sized_training, resume)

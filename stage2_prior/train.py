@@ -170,7 +170,8 @@ def train_prior(
     write_stage_files(accelerator, stage, {stage.config: cfg, stage.source: source}, fresh=overwrite and not resume)
     optimizer = make_optimizer(model, train_cfg)
     train_set = CodesDataset(splits["train"], conditional)
-    train_loader = make_loader(train_set, train_cfg.batch_size, train=True, seed=train_cfg.seed)
+    train_loader = make_loader(train_set, train_cfg.batch_size, train=True, seed=train_cfg.seed,
+                               num_workers=train_cfg.num_workers)
     test_loader = accelerator.prepare(make_loader(CodesDataset(splits["test"], conditional), 256))
     prior_stage = PriorStage(accelerator, cfg, conditional, test_loader)
     return fit(accelerator, train_cfg, prior_stage, model, optimizer, train_loader, stage, resume, console)

@@ -21,7 +21,7 @@ TINY_PIXELCNN = dict(channels=16, n_layers=3)
 
 def tiny_train(**changes) -> TrainConfig:
     base = dict(batch_size=16, learning_rate=3e-3, max_steps=12, warmup_steps=0, log_every=1, eval_every=0,
-                save_every=0, lr_schedule="constant", seed=3)
+                save_every=0, lr_schedule="constant", seed=3, report=False)  # tests/test_report.py turns it on
     return TrainConfig(**{**base, **changes})
 
 
@@ -32,6 +32,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def arrow_cache(tmp_path_factory):
+    """Arrow copies of the tests' parquet and image folders go to a temporary cache, not ~/.cache/vqgen."""
+    import os
+
+    before = os.environ.get("VQGEN_CACHE")
+    os.environ["VQGEN_CACHE"] = str(tmp_path_factory.mktemp("vqgen-cache"))
+    yield
+    if before is None:
+        os.environ.pop("VQGEN_CACHE", None)
+    else:
+        os.environ["VQGEN_CACHE"] = before
 
 
 @pytest.fixture(autouse=True)

@@ -86,11 +86,25 @@ class Parser(argparse.ArgumentParser):
 
 
 def _base_type(tp: Any) -> Any:
-    """int | None -> int; tuple[...] -> str (not exposed)."""
+    """int | None -> int; tuple[int, ...] and tuple[float, ...] stay (comma lists); other tuples are not exposed."""
     if isinstance(tp, (types.UnionType,)) or typing.get_origin(tp) is typing.Union:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return args[0] if len(args) == 1 else str
     return tp
+
+
+def comma_list(item: type) -> Callable[[str], tuple]:
+    """The argparse type of a `tuple[item, ...]` field: "1,2,2,4" -> (1, 2, 2, 4); "" -> ()."""
+
+    def parse(text: str) -> tuple:
+        try:
+            return tuple(item(part) for part in text.split(",")) if text.strip() else ()
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected a comma list of {item.__name__}s like 1,2,2,4, got {text!r}") from None
+
+    parse.__name__ = f"comma list of {item.__name__}s"  # argparse names the type in its errors
+    return parse
 
 
 def add_config_options(parser: argparse.ArgumentParser | Any, cls: type, skip: tuple[str, ...] = (),
@@ -108,6 +122,8 @@ def add_config_options(parser: argparse.ArgumentParser | Any, cls: type, skip: t
         names = list(f.metadata.get("aliases", ())) + [f"--{flag(f)}"]
         default = f.default if f.default is not dataclasses.MISSING else None
         default = (defaults or {}).get(f.name, default)
+        if isinstance(default, tuple):
+            default = ",".join(map(str, default)) or "empty"
         choices = f.metadata.get("choices")
         help_text = f.metadata.get("help") or f.name.replace("_", " ")
         help_text += f" ({' | '.join(choices)}; default: {default})" if choices else f" (default: {default})"
@@ -117,6 +133,11 @@ def add_config_options(parser: argparse.ArgumentParser | Any, cls: type, skip: t
         elif tp in (int, float, str):
             group.add_argument(*names, dest=_dest(f), type=tp, default=None, choices=choices,
                                metavar=tp.__name__.upper(), help=help_text)
+        elif typing.get_origin(tp) is tuple and typing.get_args(tp)[1:] == (Ellipsis,) \
+                and typing.get_args(tp)[0] in (int, float):
+            item = typing.get_args(tp)[0]
+            group.add_argument(*names, dest=_dest(f), type=comma_list(item), default=None,
+                               metavar=f"{item.__name__.upper()},...", help=help_text)
 
 
 def given_options(args: argparse.Namespace, cls: type, skip: tuple[str, ...] = ()) -> dict[str, Any]:

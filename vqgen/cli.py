@@ -1,4 +1,4 @@
-"""`vqgen`: sample, reconstruct, encode, complete, info and eval on a trained run.
+"""`vqgen`: sample, reconstruct, encode, complete, info and eval on a trained run; export and push it.
 
 Argument parsing only: `vqgen.commands` does the work (importing torch only then).
 """
@@ -18,10 +18,18 @@ EXAMPLES = {
     "encode": "vqgen encode\n  vqgen encode --run runs/mine --data ./more_images",
     "complete": "vqgen complete --n 8 --keep-rows 4",
     "info": "vqgen info --run runs/mine",
+    "report": "vqgen report\n  vqgen report --run runs/mine --out ~/mine.html",
     "eval": "vqgen eval --run runs/mine\n  vqgen eval --run runs/mine --samples 1000 --cfg 2.0",
+    "export": "vqgen export --run runs/mine --to exported/mine\n"
+              "  vqgen export --run runs/mine --to exported/mine --repo-id me/shapes-vqgen --overwrite\n"
+              "  vqgen sample --run exported/mine --n 16",
+    "push": "vqgen push --run runs/mine --repo-id me/shapes-vqgen\n  vqgen push --run runs/mine --repo-id me/shapes-vqgen "
+            "--private\n  vqgen sample --run me/shapes-vqgen --n 16",
 }
 
 
+RUN_HELP = ("run directory, exported model folder, or Hugging Face Hub repo id owner/name[@revision] (downloaded "
+            "into the Hub's cache; outputs then go to outputs/NAME/) (default: runs/default)")
 DEFAULT_CFG = 1.5  # README, "Sampling defaults": in-domain FID and class accuracy on four datasets
 
 
@@ -42,10 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
 
-    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+    def command(name: str, help_text: str, model: bool = True) -> argparse.ArgumentParser:
+        """model: --run may also name an exported model folder or a Hub repo id (only read, never written)."""
         p = sub.add_parser(name, help=help_text, description=help_text, epilog="examples:\n  " + EXAMPLES[name],
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        p.add_argument("--run", default="runs/default", help="run directory (default: runs/default)")
+        p.add_argument("--run", default="runs/default", help=RUN_HELP if model else "run directory (default: runs/default)")
         return p
 
     p = command("sample", "draw images: prior -> codebook -> decoder")
@@ -67,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which split's images (train | test; default: test)")
     p.add_argument("--out", default=None, help="output PNG (default: RUN/reconstructions.png)")
 
-    p = command("encode", "(re)dump the code grids of a dataset with the run's VQ-VAE")
+    p = command("encode", "(re)dump the code grids of a dataset with the run's VQ-VAE", model=False)
     p.add_argument("--batch-size", type=int, default=256, help="images per batch and process (default: 256)")
     add_config_options(p, DataConfig, title="data (default: the data the run was trained on)")
 
@@ -78,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output PNG (default: RUN/completions.png)")
 
     command("info", "a table of the run: configs, data, metrics")
+    p = command("report", "one self-contained HTML page of the run: curves, code frequencies, reconstructions, "
+                          "samples, configs (needs matplotlib)", model=False)
+    p.add_argument("--out", default=None, help="the HTML file to write (default: RUN/report.html)")
     p = command("eval", "recompute the test metrics of both stages; with --samples, how good samples are")
     p.add_argument("--samples", type=int, default=0,
                    help="draw this many samples and score them against the test split: in-domain FID, class "
@@ -89,6 +101,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training steps of the judge, when it is trained (default: 600)")
     p.add_argument("--batch-size", type=int, default=1000, help="samples per batch (default: 1000)")
     _add_sampling_options(p)
+
+    p = command("export", "write the trained model as a folder to share: both stages' configs and weights, the "
+                          "codes' metadata, a sample grid, a model card (README.md) and a manifest of checksums")
+    p.add_argument("--to", required=True, help="the folder to write (must be empty or absent; see --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an exported model already in --to")
+    p.add_argument("--repo-id", default=None,
+                   help="the Hugging Face Hub repo id (owner/name) the model card's load commands name")
+
+    p = command("push", "export the trained model and upload it to a Hugging Face Hub model repo (created if needed)")
+    p.add_argument("--repo-id", required=True, help="the Hub repo to upload to, owner/name")
+    p.add_argument("--private", action="store_true", help="create the repo as private (an existing repo keeps its "
+                                                          "visibility)")
+    p.set_defaults(overwrite=False)
     return parser
 
 

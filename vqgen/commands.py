@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -20,19 +21,27 @@ from rich.table import Table
 from stage1_vqvae.encode import encode_splits
 from vqgen import pipeline
 from vqgen.arguments import given_options
+from vqgen.cli import DEFAULT_CFG
+from vqgen.core import hub
 from vqgen.core.agree import from_main, raise_together
 from vqgen.core.checkpoint import ensure_writable
-from vqgen.core.codes import load_codes
+from vqgen.core.codes import CodeSplit, load_codes
 from vqgen.core.config import load_config, read_json
 from vqgen.core.console import make_console, make_progress
 from vqgen.core.data.config import DataConfig
 from vqgen.core.errors import VQGenError
+from vqgen.core.export import check_export_target, export_run, locate_run
+from vqgen.core.hub import checked_repo_id
 from vqgen.core.interrupt import terminate_interrupts
 from vqgen.core.imageio import png_size, save_grid
-from vqgen.core.layout import RunLayout
+from vqgen.core.layout import SAMPLE_GRID, RunLayout
 from vqgen.core.lock import stage_lock
 from vqgen.core.metrics import JsonlLog, psnr
+from vqgen.core.modelcard import model_card
 from vqgen.core.samples import SampleSetWriter, discard_sample_set, finish_sample_set, start_sample_set
+
+
+EXPORT_SAMPLES = 64  # drawn for the model card when the run has no sample grid
 
 
 def _sampling_kwargs(args: argparse.Namespace) -> dict:
@@ -50,7 +59,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     labels = pipeline.choose_labels(run, args.label, args.n, args.unconditional, seed=args.seed)
     batches = pipeline.sample_batches(run, accelerator, args.n, labels=labels, seed=args.seed,
                                       batch_size=args.batch_size, **_sampling_kwargs(args))  # checked, not drawn
-    out = from_main(accelerator, Path(args.out) if args.out else run.layout.next_samples_dir())
+    out = from_main(accelerator, Path(args.out) if args.out else run.outputs.next_samples_dir())
     ensure_writable(out)
     if out.is_dir() and any(out.iterdir()):
         raise VQGenError(f"--out {out} exists and is not empty; choose another folder")
@@ -86,6 +95,23 @@ def cmd_sample(args: argparse.Namespace) -> None:
             discard_sample_set(tmp)
         raise
     console.print(f"{args.n} samples in {seconds:.2f} s -> {out}/grid.png, {out}/images/, {out}/codes.safetensors")
+    if accelerator.is_main_process and not run.read_only:
+        _log_samples(run, out, console)
+
+
+def _log_samples(run: pipeline.Run, out: Path, console) -> None:
+    """The sample grid to the tracker the prior trained with (TensorBoard, W&B), if any; a failure warns."""
+    from vqgen.core import trackers
+    from vqgen.core.imageio import load_png
+    from vqgen.core.layout import SampleSetDir
+
+    try:
+        tracker = trackers.log_image(run.layout.prior, "samples/grid", load_png(SampleSetDir(out).grid))
+    except VQGenError as err:
+        console.print(f"[bold yellow]warning:[/] the samples were not logged: {err}")
+        return
+    if tracker:
+        console.print(f"sample grid logged to {tracker} in {run.layout.prior.logs}")
 
 
 def _png_bytes(run: pipeline.Run) -> int:
@@ -100,10 +126,11 @@ def cmd_reconstruct(args: argparse.Namespace) -> None:
         raise VQGenError(f"--n must be >= 1, got {args.n}")
     console = make_console()
     run = pipeline.load_run(args.run, need_prior=False)
-    out = Path(args.out) if args.out else run.layout.reconstructions
+    out = Path(args.out) if args.out else run.outputs.reconstructions
     ensure_writable(out.parent)
     data = pipeline.run_data(run)
-    images = getattr(data, args.split).images[: args.n]
+    split = getattr(data, args.split)
+    images = split.take(range(min(args.n, len(split))))  # only these are decoded, when the split is streamed
     recons, errors, _ = pipeline.reconstruct(run, images)
     save_grid(torch.cat([images, recons]), out, nrow=len(images))
     mse = errors.mean().item()
@@ -114,6 +141,9 @@ def cmd_encode(args: argparse.Namespace) -> None:
     accelerator = Accelerator()
     console = make_console(accelerator.is_main_process)
     run = pipeline.load_run(args.run, need_prior=False)
+    if run.read_only:
+        raise VQGenError(f"--run {args.run} is an exported model, which is only read: `vqgen encode` writes code "
+                         "grids into a run directory (train one with scripts/train_vqvae.py)")
     # one writer: refused while stage 1 trains (it encodes at its end) or another encode runs
     with stage_lock(run.layout.vqvae, "encoding"), terminate_interrupts():
         pipeline.run_on_device(run, accelerator.device)
@@ -133,12 +163,16 @@ def cmd_complete(args: argparse.Namespace) -> None:
         raise VQGenError(f"--n must be >= 1, got {args.n}")
     console = make_console()
     run = pipeline.load_run(args.run, allow_vqvae_mismatch=args.allow_vqvae_mismatch)
-    out = Path(args.out) if args.out else run.layout.completions
+    out = Path(args.out) if args.out else run.outputs.completions
     ensure_writable(out.parent)
     if args.keep_rows is not None and not 0 <= args.keep_rows <= run.prior.config.grid_height:
         raise VQGenError(f"--keep-rows must be in [0, {run.prior.config.grid_height}], got {args.keep_rows}")
-    splits, _ = load_codes(run.layout.codes)
-    test = splits["test"]
+    if run.read_only:  # an exported model carries no code grids: encode the test images
+        data = pipeline.run_data(run)
+        _, _, grids = pipeline.reconstruct(run, data.test.take(range(min(args.n, len(data.test)))))
+        test = CodeSplit(grids, None if run.source.pseudo_labels else data.test.labels)
+    else:
+        test = load_codes(run.layout.codes)[0]["test"]
     codes = test.codes[: args.n]
     labels = test.labels[: args.n] if run.prior.config.num_classes and test.labels is not None else None
     keep = args.keep_rows if args.keep_rows is not None else codes.shape[1] // 2
@@ -151,7 +185,7 @@ def cmd_complete(args: argparse.Namespace) -> None:
 
 def cmd_info(args: argparse.Namespace) -> None:
     console = make_console()
-    run = RunLayout(args.run)
+    run = locate_run(args.run).layout
     if not (run.vqvae.config.is_file() or run.prior.config.is_file()):
         raise VQGenError(f"{run.root} is not a vqgen run (no {run.vqvae.config.relative_to(run.root)} "
                          f"nor {run.prior.config.relative_to(run.root)})")
@@ -225,5 +259,59 @@ def cmd_eval(args: argparse.Namespace) -> None:
         console.print(f"[bold yellow]warning:[/] the judge scores only {accuracy:.2f} on the test images (chance "
                       f"{chance:.2f}): its features say little about these images; trust the FID less")
     record = {"time": time.time(), "samples": args.samples, **_sampling_kwargs(args), "seed": args.seed, **scores}
-    with run.layout.evaluations.open("a") as f:
+    run.outputs.evaluations.parent.mkdir(parents=True, exist_ok=True)
+    with run.outputs.evaluations.open("a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    console = make_console()
+    repo = checked_repo_id(args.repo_id) if args.repo_id else None
+    to = Path(args.to)
+    names = _export(args, to, repo, console)
+    console.print(f"exported {args.run} -> {to}/ ({len(names)} files: {', '.join(names)})\n"
+                  f"load it with: vqgen sample --run {to}" + (f"; publish it with: vqgen push --run {args.run} "
+                                                              f"--repo-id {repo}" if repo else ""))
+
+
+def cmd_push(args: argparse.Namespace) -> None:
+    console = make_console()
+    repo = checked_repo_id(args.repo_id)
+    if hub.offline():
+        raise VQGenError(f"cannot push to {repo.repo_id!r}: offline mode (HF_HUB_OFFLINE=1)")
+    with tempfile.TemporaryDirectory(prefix="vqgen-push-") as tmp:
+        folder = Path(tmp) / repo.name
+        names = _export(args, folder, repo, console)
+        url = hub.upload(folder, repo, args.private, f"Upload {repo.name} with vqgen ({len(names)} files)")
+    console.print(f"pushed {args.run} -> {url} ({len(names)} files)\nload it with: vqgen sample --run {repo}")
+
+
+def _export(args: argparse.Namespace, to: Path, repo: hub.RepoId | None, console) -> list[str]:
+    """Check the run and the target, load the run (both stages must belong together), draw a sample grid if the
+    run has none, then write the exported folder."""
+    location = locate_run(args.run)
+    check_export_target(location.layout, to, args.overwrite)
+    ensure_writable(to)
+    run = pipeline.load_run(location)
+    name = to.resolve().name
+
+    def card(layout: RunLayout, names: list[str]) -> str:
+        return model_card(layout, names, repo=str(repo) if repo else None, name=name, grid=SAMPLE_GRID in names)
+
+    if location.layout.newest_sample_grid() is not None:
+        return export_run(location.layout, to, card, args.overwrite)
+    with tempfile.TemporaryDirectory(prefix="vqgen-export-") as tmp:
+        grid = Path(tmp) / SAMPLE_GRID
+        labels = pipeline.choose_labels(run, None, EXPORT_SAMPLES)
+        _, images = pipeline.sample(run, Accelerator(), EXPORT_SAMPLES, labels=labels, seed=0, cfg_scale=DEFAULT_CFG)
+        save_grid(images, grid, nrow=8)
+        console.print(f"the run has no samples: drew {EXPORT_SAMPLES} (seed 0, --cfg {DEFAULT_CFG}) for the card")
+        return export_run(location.layout, to, card, args.overwrite, grid=grid)
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from vqgen.core.report import write_report
+
+    start = time.perf_counter()
+    path = write_report(args.run, args.out)
+    make_console().print(f"report of {args.run} in {time.perf_counter() - start:.1f} s -> {path}")

@@ -22,11 +22,12 @@ from stage2_prior.contract import grid_nll
 from stage2_prior.registry import PriorSource, load_prior
 from stage2_prior.sampling import check_sampling, sample_codes
 from vqgen.core.checkpoint import load_model, weights_fingerprint
-from vqgen.core.codes import load_codes
+from vqgen.core.codes import CodeSplit, load_codes
 from vqgen.core.config import load_config
 from vqgen.core.data.config import DataConfig
 from vqgen.core.data.images import ImageData, load_image_data, to_model_range, to_uint8
 from vqgen.core.errors import VQGenError
+from vqgen.core.export import locate_run
 from vqgen.core.layout import RunLayout
 from vqgen.core.metrics import bits, code_usage, psnr
 from vqgen.core import quality
@@ -34,12 +35,26 @@ from vqgen.core import quality
 
 @dataclass
 class Run:
-    """A loaded run: its layout, its VQ-VAE and (when trained) its prior with the record of its codes."""
+    """A loaded run: its layout, its VQ-VAE and (when trained) its prior with the record of its codes.
+
+    `outputs` is where commands write what they make: the run itself, or outputs/NAME/ for a model that is
+    only read (an exported folder, a Hugging Face Hub download).
+    """
 
     layout: RunLayout
     vqvae: VQVAE
     prior: torch.nn.Module | None
     source: PriorSource | None
+    outputs: RunLayout | None = None
+
+    def __post_init__(self):
+        if self.outputs is None:
+            self.outputs = self.layout
+
+    @property
+    def read_only(self) -> bool:
+        """An exported model or a Hub download: its folder is never written into."""
+        return self.outputs != self.layout
 
     @property
     def path(self) -> Path:
@@ -66,8 +81,13 @@ class Run:
 
 
 def load_run(path: str | Path, need_prior: bool = True, allow_vqvae_mismatch: bool = False) -> Run:
-    """Load the run's VQ-VAE and (if trained or needed) its prior, checking they belong together."""
-    layout = RunLayout(path)
+    """Load the run's VQ-VAE and (if trained or needed) its prior, checking they belong together.
+
+    `path`: a run directory, an exported model folder or a Hub repo id `owner/name[@revision]` (see
+    `vqgen.core.export.locate_run`); an exported model's files are checked against its manifest first.
+    """
+    location = locate_run(path)
+    layout = location.layout
     if not layout.root.is_dir():
         raise VQGenError(f"run not found: {layout.root}")
     if not layout.vqvae.trained:
@@ -86,7 +106,7 @@ def load_run(path: str | Path, need_prior: bool = True, allow_vqvae_mismatch: bo
         if (pc.codebook_size, (pc.grid_height, pc.grid_width)) != (vc.codebook_size, vc.grid_shape):
             raise VQGenError(f"prior expects K={pc.codebook_size} on a {pc.grid_height}x{pc.grid_width} grid, the "
                              f"VQ-VAE gives K={vc.codebook_size} on {vc.grid_shape[0]}x{vc.grid_shape[1]}")
-    return run_on_device(Run(layout, vqvae, prior, source))
+    return run_on_device(Run(layout, vqvae, prior, source, location.outputs))
 
 
 def run_on_device(run: Run, device: torch.device | str = "cpu") -> Run:
@@ -252,9 +272,12 @@ def evaluate(run: Run, data: ImageData | None = None, batch_size: int = 256) -> 
     counts = torch.bincount(codes.flatten(), minlength=run.vqvae.config.codebook_size)
     mse = errors.mean().item()
     metrics = {"mse": mse, "psnr": psnr(mse), **code_usage(counts)}
-    if run.prior is not None:
-        splits, _ = load_codes(run.layout.codes)
-        test = splits["test"]
+    test = None
+    if run.prior is not None and not run.read_only:
+        test = load_codes(run.layout.codes)[0]["test"]
+    elif run.prior is not None and not run.source.pseudo_labels:  # an exported model carries no code grids:
+        test = CodeSplit(codes, data.test.labels)                  # the test images' codes, just encoded
+    if test is not None and len(test):
         conditional = run.prior.config.num_classes > 0
         nll = []
         for i in range(0, len(test), batch_size):
@@ -268,8 +291,8 @@ def evaluate(run: Run, data: ImageData | None = None, batch_size: int = 256) -> 
 def judge_of(run: Run, data: ImageData, retrain: bool = False, device: torch.device | str = "cpu",
              steps: int = 600) -> quality.Judge:
     """The run's judge: trained once on its training images (their labels, or rotations when unlabelled),
-    then cached in the run directory."""
-    folder = run.layout.judge
+    then cached in the run directory (or, for a model that is only read, in its outputs folder)."""
+    folder = run.outputs.judge
     if folder.trained and not retrain:
         judge = quality.load_judge(folder.path)
         if (judge.config.in_channels, judge.config.image_height, judge.config.image_width) == (

@@ -1,13 +1,15 @@
 """Code grids on disk: the interface between stage 1 and stage 2.
 
-`runs/NAME/codes/` is a `datasets.DatasetDict` saved with `save_to_disk` (one split per
-folder; columns `codes` int16 (h', w') and `label` when the source had labels) plus
-`meta.json`: codebook size, grid shape, classes and the fingerprint of the VQ-VAE
-weights that produced the codes.
+`runs/NAME/codes/` holds, per split, shards of int16 grids in dataset order (`layout.codes_shard`,
+safetensors, written by `CodesWriter` as the encoder produces them, so the dump is never whole in
+memory) and the split's labels, plus `meta.json`: codebook size, grid shape, classes, the shards, and
+the fingerprint of the VQ-VAE weights that produced the codes. Codes written by format 2 (one
+`datasets.DatasetDict` saved with `save_to_disk`) still load.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from dataclasses import dataclass
@@ -21,7 +23,10 @@ from vqgen.core.config import load_config, option, save_config
 from vqgen.core.errors import VQGenError
 from vqgen.core.interrupt import signals_deferred
 from vqgen.core.layout import CODES_META as META
+from vqgen.core.layout import codes_labels, codes_shard
 from vqgen.core.writes import writing
+
+SHARD_SIZE = 8192  # grids per shard file: 8 MB of int16 32x32 grids
 
 
 
@@ -41,6 +46,8 @@ class CodesMeta:
     split_sizes: tuple[tuple[str, int], ...]
     train_copies: int = option(0, "augmented copies of each training image in the train split", since=2)
     pseudo_labels: bool = option(False, "the labels are clusters of the codes, not classes of the data", since=2)
+    shards: tuple[tuple[str, tuple[str, ...]], ...] = option(
+        (), "each split's shard files, in order (none: the codes are a datasets folder, as format 2 wrote)", since=3)
 
     def __post_init__(self):
         if self.codebook_size < 2 or self.grid_height < 1 or self.grid_width < 1:
@@ -64,37 +71,85 @@ class CodeSplit:
         return self.codes.shape[0]
 
 
+class CodesWriter:
+    """Writes code grids as they are produced: `add` rows of a split in dataset order, each full shard
+    goes to disk at once; `finish` writes the labels and meta.json, then swaps the folder into place.
+    Everything goes to a temporary folder first: a failure or an interrupt leaves the old codes as they were.
+    """
+
+    def __init__(self, folder: str | os.PathLike, shard_size: int | None = None):
+        self.folder, self.shard_size = Path(folder), shard_size or SHARD_SIZE
+        self.tmp = self.folder.with_name(f".{self.folder.name}.tmp")
+        self.shards: dict[str, list[str]] = {}
+        self.sizes: dict[str, int] = {}
+        self._pending: dict[str, list[Tensor]] = {}
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        with writing(self.tmp, temporary=self.tmp):
+            self.tmp.mkdir(parents=True)
+
+    def add(self, split: str, codes: Tensor) -> None:
+        """The next (b, h, w) grids of `split`, in dataset order."""
+        pending = self._pending.setdefault(split, [])
+        self.shards.setdefault(split, [])
+        self.sizes[split] = self.sizes.get(split, 0) + len(codes)
+        pending.append(codes.to(torch.int16).cpu())
+        while sum(len(c) for c in pending) >= self.shard_size:
+            rows = torch.cat(pending)
+            self._write(split, rows[: self.shard_size])
+            pending[:] = [rows[self.shard_size:]]
+
+    def _write(self, split: str, rows: Tensor) -> None:
+        from safetensors.torch import save_file
+
+        path = codes_shard(self.tmp, split, len(self.shards[split]))
+        with writing(path, temporary=self.tmp):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file({"codes": rows.contiguous()}, str(path))
+        self.shards[split].append(str(path.relative_to(self.tmp)))
+
+    def finish(self, meta: CodesMeta, labels: dict[str, Tensor | None]) -> None:
+        """Flush the last shards, write each split's labels and meta.json (with the shard list), swap in."""
+        from safetensors.torch import save_file
+
+        for split, pending in self._pending.items():
+            rows = torch.cat(pending) if pending else torch.zeros(0, dtype=torch.int16)
+            if len(rows) or not self.shards[split]:
+                self._write(split, rows.reshape(-1, meta.grid_height, meta.grid_width))
+        with writing(self.tmp, temporary=self.tmp):
+            for split, size in self.sizes.items():
+                split_labels = labels.get(split)
+                if meta.num_classes and split_labels is None:
+                    raise VQGenError(f"split {split!r} has no labels but the codes metadata says "
+                                     f"{meta.num_classes} classes")
+                if split_labels is not None and meta.num_classes:
+                    assert len(split_labels) == size, f"{len(split_labels)} labels for {size} grids of {split}"
+                    save_file({"labels": split_labels.to(torch.int64).contiguous()},
+                              str(codes_labels(self.tmp, split)))
+            meta = dataclasses.replace(meta, split_sizes=tuple(self.sizes.items()),
+                                       shards=tuple((k, tuple(v)) for k, v in self.shards.items()))
+            save_config(meta, self.tmp / META)
+        old = self.folder.with_name(f".{self.folder.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        with signals_deferred():  # a Ctrl-C between the renames would leave no codes folder at all
+            if self.folder.exists():
+                os.replace(self.folder, old)
+            os.replace(self.tmp, self.folder)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def abandon(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
 def save_codes(folder: str | os.PathLike, splits: dict[str, CodeSplit], meta: CodesMeta) -> None:
-    """Write every split and meta.json into a temporary folder, then swap it into place."""
-    from datasets import Array2D, Dataset, DatasetDict, Features, Value, disable_progress_bars
-
-    disable_progress_bars()  # vqgen reports what it wrote itself
-
-    folder = Path(folder)
-    h, w = meta.grid_height, meta.grid_width
-    features = {"codes": Array2D(shape=(h, w), dtype="int16")}
-    if meta.num_classes:
-        features["label"] = Value("int64")
-    parts = {}
-    for name, split in splits.items():
-        columns = {"codes": split.codes.to(torch.int16).numpy()}
-        if meta.num_classes:
-            if split.labels is None:
-                raise VQGenError(f"split {name!r} has no labels but the codes metadata says {meta.num_classes} classes")
-            columns["label"] = split.labels.numpy()
-        parts[name] = Dataset.from_dict(columns, features=Features(features))
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    with writing(tmp, temporary=tmp):  # a full disk: one line, the old codes untouched, no temporary folder left
-        DatasetDict(parts).save_to_disk(str(tmp))
-        save_config(meta, tmp / META)
-    old = folder.with_name(f".{folder.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    with signals_deferred():  # a Ctrl-C between the renames would leave no codes folder at all
-        if folder.exists():
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
+    """Write every split (in shards) and meta.json into a temporary folder, then swap it into place."""
+    writer = CodesWriter(folder)
+    try:
+        for name, split in splits.items():
+            writer.add(name, split.codes)
+        writer.finish(meta, {name: split.labels for name, split in splits.items()})
+    except BaseException:
+        writer.abandon()
+        raise
 
 
 def load_codes_meta(folder: str | os.PathLike) -> CodesMeta:
@@ -106,12 +161,30 @@ def load_codes_meta(folder: str | os.PathLike) -> CodesMeta:
     return load_config(CodesMeta, folder / META)
 
 
-def load_codes(folder: str | os.PathLike) -> tuple[dict[str, CodeSplit], CodesMeta]:
-    """Read every split as int64 tensors, checked against the metadata."""
+def _load_shards(folder: Path, meta: CodesMeta) -> dict[str, CodeSplit]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    splits = {}
+    for name, files in meta.shards:
+        try:
+            parts = [load_file(str(folder / f))["codes"] for f in files]
+            labels_file = codes_labels(folder, name)
+            labels = load_file(str(labels_file))["labels"] if labels_file.is_file() else None
+        except (OSError, KeyError, SafetensorError) as err:
+            raise VQGenError(f"cannot read code grids in {folder}/{name}: {err}") from None
+        codes = torch.cat(parts).long() if parts else torch.zeros(0, meta.grid_height, meta.grid_width,
+                                                                  dtype=torch.long)
+        if labels is not None and len(labels) != len(codes):
+            raise VQGenError(f"{folder}/{name} has {len(labels)} labels for {len(codes)} code grids")
+        splits[name] = CodeSplit(codes=codes, labels=labels)
+    return splits
+
+
+def _load_dataset_dict(folder: Path, meta: CodesMeta) -> dict[str, CodeSplit]:
+    """Codes as format 2 wrote them: a `datasets.DatasetDict` saved with `save_to_disk`."""
     from datasets import load_from_disk
 
-    folder = Path(folder)
-    meta = load_codes_meta(folder)
     try:
         data = load_from_disk(str(folder))
     except (FileNotFoundError, ValueError) as err:
@@ -121,6 +194,21 @@ def load_codes(folder: str | os.PathLike) -> tuple[dict[str, CodeSplit], CodesMe
         part = data[name].with_format("numpy")
         codes = torch.from_numpy(np.asarray(part["codes"], dtype=np.int64)) if len(part) else torch.zeros(
             0, meta.grid_height, meta.grid_width, dtype=torch.long)
+        labels = None
+        if "label" in part.column_names:
+            labels = torch.from_numpy(np.asarray(part["label"], dtype=np.int64))
+        splits[name] = CodeSplit(codes=codes, labels=labels)
+    return splits
+
+
+def load_codes(folder: str | os.PathLike) -> tuple[dict[str, CodeSplit], CodesMeta]:
+    """Read every split as int64 tensors (from its shards, or a format-2 datasets folder), checked
+    against the metadata."""
+    folder = Path(folder)
+    meta = load_codes_meta(folder)
+    splits = _load_shards(folder, meta) if meta.shards else _load_dataset_dict(folder, meta)
+    for name, split in splits.items():
+        codes = split.codes
         if codes.shape[1:] != (meta.grid_height, meta.grid_width):
             raise VQGenError(
                 f"codes in {folder}/{name} are {tuple(codes.shape[1:])} but meta.json says "
@@ -128,8 +216,4 @@ def load_codes(folder: str | os.PathLike) -> tuple[dict[str, CodeSplit], CodesMe
             )
         if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= meta.codebook_size):
             raise VQGenError(f"codes in {folder}/{name} fall outside [0, {meta.codebook_size})")
-        labels = None
-        if "label" in part.column_names:
-            labels = torch.from_numpy(np.asarray(part["label"], dtype=np.int64))
-        splits[name] = CodeSplit(codes=codes, labels=labels)
     return splits, meta

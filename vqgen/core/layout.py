@@ -4,13 +4,20 @@
       vqvae/     StageDir: config.json, model.safetensors, train_config.json, metrics.jsonl,
                  data_config.json, reconstructions/step-*.png, state/step-*/ (for --resume; each
                  with progress.json and manifest.json), .lock (while a training or encoding runs)
-      codes/     the code grids (a `datasets` DatasetDict) + meta.json
+      codes/     meta.json and, per split, SPLIT/shard-NNNNN.safetensors ("codes": int16 (k, h', w'), in
+                 dataset order) and SPLIT/labels.safetensors; runs of format 2: a `datasets` DatasetDict
       prior/     StageDir: config.json, model.safetensors, train_config.json, metrics.jsonl,
                  source.json, state/step-*/
       samples/   NNNN/ from each `vqgen sample`: SampleSetDir: grid.png, images/, codes.safetensors,
                  settings.json
       judge/     config.json, model.safetensors: the classifier that scores samples (`vqgen eval --samples`)
       evaluations.jsonl   the sample-quality scores of each `vqgen eval --samples`
+      report.html         `vqgen report` (and training, at each evaluation): curves, codes, images, configs
+
+An exported model (`vqgen export`, the folder a Hugging Face Hub repo holds) keeps the same names for the
+parts it carries (vqvae/ and prior/ without state/, codes/meta.json without the grids, evaluations.jsonl)
+and adds README.md (the model card), samples.png (the newest sample grid) and manifest.json (every file's
+size and sha256). Commands that read such a model write under outputs/NAME/ (`model_outputs`) instead.
 
 Stages, pipeline and CLI ask a `RunLayout` for paths; none spells a name itself.
 """
@@ -27,7 +34,20 @@ CODES_META = "meta.json"
 PROGRESS = "progress.json"
 MANIFEST = "manifest.json"   # in a state folder: every file's size and sha256, written last
 LOCK = ".lock"               # in a stage folder: who is writing it now
+MODEL_CARD = "README.md"     # an exported model's card, with Hugging Face Hub front matter
+SAMPLE_GRID = "samples.png"  # an exported model's picture: the run's newest sample grid
+MODEL_OUTPUTS = "outputs"    # where commands reading an exported or downloaded model write: outputs/NAME/
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def codes_shard(codes: Path, split: str, index: int) -> Path:
+    """Shard `index` of a split's code grids in a codes folder: train/shard-00000.safetensors."""
+    return Path(codes) / split / f"shard-{index:05d}.safetensors"
+
+
+def codes_labels(codes: Path, split: str) -> Path:
+    """A split's labels (int64 (n,)) in a codes folder."""
+    return Path(codes) / split / "labels.safetensors"
 
 
 @dataclass(frozen=True)
@@ -175,7 +195,48 @@ class RunLayout:
         """`vqgen complete`'s default output."""
         return self.root / "completions.png"
 
+    @property
+    def report(self) -> Path:
+        """`vqgen report`'s default output, refreshed by training at each evaluation."""
+        return self.root / "report.html"
+
+    @property
+    def model_card(self) -> Path:
+        """An exported model's README.md."""
+        return self.root / MODEL_CARD
+
+    @property
+    def sample_grid(self) -> Path:
+        """An exported model's samples.png."""
+        return self.root / SAMPLE_GRID
+
+    @property
+    def manifest(self) -> Path:
+        """An exported model's manifest.json: the size and sha256 of every other file."""
+        return self.root / MANIFEST
+
+    def exported_files(self) -> list[Path]:
+        """What an exported model carries from a run, where the run has it (the card, the picture and the
+        manifest are written by the export itself)."""
+        stages = [name for stage in (self.vqvae, self.prior) for name in (
+            stage.config, stage.weights, stage.train_config, stage.metrics)]
+        return [*stages, self.vqvae.data_config, self.prior.source, self.codes_meta, self.evaluations]
+
+    def newest_sample_grid(self) -> Path | None:
+        """The grid.png of the highest-numbered sample set (an exported model's samples.png), None if none."""
+        if self.sample_grid.is_file():
+            return self.sample_grid
+        sets = sorted(self.samples.glob("[0-9][0-9][0-9][0-9]")) if self.samples.is_dir() else []
+        grids = [SampleSetDir(s).grid for s in sets if SampleSetDir(s).grid.is_file()]
+        return grids[-1] if grids else None
+
     def next_samples_dir(self) -> Path:
         """samples/NNNN, one past the highest number taken."""
         taken = [int(p.name) for p in self.samples.glob("[0-9][0-9][0-9][0-9]")] if self.samples.is_dir() else []
         return self.samples / f"{max(taken, default=-1) + 1:04d}"
+
+
+def model_outputs(name: str) -> RunLayout:
+    """Where commands write what they make from a model that is not a run directory of this machine
+    (an exported folder, a Hub download): outputs/NAME/ in the working directory, laid out like a run."""
+    return RunLayout(Path(MODEL_OUTPUTS) / name)

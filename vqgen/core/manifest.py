@@ -1,7 +1,7 @@
-"""A training state's manifest: every file with its size and sha256, written last, checked before a resume.
+"""A folder's manifest: every file with its size and sha256, written last, checked before the folder is used.
 
-A state folder whose manifest is missing, unreadable or disagrees with a file is damaged; `--resume`
-skips it for the newest intact one.
+A training state whose manifest is missing, unreadable or disagrees with a file is damaged; `--resume`
+skips it for the newest intact one. An exported model is checked the same way before its weights are read.
 """
 
 from __future__ import annotations
@@ -36,20 +36,22 @@ def write_manifest(folder: str | Path) -> None:
     write_json_atomic({"format": MANIFEST_FORMAT, "files": files}, folder / MANIFEST)
 
 
-def state_damage(folder: str | Path) -> str | None:
-    """None when the state folder is intact, else what is wrong, naming the file (one line)."""
+def manifest_damage(folder: str | Path, required: tuple[str, ...] = ()) -> str | None:
+    """None when every file `folder/manifest.json` lists (and each `required` name) is there with its size and
+    sha256, else what is wrong, naming the file (one line). Files the manifest does not list are not looked at."""
     folder = Path(folder)
     manifest = folder / MANIFEST
-    if not manifest.exists():
-        return _damage_without_manifest(folder)
+    if not manifest.is_file():
+        return f"{manifest} is missing"
     try:
         data = json.loads(manifest.read_text())
         files = data["files"]
         entries = [(str(name), int(e["bytes"]), str(e["sha256"])) for name, e in files.items()]
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return f"{manifest} is not a readable manifest"
-    if PROGRESS not in files:
-        return f"{manifest} does not list {PROGRESS}"
+    for name in required:
+        if name not in files:
+            return f"{manifest} does not list {name}"
     for name, size, digest in entries:
         path = folder / name
         if not path.is_file():
@@ -58,7 +60,15 @@ def state_damage(folder: str | Path) -> str | None:
             return f"{path} has {path.stat().st_size} bytes, its manifest says {size}"
         if sha256_of(path) != digest:
             return f"{path} does not match its sha256 in the manifest"
-    return _progress_damage(folder)
+    return None
+
+
+def state_damage(folder: str | Path) -> str | None:
+    """None when the state folder is intact, else what is wrong, naming the file (one line)."""
+    folder = Path(folder)
+    if not (folder / MANIFEST).exists():
+        return _damage_without_manifest(folder)
+    return manifest_damage(folder, required=(PROGRESS,)) or _progress_damage(folder)
 
 
 def _progress_damage(folder: Path) -> str | None:

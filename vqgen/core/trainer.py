@@ -20,19 +20,24 @@ from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 from rich.console import Console
 from torch import Tensor, nn
 
+from vqgen.core.batches import stop_workers
 from vqgen.core.checkpoint import latest_state_dir, load_weights
 from vqgen.core.config import option, save_config
 from vqgen.core.console import make_console, make_progress
-from vqgen.core.errors import TrainingStopped, VQGenError
+from vqgen.core import figures
+from vqgen.core.errors import TrainingStopped, VQGenError, one_line
 from vqgen.core.heldout import HeldOut
+from vqgen.core.imageio import to_pil
 from vqgen.core.interrupt import StopSignals
 from vqgen.core.layout import StageDir
 from vqgen.core.metrics import JsonlLog
+from vqgen.core.report import write_report
 from vqgen.core.states import Progress, export_weights, resume_state, save_state
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 LR_SCHEDULES = ("cosine", "constant")
 TRACKERS = ("none", "tensorboard", "wandb")
+REPORT_SHARE = 0.05  # at most this share of the training time goes to refreshing the report (the last: always)
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,15 @@ class TrainConfig:
     patience: int = option(5, "stop after this many evaluations without a better test metric (0: never)",
                            since=2)
     report_to: str = option("none", "also log to this tracker (its package must be installed)", choices=TRACKERS)
+    report: bool | None = option(None, "refresh the run's report.html (curves, codes, images, configs) at each "
+                                 "evaluation (unset: when matplotlib is installed)", since=3)
+    num_workers: int | None = option(None, "DataLoader worker processes that build (and, for streamed images, "
+                                           "decode) the batches; the batches are the same for any number "
+                                           "(default: 0 for data in memory, min(4, CPUs) when streamed)", since=3)
+    compile: bool = option(False, "torch.compile the model's forward pass (faster steps on a GPU after a slow "
+                           "first one; needs Triton on CUDA or a C++ compiler on the CPU)", since=3)
+    tf32: bool = option(True, "let float32 matmuls and convolutions use TF32 on NVIDIA GPUs (Ampere and newer)",
+                        since=3)
 
     def __post_init__(self):
         for name in ("batch_size", "grad_accum_steps", "epochs", "log_every"):
@@ -73,6 +87,8 @@ class TrainConfig:
             raise VQGenError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.keep < 1:
             raise VQGenError(f"keep must be >= 1, got {self.keep}")
+        if self.num_workers is not None and self.num_workers < 0:
+            raise VQGenError(f"num_workers must be >= 0 (or unset: chosen by the data), got {self.num_workers}")
         for name, allowed in (("mixed_precision", MIXED_PRECISION), ("lr_schedule", LR_SCHEDULES),
                               ("report_to", TRACKERS)):
             if getattr(self, name) not in allowed:
@@ -102,6 +118,35 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.learning_rate)
 
 
+def check_compile(device: torch.device) -> None:
+    """Refuse `--compile` where torch cannot compile, before anything is written."""
+    import shutil
+
+    import torch._dynamo
+
+    if not torch._dynamo.is_dynamo_supported():
+        raise VQGenError(f"--compile: torch {torch.__version__} cannot compile on this Python "
+                         "(torch.compile is not supported here); train without --compile")
+    if device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            raise VQGenError("--compile on CUDA needs the triton package, which is not installed; "
+                             "pip install triton, or train without --compile")
+    elif device.type == "cpu" and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+        raise VQGenError("--compile on the CPU needs a C++ compiler (g++, c++ or clang++), none found on PATH; "
+                         "install one, or train without --compile")
+
+
+def compile_model(model: nn.Module) -> None:
+    """Compile in place (`nn.Module.compile`): parameter names, checkpoints and resume are unchanged. A
+    model may name the submodules worth compiling (`compile_targets()`), e.g. the VQ-VAE's convolutional
+    trunk without the quantizer's data-dependent codebook upkeep."""
+    targets = model.compile_targets() if hasattr(model, "compile_targets") else [model]
+    for module in targets:
+        module.compile()
+
+
 def make_accelerator(cfg: TrainConfig, stage_dir: StageDir) -> Accelerator:
     """The Accelerator both stages train with: seedable sampler so a resumed epoch replays its order."""
     log_with = None
@@ -111,7 +156,13 @@ def make_accelerator(cfg: TrainConfig, stage_dir: StageDir) -> Accelerator:
         if importlib.util.find_spec(cfg.report_to) is None:
             raise VQGenError(f"report_to={cfg.report_to!r} needs the package {cfg.report_to!r}: pip install {cfg.report_to}")
         log_with = cfg.report_to
-    return Accelerator(
+    if cfg.report and not figures.available():
+        raise VQGenError('report=True needs matplotlib, which is not installed: pip install "vqgen[report]", '
+                         "or train without the report")
+    if torch.cuda.is_available():  # process-wide; the defaults of torch differ between versions
+        torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+        torch.backends.cudnn.allow_tf32 = cfg.tf32
+    accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.grad_accum_steps,
         log_with=log_with,
@@ -119,6 +170,9 @@ def make_accelerator(cfg: TrainConfig, stage_dir: StageDir) -> Accelerator:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
         step_scheduler_with_optimizer=False,
     )
+    if cfg.compile:
+        check_compile(accelerator.device)
+    return accelerator
 
 
 class Stage(Protocol):
@@ -136,6 +190,9 @@ class Stage(Protocol):
 
     def evaluate(self, model: nn.Module, step: int) -> dict[str, float]:
         """Test metrics; runs on every process, gathers across them."""
+
+    # optional: def eval_images(self) -> dict[str, Tensor]: the last evaluation's pictures for the trackers,
+    # name -> (c, H, W) uint8, on the main process (stage 1: its reconstructions)
 
 
 class _Window:
@@ -207,6 +264,8 @@ def fit(
     """
     console = console or make_console(accelerator.is_main_process)
     log = JsonlLog(stage_dir.metrics, enabled=accelerator.is_main_process)
+    if cfg.compile:
+        compile_model(model)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     steps_per_epoch = max(1, len(train_loader) // cfg.grad_accum_steps)
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
@@ -214,7 +273,10 @@ def fit(
     if accelerator.is_main_process:
         save_config(cfg, stage_dir.train_config)
     if cfg.report_to != "none":
-        accelerator.init_trackers(f"vqgen-{stage.name}", config=asdict(cfg))
+        if cfg.report_to == "wandb" and accelerator.is_main_process:
+            stage_dir.logs.mkdir(parents=True, exist_ok=True)  # W&B writes into the run, not the working directory
+        accelerator.init_trackers(f"vqgen-{stage.name}", config=asdict(cfg),
+                                  init_kwargs={"wandb": {"dir": str(stage_dir.logs)}})
 
     held = HeldOut(*stage.held_out, patience=cfg.patience, **progress.held_out)
     best: dict[str, float] = {}
@@ -222,6 +284,7 @@ def fit(
     stop = False
     stopped_by = 0  # the signal every process stopped for
     window = _Window(accelerator.device)
+    report_due = 0.0  # an evaluation before this time (but the last) skips the report: see REPORT_SHARE
     with StopSignals(announce=accelerator.is_main_process) as signals, make_progress(console, stage.name) as bar:
         task = bar.add_task(stage.name, total=total, completed=progress.step, metrics="")
         while progress.step < total:
@@ -275,6 +338,10 @@ def fit(
                                   + ("  (best)" if verdict.improved else f"  (best: step {held.best_step})"))
                     if verdict.warning:
                         console.print(f"[bold yellow]warning:[/] {verdict.warning}")
+                    _log_images(accelerator, stage, step)
+                    if step >= total or verdict.stop or time.perf_counter() >= report_due:
+                        report_due = time.perf_counter() + refresh_report(accelerator, cfg, stage_dir, console) * (
+                            1 / REPORT_SHARE - 1)
                     stop = verdict.stop
                     model.train()
                     window.started = time.perf_counter()
@@ -298,6 +365,7 @@ def fit(
                 progress.batch_in_epoch = 0
             if stop or stopped_by:
                 break
+    stop_workers(train_loader)  # its workers would otherwise idle, holding memory, through the code dump
     for tracker in accelerator.trackers:  # not end_training(): that also ends the process group,
         tracker.finish()                   # and stage 1 still encodes the dataset across processes
     if stopped_by:
@@ -313,6 +381,30 @@ def _emit(accelerator: Accelerator, log: JsonlLog, split: str, step: int, record
     log.write({"split": split, "step": step, "time": time.time(), **record})
     if accelerator.log_with:
         accelerator.log({f"{split}/{k}": v for k, v in record.items()}, step=step)
+
+
+def _log_images(accelerator: Accelerator, stage: Stage, step: int) -> None:
+    """The last evaluation's pictures to the trackers (there are none off the main process)."""
+    images = stage.eval_images() if hasattr(stage, "eval_images") else {}
+    for tracker in accelerator.trackers:
+        for name, image in images.items():  # (c, H, W) uint8
+            if tracker.name == "tensorboard":
+                tracker.log_images({f"test/{name}": image.unsqueeze(0)}, step=step)  # add_images: (n, c, H, W)
+            elif tracker.name == "wandb":
+                tracker.log_images({f"test/{name}": [to_pil(image)]}, step=step)
+
+
+def refresh_report(accelerator: Accelerator, cfg: TrainConfig, stage_dir: StageDir, console: Console) -> float:
+    """Rewrite the run's report.html (main process; unless `cfg.report` is off, or unset and matplotlib
+    missing); a failure costs one warning line, never the training. Returns the seconds it took."""
+    if not accelerator.is_main_process or cfg.report is False or not figures.available():
+        return 0.0
+    start = time.perf_counter()
+    try:
+        write_report(stage_dir.path.parent)
+    except Exception as err:  # noqa: BLE001 - a picture is not worth a training run
+        console.print(f"[bold yellow]warning:[/] the report was not refreshed: {one_line(err)}")
+    return time.perf_counter() - start
 
 
 def _short(record: dict[str, float]) -> str:

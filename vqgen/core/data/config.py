@@ -12,6 +12,8 @@ BUILTIN = "builtin"
 NO_LABELS = "none"  # label_column value that ignores the source's labels
 RESIZE_MODES = ("resize", "center-crop", "pad")
 AUGMENTATIONS = ("flip", "translate")
+STREAM_MODES = ("auto", "always", "never")
+STREAM_ABOVE = 1 << 30  # decoded bytes (n*c*h*w) above which --stream auto streams the images
 
 
 def parse_augment(spec: str) -> tuple[str, ...]:
@@ -56,6 +58,10 @@ class DataConfig:
                                               "(0: off; default: 10 when the data has no labels)", since=2)
     code_copies: int = option(0, "augmented copies of each training image added to the code dump, so the prior "
                                  "sees more grids (uses --augment)", since=2)
+    stream: str = option("auto", "decode images per batch from a memory-mapped Arrow copy instead of holding "
+                                 "them all in memory (auto: when they would take more than 1 GiB decoded; "
+                                 "a folder or parquet source is converted once into the cache, $VQGEN_CACHE)",
+                         choices=STREAM_MODES, since=3)
 
     def __post_init__(self):
         if not isinstance(self.source, str) or not self.source.strip():
@@ -80,6 +86,8 @@ class DataConfig:
             raise VQGenError(f"code_copies must be >= 0, got {self.code_copies}")
         if self.code_copies and not parse_augment(self.augment):
             raise VQGenError(f"code_copies={self.code_copies} needs augment (e.g. 'flip,translate'), got 'none'")
+        if self.stream not in STREAM_MODES:
+            raise VQGenError(f"stream must be one of {', '.join(STREAM_MODES)}, got {self.stream!r}")
         if self.max_images is not None and self.max_images < 1:
             raise VQGenError(f"max_images must be >= 1 or None, got {self.max_images!r}")
 

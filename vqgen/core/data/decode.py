@@ -73,7 +73,7 @@ def _fit(img: Image.Image, size: int | None, mode: str) -> Image.Image:
     return canvas
 
 
-def _pixels(raw: RawSplit, i: int, cfg: DataConfig) -> np.ndarray:
+def pixels(raw: RawSplit, i: int, cfg: DataConfig) -> np.ndarray:
     """Image i of a split, decoded, as uint8 (h, w, c) with c in {1, 3}."""
     try:
         img = _normalise(_open(raw.refs[i]))
@@ -100,7 +100,7 @@ def decode_split(raw: RawSplit, cfg: DataConfig) -> np.ndarray:
     """Decode every image of a split -> uint8 (n, c, h, w); grey becomes RGB once a colour image appears."""
     out = None
     for i in range(len(raw.refs)):
-        px = _pixels(raw, i, cfg)  # (h, w, c)
+        px = pixels(raw, i, cfg)  # (h, w, c)
         if out is None:
             out = np.empty((len(raw.refs), px.shape[2], px.shape[0], px.shape[1]), dtype=np.uint8)
         elif px.shape[:2] != out.shape[2:]:
@@ -110,3 +110,15 @@ def decode_split(raw: RawSplit, cfg: DataConfig) -> np.ndarray:
         out[i] = px.transpose(2, 0, 1)  # grey broadcasts into RGB
     return out
 
+
+
+def decode_one(raw: RawSplit, i: int, cfg: DataConfig, shape: tuple[int, int, int]) -> np.ndarray:
+    """Image i of a streamed split as uint8 (c, h, w) of the split's `shape`: grey is repeated into RGB,
+    colour brought to grey, a different size refused (a streamed split cannot look ahead to unify them)."""
+    px = pixels(raw, i, cfg)  # (h, w, c)
+    c, h, w = shape
+    if px.shape[:2] != (h, w):
+        raise size_error((f"the first image of {raw.origin}", (h, w)), (raw.where(i), px.shape[:2]))
+    if px.shape[2] != c:
+        px = px.repeat(3, axis=2) if c == 3 else np.asarray(Image.fromarray(px).convert("L"))[:, :, None]
+    return px.transpose(2, 0, 1)

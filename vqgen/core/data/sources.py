@@ -2,7 +2,9 @@
 
 A source is found, its splits chosen and its labels encoded here; nothing is decoded yet: each
 split is a `RawSplit` of references (bytes, file paths or pixel arrays) that `decode` turns into
-pixels. `datasets` is imported only when a source needs it.
+pixels. `datasets` is imported only when a source needs it. Unless `stream` is "never", the image
+column of a `datasets` source stays on disk: a saved or hub dataset's own memory-mapped Arrow files, or
+a copy of parquet/arrow files converted once into the cache (`arrow`); its references are `ArrowRefs`.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from vqgen.core.data.arrow import ArrowRefs, cached_table, file_stamps, fingerprint, map_table
 from vqgen.core.data.config import NO_LABELS, DataConfig
 from vqgen.core.errors import VQGenError, one_line
 
@@ -32,7 +35,7 @@ _HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 class RawSplit:
     """A split as references: per image its bytes, a file path (str) or a pixel array."""
 
-    refs: list[Any]
+    refs: list[Any] | ArrowRefs
     labels: np.ndarray | None  # int64 (n,)
     origin: str  # where the split comes from, for messages
     rows: np.ndarray  # row numbers in the origin, for messages
@@ -44,7 +47,8 @@ class RawSplit:
 
     def take(self, idx: np.ndarray) -> RawSplit:
         labels = None if self.labels is None else self.labels[idx]
-        return RawSplit([self.refs[i] for i in idx], labels, self.origin, self.rows[idx])
+        refs = self.refs.take(idx) if isinstance(self.refs, ArrowRefs) else [self.refs[i] for i in idx]
+        return RawSplit(refs, labels, self.origin, self.rows[idx])
 
     def where(self, i: int) -> str:
         ref = self.refs[i]
@@ -195,6 +199,35 @@ def _read_columns(ds: Any, columns: list[str], limit: int | None, origin: str) -
     return pa.concat_tables(tables)
 
 
+def _mapped_columns(ds: Any, columns: list[str], limit: int | None, origin: str, stamp: Any,
+                    console: Any) -> tuple[pa.Table, list[str]]:
+    """The given columns as a memory-mapped table and the Arrow files it lives in: a saved or hub
+    dataset's own files, else a copy converted once into the cache (keyed by `stamp`, the columns and
+    `limit`)."""
+    datasets = _datasets()
+
+    files = [f["filename"] for f in getattr(ds, "cache_files", None) or []]
+    if isinstance(ds, datasets.Dataset) and files and ds._indices is None and limit is None:
+        table = pa.concat_tables([map_table(f) for f in files])
+        if len(table) == len(ds) and all(c in table.column_names for c in columns):
+            return table.select(columns), files
+    if stamp is None:  # a hub dataset with an index mapping, say: no stable key to cache it under
+        return _read_columns(ds, columns, limit, origin), []
+    try:
+        if limit is not None:
+            ds = ds.take(limit)
+        batches = (b for t in ds.select_columns(columns).with_format("arrow").iter(batch_size=1000)
+                   for b in t.to_batches())
+        rows = len(ds) if isinstance(ds, datasets.Dataset) else None
+        path = cached_table(fingerprint("datasets", stamp, columns, limit), batches, rows, origin, console)
+    except (OSError, ValueError) as err:
+        raise VQGenError(f"could not read {origin}: {one_line(err)}") from None
+    table = map_table(path)
+    if len(table) == 0:
+        raise VQGenError(f"{origin} is empty")
+    return table, [str(path)]
+
+
 def _image_refs(column: pa.ChunkedArray, name: str, origin: str) -> list[Any]:
     """Per row: encoded bytes, a file path, or a pixel array."""
     kind = column.type
@@ -236,8 +269,11 @@ def _encode_labels(
     return values, names
 
 
-def _datasets_source(loaded: Any, origin: str, cfg: DataConfig) -> Source:
-    """A Dataset, IterableDataset or a dict of them (splits) -> train and test references."""
+def _datasets_source(loaded: Any, origin: str, cfg: DataConfig, stamp: Any = None, console: Any = None) -> Source:
+    """A Dataset, IterableDataset or a dict of them (splits) -> train and test references.
+
+    Unless cfg.stream is "never", the references are `ArrowRefs` into memory-mapped files (`stamp`: what
+    identifies the source's files, for the cache key)."""
     splits = dict(loaded) if isinstance(loaded, Mapping) else {"train": loaded}
     train, test = _pick_splits(list(splits), origin)
     features = _features(splits[train])
@@ -245,22 +281,31 @@ def _datasets_source(loaded: Any, origin: str, cfg: DataConfig) -> Source:
     label_col = _label_column(features, cfg.label_column, f"split {train!r} of {origin}")
     columns = [image_col] + ([label_col] if label_col else [])
     names = [train] + ([test] if test else [])
-    tables = {}
+    tables, files = {}, {}
+    on_disk = cfg.stream != "never"
     for split in names:
         have = list(_features(splits[split]))
         missing = [c for c in columns if c not in have]
         if missing:
             raise VQGenError(f"split {split!r} of {origin} has no column {missing[0]!r}; its columns are {have}")
         limit = cfg.max_images if test else None  # with a held-out split, every row is needed first
-        tables[split] = _read_columns(splits[split], columns, limit, f"split {split!r} of {origin}")
+        where = f"split {split!r} of {origin}"
+        if on_disk:
+            tables[split], files[split] = _mapped_columns(splits[split], columns, limit, where,
+                                                          None if stamp is None else (stamp, split), console)
+        else:
+            tables[split] = _read_columns(splits[split], columns, limit, where)
     labels, class_names = {s: None for s in names}, None
     if label_col:
         label_columns = {s: t.column(label_col) for s, t in tables.items()}
         labels, class_names = _encode_labels(label_columns, features[label_col], label_col, origin)
-    raws = {
-        s: RawSplit.of(_image_refs(t.column(image_col), image_col, origin), labels[s], f"split {s!r} of {origin}")
-        for s, t in tables.items()
-    }
+
+    def refs(split: str, table: pa.Table) -> list[Any] | ArrowRefs:
+        _image_refs(table.column(image_col).slice(0, 1), image_col, origin)  # refuses a column of non-images
+        return ArrowRefs(files[split], image_col) if files.get(split) else _image_refs(
+            table.column(image_col), image_col, origin)
+
+    raws = {s: RawSplit.of(refs(s, t), labels[s], f"split {s!r} of {origin}") for s, t in tables.items()}
     return Source(raws[train], raws.get(test), class_names, origin)
 
 
@@ -272,7 +317,7 @@ def _has_data_files(folder: Path) -> bool:
     return False
 
 
-def _local_source(path: Path, cfg: DataConfig) -> Source:
+def _local_source(path: Path, cfg: DataConfig, console: Any) -> Source:
     """A save_to_disk folder, parquet/arrow file(s) or, failing those, a folder of images."""
     datasets = _datasets()
 
@@ -292,7 +337,13 @@ def _local_source(path: Path, cfg: DataConfig) -> Source:
             loaded, origin = datasets.load_dataset(str(path), streaming=True), f"data files in {path}"
     except Exception as err:  # datasets raises many types for a folder it cannot read
         raise VQGenError(f"could not read {path} with datasets: {one_line(err)}") from None
-    return _datasets_source(loaded, origin, cfg)
+    stamp = file_stamps([path] if path.is_file() else sorted(
+        str(p) for p in path.rglob("*") if p.is_file() and _visible_below(p, path)))
+    return _datasets_source(loaded, origin, cfg, stamp, console)
+
+
+def _visible_below(file: Path, folder: Path) -> bool:
+    return all(_visible(part) for part in file.relative_to(folder).parts)
 
 
 def _is_hub_name(source: str) -> bool:
@@ -304,7 +355,7 @@ def _is_hub_name(source: str) -> bool:
     return not Path(owner).exists() and suffix not in DATA_SUFFIXES and suffix not in IMAGE_SUFFIXES
 
 
-def _hub_source(name: str, cfg: DataConfig) -> Source:
+def _hub_source(name: str, cfg: DataConfig, console: Any) -> Source:
     """Download through `datasets`; without a network, fail in a second, not after 25 s of retries."""
     datasets = _datasets()
     from huggingface_hub import HfApi
@@ -324,16 +375,20 @@ def _hub_source(name: str, cfg: DataConfig) -> Source:
     except Exception as err:  # offline mode without a cached copy raises ConnectionError
         hint = " (no network?)" if isinstance(err, (ConnectionError, TimeoutError)) else ""
         raise VQGenError(f"could not load {name!r} from the Hugging Face hub{hint}: {one_line(err)}") from None
-    return _datasets_source(loaded, f"hub dataset {name}", cfg)
+    return _datasets_source(loaded, f"hub dataset {name}", cfg, console=console)
 
 
 # --- decoding -------------------------------------------------------------------------------
 
-def find_source(cfg: DataConfig) -> Source:
-    """The splits of `cfg.source` as references, not yet decoded (not for the built-in data)."""
+def find_source(cfg: DataConfig, console: Any = None) -> Source:
+    """The splits of `cfg.source` as references, not yet decoded (not for the built-in data); `console`
+    shows the progress of a conversion into the Arrow cache."""
+    from vqgen.core.console import make_console
+
+    console = console or make_console()
     path = Path(cfg.source).expanduser()
     if path.exists():
-        return _local_source(path, cfg)
+        return _local_source(path, cfg, console)
     if _is_hub_name(cfg.source):
-        return _hub_source(cfg.source, cfg)
+        return _hub_source(cfg.source, cfg, console)
     raise VQGenError(f"data source not found: {cfg.source!r} is no file or folder, nor a hub name (owner/name)")

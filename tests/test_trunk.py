@@ -1,0 +1,214 @@
+"""The scalable trunk (architecture "resnet"): shapes at every level, training, its config and its errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from stage1_vqvae.model import VQVAE, VQVAEConfig
+from stage1_vqvae.trunk import AttnBlock, ResnetDecoder, ResnetEncoder
+from vqgen.core.config import config_to_dict, load_config, save_config
+from vqgen.core.errors import VQGenError
+from conftest import load_script
+
+
+def tiny(**kw) -> VQVAEConfig:
+    base = dict(architecture="resnet", hidden_channels=4, num_res_blocks=1, codebook_size=8, code_dim=4,
+                image_height=32, image_width=32, kmeans_init=False)
+    return VQVAEConfig(**{**base, **kw})
+
+
+def level_outputs(levels, x) -> list[torch.Size]:
+    shapes = []
+    for level in levels:
+        x = level(x)
+        shapes.append(x.shape)
+    return shapes
+
+
+@pytest.mark.parametrize("downsample,mults", [(4, (1, 2, 3)), (8, (1, 1, 2, 4)), (16, (1, 2, 2, 3, 4))])
+@pytest.mark.parametrize("attention", [False, True])
+def test_every_level_has_its_width_and_side(downsample, mults, attention):
+    cfg = tiny(downsample=downsample, channel_mult=mults, attention=attention, image_height=32, image_width=48)
+    enc = ResnetEncoder(3, 4, mults, 1, attention, 5)
+    dec = ResnetDecoder(3, 4, mults, 1, attention, 5)
+    x = torch.randn(2, 3, 32, 48)
+    # encoder level i ends halved (but the last): (b, 4 * mults[i], 32 / 2^(i+1), 48 / 2^(i+1))
+    down = level_outputs(enc.levels, enc.conv_in(x))
+    last = len(mults) - 1
+    assert down == [torch.Size([2, 4 * m, 32 >> min(i + 1, last), 48 >> min(i + 1, last)]) for i, m in enumerate(mults)]
+    z = enc(x)
+    assert z.shape == (2, 5, 32 // downsample, 48 // downsample)
+    # decoder level j works on level i = last - j, then doubles the side (but for level 0)
+    up = level_outputs(dec.levels, dec.middle(dec.conv_in(z)))
+    expected = [torch.Size([2, 4 * mults[last - j], 32 >> max(last - j - 1, 0), 48 >> max(last - j - 1, 0)])
+                for j in range(len(mults))]
+    assert up == expected
+    assert dec(z).shape == x.shape
+    assert any(isinstance(m, AttnBlock) for m in enc.modules()) == attention
+    model = VQVAE(cfg)
+    assert model(x).recon.shape == x.shape
+    assert model.encode(x).shape == (2, 32 // downsample, 48 // downsample)
+
+
+def test_empty_channel_mult_doubles_every_second_level():
+    assert tiny(downsample=4).level_mults == (1, 2, 2)
+    assert tiny(downsample=16).level_mults == (1, 2, 2, 4, 4)
+    assert tiny(downsample=8, channel_mult=(1, 1, 1, 1)).level_mults == (1, 1, 1, 1)
+
+
+def test_zero_residual_blocks_still_reach_each_width():
+    model = VQVAE(tiny(downsample=4, channel_mult=(1, 2, 4), num_res_blocks=0))
+    x = torch.randn(2, 3, 32, 32)
+    assert model(x).recon.shape == x.shape
+
+
+def test_attention_mixes_the_whole_grid():
+    """Changing one position changes the attention block's output everywhere; without it, a 3x3 trunk's
+    lowest level sees only its neighbourhood."""
+    torch.manual_seed(0)
+    block = AttnBlock(4)
+    x = torch.randn(1, 4, 6, 6)
+    y = x.clone()
+    y[0, :, 0, 0] += 1.0
+    diff = (block(x) - block(y)).abs().sum(1)[0]  # (h, w)
+    assert (diff > 0).all()
+
+
+def test_the_resnet_vqvae_trains_through_the_straight_through_estimator():
+    torch.manual_seed(0)
+    model = VQVAE(tiny(downsample=4, attention=True))
+    x = torch.rand(8, 3, 32, 32) * 2 - 1
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(6):
+        out = model(x)
+        optimizer.zero_grad()
+        out.loss.backward()
+        if not losses:  # the decoder's gradient reached the encoder's first conv through the quantizer
+            assert model.encoder.conv_in.weight.grad.abs().sum() > 0
+        optimizer.step()
+        losses.append(out.recon_loss.item())
+    assert losses[-1] < losses[0]
+
+
+def test_a_resnet_config_round_trips_and_rebuilds_the_same_model(tmp_path):
+    cfg = tiny(downsample=8, channel_mult=(1, 2, 2, 4), attention=True)
+    save_config(cfg, tmp_path / "config.json")
+    assert json.loads((tmp_path / "config.json").read_text())["channel_mult"] == [1, 2, 2, 4]
+    loaded = load_config(VQVAEConfig, tmp_path / "config.json")
+    assert loaded == cfg and loaded.channel_mult == (1, 2, 2, 4)
+    torch.manual_seed(0)
+    a = VQVAE(cfg)
+    torch.manual_seed(0)
+    b = VQVAE(loaded)
+    assert a.state_dict().keys() == b.state_dict().keys()
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+
+
+def test_a_format_2_file_loads_as_the_paper_net(tmp_path):
+    data = config_to_dict(VQVAEConfig(codebook_size=8, code_dim=4, hidden_channels=8, res_channels=4))
+    old = {k: v for k, v in data.items() if k not in ("architecture", "channel_mult", "attention")}
+    (tmp_path / "config.json").write_text(json.dumps({**old, "format_version": 2}))
+    cfg = load_config(VQVAEConfig, tmp_path / "config.json")
+    assert (cfg.architecture, cfg.channel_mult, cfg.attention) == ("paper", (), False)
+    assert not any(isinstance(m, ResnetEncoder) for m in VQVAE(cfg).modules())
+    (tmp_path / "config.json").write_text(json.dumps(old))  # a version-3 file must carry them
+    with pytest.raises(VQGenError, match="missing fields"):
+        load_config(VQVAEConfig, tmp_path / "config.json")
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(downsample=8, channel_mult=(1, 2, 4)),
+     "channel_mult 1,2,4 has 3 levels but downsample 8 needs 4 (one more than its 3 halvings)"),
+    (dict(downsample=4, channel_mult=(1, 0, 2)), "channel_mult must hold integers >= 1, got 1,0,2"),
+    (dict(architecture="paper", channel_mult=(1, 2, 2)),
+     "channel_mult 1,2,2 applies to architecture resnet only, got architecture paper"),
+    (dict(architecture="paper", attention=True), "attention applies to architecture resnet only"),
+    (dict(architecture="unet"), "architecture must be one of paper, resnet, got 'unet'"),
+    (dict(downsample=16, image_height=40),
+     "image height 40 is not divisible by the downsampling factor 16"),
+])
+def test_a_wrong_trunk_is_refused_by_name(kw, message):
+    with pytest.raises(VQGenError) as err:
+        tiny(**kw)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_wrong_trunk_in_a_saved_config_names_the_file(tmp_path):
+    path = tmp_path / "config.json"
+    save_config(tiny(downsample=4), path)
+    path.write_text(json.dumps({**json.loads(path.read_text()), "channel_mult": [1, 2]}))
+    with pytest.raises(VQGenError, match=r"config.json: channel_mult 1,2 has 2 levels but downsample 4 needs 3"):
+        load_config(VQVAEConfig, path)
+    path.write_text(json.dumps({**json.loads(path.read_text()), "channel_mult": "1,2,2"}))
+    with pytest.raises(VQGenError, match=r'channel_mult must be a list, got "1,2,2"'):
+        load_config(VQVAEConfig, path)
+
+
+def test_the_cli_parses_a_channel_mult_list(capsys):
+    script = load_script("train_vqvae")
+    args = script.parse_args(["--architecture", "resnet", "--channel-mult", "1,2,2,4", "--attention"])
+    given = script.given_options(args, VQVAEConfig, skip=script.MODEL_FROM_DATA)
+    assert given == {"architecture": "resnet", "channel_mult": (1, 2, 2, 4), "attention": True}
+    assert dataclasses.replace(tiny(), downsample=8, **given).level_mults == (1, 2, 2, 4)
+    with pytest.raises(SystemExit) as stop:
+        script.parse_args(["--channel-mult", "1,two"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "--channel-mult" in err and "1,two" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_preset_fills_only_the_options_not_given():
+    from stage1_vqvae.train import PRESETS, preset_options
+
+    assert preset_options(None, {"code_dim": 8}) == {"code_dim": 8}
+    assert preset_options("128", {}) == PRESETS["128"]
+    options = preset_options("128", {"hidden_channels": 8, "attention": True})
+    assert options == {**PRESETS["128"], "hidden_channels": 8, "attention": True}
+    # a given downsample drops the preset's levels; a given paper architecture its resnet-only options
+    assert "channel_mult" not in preset_options("128", {"downsample": 4})
+    assert preset_options("256", {"architecture": "paper"}) == {"architecture": "paper", "downsample": 16,
+                                                                "hidden_channels": 32, "num_res_blocks": 2}
+    with pytest.raises(VQGenError, match="preset must be one of 32, 64, 128, 256, got '48'"):
+        preset_options("48", {})
+
+
+@pytest.mark.parametrize("side", [32, 64, 128, 256])
+def test_every_preset_builds_at_its_side(side):
+    from stage1_vqvae.train import PRESETS
+
+    cfg = VQVAEConfig(image_height=side, image_width=side, **PRESETS[str(side)])
+    assert cfg.grid_shape == ((8, 8) if side == 32 else (16, 16))
+
+
+@pytest.mark.parametrize("options,message", [
+    (["--channel-mult", "1,2"], "channel_mult 1,2 has 2 levels but downsample 4 needs 3"),
+    (["--preset", "128", "--image-size", "36"], "image height 36 is not divisible by the downsampling factor 8"),
+])
+def test_a_wrong_trunk_on_the_command_line_writes_nothing(tmp_path, capsys, options, message):
+    script = load_script("train_vqvae")
+    run = tmp_path / "run"
+    argv = ["--run", str(run), "--builtin-train-size", "32", "--builtin-test-size", "16", "--architecture",
+            "resnet", *options]
+    assert script.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not run.exists()
+
+
+def test_the_photo_benchmark_trains_both_trunks_for_its_budget(tmp_path):
+    pytest.importorskip("skimage")
+    bench = load_script("benchmark_photos")
+    out = tmp_path / "photos.json"
+    argv = ["--sizes", "64", "--budget", "0.3", "--batch-size", "2", "--test-crops", "2", "--out", str(out)]
+    assert bench.main(argv) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["size"], r["trunk"], r["config"]["architecture"]) for r in rows] == [
+        (64, "paper", "paper"), (64, "resnet", "resnet")]
+    assert all(r["config"]["downsample"] == 4 for r in rows)  # the same 16x16 grid for both
+    assert all(r["steps"] >= 1 and r["budget_used_s"] >= 0.3 and r["test_psnr"] > 0 for r in rows)
+    assert not set(bench.TRAIN_PHOTOS) & set(bench.TEST_PHOTOS)
