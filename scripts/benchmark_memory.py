@@ -120,7 +120,7 @@ def measure(cmd: list[str], env: dict[str, str], log: Path) -> dict[str, float]:
             "seconds": time.time() - started}
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, nargs="+", default=[30_000, 100_000], help="dataset sizes")
     parser.add_argument("--size", type=int, default=128, help="image side (default: 128)")
@@ -131,8 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stream", default="auto", choices=("auto", "always", "never"))
     parser.add_argument("--work", default="/tmp/vqgen-memory", help="data, Arrow cache and runs go here")
     parser.add_argument("--processes", type=int, default=os.cpu_count() or 1, help="for drawing the images")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     work = Path(args.work)
     env = {**os.environ, "VQGEN_CACHE": str(work / "cache"), "OMP_NUM_THREADS": str(os.cpu_count() or 1)}
     rows = []

@@ -175,7 +175,7 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", choices=("stage1", "prior", "sampling"), nargs="*", default=None,
                    help="parts to run (default: all)")
@@ -194,7 +194,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cfg-scale", type=float, default=1.5, help="guidance scale while sampling (the default)")
     p.add_argument("--cpu", action="store_true", help="measure on the CPU even when CUDA is present")
     p.add_argument("--out", type=Path, default=Path("benchmark_speed.json"))
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     parts = args.only or ["stage1", "prior", "sampling"]
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     if device.type == "cuda":

@@ -64,6 +64,14 @@ def test_export_writes_the_model_folder_and_nothing_in_the_run(tiny_run, tmp_pat
     assert (to / "prior/model.safetensors").read_bytes() == (tiny_run / "prior/model.safetensors").read_bytes()
 
 
+def test_the_records_of_an_export_name_no_folder_of_the_authors_machine(tiny_run, exported):
+    """The codes' and the prior's records point inside the export, not at the run it came from."""
+    assert json.loads((exported / "codes/meta.json").read_text())["vqvae_dir"] == "vqvae"
+    assert json.loads((exported / "prior/source.json").read_text())["codes_dir"] == "codes"
+    for name in ("codes/meta.json", "prior/source.json"):
+        assert str(tiny_run.resolve()) not in (exported / name).read_text()
+
+
 def test_export_then_load_from_the_folder_gives_identical_samples(tiny_run, exported, tmp_path, monkeypatch):
     no_hub(monkeypatch)
     monkeypatch.chdir(tmp_path)
@@ -93,11 +101,12 @@ def test_eval_and_info_read_an_exported_model(tiny_run, exported, tmp_path, monk
     # what the other read-only commands make (the judge included) goes under outputs/tiny/, none into the export
     before = tree_hashes(exported)
     for argv in (["reconstruct", "--n", "3"], ["complete", "--n", "2"],
-                 ["eval", "--samples", "4", "--judge-steps", "2", "--batch-size", "4"]):
+                 ["eval", "--samples", "4", "--judge-steps", "2", "--batch-size", "4"], ["report"]):
         assert main([*argv, "--run", str(exported)]) == 0
     made = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
     assert made == ["outputs/tiny/completions.png", "outputs/tiny/evaluations.jsonl", "outputs/tiny/judge/config.json",
-                    "outputs/tiny/judge/model.safetensors", "outputs/tiny/reconstructions.png"]
+                    "outputs/tiny/judge/model.safetensors", "outputs/tiny/reconstructions.png",
+                    "outputs/tiny/report.html"]
     assert tree_hashes(exported) == before
 
 

@@ -88,8 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("info", "a table of the run: configs, data, metrics")
     p = command("report", "one self-contained HTML page of the run: curves, code frequencies, reconstructions, "
-                          "samples, configs (needs matplotlib)", model=False)
-    p.add_argument("--out", default=None, help="the HTML file to write (default: RUN/report.html)")
+                          "samples, configs (needs matplotlib)")
+    p.add_argument("--out", default=None, help="the HTML file to write (default: RUN/report.html; for an exported "
+                                               "model outputs/NAME/report.html)")
     p = command("eval", "recompute the test metrics of both stages; with --samples, how good samples are")
     p.add_argument("--samples", type=int, default=0,
                    help="draw this many samples and score them against the test split: in-domain FID, class "

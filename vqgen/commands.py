@@ -313,5 +313,10 @@ def cmd_report(args: argparse.Namespace) -> None:
     from vqgen.core.report import write_report
 
     start = time.perf_counter()
-    path = write_report(args.run, args.out)
+    location = locate_run(args.run)
+    out = args.out
+    if out is None and location.read_only:  # an exported model is only read: the page goes to outputs/NAME/
+        out = location.outputs.report
+        out.parent.mkdir(parents=True, exist_ok=True)
+    path = write_report(location.layout.root, out)
     make_console().print(f"report of {args.run} in {time.perf_counter() - start:.1f} s -> {path}")

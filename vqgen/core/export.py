@@ -142,10 +142,23 @@ def export_run(run: RunLayout, to: Path, card: Callable[[RunLayout, list[str]], 
         for path, name in files:
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, tmp / name)
+        _drop_local_paths(run, RunLayout(tmp))
         (tmp / MODEL_CARD).write_text(text)
         write_manifest(tmp)
         _swap_into_place(tmp, to)
     return names
+
+
+def _drop_local_paths(run: RunLayout, exported: RunLayout) -> None:
+    """The records name the folders they came from (`vqvae_dir` of the codes, `codes_dir` of the prior): in an
+    export, which may be published, they name the folders inside it instead of the author's file system."""
+    for path, field, inside in ((exported.codes_meta, "vqvae_dir", exported.vqvae.path),
+                                (exported.prior.source, "codes_dir", exported.codes)):
+        if path.is_file():
+            data = json.loads(path.read_text())
+            if field in data:
+                data[field] = inside.relative_to(exported.root).as_posix()
+                path.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def _swap_into_place(tmp: Path, to: Path) -> None:
