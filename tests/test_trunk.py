@@ -214,3 +214,15 @@ def test_the_photo_benchmark_trains_both_trunks_for_its_budget(tmp_path):
     assert all(r["config"]["downsample"] == 4 for r in rows)  # the same 16x16 grid for both
     assert all(r["steps"] >= 1 and r["budget_used_s"] >= 0.3 and r["test_psnr"] > 0 for r in rows)
     assert not set(bench.TRAIN_PHOTOS) & set(bench.TEST_PHOTOS)
+
+
+@pytest.mark.parametrize("channels, groups", [(4, 1), (8, 1), (16, 2), (32, 4), (64, 8), (128, 16), (256, 32), (512, 32),
+                                              (96, 4)])
+def test_group_norm_never_normalises_a_channel_alone(channels, groups):
+    """At least 8 channels per group (at most 32 groups): a group of one channel would erase that channel's
+    mean over the image, i.e. its colour, which the narrow presets' first levels then could not reproduce."""
+    from stage1_vqvae.trunk import group_norm
+
+    norm = group_norm(channels)
+    assert norm.num_groups == groups and channels % norm.num_groups == 0
+    assert channels // norm.num_groups >= min(8, channels)
