@@ -65,13 +65,6 @@ def cluster_features(x_train: torch.Tensor, x_test: torch.Tensor, k: int, seed: 
     return nearest_codes(x_train, centres), nearest_codes(x_test, centres)
 
 
-def cluster_codes(model: nn.Module, train: torch.Tensor, test: torch.Tensor, k: int, seed: int,
-                  chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
-    """(n, h, w) train and (m, h, w) test codes -> (n,), (m,) cluster ids in [0, k) (`cluster_features`
-    of `grid_features`: layout and content, 4d numbers per grid)."""
-    return cluster_features(grid_features(model, train, chunk), grid_features(model, test, chunk), k, seed)
-
-
 class _MainWriter:
     """The main process's `CodesWriter`. A failed write (a full disk) stops the writing, not the encoding:
     every process must still join each gather, and they all stop together at the end."""

@@ -37,17 +37,14 @@ def flatten_vectors(z: Tensor) -> Tensor:
 
 
 def squared_distances(z: Tensor, codebook: Tensor) -> Tensor:
-    """(m, d), (k, d) -> (m, k) squared Euclidean distances, always in fp32.
+    """(m, d), (k, d) -> (m, k) squared Euclidean distances, always in fp32: the paper's step as a whole
+    matrix. `nearest_codes` searches with `distance_scores` (the same less |z|^2) in bounded chunks.
 
     Expanded as |z|^2 - 2 z.e + |e|^2: one matmul instead of an (m, k, d) difference.
     """
     with torch.autocast(device_type=z.device.type, enabled=False):
         z, codebook = z.float(), codebook.float()
-        return (
-            z.pow(2).sum(1, keepdim=True)
-            - 2.0 * z @ codebook.t()
-            + codebook.pow(2).sum(1)[None, :]
-        )
+        return distance_scores(z, codebook, codebook.pow(2).sum(1)) + z.pow(2).sum(1, keepdim=True)
 
 
 MAX_DISTANCE_ELEMENTS = 2**24  # the largest (rows, k) block of distances held at once: 64 MiB in fp32

@@ -223,14 +223,18 @@ def test_a_changed_folder_is_converted_again(folder):
     assert len({p.name for p in arrow.cache_root().iterdir()} - before) >= 1
 
 
-def test_streamed_refs_pickle_as_file_names(parquet):
-    import pickle
+def test_streamed_refs_travel_as_file_names(parquet):
+    """What a DataLoader worker receives (the object's state, as copy and multiprocessing take it): the file
+    names and row numbers, never the mapped column; the copy maps the files again on its first read."""
+    import copy
 
     refs = data(parquet, "always").train.raw.refs
     refs[0]  # maps the files
-    blob = pickle.dumps(refs)
-    assert len(blob) < 2000  # names and row numbers, not the images
-    assert pickle.loads(blob)[5] == refs[5]
+    state = refs.__getstate__()
+    assert state["_column"] is None and set(state) == {"files", "column", "_column", "rows"}
+    twin = copy.deepcopy(refs)
+    assert twin._column is None and twin.files == refs.files
+    assert twin[5] == refs[5]
 
 
 def test_code_copies_are_refused_for_streamed_images(parquet):

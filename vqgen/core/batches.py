@@ -81,7 +81,6 @@ def make_loader(dataset: Dataset, batch_size: int, train: bool = False, seed: in
                       generator=torch.Generator().manual_seed(seed), collate_fn=_collate,
                       num_workers=workers, persistent_workers=train and workers > 0,
                       pin_memory=torch.cuda.is_available(),
-                      prefetch_factor=2 if workers > 0 else None,
                       worker_init_fn=_mmap_large_buffers if workers > 0 else None)
 
 
