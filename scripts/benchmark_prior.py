@@ -36,7 +36,7 @@ def steps_per_second(kind: str, codes: torch.Tensor, labels: torch.Tensor | None
     config_cls, model_cls = PRIORS[kind]
     model = model_cls(config_cls(**config_fields))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    batch, lab = codes[:batch_size], None if labels is None else labels[:batch_size]
+    batch, lab = codes[:batch_size].long(), None if labels is None else labels[:batch_size]
     times = []
     for i in range(8):
         start = time.perf_counter()

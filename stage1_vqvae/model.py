@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from stage1_vqvae.quantizer import QuantizerOutput, VectorQuantizer
 from stage1_vqvae.trunk import ResnetDecoder, ResnetEncoder
+from vqgen.core.codes import MAX_CODEBOOK_SIZE
 from vqgen.core.config import option
 from vqgen.core.errors import VQGenError
 
@@ -61,8 +62,9 @@ class VQVAEConfig:
                 raise VQGenError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.num_res_blocks < 0:
             raise VQGenError(f"num_res_blocks must be >= 0, got {self.num_res_blocks}")
-        if self.codebook_size < 2:
-            raise VQGenError(f"codebook_size must be >= 2, got {self.codebook_size}")
+        if not 2 <= self.codebook_size <= MAX_CODEBOOK_SIZE:
+            raise VQGenError(f"codebook_size must be in [2, {MAX_CODEBOOK_SIZE}] (codes are stored as int16), "
+                             f"got {self.codebook_size}")
         if self.downsample < 2 or self.downsample & (self.downsample - 1):
             raise VQGenError(f"downsample must be a power of two >= 2, got {self.downsample}")
         for name in ("image_height", "image_width"):

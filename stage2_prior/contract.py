@@ -118,7 +118,8 @@ def drop_labels(labels: Tensor, config: PriorConfig) -> Tensor:
 
 
 def grid_nll(prior: nn.Module, codes: Tensor, labels: Tensor | None) -> Tensor:
-    """(b, h, w) codes -> (b,) negative log-likelihood of each grid in nats."""
+    """(b, h, w) integer codes (int16 as stored, or int64) -> (b,) negative log-likelihood of each grid in nats."""
+    codes = codes.long()
     logits = prior(codes, labels)  # (b, h, w, k)
     nll = F.cross_entropy(rearrange(logits.float(), "b h w k -> b k h w"), codes, reduction="none")
     return nll.flatten(1).sum(1)

@@ -33,7 +33,8 @@ TRAIN_DEFAULTS = dict(batch_size=32, learning_rate=1e-3, max_steps=1800, warmup_
 
 
 class CodesDataset(BatchDataset):
-    """Items {"codes": (h, w) int64, "label": int64 (-1 when unlabelled), "index": int64}."""
+    """Items {"codes": (h, w) int64, "label": int64 (-1 when unlabelled), "index": int64}; the split's
+    grids stay int16 and only a batch is widened."""
 
     def __init__(self, split: CodeSplit, use_labels: bool):
         self.split, self.use_labels = split, use_labels
@@ -45,7 +46,7 @@ class CodesDataset(BatchDataset):
         """A whole batch by one indexing op."""
         idx = torch.as_tensor(indices, dtype=torch.int64)
         labels = self.split.labels[idx] if self.use_labels else torch.full_like(idx, -1)
-        return {"codes": self.split.codes[idx], "label": labels, "index": idx}
+        return {"codes": self.split.codes[idx].long(), "label": labels, "index": idx}
 
 
 def labels_of(batch: dict[str, Tensor], conditional: bool) -> Tensor | None:

@@ -134,7 +134,8 @@ def test_config_schema_is_enforced(tmp_path):
     refused({k: v for k, v in good.items() if k != "beta"}, r"missing fields \['beta'\]")
     refused({**good, "format_version": 99}, "format_version 99, this vqgen reads versions 1 to 3")
     refused({**good, "kind": "TransformerConfig"}, "holds a 'TransformerConfig' config, expected 'VQVAEConfig'")
-    refused({**good, "codebook_size": 1}, "codebook_size must be >= 2, got 1")
+    refused({**good, "codebook_size": 1}, re.escape("codebook_size must be in [2, 32768] (codes are stored as int16), got 1"))
+    refused({**good, "codebook_size": 40000}, re.escape("must be in [2, 32768] (codes are stored as int16), got 40000"))
     path.write_text("{not json")
     with pytest.raises(VQGenError, match="not valid JSON"):
         load_config(VQVAEConfig, path)

@@ -102,3 +102,15 @@ def test_labels_requested_where_there_are_none_and_empty_split(tiny_run, tmp_pat
     with pytest.raises(VQGenError, match="no 'test' grids"):
         train_prior(run, "transformer", tiny_train())
     assert load_config(CodesMeta, run / "codes" / "meta.json").num_classes == 0
+
+
+def test_codes_stay_int16_in_memory_and_batches_are_int64(tiny_run):
+    from stage2_prior.train import CodesDataset
+
+    splits, meta = load_codes(tiny_run / "codes")
+    train = splits["train"]
+    assert train.codes.dtype == torch.int16  # a quarter of int64's memory for the whole split
+    batch = CodesDataset(train, use_labels=True).batch([3, 0, 5])
+    assert batch["codes"].dtype == torch.int64
+    assert torch.equal(batch["codes"], train.codes[[3, 0, 5]].long())
+    assert torch.equal(batch["label"], train.labels[[3, 0, 5]])

@@ -173,7 +173,7 @@ def cmd_complete(args: argparse.Namespace) -> None:
         test = CodeSplit(grids, None if run.source.pseudo_labels else data.test.labels)
     else:
         test = load_codes(run.layout.codes)[0]["test"]
-    codes = test.codes[: args.n]
+    codes = test.codes[: args.n].long()
     labels = test.labels[: args.n] if run.prior.config.num_classes and test.labels is not None else None
     keep = args.keep_rows if args.keep_rows is not None else codes.shape[1] // 2
     completed, images = pipeline.complete(run, codes, keep, labels, seed=args.seed, **_sampling_kwargs(args))

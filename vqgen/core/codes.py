@@ -27,6 +27,7 @@ from vqgen.core.layout import codes_labels, codes_shard
 from vqgen.core.writes import writing
 
 SHARD_SIZE = 8192  # grids per shard file: 8 MB of int16 32x32 grids
+MAX_CODEBOOK_SIZE = 2**15  # codes are stored as int16, on disk and in memory
 
 
 
@@ -64,7 +65,7 @@ class CodesMeta:
 
 @dataclass
 class CodeSplit:
-    codes: Tensor            # int64 (n, h, w)
+    codes: Tensor            # int16 (n, h, w) as stored (a quarter of int64's memory); index, then .long()
     labels: Tensor | None    # int64 (n,)
 
     def __len__(self) -> int:
@@ -162,19 +163,28 @@ def load_codes_meta(folder: str | os.PathLike) -> CodesMeta:
 
 
 def _load_shards(folder: Path, meta: CodesMeta) -> dict[str, CodeSplit]:
-    from safetensors import SafetensorError
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     splits = {}
     for name, files in meta.shards:
-        try:
-            parts = [load_file(str(folder / f))["codes"] for f in files]
+        try:  # the shards' shapes first, then each one copied into its rows: no second copy of the split
+            shapes = []
+            for f in files:
+                with safe_open(str(folder / f), framework="pt") as shard:
+                    shapes.append(shard.get_slice("codes").get_shape())
+            codes = torch.empty(sum(s[0] for s in shapes), meta.grid_height, meta.grid_width, dtype=torch.int16)
+            at = 0
+            for f, shape in zip(files, shapes):
+                if tuple(shape[1:]) != (meta.grid_height, meta.grid_width):
+                    raise VQGenError(f"codes in {folder / f} are {tuple(shape[1:])} but meta.json says "
+                                     f"{meta.grid_height}x{meta.grid_width}")
+                codes[at:at + shape[0]] = load_file(str(folder / f))["codes"]
+                at += shape[0]
             labels_file = codes_labels(folder, name)
             labels = load_file(str(labels_file))["labels"] if labels_file.is_file() else None
         except (OSError, KeyError, SafetensorError) as err:
             raise VQGenError(f"cannot read code grids in {folder}/{name}: {err}") from None
-        codes = torch.cat(parts).long() if parts else torch.zeros(0, meta.grid_height, meta.grid_width,
-                                                                  dtype=torch.long)
         if labels is not None and len(labels) != len(codes):
             raise VQGenError(f"{folder}/{name} has {len(labels)} labels for {len(codes)} code grids")
         splits[name] = CodeSplit(codes=codes, labels=labels)
@@ -192,8 +202,8 @@ def _load_dataset_dict(folder: Path, meta: CodesMeta) -> dict[str, CodeSplit]:
     splits = {}
     for name in data:
         part = data[name].with_format("numpy")
-        codes = torch.from_numpy(np.asarray(part["codes"], dtype=np.int64)) if len(part) else torch.zeros(
-            0, meta.grid_height, meta.grid_width, dtype=torch.long)
+        codes = torch.from_numpy(np.asarray(part["codes"], dtype=np.int16)) if len(part) else torch.zeros(
+            0, meta.grid_height, meta.grid_width, dtype=torch.int16)
         labels = None
         if "label" in part.column_names:
             labels = torch.from_numpy(np.asarray(part["label"], dtype=np.int64))
@@ -202,8 +212,8 @@ def _load_dataset_dict(folder: Path, meta: CodesMeta) -> dict[str, CodeSplit]:
 
 
 def load_codes(folder: str | os.PathLike) -> tuple[dict[str, CodeSplit], CodesMeta]:
-    """Read every split as int64 tensors (from its shards, or a format-2 datasets folder), checked
-    against the metadata."""
+    """Read every split's grids as one int16 tensor (from its shards, or a format-2 datasets folder), checked
+    against the metadata. Stage 2 holds them so: 1M grids of 16x16 take 512 MiB, not int64's 2 GiB."""
     folder = Path(folder)
     meta = load_codes_meta(folder)
     splits = _load_shards(folder, meta) if meta.shards else _load_dataset_dict(folder, meta)
