@@ -16,7 +16,7 @@ from accelerate.utils import DataLoaderConfiguration
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import TINY_VQVAE, tiny_train
+from conftest import TINY_TRANSFORMER, TINY_VQVAE, tiny_train
 from stage1_vqvae.train import train_vqvae
 from vqgen.core import codes as codes_module
 from vqgen.core.batches import make_loader
@@ -295,3 +295,40 @@ def test_two_processes_dump_every_streamed_image_once_in_order(parquet, tmp_path
     with torch.no_grad():
         for name, split in (("train", images.train), ("test", images.test)):
             assert torch.equal(splits[name].codes, model.encode(to_model_range(split.images))), name
+
+
+def test_evaluation_and_sample_scores_never_decode_a_whole_streamed_split(parquet, tmp_path, monkeypatch):
+    """`vqgen eval` (with --samples) on streamed data reads the test split a batch at a time and judges
+    on a seeded subset; in memory and streamed give the same numbers."""
+    from accelerate import Accelerator
+
+    from stage2_prior.train import train_prior
+    from vqgen import pipeline
+
+    run = tmp_path / "run"
+    train_vqvae(run, DataConfig(source=str(parquet), stream="never"), tiny_train(max_steps=4, batch_size=8),
+                TINY_VQVAE)
+    train_prior(run, "transformer", tiny_train(max_steps=4, batch_size=8), TINY_TRANSFORMER)
+    loaded = pipeline.load_run(run)
+    in_memory, streamed = data(parquet, "never"), data(parquet, "always")
+    expected = pipeline.evaluate(loaded, in_memory, batch_size=5)
+    scores_memory = pipeline.sample_quality(loaded, Accelerator(cpu=True), 8, in_memory, judge_steps=5)
+
+    def whole_split(self):
+        raise AssertionError("a whole streamed split was decoded")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(type(streamed.test), "images", property(whole_split))
+        assert pipeline.evaluate(loaded, streamed, batch_size=5) == pytest.approx(expected)
+    # a split within JUDGING_IMAGES is judged whole: the same scores as in memory
+    scores_streamed = pipeline.sample_quality(loaded, Accelerator(cpu=True), 8, streamed, judge_steps=5)
+    assert all(scores_streamed[k] == pytest.approx(scores_memory[k]) for k in ("samples", "real"))
+    monkeypatch.setattr(type(streamed.test), "images", property(whole_split))
+    monkeypatch.setattr(pipeline, "JUDGING_IMAGES", 20)  # a larger one: a seeded subset of 20, in dataset order
+    images, labels = pipeline.judging_images(streamed.train, seed=3)
+    rows = [i for i in range(len(in_memory.train)) if any(torch.equal(in_memory.train.images[i], x) for x in images)]
+    assert len(images) == 20 and len(rows) >= 20
+    assert images.shape[1:] == in_memory.train.images.shape[1:] and labels.shape == (20,)
+    again, _ = pipeline.judging_images(streamed.train, seed=3)
+    assert torch.equal(images, again)
+    assert pipeline.judging_images(in_memory.train, seed=3)[0] is in_memory.train.images  # in memory: all of it

@@ -25,7 +25,7 @@ from vqgen.core.checkpoint import load_model, weights_fingerprint
 from vqgen.core.codes import CodeSplit, load_codes
 from vqgen.core.config import load_config
 from vqgen.core.data.config import DataConfig
-from vqgen.core.data.images import ImageData, load_image_data, to_model_range, to_uint8
+from vqgen.core.data.images import ImageData, ImageSplit, load_image_data, to_model_range, to_uint8
 from vqgen.core.errors import VQGenError
 from vqgen.core.export import locate_run
 from vqgen.core.layout import RunLayout
@@ -268,7 +268,13 @@ def complete(run: Run, codes: Tensor, keep_rows: int, labels: Tensor | None, see
 def evaluate(run: Run, data: ImageData | None = None, batch_size: int = 256) -> dict[str, float]:
     """Test metrics of both stages: reconstruction MSE/PSNR and code usage; the prior's bits per code."""
     data = data or run_data(run)
-    _, errors, codes = reconstruct(run, data.test.images, batch_size)
+    errors, codes = [], []
+    for start in range(0, len(data.test), batch_size):  # a batch at a time: a streamed split is never decoded whole
+        batch = data.test.take(range(start, min(start + batch_size, len(data.test))))
+        _, batch_errors, batch_codes = reconstruct(run, batch, batch_size)
+        errors.append(batch_errors)
+        codes.append(batch_codes)
+    errors, codes = torch.cat(errors), torch.cat(codes)
     counts = torch.bincount(codes.flatten(), minlength=run.vqvae.config.codebook_size)
     mse = errors.mean().item()
     metrics = {"mse": mse, "psnr": psnr(mse), **code_usage(counts)}
@@ -288,6 +294,18 @@ def evaluate(run: Run, data: ImageData | None = None, batch_size: int = 256) -> 
     return metrics
 
 
+JUDGING_IMAGES = 20_000  # of a streamed split, for the judge and the FID references
+
+
+def judging_images(split: ImageSplit, seed: int) -> tuple[Tensor, Tensor | None]:
+    """A split's images and labels for training the judge and as FID references: all of an in-memory
+    split; of a streamed one (larger than memory), a seeded random JUDGING_IMAGES of them, in order."""
+    if not split.streamed or len(split) <= JUDGING_IMAGES:
+        return split.images, split.labels
+    idx = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))[:JUDGING_IMAGES].sort().values
+    return split.take(idx), None if split.labels is None else split.labels[idx]
+
+
 def judge_of(run: Run, data: ImageData, retrain: bool = False, device: torch.device | str = "cpu",
              steps: int = 600) -> quality.Judge:
     """The run's judge: trained once on its training images (their labels, or rotations when unlabelled),
@@ -298,8 +316,8 @@ def judge_of(run: Run, data: ImageData, retrain: bool = False, device: torch.dev
         if (judge.config.in_channels, judge.config.image_height, judge.config.image_width) == (
                 data.channels, data.height, data.width):
             return judge.to(device)
-    images = data.train.images.to(device)
-    labels = None if data.train.labels is None else data.train.labels.to(device)
+    images, labels = judging_images(data.train, seed=0)
+    images, labels = images.to(device), None if labels is None else labels.to(device)
     config = quality.JudgeConfig.for_data(images, labels, data.num_classes or None, steps=steps)
     judge = quality.train_judge(images, labels, config)
     quality.save_judge(judge, folder.path)
@@ -328,11 +346,11 @@ def sample_quality(run: Run, accelerator: Accelerator, n: int, data: ImageData |
     _, images = sample(run, accelerator, n, labels=labels, seed=seed, batch_size=batch_size, **sampling)
     device = accelerator.device
     judged_labels = None if run.source.pseudo_labels else labels  # clusters are not the judge's classes
-    scores = quality.sample_quality(judge, images.to(device), judged_labels, data.test.images.to(device),
-                                    data.test.labels)
-    real = quality.reference_floor(judge, data.train.images.to(device), data.test.images.to(device),
-                                   data.test.labels, n=min(n, len(data.train)), seed=seed,
-                                   train_labels=data.train.labels)
+    test_images, test_labels = judging_images(data.test, seed=seed)
+    train_images, train_labels = judging_images(data.train, seed=seed)
+    scores = quality.sample_quality(judge, images.to(device), judged_labels, test_images.to(device), test_labels)
+    real = quality.reference_floor(judge, train_images.to(device), test_images.to(device), test_labels,
+                                   n=min(n, len(train_images)), seed=seed, train_labels=train_labels)
     if inception:
-        scores["inception_fid"] = quality.inception_fid(images, data.test.images)
+        scores["inception_fid"] = quality.inception_fid(images, test_images)
     return {"samples": scores, "real": real}
