@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -88,6 +90,12 @@ def test_unlabelled_data_gets_clusters_that_the_prior_conditions_on(tmp_path):
     assert torch.equal(labels, pipeline.choose_labels(loaded, None, 200, seed=3))
     empty = [i for i, f in enumerate(loaded.source.class_frequencies) if f == 0]
     assert not any(int(label) in empty for label in labels)
+    from vqgen.cli import main
+
+    assert main(["sample", "--run", str(run), "--n", "3", "--out", str(tmp_path / "s")]) == 0
+    assert json.loads((tmp_path / "s" / "settings.json").read_text())["cfg"] == 1.0  # clusters: no guidance
+    assert main(["sample", "--run", str(run), "--n", "3", "--cfg", "2", "--out", str(tmp_path / "t")]) == 0
+    assert json.loads((tmp_path / "t" / "settings.json").read_text())["cfg"] == 2.0
 
     off = DataConfig(**{**data.__dict__, "pseudo_classes": 0})
     train_vqvae(tmp_path / "off", off, tiny_train(max_steps=2), TINY_VQVAE)

@@ -37,6 +37,7 @@ def test_sample_writes_grid_images_codes_and_settings(tiny_run, tmp_path):
     assert sample_codes_of(out).shape == (5, 8, 8)
     settings = json.loads((out / "settings.json").read_text())
     assert settings["n"] == 5 and settings["seed"] == 1 and settings["processes"] == 1
+    assert settings["cfg"] == 1.5  # the default guidance of a prior conditioned on classes
     assert main(["sample", "--run", str(run), "--n", "2"]) == 0
     assert (run / "samples" / "0001" / "grid.png").is_file()  # a second call never overwrites the first
 

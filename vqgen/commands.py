@@ -21,7 +21,7 @@ from rich.table import Table
 from stage1_vqvae.encode import encode_splits
 from vqgen import pipeline
 from vqgen.arguments import given_options
-from vqgen.cli import DEFAULT_CFG
+from vqgen.cli import default_cfg
 from vqgen.core import hub
 from vqgen.core.agree import from_main, raise_together
 from vqgen.core.checkpoint import ensure_writable
@@ -44,7 +44,11 @@ from vqgen.core.samples import SampleSetWriter, discard_sample_set, finish_sampl
 EXPORT_SAMPLES = 64  # drawn for the model card when the run has no sample grid
 
 
-def _sampling_kwargs(args: argparse.Namespace) -> dict:
+def _sampling_kwargs(args: argparse.Namespace, run: pipeline.Run) -> dict:
+    """The sampling options; `--cfg` not given takes the run's default (`cli.default_cfg`), set into `args`
+    so that what is recorded is what was used."""
+    if args.cfg is None:
+        args.cfg = default_cfg(run.prior is not None and run.source.pseudo_labels)
     return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, cfg_scale=args.cfg)
 
 
@@ -58,7 +62,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     pipeline.run_on_device(run, accelerator.device)
     labels = pipeline.choose_labels(run, args.label, args.n, args.unconditional, seed=args.seed)
     batches = pipeline.sample_batches(run, accelerator, args.n, labels=labels, seed=args.seed,
-                                      batch_size=args.batch_size, **_sampling_kwargs(args))  # checked, not drawn
+                                      batch_size=args.batch_size, **_sampling_kwargs(args, run))  # checked, not drawn
     out = from_main(accelerator, Path(args.out) if args.out else run.outputs.next_samples_dir())
     ensure_writable(out)
     if out.is_dir() and any(out.iterdir()):
@@ -176,7 +180,7 @@ def cmd_complete(args: argparse.Namespace) -> None:
     codes = test.codes[: args.n].long()
     labels = test.labels[: args.n] if run.prior.config.num_classes and test.labels is not None else None
     keep = args.keep_rows if args.keep_rows is not None else codes.shape[1] // 2
-    completed, images = pipeline.complete(run, codes, keep, labels, seed=args.seed, **_sampling_kwargs(args))
+    completed, images = pipeline.complete(run, codes, keep, labels, seed=args.seed, **_sampling_kwargs(args, run))
     originals = pipeline.decode_codes(run, codes)
     save_grid(torch.cat([originals, images]), out, nrow=len(codes))
     console.print(f"{len(codes)} completions keeping {keep} of {codes.shape[1]} code rows "
@@ -246,7 +250,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     pipeline.run_on_device(run, accelerator.device)
     scores = pipeline.sample_quality(run, accelerator, args.samples, data, seed=args.seed, batch_size=args.batch_size,
                                      retrain_judge=args.retrain_judge, inception=args.inception,
-                                     judge_steps=args.judge_steps, **_sampling_kwargs(args))
+                                     judge_steps=args.judge_steps, **_sampling_kwargs(args, run))
     table = Table(title=f"{args.samples} samples against the {len(data.test)} test images")
     for column in ("measure", "samples", f"{min(args.samples, len(data.train))} real training images"):
         table.add_column(column, justify="left" if column == "measure" else "right")
@@ -258,7 +262,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if accuracy is not None and chance is not None and accuracy < min(2 * chance, (1 + chance) / 2):
         console.print(f"[bold yellow]warning:[/] the judge scores only {accuracy:.2f} on the test images (chance "
                       f"{chance:.2f}): its features say little about these images; trust the FID less")
-    record = {"time": time.time(), "samples": args.samples, **_sampling_kwargs(args), "seed": args.seed, **scores}
+    record = {"time": time.time(), "samples": args.samples, **_sampling_kwargs(args, run), "seed": args.seed, **scores}
     run.outputs.evaluations.parent.mkdir(parents=True, exist_ok=True)
     with run.outputs.evaluations.open("a") as f:
         f.write(json.dumps(record) + "\n")
@@ -303,9 +307,10 @@ def _export(args: argparse.Namespace, to: Path, repo: hub.RepoId | None, console
     with tempfile.TemporaryDirectory(prefix="vqgen-export-") as tmp:
         grid = Path(tmp) / SAMPLE_GRID
         labels = pipeline.choose_labels(run, None, EXPORT_SAMPLES)
-        _, images = pipeline.sample(run, Accelerator(), EXPORT_SAMPLES, labels=labels, seed=0, cfg_scale=DEFAULT_CFG)
+        cfg = default_cfg(run.source.pseudo_labels)
+        _, images = pipeline.sample(run, Accelerator(), EXPORT_SAMPLES, labels=labels, seed=0, cfg_scale=cfg)
         save_grid(images, grid, nrow=8)
-        console.print(f"the run has no samples: drew {EXPORT_SAMPLES} (seed 0, --cfg {DEFAULT_CFG}) for the card")
+        console.print(f"the run has no samples: drew {EXPORT_SAMPLES} (seed 0, --cfg {cfg}) for the card")
         return export_run(location.layout, to, card, args.overwrite, grid=grid)
 
 
