@@ -268,12 +268,13 @@ def complete(run: Run, codes: Tensor, keep_rows: int, labels: Tensor | None, see
 def evaluate(run: Run, data: ImageData | None = None, batch_size: int = 256) -> dict[str, float]:
     """Test metrics of both stages: reconstruction MSE/PSNR and code usage; the prior's bits per code."""
     data = data or run_data(run)
+    device = next(run.vqvae.parameters()).device
     errors, codes = [], []
     for start in range(0, len(data.test), batch_size):  # a batch at a time: a streamed split is never decoded whole
-        batch = data.test.take(range(start, min(start + batch_size, len(data.test))))
-        _, batch_errors, batch_codes = reconstruct(run, batch, batch_size)
-        errors.append(batch_errors)
-        codes.append(batch_codes)
+        images = data.test.take(range(start, min(start + batch_size, len(data.test))))
+        mse, _, indices = reconstruction_errors(run.vqvae, to_model_range(images).to(device))
+        errors.append(mse.cpu())
+        codes.append(indices.cpu())
     errors, codes = torch.cat(errors), torch.cat(codes)
     counts = torch.bincount(codes.flatten(), minlength=run.vqvae.config.codebook_size)
     mse = errors.mean().item()
