@@ -77,7 +77,11 @@ class SelfAttention(nn.Module):
         v_cache[:, :, pos : pos + 1] = v
         keys = k_cache[:, :, : pos + 1].to(q.dtype)  # (b, nh, pos+1, hd); a no-op unless autocast changed
         values = v_cache[:, :, : pos + 1].to(q.dtype)
-        y = F.scaled_dot_product_attention(q, keys, values)  # nothing after pos is in the cache yet
+        # One query against pos+1 keys, written out rather than through scaled_dot_product_attention: the
+        # key length changes every step, and a fused backend that plans per shape (cuDNN's, preferred on
+        # Hopper) would re-plan at every code. Nothing after pos is in the cache yet, so no mask.
+        weights = (q @ keys.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(dim=-1)  # (b, nh, 1, pos+1)
+        y = weights.to(values.dtype) @ values  # (b, nh, 1, hd)
         return self.proj(rearrange(y, "b nh t hd -> b t (nh hd)"))
 
 
