@@ -41,6 +41,9 @@ class VQVAEConfig:
                                            "1,2,2,4 at 8); empty: doubling every second level, at most 4",
                                            since=3)
     attention: bool = option(False, "resnet: self-attention at the lowest resolution", since=3)
+    linear_path: bool = option(True, "resnet: a linear path beside the trunk for each code's average colour "
+                               "(so colours unseen in training reconstruct); runs saved before it load without",
+                               since=4, legacy=False)
     codebook_size: int = option(512, "number of codes K")
     code_dim: int = option(64, "dimension d of a code vector")
     beta: float = option(0.25, "commitment weight, on ||z_e - sg[e]||^2")
@@ -195,7 +198,7 @@ def build_encoder(cfg: VQVAEConfig) -> nn.Module:
     """The encoder of `cfg.architecture`: (b, c, H, W) -> (b, d, H/f, W/f)."""
     if cfg.architecture == "resnet":
         return ResnetEncoder(cfg.in_channels, cfg.hidden_channels, cfg.level_mults, cfg.num_res_blocks,
-                             cfg.attention, cfg.code_dim)
+                             cfg.attention, cfg.code_dim, cfg.linear_path)
     return Encoder(cfg)
 
 
@@ -203,7 +206,7 @@ def build_decoder(cfg: VQVAEConfig) -> nn.Module:
     """The decoder of `cfg.architecture`: (b, d, h, w) -> (b, c, h*f, w*f)."""
     if cfg.architecture == "resnet":
         return ResnetDecoder(cfg.in_channels, cfg.hidden_channels, cfg.level_mults, cfg.num_res_blocks,
-                             cfg.attention, cfg.code_dim)
+                             cfg.attention, cfg.code_dim, cfg.linear_path)
     return Decoder(cfg)
 
 

@@ -3,6 +3,12 @@
 Level i works at 1/2^i of the image side with `width * mults[i]` channels; between levels a stride-2
 conv halves the side (encoder) or nearest-neighbour upsampling and a conv doubles it (decoder). At the
 lowest resolution a middle block (residual, optional self-attention, residual) mixes the whole grid.
+
+Beside the trunk, an optional linear path carries each code's average colour: the encoder adds a 1x1
+projection of the image averaged over the code's f x f pixels to z_e, the decoder adds a 1x1 projection of
+z_q, upsampled bilinearly, to its output. The trunk then models the detail on top of a base that is linear
+in the pixels, so brightness and colours that the training images never showed still come back: without it,
+the normalised trunk trained on seven reddish photos turned a blue sky grey (README, "Real photos").
 """
 
 from __future__ import annotations
@@ -91,8 +97,10 @@ class ResnetEncoder(nn.Module):
     """
 
     def __init__(self, in_channels: int, width: int, mults: tuple[int, ...], num_res_blocks: int,
-                 attention: bool, code_dim: int):
+                 attention: bool, code_dim: int, linear_path: bool = False):
         super().__init__()
+        self.factor = 2 ** (len(mults) - 1)
+        self.linear_path = nn.Conv2d(in_channels, code_dim, 1) if linear_path else None
         self.conv_in = nn.Conv2d(in_channels, width * mults[0], 3, padding=1)
         self.levels = nn.ModuleList()
         ch = width * mults[0]
@@ -114,7 +122,10 @@ class ResnetEncoder(nn.Module):
         h = self.conv_in(x)
         for level in self.levels:
             h = level(h)
-        return self.conv_out(self.middle(h))  # (b, d, H/f, W/f)
+        z = self.conv_out(self.middle(h))  # (b, d, H/f, W/f)
+        if self.linear_path is not None:
+            z = z + self.linear_path(F.avg_pool2d(x, self.factor))
+        return z
 
 
 class ResnetDecoder(nn.Module):
@@ -125,8 +136,10 @@ class ResnetDecoder(nn.Module):
     """
 
     def __init__(self, in_channels: int, width: int, mults: tuple[int, ...], num_res_blocks: int,
-                 attention: bool, code_dim: int):
+                 attention: bool, code_dim: int, linear_path: bool = False):
         super().__init__()
+        self.factor = 2 ** (len(mults) - 1)
+        self.linear_path = nn.Conv2d(code_dim, in_channels, 1) if linear_path else None
         ch = width * mults[-1]
         self.conv_in = nn.Conv2d(code_dim, ch, 3, padding=1)
         self.middle = middle(ch, attention)
@@ -148,4 +161,7 @@ class ResnetDecoder(nn.Module):
         h = self.middle(self.conv_in(z))
         for level in self.levels:
             h = level(h)
-        return self.conv_out(h)  # (b, c, H, W)
+        out = self.conv_out(h)  # (b, c, H, W)
+        if self.linear_path is not None:
+            out = out + F.interpolate(self.linear_path(z), scale_factor=self.factor, mode="bilinear")
+        return out

@@ -18,7 +18,7 @@ from stage1_vqvae.model import VQVAE, VQVAEConfig
 from stage1_vqvae.train import train_vqvae
 from vqgen import pipeline
 from vqgen.core.checkpoint import latest_state_dir, load_model, save_model, state_dirs
-from vqgen.core.config import config_to_dict, load_config
+from vqgen.core.config import FORMAT_VERSION, config_to_dict, load_config
 from vqgen.core.errors import VQGenError
 from vqgen.core.layout import RunLayout
 
@@ -132,7 +132,7 @@ def test_config_schema_is_enforced(tmp_path):
 
     refused({**good, "colour": 3}, r"unknown fields \['colour'\]")
     refused({k: v for k, v in good.items() if k != "beta"}, r"missing fields \['beta'\]")
-    refused({**good, "format_version": 99}, "format_version 99, this vqgen reads versions 1 to 3")
+    refused({**good, "format_version": 99}, rf"format_version 99, this vqgen reads versions 1 to {FORMAT_VERSION}")
     refused({**good, "kind": "TransformerConfig"}, "holds a 'TransformerConfig' config, expected 'VQVAEConfig'")
     refused({**good, "codebook_size": 1}, re.escape("codebook_size must be in [2, 32768] (codes are stored as int16), got 1"))
     refused({**good, "codebook_size": 40000}, re.escape("must be in [2, 32768] (codes are stored as int16), got 40000"))
@@ -186,7 +186,7 @@ def test_no_pickle_on_any_load_path():
 def test_config_round_trip():
     cfg = VQVAEConfig(codebook_size=8)
     data = config_to_dict(cfg)
-    assert data["kind"] == "VQVAEConfig" and data["format_version"] == 3
+    assert data["kind"] == "VQVAEConfig" and data["format_version"] == FORMAT_VERSION == 4
 
 
 def test_a_version_1_file_without_later_fields_loads_and_a_current_one_without_them_is_refused(tmp_path):

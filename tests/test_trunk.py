@@ -8,9 +8,11 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from stage1_vqvae.model import VQVAE, VQVAEConfig
 from stage1_vqvae.trunk import AttnBlock, ResnetDecoder, ResnetEncoder
+from vqgen.core.checkpoint import load_model, save_model
 from vqgen.core.config import config_to_dict, load_config, save_config
 from vqgen.core.errors import VQGenError
 from conftest import load_script
@@ -120,6 +122,41 @@ def test_a_format_2_file_loads_as_the_paper_net(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(old))  # a version-3 file must carry them
     with pytest.raises(VQGenError, match="missing fields"):
         load_config(VQVAEConfig, tmp_path / "config.json")
+
+
+@pytest.mark.parametrize("downsample", [4, 8])
+def test_the_linear_path_is_the_pooled_image_in_and_the_upsampled_code_out(downsample):
+    torch.manual_seed(0)
+    model = VQVAE(tiny(downsample=downsample)).eval()
+    encoder, decoder = model.encoder, model.decoder
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        trunk_z = encoder(x) - encoder.linear_path(F.avg_pool2d(x, downsample))
+        for last in (encoder.conv_out[-1], decoder.conv_out[-1]):  # silence the trunks: the linear path is left
+            last.weight.zero_()
+            last.bias.zero_()
+        z = encoder(x)
+        assert torch.allclose(z, encoder.linear_path(F.avg_pool2d(x, downsample)), atol=1e-6)
+        assert trunk_z.abs().max() > 1e-3  # the trunk did contribute before it was silenced
+        expected = F.interpolate(decoder.linear_path(z), scale_factor=downsample, mode="bilinear")
+        assert torch.allclose(decoder(z), expected, atol=1e-6)
+
+
+def test_new_resnet_runs_get_the_linear_path_and_format_3_runs_load_without_it(tmp_path):
+    assert tiny().linear_path and any(n.endswith("linear_path.weight") for n, _ in VQVAE(tiny()).named_parameters())
+    cfg = tiny(linear_path=False)
+    model = VQVAE(cfg).eval()
+    save_model(model, cfg, tmp_path / "vqvae")
+    data = json.loads((tmp_path / "vqvae" / "config.json").read_text())
+    del data["linear_path"]
+    (tmp_path / "vqvae" / "config.json").write_text(json.dumps({**data, "format_version": 3}))
+    loaded = load_model(VQVAE, VQVAEConfig, tmp_path / "vqvae").eval()
+    assert loaded.config.linear_path is False
+    codes = torch.randint(8, (2, 8, 8))
+    assert torch.equal(loaded.decode(codes), model.decode(codes))
+    (tmp_path / "vqvae" / "config.json").write_text(json.dumps(data))  # a version-4 file must carry it
+    with pytest.raises(VQGenError, match=r"missing fields \['linear_path'\]"):
+        load_model(VQVAE, VQVAEConfig, tmp_path / "vqvae")
 
 
 @pytest.mark.parametrize("kw,message", [

@@ -14,22 +14,23 @@ from typing import Any, TypeVar
 from vqgen.core.errors import VQGenError
 from vqgen.core.writes import temporary_file
 
-FORMAT_VERSION = 3  # 2: TrainConfig.patience, DataConfig.augment/code_copies; 3: scalable trunk, factorised codes,
-                    # streaming data, GPU options, report; files of versions 1 and 2 still load
+FORMAT_VERSION = 4  # 2: TrainConfig.patience, DataConfig.augment/code_copies; 3: scalable trunk, factorised codes,
+                    # streaming data, GPU options, report; 4: the trunk's linear path; older files still load
 
 T = TypeVar("T")
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *, choices: tuple[str, ...] | None = None,
-           flag: str | None = None, aliases: tuple[str, ...] = (), since: int = 1) -> Any:
+           flag: str | None = None, aliases: tuple[str, ...] = (), since: int = 1, legacy: Any = None) -> Any:
     """A config field that carries its own command-line help.
 
     choices: the allowed values (listed in --help); flag: the option's name when the field's would
     clash with another config's (e.g. "data-seed"); aliases: extra option names ("--lr"); since: the
-    format version that added the field (older files without it get the default).
+    format version that added the field; legacy: the value older files without it get, when that is not
+    the default (a new default whose weights an older file's model lacks).
     """
     return dataclasses.field(default=default, metadata={
-        "help": help, "choices": choices, "flag": flag, "aliases": aliases, "since": since})
+        "help": help, "choices": choices, "flag": flag, "aliases": aliases, "since": since, "legacy": legacy})
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
@@ -62,6 +63,8 @@ def config_from_dict(cls: type[T], data: dict[str, Any], source: str = "config")
         raise VQGenError(f"{source} does not match {cls.__name__}: {', '.join(parts)}")
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
+        if f.name not in data and f.metadata.get("legacy") is not None:
+            data[f.name] = f.metadata["legacy"]  # a field newer than the file: the behaviour the file was made with
         if f.name in data:
             data[f.name] = checked_value(data[f.name], hints[f.name], f.name, source, f.metadata.get("choices"))
     try:
