@@ -3,6 +3,7 @@
     pip install -e ".[bench]"                      # scikit-image, whose wheel carries the photos
     python scripts/benchmark_photos.py             # 64 and 128 px, 240 CPU-seconds of training each
     python scripts/benchmark_photos.py --sizes 128 --budget 600
+    python scripts/benchmark_photos.py --sizes 128 --resnet-width 16 --resnet-mult 1,2,2,4 --resnet-blocks 0
     python scripts/benchmark_photos.py --mixed-precision bf16 --budget 120   # on a GPU, when there is one
 
 Data: the colour photographs bundled in scikit-image's `skimage/data`, each resized once to a 300-px
@@ -64,6 +65,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--grid", type=int, default=16, help="side of the code grid, for both trunks (default: 16)")
     p.add_argument("--test-crops", type=int, default=48, help="test crops per held-out photo (default: 48)")
     p.add_argument("--trunks", default="paper,resnet", help="which trunks, a comma list (default: paper,resnet)")
+    p.add_argument("--resnet-width", type=int, default=None,
+                   help="the resnet trunk's first-level width (default: the size's preset)")
+    p.add_argument("--resnet-mult", default=None,
+                   help="the resnet trunk's channel multipliers, a comma list (default: the size's preset)")
+    p.add_argument("--resnet-blocks", type=int, default=None,
+                   help="the resnet trunk's residual blocks per level (default: the size's preset)")
     p.add_argument("--mixed-precision", default="no", choices=("no", "fp16", "bf16"),
                    help="autocast precision (no | fp16 | bf16; default: no)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
@@ -115,7 +122,22 @@ def to_model_range(images: torch.Tensor) -> torch.Tensor:
     return images.float() / 127.5 - 1.0
 
 
-def model_config(trunk: str, size: int, grid: int) -> VQVAEConfig:
+def resnet_overrides(args: argparse.Namespace) -> dict:
+    """The trunk options given on the command line, over the size's preset."""
+    options = {}
+    if args.resnet_width is not None:
+        options["hidden_channels"] = args.resnet_width
+    if args.resnet_blocks is not None:
+        options["num_res_blocks"] = args.resnet_blocks
+    if args.resnet_mult is not None:
+        try:
+            options["channel_mult"] = tuple(int(m) for m in args.resnet_mult.split(","))
+        except ValueError:
+            raise VQGenError(f"--resnet-mult must be a comma list of integers like 1,2,2,4, got {args.resnet_mult!r}") from None
+    return options
+
+
+def model_config(trunk: str, size: int, grid: int, trunk_options: dict | None = None) -> VQVAEConfig:
     if size % grid:
         raise VQGenError(f"crop size {size} is not divisible by the code grid side {grid}")
     resnet = [side for side, preset in PRESETS.items() if preset["architecture"] == "resnet"]
@@ -125,6 +147,8 @@ def model_config(trunk: str, size: int, grid: int) -> VQVAEConfig:
     options = {**options, "downsample": size // grid}
     if options.get("channel_mult") and len(options["channel_mult"]) != options["downsample"].bit_length():
         options["channel_mult"] = ()  # the preset's levels are for another grid: the default multipliers
+    if trunk == "resnet":
+        options.update(trunk_options or {})
     return VQVAEConfig(image_height=size, image_width=size, codebook_size=512, code_dim=64, **options)
 
 
@@ -190,6 +214,9 @@ def benchmark(args: argparse.Namespace) -> None:
     trunks = args.trunks.split(",")
     if set(trunks) - {"paper", "resnet"}:
         raise VQGenError(f"--trunks must name paper and/or resnet, got {args.trunks!r}")
+    resnet = resnet_overrides(args)
+    for size in sizes:  # a wrong trunk option fails here, before any training
+        model_config("resnet", size, args.grid, resnet)
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     train_photos, test_photos = load_photos(TRAIN_PHOTOS, args.photo_dir), load_photos(TEST_PHOTOS, args.photo_dir)
     device = (torch.cuda.get_device_name() if accelerator.device.type == "cuda"
@@ -199,7 +226,7 @@ def benchmark(args: argparse.Namespace) -> None:
         gen = torch.Generator().manual_seed(args.seed + 1)
         test = torch.cat([random_crops([p], args.test_crops, size, gen) for p in test_photos])
         for trunk in trunks:
-            cfg = model_config(trunk, size, args.grid)
+            cfg = model_config(trunk, size, args.grid, resnet)
             model, stats = train_for_budget(accelerator, cfg, train_photos, args)
             row = {"size": size, "trunk": trunk, "test_psnr": test_psnr(accelerator, model, test), **stats,
                    "config": asdict(cfg)}

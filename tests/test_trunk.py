@@ -253,6 +253,22 @@ def test_the_photo_benchmark_trains_both_trunks_for_its_budget(tmp_path):
     assert not set(bench.TRAIN_PHOTOS) & set(bench.TEST_PHOTOS)
 
 
+def test_the_photo_benchmark_sizes_the_resnet_trunk_from_its_options_and_refuses_bad_ones(tmp_path, capsys):
+    bench = load_script("benchmark_photos")
+    args = bench.parse_args(["--resnet-width", "16", "--resnet-mult", "1,2,2,4", "--resnet-blocks", "0"])
+    resnet = bench.resnet_overrides(args)
+    cfg = bench.model_config("resnet", 128, 16, resnet)
+    assert (cfg.hidden_channels, cfg.channel_mult, cfg.num_res_blocks, cfg.downsample) == (16, (1, 2, 2, 4), 0, 8)
+    assert bench.model_config("paper", 128, 16, resnet).architecture == "paper"  # the paper net is untouched
+    out = tmp_path / "photos.json"
+    for bad, message in ((["--resnet-mult", "1,2"], "channel_mult 1,2 has 2 levels but downsample 8 needs 4"),
+                         (["--resnet-mult", "1,x"], "--resnet-mult must be a comma list of integers")):
+        assert bench.main(["--sizes", "128", *bad, "--out", str(out)]) != 0
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()  # refused before any training or writing
+
+
 @pytest.mark.parametrize("channels, groups", [(4, 1), (8, 1), (16, 2), (32, 4), (64, 8), (128, 16), (256, 32), (512, 32),
                                               (96, 4)])
 def test_group_norm_never_normalises_a_channel_alone(channels, groups):
