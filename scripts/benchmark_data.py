@@ -48,7 +48,9 @@ def train(script: str, args: list[str], log: Path) -> float:
 
 def best_vs_last(metrics_file: Path, metric: str) -> dict[str, float]:
     """The best and the last test value of a stage, and which one its weights hold."""
-    tests = [r for r in JsonlLog(metrics_file).read() if r.get("split") == "test"]
+    tests = [r for r in JsonlLog(metrics_file).read() if r.get("split") == "test"] if metrics_file.is_file() else []
+    if not tests:
+        sys.exit(f"error: {metrics_file} holds no test evaluation; score a run whose stages were evaluated")
     best = min(tests, key=lambda r: r[metric])
     kept_step = tests[-1].get("best_step", tests[-1]["step"])  # runs before held-out training kept the last
     kept = next(r for r in tests if r["step"] == kept_step)

@@ -152,3 +152,18 @@ def test_train_vqvae_bad_data_sized_options(folders, capsys, argv, expected):
     err = run_case(train_vqvae.main, TINY + argv + ["--run", str(folders["tmp"] / "new")], folders, capsys)
     assert expected in err
     assert not (folders["tmp"] / "new").exists()
+
+
+def test_benchmark_data_refuses_a_run_without_test_evaluations_in_one_line(tmp_path):
+    bench = load_script("benchmark_data")
+    metrics = tmp_path / "metrics.jsonl"
+    for content in (None, '{"split": "train", "step": 1, "mse": 0.1}\n'):
+        if content is not None:
+            metrics.write_text(content)
+        with pytest.raises(SystemExit) as err:
+            bench.best_vs_last(metrics, "mse")
+        assert str(err.value) == f"error: {metrics} holds no test evaluation; score a run whose stages were evaluated"
+    metrics.write_text('{"split": "test", "step": 5, "mse": 0.2, "best_step": 5}\n'
+                       '{"split": "test", "step": 10, "mse": 0.3, "best_step": 5}\n')
+    result = bench.best_vs_last(metrics, "mse")
+    assert (result["best_step"], result["last_step"], result["kept_step"], result["kept_vs_best_pct"]) == (5, 10, 5, 0.0)
