@@ -179,7 +179,8 @@ class TransformerPrior(nn.Module):
     def _feed(self, cache: KVCache, token: Tensor) -> None:
         """Append one (b, d) token embedding at position `cache.length`; keep its logits."""
         pos = cache.length
-        x = self.drop(token + self._positions()[pos])[:, None]  # (b, 1, d)
+        row, col = divmod(pos, self.config.grid_width)  # only this position's embedding, not the whole grid's
+        x = self.drop(token + (self.row_emb[row] + self.col_emb[col]))[:, None]  # (b, 1, d)
         for block, k_cache, v_cache in zip(self.blocks, cache.k, cache.v):
             x = block.decode(x, k_cache, v_cache, pos)
         cache.length = pos + 1

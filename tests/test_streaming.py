@@ -198,6 +198,21 @@ def test_save_codes_round_trip_across_shards(tmp_path, monkeypatch):
     assert [len(v) for _, v in m.shards] == [3, 1] and dict(m.split_sizes) == {"train": 10, "test": 0}
 
 
+@pytest.mark.parametrize("size, message", [(9, "holds more code grids than the 9 of meta.json"),
+                                           (11, "holds 10 code grids but meta.json says 11")])
+def test_shards_that_disagree_with_meta_json_are_refused_by_count(tmp_path, monkeypatch, size, message):
+    monkeypatch.setattr(codes_module, "SHARD_SIZE", 4)
+    meta = CodesMeta(codebook_size=16, grid_height=2, grid_width=2, num_classes=0, class_names=(),
+                     vqvae_fingerprint="x", vqvae_dir="y", data_source="z", image_channels=1, image_height=8,
+                     image_width=8, split_sizes=())
+    codes_module.save_codes(tmp_path / "codes", {"train": CodeSplit(torch.randint(0, 16, (10, 2, 2)), None)}, meta)
+    meta_file = tmp_path / "codes" / "meta.json"
+    saved = json.loads(meta_file.read_text())
+    meta_file.write_text(json.dumps({**saved, "split_sizes": [["train", size]]}))
+    with pytest.raises(VQGenError, match=message):
+        load_codes(tmp_path / "codes")
+
+
 @pytest.mark.parametrize("kind", ["parquet", "folder"])
 def test_the_arrow_cache_is_converted_once_and_reused(kind, request, monkeypatch):
     source = request.getfixturevalue(kind)

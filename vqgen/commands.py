@@ -248,9 +248,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
         return
     accelerator = Accelerator()
     pipeline.run_on_device(run, accelerator.device)
+    sampling = _sampling_kwargs(args, run)
     scores = pipeline.sample_quality(run, accelerator, args.samples, data, seed=args.seed, batch_size=args.batch_size,
                                      retrain_judge=args.retrain_judge, inception=args.inception,
-                                     judge_steps=args.judge_steps, **_sampling_kwargs(args, run))
+                                     judge_steps=args.judge_steps, **sampling)
     table = Table(title=f"{args.samples} samples against the {len(data.test)} test images")
     for column in ("measure", "samples", f"{min(args.samples, len(data.train))} real training images"):
         table.add_column(column, justify="left" if column == "measure" else "right")
@@ -262,7 +263,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if accuracy is not None and chance is not None and accuracy < min(2 * chance, (1 + chance) / 2):
         console.print(f"[bold yellow]warning:[/] the judge scores only {accuracy:.2f} on the test images (chance "
                       f"{chance:.2f}): its features say little about these images; trust the FID less")
-    record = {"time": time.time(), "samples": args.samples, **_sampling_kwargs(args, run), "seed": args.seed, **scores}
+    record = {"time": time.time(), "samples": args.samples, **sampling, "seed": args.seed, **scores}
     run.outputs.evaluations.parent.mkdir(parents=True, exist_ok=True)
     with run.outputs.evaluations.open("a") as f:
         f.write(json.dumps(record) + "\n")

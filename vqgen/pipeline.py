@@ -11,7 +11,7 @@ import importlib.util
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from accelerate import Accelerator
@@ -237,15 +237,20 @@ def run_data(run: Run, override: DataConfig | None = None) -> ImageData:
 
 
 @torch.no_grad()
-def reconstruct(run: Run, images: Tensor, batch_size: int = 256) -> tuple[Tensor, Tensor, Tensor]:
-    """(n, c, H, W) uint8 -> reconstructions uint8, per-image MSE on [0, 1] pixels (n,), codes (n, h, w).
+def _reconstructions(run: Run, batches: Iterable[Tensor]) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    """Per (b, c, H, W) uint8 batch: per-image MSE on [0, 1] pixels (b,), reconstructions in [-1, 1], codes.
 
     One encoder and one decoder pass per image: the same forward pass that stage 1 evaluates with.
     """
-    recons, errors, codes = [], [], []
     device = next(run.vqvae.parameters()).device
-    for chunk in images.split(batch_size):
-        mse, recon, indices = reconstruction_errors(run.vqvae, to_model_range(chunk).to(device))
+    for batch in batches:
+        yield reconstruction_errors(run.vqvae, to_model_range(batch).to(device))
+
+
+def reconstruct(run: Run, images: Tensor, batch_size: int = 256) -> tuple[Tensor, Tensor, Tensor]:
+    """(n, c, H, W) uint8 -> reconstructions uint8, per-image MSE on [0, 1] pixels (n,), codes (n, h, w)."""
+    recons, errors, codes = [], [], []
+    for mse, recon, indices in _reconstructions(run, images.split(batch_size)):
         recons.append(to_uint8(recon.cpu()))
         errors.append(mse.cpu())
         codes.append(indices.cpu())
@@ -268,11 +273,10 @@ def complete(run: Run, codes: Tensor, keep_rows: int, labels: Tensor | None, see
 def evaluate(run: Run, data: ImageData | None = None, batch_size: int = 256) -> dict[str, float]:
     """Test metrics of both stages: reconstruction MSE/PSNR and code usage; the prior's bits per code."""
     data = data or run_data(run)
-    device = next(run.vqvae.parameters()).device
+    n = len(data.test)  # taken a batch at a time: a streamed split is never decoded whole
+    batches = (data.test.take(range(start, min(start + batch_size, n))) for start in range(0, n, batch_size))
     errors, codes = [], []
-    for start in range(0, len(data.test), batch_size):  # a batch at a time: a streamed split is never decoded whole
-        images = data.test.take(range(start, min(start + batch_size, len(data.test))))
-        mse, _, indices = reconstruction_errors(run.vqvae, to_model_range(images).to(device))
+    for mse, _, indices in _reconstructions(run, batches):
         errors.append(mse.cpu())
         codes.append(indices.cpu())
     errors, codes = torch.cat(errors), torch.cat(codes)

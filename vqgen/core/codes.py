@@ -163,24 +163,27 @@ def load_codes_meta(folder: str | os.PathLike) -> CodesMeta:
 
 
 def _load_shards(folder: Path, meta: CodesMeta) -> dict[str, CodeSplit]:
-    from safetensors import SafetensorError, safe_open
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    sizes, grid = dict(meta.split_sizes), (meta.grid_height, meta.grid_width)
     splits = {}
     for name, files in meta.shards:
-        try:  # the shards' shapes first, then each one copied into its rows: no second copy of the split
-            shapes = []
+        # one int16 tensor of meta.json's size, each shard copied into its rows: no second copy of the split
+        codes = torch.empty(sizes.get(name, 0), *grid, dtype=torch.int16)
+        at = 0
+        try:
             for f in files:
-                with safe_open(str(folder / f), framework="pt") as shard:
-                    shapes.append(shard.get_slice("codes").get_shape())
-            codes = torch.empty(sum(s[0] for s in shapes), meta.grid_height, meta.grid_width, dtype=torch.int16)
-            at = 0
-            for f, shape in zip(files, shapes):
-                if tuple(shape[1:]) != (meta.grid_height, meta.grid_width):
-                    raise VQGenError(f"codes in {folder / f} are {tuple(shape[1:])} but meta.json says "
+                shard = load_file(str(folder / f))["codes"]
+                if tuple(shard.shape[1:]) != grid:
+                    raise VQGenError(f"codes in {folder / f} are {tuple(shard.shape[1:])} but meta.json says "
                                      f"{meta.grid_height}x{meta.grid_width}")
-                codes[at:at + shape[0]] = load_file(str(folder / f))["codes"]
-                at += shape[0]
+                if at + len(shard) > len(codes):
+                    raise VQGenError(f"{folder}/{name} holds more code grids than the {len(codes)} of meta.json")
+                codes[at:at + len(shard)] = shard
+                at += len(shard)
+            if at != len(codes):
+                raise VQGenError(f"{folder}/{name} holds {at} code grids but meta.json says {len(codes)}")
             labels_file = codes_labels(folder, name)
             labels = load_file(str(labels_file))["labels"] if labels_file.is_file() else None
         except (OSError, KeyError, SafetensorError) as err:
