@@ -47,13 +47,43 @@ def encode_split(accelerator: Accelerator, model: nn.Module, split: ImageSplit, 
     assert done == len(split), f"encoded {done} of {len(split)} images"
 
 
-@torch.no_grad()
-def grid_features(model: nn.Module, codes: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-    """(n, h, w) codes -> (n, 4d): each grid's code vectors averaged over the four quarters of the grid."""
-    device = model.quantizer.codebook.device
-    parts = [F.adaptive_avg_pool2d(model.quantizer.decode_indices(c.to(device)).float(), 2).flatten(1).cpu()
-             for c in codes.split(chunk)]
-    return torch.cat(parts)  # (n, 4d)
+FEATURE_DIM = 256  # numbers kept per grid for the clustering of unlabelled data
+MAX_FEATURE_INPUT = 65_536  # numbers of a grid the projection reads (its matrix: at most 64 MiB)
+
+
+class GridFeatures:
+    """(n, h, w) codes -> (n, f) features for clustering unlabelled images: each whole grid of code
+    vectors, multiplied by a fixed random (d*h*w, FEATURE_DIM) matrix.
+
+    The whole grid, not an average of it: where a stroke or an object lies is most of what tells
+    images apart. On MNIST, 10 clusters of these features match the digits with NMI 0.47-0.52, of the
+    grid's four quarter-averages (the features before) only 0.15-0.16; on OpenMoji and the shapes the
+    gain is smaller but on the same side (README, "Unlabelled images"). A random projection keeps
+    distances nearly intact (Johnson-Lindenstrauss) while the features stay small for any dataset.
+    A grid of more than MAX_FEATURE_INPUT numbers is average-pooled by 2 until it fits; one of at most
+    FEATURE_DIM numbers is its own feature.
+    """
+
+    def __init__(self, cfg, seed: int, dim: int = FEATURE_DIM):
+        h, w = cfg.grid_shape
+        while cfg.code_dim * h * w > MAX_FEATURE_INPUT and max(h, w) > 1:
+            h, w = -(-h // 2), -(-w // 2)
+        self.grid = (h, w)
+        size = cfg.code_dim * h * w
+        self.projection = None if size <= dim else (
+            torch.randn(size, dim, generator=torch.Generator().manual_seed(seed)) / dim ** 0.5)
+
+    @torch.no_grad()
+    def __call__(self, model: nn.Module, codes: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+        device = model.quantizer.codebook.device
+        parts = []
+        for c in codes.split(chunk):
+            grid = model.quantizer.decode_indices(c.to(device)).float()  # (b, d, h, w)
+            if tuple(grid.shape[-2:]) != self.grid:
+                grid = F.adaptive_avg_pool2d(grid, self.grid)
+            grid = grid.flatten(1).cpu()
+            parts.append(grid if self.projection is None else grid @ self.projection)
+        return torch.cat(parts)
 
 
 def cluster_features(x_train: torch.Tensor, x_test: torch.Tensor, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,13 +137,14 @@ def encode_splits(
     clustering = not class_names and bool(clusters) and main  # unlabelled: clusters of the codes stand in
     train = with_augmented_copies(data.train, parse_augment(data_cfg.augment), data_cfg.code_copies, data_cfg.seed)
     write = _MainWriter(out, main)
+    grid_features = GridFeatures(cfg, seed=data_cfg.seed) if clustering else None
     try:
         split_labels, features = {}, {}
         for name, split in (("train", train), ("test", data.test)):
             parts = []
             for codes in encode_split(accelerator, model, split, batch_size, num_workers):
                 write("add", name, codes)
-                if clustering:  # 4d numbers per grid, not the grid: the features stay small
+                if clustering:  # FEATURE_DIM numbers per grid, not the grid: the features stay small
                     parts.append(grid_features(model, codes))
             features[name] = torch.cat(parts) if parts else None
             split_labels[name] = split.labels

@@ -102,3 +102,36 @@ def test_unlabelled_data_gets_clusters_that_the_prior_conditions_on(tmp_path):
     assert load_codes(tmp_path / "off" / "codes")[1].num_classes == 0
     with pytest.raises(VQGenError, match="pseudo_classes must be 0 \\(off\\) or >= 2, got 1"):
         DataConfig(pseudo_classes=1)
+
+
+def test_clustering_features_see_where_codes_lie():
+    """Two kinds of grid that differ only in where a patch of one code sits inside the same quarter of
+    the grid: the quarter averages the clustering once used cannot tell them apart, the whole-grid
+    features must, and k-means on them must split the kinds exactly. The features stay FEATURE_DIM
+    numbers, and the projection bounded, for any grid."""
+    from stage1_vqvae.encode import FEATURE_DIM, MAX_FEATURE_INPUT, GridFeatures, cluster_features
+    from stage1_vqvae.model import VQVAE, VQVAEConfig
+
+    torch.manual_seed(0)
+    cfg = VQVAEConfig(**{**TINY_VQVAE, "image_height": 64, "image_width": 64})  # 16x16 grid, 8 x 256 numbers
+    model = VQVAE(cfg).eval()
+    features = GridFeatures(cfg, seed=0)
+    assert features.grid == (16, 16) and features.projection.shape == (8 * 16 * 16, FEATURE_DIM)
+    assert torch.equal(features.projection, GridFeatures(cfg, seed=0).projection)
+    grids = torch.zeros(40, 16, 16, dtype=torch.long)
+    grids[:20, 0:2, 0:2] = 3  # kind a: a patch of code 3 in the corner ...
+    grids[20:, 5:7, 5:7] = 3  # ... kind b: further in, the same top-left quarter
+    grids[:, 12, 12] = torch.randint(4, 16, (40,))  # and variety elsewhere, alike in both kinds
+    quarters = torch.nn.functional.adaptive_avg_pool2d(model.quantizer.decode_indices(grids).float(), 2)
+    assert torch.allclose(quarters[:20, :, 0, 0], quarters[20:, :, 0, 0])
+    x = features(model, grids, chunk=7)
+    assert x.shape == (40, FEATURE_DIM) and torch.allclose(x, features(model, grids))
+    clusters, _ = cluster_features(x, x[:2], k=2, seed=0)
+    assert len(set(clusters[:20].tolist())) == 1 and len(set(clusters[20:].tolist())) == 1
+    assert clusters[0] != clusters[20]
+
+    big = GridFeatures(VQVAEConfig(**{**TINY_VQVAE, "code_dim": 128, "image_height": 128, "image_width": 128}), 0)
+    assert big.grid == (16, 16) and big.projection.shape[0] <= MAX_FEATURE_INPUT  # 32x32x128: pooled once
+    tiny = GridFeatures(VQVAEConfig(**{**TINY_VQVAE, "image_height": 16, "image_width": 16}), 0)
+    assert tiny.projection is None  # a 4x4 grid of 8: 128 numbers, its own feature
+    assert GridFeatures(VQVAEConfig(**TINY_VQVAE), 0).projection.shape == (8 * 8 * 8, FEATURE_DIM)
