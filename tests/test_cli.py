@@ -194,11 +194,13 @@ def test_eval_scores_samples_beside_real_images(tiny_run, tmp_path, capsys):
     shutil.copytree(tiny_run, run)
     assert main(["eval", "--run", str(run), "--samples", "12", "--judge-steps", "20"]) == 0
     out = " ".join(capsys.readouterr().out.split())
-    assert "12 samples against the 40 test images" in out and "12 real training images" in out
+    assert "12 samples against the 40 test images, beside 12 real training images and their reconstructions" in out
+    assert "reconstructed: what samples would reach with a perfect prior" in out
     for measure in ("fid", "class_accuracy", "coverage"):
         assert measure in out
     record = json.loads((run / "evaluations.jsonl").read_text().splitlines()[-1])
     assert record["samples"]["n_samples"] == 12 and record["real"]["fid"] >= 0
+    assert record["reconstructed"]["n_samples"] == 12 and record["reconstructed"]["fid"] != record["real"]["fid"]
     assert (run / "judge" / "model.safetensors").is_file()  # trained once, then reused
     assert main(["eval", "--run", str(unconditional_run(tiny_run, tmp_path)), "--samples", "6",
                  "--judge-steps", "5"]) == 0

@@ -363,3 +363,18 @@ def test_export_overwrites_an_export_and_a_failed_export_leaves_the_old_one(tiny
     assert main(["export", "--run", str(tiny_run), "--to", str(to), "--overwrite"]) == 0
     assert manifest_damage(to) is None and "an older card" not in (to / "README.md").read_text()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]
+
+
+def test_model_card_shows_samples_beside_reconstructions_and_real_images(tmp_path):
+    from vqgen.core.modelcard import _sample_rows
+
+    record = {"samples": {"n_samples": 100.0, "fid": 3.5, "coverage": 0.9}, "cfg_scale": 1.5, "seed": 0,
+              "reconstructed": {"fid": 2.25, "coverage": 0.95}, "real": {"fid": 0.25}}
+    old = {"samples": {"n_samples": 100.0, "fid": 9.0}, "real": {"fid": 0.5}}  # written before reconstructions
+    log = tmp_path / "evaluations.jsonl"
+    log.write_text(json.dumps(old) + "\n")
+    assert _sample_rows(log)[0].endswith("| 9 (real images: 0.5) | |")
+    log.write_text(json.dumps(old) + "\n" + json.dumps(record) + "\n")
+    rows = _sample_rows(log)
+    assert rows[0].endswith("| 3.5 (reconstructions: 2.25; real images: 0.25) | |")
+    assert rows[1].endswith("| 0.9 (reconstructions: 0.95) | |")

@@ -109,6 +109,25 @@ def test_real_samples_score_near_the_floor_and_noise_far(judge, shapes):
     assert "class_accuracy" not in bad
 
 
+def test_reference_floor_scores_a_transform_of_the_same_picked_images(judge, shapes):
+    """The reconstructions' row of `vqgen eval`: the transform sees exactly the n images the floor picks,
+    an identity changes nothing, and a damaging one (noise) moves the FID far from the floor."""
+    (x, y), (xt, yt) = shapes["train"], shapes["test"]
+    seen = []
+
+    def identity(images):
+        seen.append(images)
+        return images
+
+    floor = reference_floor(judge, x, xt, yt, n=200, seed=4, train_labels=y)
+    assert reference_floor(judge, x, xt, yt, n=200, seed=4, train_labels=y, transform=identity) == floor
+    pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(4))[:200]
+    assert len(seen) == 1 and torch.equal(seen[0], x[pick])
+    noisy = reference_floor(judge, x, xt, yt, n=200, seed=4, train_labels=y,
+                            transform=lambda images: noise(len(images), 1))
+    assert noisy["fid"] > 5 * floor["fid"] and noisy["class_accuracy"] < floor["class_accuracy"]
+
+
 def test_class_accuracy_with_true_and_shuffled_labels(judge, shapes):
     (xt, yt), (xf, yf) = shapes["test"], shapes["fresh"]
     shuffled = yf[torch.randperm(len(yf), generator=torch.Generator().manual_seed(0))]

@@ -337,7 +337,7 @@ def test_evaluation_and_sample_scores_never_decode_a_whole_streamed_split(parque
         assert pipeline.evaluate(loaded, streamed, batch_size=5) == pytest.approx(expected)
     # a split within JUDGING_IMAGES is judged whole: the same scores as in memory
     scores_streamed = pipeline.sample_quality(loaded, Accelerator(cpu=True), 8, streamed, judge_steps=5)
-    assert all(scores_streamed[k] == pytest.approx(scores_memory[k]) for k in ("samples", "real"))
+    assert all(scores_streamed[k] == pytest.approx(scores_memory[k]) for k in ("samples", "reconstructed", "real"))
     monkeypatch.setattr(type(streamed.test), "images", property(whole_split))
     monkeypatch.setattr(pipeline, "JUDGING_IMAGES", 20)  # a larger one: a seeded subset of 20, in dataset order
     images, labels = pipeline.judging_images(streamed.train, seed=3)

@@ -252,12 +252,15 @@ def cmd_eval(args: argparse.Namespace) -> None:
     scores = pipeline.sample_quality(run, accelerator, args.samples, data, seed=args.seed, batch_size=args.batch_size,
                                      retrain_judge=args.retrain_judge, inception=args.inception,
                                      judge_steps=args.judge_steps, **sampling)
-    table = Table(title=f"{args.samples} samples against the {len(data.test)} test images")
-    for column in ("measure", "samples", f"{min(args.samples, len(data.train))} real training images"):
+    n_real = min(args.samples, len(data.train))
+    table = Table(title=f"{args.samples} samples against the {len(data.test)} test images, beside {n_real} real "
+                        "training images and their reconstructions",
+                  caption="reconstructed: what samples would reach with a perfect prior (the VQ-VAE's ceiling)")
+    for column in ("measure", "samples", "reconstructed", "real"):
         table.add_column(column, justify="left" if column == "measure" else "right")
     for k, v in scores["samples"].items():
-        real = scores["real"].get(k)
-        table.add_row(k, f"{v:.4g}", "" if real is None else f"{real:.4g}")
+        others = (scores[part].get(k) for part in ("reconstructed", "real"))
+        table.add_row(k, f"{v:.4g}", *("" if x is None else f"{x:.4g}" for x in others))
     console.print(table)
     accuracy, chance = scores["samples"].get("judge_test_accuracy"), scores["samples"].get("judge_chance")
     if accuracy is not None and chance is not None and accuracy < min(2 * chance, (1 + chance) / 2):

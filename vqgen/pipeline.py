@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -334,9 +335,12 @@ def sample_quality(run: Run, accelerator: Accelerator, n: int, data: ImageData |
                    judge_steps: int = 600, **sampling: float | int | None) -> dict[str, dict[str, float]]:
     """How good n samples are against the test split, beside what n real training images score.
 
-    -> {"samples": {fid, class_accuracy, coverage, ...}, "real": {...}}: in-domain FID in the features of
-    the run's judge, the share of samples the judge assigns the class they were drawn for, and the
-    normalised entropy of its predicted classes; `inception` adds the standard Inception FID.
+    -> {"samples": {fid, class_accuracy, coverage, ...}, "reconstructed": {...}, "real": {...}}: in-domain
+    FID in the features of the run's judge, the share of samples the judge assigns the class they were
+    drawn for, and the normalised entropy of its predicted classes; `inception` adds the standard
+    Inception FID. "reconstructed" scores the VQ-VAE's reconstructions of the same n training images
+    that "real" scores: what samples would reach with a perfect prior, so the gap between the three says
+    which stage holds the samples back.
     """
     if run.prior is None:
         raise VQGenError(f"judging samples needs a trained prior; {run.layout.prior.path} has none")
@@ -354,8 +358,10 @@ def sample_quality(run: Run, accelerator: Accelerator, n: int, data: ImageData |
     test_images, test_labels = judging_images(data.test, seed=seed)
     train_images, train_labels = judging_images(data.train, seed=seed)
     scores = quality.sample_quality(judge, images.to(device), judged_labels, test_images.to(device), test_labels)
-    real = quality.reference_floor(judge, train_images.to(device), test_images.to(device), test_labels,
-                                   n=min(n, len(train_images)), seed=seed, train_labels=train_labels)
+    floor = partial(quality.reference_floor, judge, train_images.to(device), test_images.to(device), test_labels,
+                    n=min(n, len(train_images)), seed=seed, train_labels=train_labels)
+    real = floor()
+    reconstructed = floor(transform=lambda x: reconstruct(run, x)[0])
     if inception:
         scores["inception_fid"] = quality.inception_fid(images, test_images)
-    return {"samples": scores, "real": real}
+    return {"samples": scores, "reconstructed": reconstructed, "real": real}

@@ -156,14 +156,16 @@ def _sample_rows(evaluations: Path) -> list[str]:
     if not records or not isinstance(records[-1].get("samples"), dict):
         return []
     last = records[-1]
-    scores, real = last["samples"], last.get("real") or {}
+    scores, real, recon = last["samples"], last.get("real") or {}, last.get("reconstructed") or {}
     n = scores.get("n_samples", "")
     setting = f"{n} samples, cfg {last.get('cfg_scale')}, seed {last.get('seed')}"
     rows = []
     for key, label in (("fid", "in-domain FID"), ("class_accuracy", "class accuracy"), ("coverage", "coverage"),
                        ("inception_fid", "Inception FID")):
         if key in scores:
-            floor = f" (real images: {real[key]:.4g})" if key in real else ""
+            refs = [f"{what}: {part[key]:.4g}" for what, part in (("reconstructions", recon), ("real images", real))
+                    if key in part]
+            floor = f" ({'; '.join(refs)})" if refs else ""
             rows.append(f"| samples | {label}, {setting} | {scores[key]:.4g}{floor} | |")
     return rows
 

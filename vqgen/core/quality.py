@@ -324,8 +324,12 @@ def sample_quality(judge: Judge, samples: Tensor, sample_labels: Tensor | None, 
 
 
 def reference_floor(judge: Judge, train_images: Tensor, test_images: Tensor, test_labels: Tensor | None,
-                    n: int, seed: int = 0, *, train_labels: Tensor | None = None) -> dict[str, float]:
-    """`sample_quality` of n random real training images (with train_labels, if given) against the test images."""
+                    n: int, seed: int = 0, *, train_labels: Tensor | None = None,
+                    transform: Callable[[Tensor], Tensor] | None = None) -> dict[str, float]:
+    """`sample_quality` of n random real training images (with train_labels, if given) against the test images.
+
+    transform: applied to the n picked images first (say, the VQ-VAE's reconstruction of them: the
+    best a prior's samples can score through that decoder)."""
     _check_images(train_images, "training images", judge.config)
     if not 2 <= n <= len(train_images):
         raise VQGenError(f"reference floor: n must be in [2, {len(train_images)}] (the training images), got {n}")
@@ -333,7 +337,10 @@ def reference_floor(judge: Judge, train_images: Tensor, test_images: Tensor, tes
         _check_labels(train_labels, len(train_images), 0, "training labels")
     pick = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(seed))[:n]
     labels = train_labels[pick.to(train_labels.device)] if train_labels is not None else None
-    return sample_quality(judge, train_images[pick.to(train_images.device)], labels, test_images, test_labels)
+    picked = train_images[pick.to(train_images.device)]
+    if transform is not None:
+        picked = transform(picked).to(train_images.device)
+    return sample_quality(judge, picked, labels, test_images, test_labels)
 
 
 # --- Inception FID (optional library) ----------------------------------------------------
