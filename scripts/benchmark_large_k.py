@@ -120,7 +120,7 @@ def main() -> None:
                "results": results}
     Path(args.run, "benchmark_large_k.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
-    print(f"\n| variant | test usage | perplexity | dead codes | test MSE | img/s | peak memory |")
+    print("\n| variant | test usage | perplexity | dead codes | test MSE | img/s | peak memory |")
     print("|---|---|---|---|---|---|---|")
     for r in results:
         peak = r.get("peak_cuda_allocated_mib", r["peak_rss_mib"])

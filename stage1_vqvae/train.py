@@ -135,17 +135,24 @@ def preset_options(preset: str | None, given_model: dict[str, Any]) -> dict[str,
     return {**options, **given_model}
 
 
+# Steps, not passes, decide how sharp a VQ-VAE gets: it does not memorise a small dataset the way a prior
+# does. On OpenMoji (2.2k images) 60 passes (2,100 steps, the rule before) left the test PSNR rising:
+# 21.50 dB and a reconstruction FID of 1.28 there, 22.37 dB and 0.49 at 6,000 (README, "Defaults sized
+# to the data"). Shapes and MNIST already got 6,000.
+STAGE1_STEPS = 6000
+
+
 def sized_defaults(data: ImageData, given_training: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Stage-1 defaults from the data (README, "Defaults sized to the data"): model options, training options.
 
     Width: 128 channels for colour images or sides of 64 px and more (more to reconstruct per code),
-    64 for small grey images. Length: 60 passes over the training images, 1,500 to 6,000 steps,
-    evaluated 10 times (the best evaluation's weights are kept).
+    64 for small grey images. Length: STAGE1_STEPS whatever the number of images, evaluated 10 times
+    (the best evaluation's weights are kept; early stopping ends a stalled run sooner).
     """
     wide = data.channels == 3 or max(data.height, data.width) >= 64
     model = {"hidden_channels": 128, "res_channels": 64} if wide else {"hidden_channels": 64, "res_channels": 32}
-    training = sized_schedule(len(data.train), given_training, TRAIN_DEFAULTS, epochs=60, lowest=1500,
-                              highest=6000, evaluations=10)
+    training = sized_schedule(len(data.train), given_training, TRAIN_DEFAULTS, epochs=0, lowest=STAGE1_STEPS,
+                              highest=STAGE1_STEPS, evaluations=10)
     return model, training
 
 
