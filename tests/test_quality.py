@@ -12,7 +12,8 @@ from vqgen.core.data.shapes import make_shapes
 from vqgen.core.errors import VQGenError
 from vqgen.core.quality import (
     Judge, JudgeConfig, feature_stats, frechet_distance, frechet_distance_of, inception_fid, judge_accuracy,
-    judge_features, judge_is_reliable, load_judge, reference_floor, sample_quality, save_judge, train_judge)
+    judge_features, judge_is_reliable, load_judge, reference_floor, reference_of, sample_quality, save_judge,
+    train_judge)
 
 SIZE = 16
 TINY = dict(width=16, steps=120, batch_size=32, learning_rate=3e-3, seed=5)
@@ -46,6 +47,11 @@ def judge(shapes):
     config = JudgeConfig.for_data(x, y, **TINY)
     assert (config.task, config.num_classes, config.in_channels, config.image_height) == ("labels", 6, 3, SIZE)
     return train_judge(x, y, config)
+
+
+@pytest.fixture(scope="module")
+def reference(judge, shapes):
+    return reference_of(judge, *shapes["test"])
 
 
 # --- Fréchet distance ----------------------------------------------------------------
@@ -96,11 +102,11 @@ def test_frechet_distance_rejects_bad_shapes():
 # --- the judge on labelled shapes ------------------------------------------------------
 
 
-def test_real_samples_score_near_the_floor_and_noise_far(judge, shapes):
-    (xt, yt), (xf, yf) = shapes["test"], shapes["fresh"]
-    floor = reference_floor(judge, *shapes["train"][:1], xt, yt, n=300, seed=0, train_labels=shapes["train"][1])
-    real = sample_quality(judge, xf, yf, xt, yt)
-    bad = sample_quality(judge, noise(300, 0), None, xt, yt)
+def test_real_samples_score_near_the_floor_and_noise_far(judge, shapes, reference):
+    (x, y), (xf, yf) = shapes["train"], shapes["fresh"]
+    floor = reference_floor(judge, x, reference, n=300, seed=0, train_labels=y)
+    real = sample_quality(judge, xf, yf, reference)
+    bad = sample_quality(judge, noise(300, 0), None, reference)
     print(f"\nfloor {floor}\nreal  {real}\nnoise {bad}")
     assert real["fid"] < 3 * floor["fid"] + 0.05
     assert bad["fid"] > 10 * real["fid"] and bad["fid"] > 5 * floor["fid"]
@@ -109,30 +115,41 @@ def test_real_samples_score_near_the_floor_and_noise_far(judge, shapes):
     assert "class_accuracy" not in bad
 
 
-def test_reference_floor_scores_a_transform_of_the_same_picked_images(judge, shapes):
+def test_reference_floor_scores_a_transform_of_the_same_picked_images(judge, shapes, reference):
     """The reconstructions' row of `vqgen eval`: the transform sees exactly the n images the floor picks,
     an identity changes nothing, and a damaging one (noise) moves the FID far from the floor."""
-    (x, y), (xt, yt) = shapes["train"], shapes["test"]
+    x, y = shapes["train"]
     seen = []
 
     def identity(images):
         seen.append(images)
         return images
 
-    floor = reference_floor(judge, x, xt, yt, n=200, seed=4, train_labels=y)
-    assert reference_floor(judge, x, xt, yt, n=200, seed=4, train_labels=y, transform=identity) == floor
+    floor = reference_floor(judge, x, reference, n=200, seed=4, train_labels=y)
+    assert reference_floor(judge, x, reference, n=200, seed=4, train_labels=y, transform=identity) == floor
     pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(4))[:200]
     assert len(seen) == 1 and torch.equal(seen[0], x[pick])
-    noisy = reference_floor(judge, x, xt, yt, n=200, seed=4, train_labels=y,
+    noisy = reference_floor(judge, x, reference, n=200, seed=4, train_labels=y,
                             transform=lambda images: noise(len(images), 1))
     assert noisy["fid"] > 5 * floor["fid"] and noisy["class_accuracy"] < floor["class_accuracy"]
 
 
-def test_class_accuracy_with_true_and_shuffled_labels(judge, shapes):
+def test_reference_holds_the_test_images_statistics(judge, shapes, reference):
+    """Computed once, the reference gives the FID of the samples' and test images' features, and the
+    judge's accuracy on the test images (None when a labels judge is given none)."""
     (xt, yt), (xf, yf) = shapes["test"], shapes["fresh"]
+    expected = frechet_distance_of(judge_features(judge, xf), judge_features(judge, xt))
+    assert sample_quality(judge, xf, yf, reference)["fid"] == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    assert reference.judge_test_accuracy == judge_accuracy(judge, xt, yt)
+    assert reference_of(judge, xt, None).judge_test_accuracy is None
+    assert "judge_test_accuracy" not in sample_quality(judge, xf, yf, reference_of(judge, xt, None))
+
+
+def test_class_accuracy_with_true_and_shuffled_labels(judge, shapes, reference):
+    xf, yf = shapes["fresh"]
     shuffled = yf[torch.randperm(len(yf), generator=torch.Generator().manual_seed(0))]
-    true = sample_quality(judge, xf, yf, xt, yt)["class_accuracy"]
-    wrong = sample_quality(judge, xf, shuffled, xt, yt)["class_accuracy"]
+    true = sample_quality(judge, xf, yf, reference)["class_accuracy"]
+    wrong = sample_quality(judge, xf, shuffled, reference)["class_accuracy"]
     assert true > 0.6 and wrong < 0.35, (true, wrong)
 
 
@@ -150,8 +167,9 @@ def test_unlabelled_data_trains_the_rotation_task(shapes):
     (x, _), (xt, _), (xf, _) = shapes["train"], shapes["test"], shapes["fresh"]
     rot = train_judge(x, None, JudgeConfig(image_height=SIZE, image_width=SIZE, num_classes=6, task="labels", **TINY))
     assert rot.config.task == "rotation" and rot.config.num_classes == 0 and rot.head.out_features == 4
-    real = sample_quality(rot, xf, None, xt, None)
-    bad = sample_quality(rot, noise(300, 1), None, xt, None)
+    rotations = reference_of(rot, xt, None)
+    real = sample_quality(rot, xf, None, rotations)
+    bad = sample_quality(rot, noise(300, 1), None, rotations)
     print(f"\nrotation real {real}\nrotation noise {bad}")
     assert set(real) == {"n_samples", "fid", "judge_test_accuracy", "judge_chance"}
     assert bad["fid"] > 10 * real["fid"]
@@ -207,19 +225,21 @@ def test_save_load_round_trip(judge, shapes, tmp_path):
     (torch.zeros(4, 2, SIZE, SIZE, dtype=torch.uint8), r"\(4, 2, 16, 16\)"),
     (torch.zeros(4, 3, 4, 4, dtype=torch.uint8), r"\(4, 3, 4, 4\)"),
 ])
-def test_bad_images_are_refused(judge, shapes, images, message):
+def test_bad_images_are_refused(judge, reference, images, message):
     with pytest.raises(VQGenError, match=message):
-        sample_quality(judge, images, None, shapes["test"][0], None)
+        sample_quality(judge, images, None, reference)
+    with pytest.raises(VQGenError, match=message):
+        reference_of(judge, images, None)
     with pytest.raises(VQGenError, match=message):
         train_judge(images, None, JudgeConfig(steps=1))
 
 
-def test_bad_labels_and_sizes_are_refused(judge, shapes):
+def test_bad_labels_and_sizes_are_refused(judge, shapes, reference):
     (x, y), (xt, yt) = shapes["train"], shapes["test"]
     with pytest.raises(VQGenError, match=r"shape \(600,\), got dtype torch.int64, shape \(599,\)"):
         train_judge(x, y[:-1], JudgeConfig.for_data(x, y, steps=1))
     with pytest.raises(VQGenError, match=r"\[0, 6\), got values 6\.\.6"):
-        sample_quality(judge, xt, torch.full((300,), 6), xt, yt)
+        sample_quality(judge, xt, torch.full((300,), 6), reference)
     with pytest.raises(VQGenError, match="int64"):
         judge_accuracy(judge, xt, yt.int())
     with pytest.raises(VQGenError, match=r"\(3, 32, 32\), the judge was trained on \(3, 16, 16\)"):
@@ -227,7 +247,7 @@ def test_bad_labels_and_sizes_are_refused(judge, shapes):
     with pytest.raises(VQGenError, match="needs the images' labels"):
         judge_accuracy(judge, xt, None)
     with pytest.raises(VQGenError, match="n must be in"):
-        reference_floor(judge, x, xt, yt, n=601)
+        reference_floor(judge, x, reference, n=601)
 
 
 @pytest.mark.parametrize("change, message", [

@@ -357,8 +357,9 @@ def sample_quality(run: Run, accelerator: Accelerator, n: int, data: ImageData |
     judged_labels = None if run.source.pseudo_labels else labels  # clusters are not the judge's classes
     test_images, test_labels = judging_images(data.test, seed=seed)
     train_images, train_labels = judging_images(data.train, seed=seed)
-    scores = quality.sample_quality(judge, images.to(device), judged_labels, test_images.to(device), test_labels)
-    floor = partial(quality.reference_floor, judge, train_images.to(device), test_images.to(device), test_labels,
+    reference = quality.reference_of(judge, test_images.to(device), test_labels)
+    scores = quality.sample_quality(judge, images.to(device), judged_labels, reference)
+    floor = partial(quality.reference_floor, judge, train_images.to(device), reference,
                     n=min(n, len(train_images)), seed=seed, train_labels=train_labels)
     real = floor()
     reconstructed = floor(transform=lambda x: reconstruct(run, x)[0])

@@ -3,7 +3,8 @@
 Works for any uint8 image data (n, c, h, w) without downloads: `train_judge` learns the labels (or,
 for unlabelled data, the rotation of each image), `sample_quality` reports the Fréchet distance of
 samples to the real test images in the judge's features, class accuracy and class coverage, and
-`reference_floor` what real training images score in the same measures. `inception_fid` is the
+`reference_floor` what real training images score in the same measures; both compare with a
+`Reference`, the test images' statistics computed once. `inception_fid` is the
 standard Inception FID through torch-fidelity, when that is installed.
 """
 
@@ -297,20 +298,39 @@ def judge_is_reliable(judge: Judge, test_images: Tensor, test_labels: Tensor | N
     return accuracy >= min(2 * chance, (1 + chance) / 2), accuracy
 
 
-def sample_quality(judge: Judge, samples: Tensor, sample_labels: Tensor | None, reference: Tensor,
-                   reference_labels: Tensor | None, batch_size: int = 256) -> dict[str, float]:
-    """fid (judge features of samples vs reference), class_accuracy and coverage (labels task), judge_test_accuracy.
+@dataclass(frozen=True)
+class Reference:
+    """The real test images as every score needs them, computed once per evaluation: the mean and
+    covariance of their judge features, and the judge's accuracy on them (None for a labels judge
+    given no labels)."""
+    mean: Tensor
+    cov: Tensor
+    judge_test_accuracy: float | None
+
+
+def reference_of(judge: Judge, images: Tensor, labels: Tensor | None, batch_size: int = 256) -> Reference:
+    """The `Reference` of uint8 (n, c, h, w) test images (and their labels, if any)."""
+    _check_images(images, "reference images", judge.config)
+    accuracy = None
+    if judge.config.task == "rotation" or labels is not None:
+        accuracy = judge_accuracy(judge, images, labels, batch_size)
+    return Reference(*feature_stats(judge_features(judge, images, batch_size)), accuracy)
+
+
+def sample_quality(judge: Judge, samples: Tensor, sample_labels: Tensor | None, reference: Reference,
+                   batch_size: int = 256) -> dict[str, float]:
+    """fid (judge features of samples vs the reference's), class_accuracy and coverage (labels task),
+    judge_test_accuracy.
 
     Compare with `reference_floor` at the same number of samples: FID is biased by n.
     """
     cfg = judge.config
     _check_images(samples, "samples", cfg)
-    _check_images(reference, "reference images", cfg)
     result = {"n_samples": float(len(samples)),
-              "fid": frechet_distance_of(judge_features(judge, samples, batch_size),
-                                         judge_features(judge, reference, batch_size))}
-    if cfg.task == "rotation" or reference_labels is not None:
-        result["judge_test_accuracy"] = judge_accuracy(judge, reference, reference_labels, batch_size)
+              "fid": frechet_distance(*feature_stats(judge_features(judge, samples, batch_size)),
+                                      reference.mean, reference.cov)}
+    if reference.judge_test_accuracy is not None:
+        result["judge_test_accuracy"] = reference.judge_test_accuracy
         result["judge_chance"] = 1.0 / cfg.outputs
     if cfg.task == "labels":
         predicted = _predict(judge, samples, batch_size)
@@ -323,10 +343,10 @@ def sample_quality(judge: Judge, samples: Tensor, sample_labels: Tensor | None, 
     return result
 
 
-def reference_floor(judge: Judge, train_images: Tensor, test_images: Tensor, test_labels: Tensor | None,
-                    n: int, seed: int = 0, *, train_labels: Tensor | None = None,
+def reference_floor(judge: Judge, train_images: Tensor, reference: Reference, n: int, seed: int = 0, *,
+                    train_labels: Tensor | None = None,
                     transform: Callable[[Tensor], Tensor] | None = None) -> dict[str, float]:
-    """`sample_quality` of n random real training images (with train_labels, if given) against the test images.
+    """`sample_quality` of n random real training images (with train_labels, if given) against the reference.
 
     transform: applied to the n picked images first (say, the VQ-VAE's reconstruction of them: the
     best a prior's samples can score through that decoder)."""
@@ -340,7 +360,7 @@ def reference_floor(judge: Judge, train_images: Tensor, test_images: Tensor, tes
     picked = train_images[pick.to(train_images.device)]
     if transform is not None:
         picked = transform(picked).to(train_images.device)
-    return sample_quality(judge, picked, labels, test_images, test_labels)
+    return sample_quality(judge, picked, labels, reference)
 
 
 # --- Inception FID (optional library) ----------------------------------------------------
