@@ -151,8 +151,7 @@ def sized_defaults(data: ImageData, given_training: dict[str, Any]) -> tuple[dic
     """
     wide = data.channels == 3 or max(data.height, data.width) >= 64
     model = {"hidden_channels": 128, "res_channels": 64} if wide else {"hidden_channels": 64, "res_channels": 32}
-    training = sized_schedule(len(data.train), given_training, TRAIN_DEFAULTS, epochs=0, lowest=STAGE1_STEPS,
-                              highest=STAGE1_STEPS, evaluations=10)
+    training = sized_schedule(given_training, STAGE1_STEPS, evaluations=10)
     return model, training
 
 

@@ -31,15 +31,17 @@ def train_config(stage: StageDir, given: dict[str, Any], defaults: dict[str, Any
     return TrainConfig(**{**defaults, **given})
 
 
-def sized_schedule(items: int, given: dict[str, Any], defaults: dict[str, Any], epochs: float, lowest: int,
-                   highest: int, evaluations: int) -> dict[str, int]:
-    """The training length the data calls for: `epochs` passes over `items` at the batch size in force,
-    kept within [lowest, highest] steps (in hundreds); `evaluations` evaluations (and saves) over the run.
-    Options the user gave win."""
-    batch = given.get("batch_size", defaults["batch_size"])
-    steps = given.get("max_steps", min(highest, max(lowest, int(round(epochs * items / batch, -2)))))
-    every = max(50, round((steps or highest) / evaluations / 50) * 50)
-    return {"max_steps": steps, "eval_every": every, "save_every": every}
+def sized_schedule(given: dict[str, Any], steps: int, evaluations: int) -> dict[str, int]:
+    """The training length the data calls for, `steps`, with `evaluations` evaluations (and saves) over
+    the run. Options the user gave win."""
+    chosen = given.get("max_steps", steps)
+    every = max(50, round((chosen or steps) / evaluations / 50) * 50)
+    return {"max_steps": chosen, "eval_every": every, "save_every": every}
+
+
+def steps_for_passes(items: int, batch_size: int, passes: float, lowest: int, highest: int) -> int:
+    """`passes` passes over `items` at `batch_size`, in hundreds of steps, kept within [lowest, highest]."""
+    return min(highest, max(lowest, int(round(passes * items / batch_size, -2))))
 
 
 def sized_model_options(given_model: dict[str, Any], given_training: dict[str, Any], sized_model: dict[str, Any],
