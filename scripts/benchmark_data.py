@@ -28,7 +28,7 @@ import torch
 from accelerate import Accelerator
 
 from vqgen import pipeline
-from vqgen.cli import default_cfg
+from vqgen.cli import DEFAULT_CFG
 from vqgen.core.imageio import save_grid
 from vqgen.core.layout import RunLayout
 from vqgen.core.metrics import JsonlLog
@@ -134,7 +134,7 @@ def main() -> None:
         result["stage2_unconditional"] = best_vs_last(RunLayout(runs["unconditional"]).prior.metrics,
                                                       "bits_per_code")
     run = pipeline.load_run(runs["conditional"])
-    grid_cfg = args.grid_cfg if args.grid_cfg is not None else default_cfg(run.source.pseudo_labels)
+    grid_cfg = args.grid_cfg if args.grid_cfg is not None else DEFAULT_CFG
     _, images = pipeline.sample(run, Accelerator(), 64, labels=pipeline.choose_labels(run, None, 64),
                                 seed=args.seed, cfg_scale=grid_cfg)
     save_grid(images, out / "samples.png", nrow=8)

@@ -22,7 +22,18 @@ from vqgen.core.data.images import ImageData, ImageDataset, ImageSplit
 from vqgen.core.errors import VQGenError
 from vqgen.core.layout import RunLayout
 
-DEFAULT_PSEUDO_CLASSES = 10  # README, "Unlabelled images"
+# Clusters of an unlabelled folder, by its size (README, "Unlabelled images"): more clusters carry more of
+# what labels would, but each needs enough images for the prior to learn what sets it apart. Measured
+# at 10 and 50 with priors at equal budgets: MNIST (60k) 0.53 -> 0.33 in-domain FID at --cfg 1 with 50;
+# the shapes (10k) 6.08 -> 7.64 and OpenMoji (2.2k) 1.57 -> 1.55, so those keep 10.
+IMAGES_PER_CLUSTER = 1000
+FEWEST_CLUSTERS, MOST_CLUSTERS = 10, 50
+
+
+def default_pseudo_classes(train_images: int) -> int:
+    """How many clusters stand in for classes when the data has none: one per IMAGES_PER_CLUSTER training
+    images, within [FEWEST_CLUSTERS, MOST_CLUSTERS]."""
+    return min(MOST_CLUSTERS, max(FEWEST_CLUSTERS, round(train_images / IMAGES_PER_CLUSTER)))
 
 
 @torch.no_grad()
@@ -133,7 +144,8 @@ def encode_splits(
                          f"{run.vqvae.path} expects {cfg.in_channels}x{cfg.image_height}x{cfg.image_width}")
     main, out = accelerator.is_main_process, run.codes
     class_names = tuple(data.class_names or ())
-    clusters = data_cfg.pseudo_classes if data_cfg.pseudo_classes is not None else DEFAULT_PSEUDO_CLASSES
+    clusters = (data_cfg.pseudo_classes if data_cfg.pseudo_classes is not None
+                else default_pseudo_classes(len(data.train)))
     clustering = not class_names and bool(clusters) and main  # unlabelled: clusters of the codes stand in
     train = with_augmented_copies(data.train, parse_augment(data_cfg.augment), data_cfg.code_copies, data_cfg.seed)
     write = _MainWriter(out, main)

@@ -93,7 +93,7 @@ def test_unlabelled_data_gets_clusters_that_the_prior_conditions_on(tmp_path):
     from vqgen.cli import main
 
     assert main(["sample", "--run", str(run), "--n", "3", "--out", str(tmp_path / "s")]) == 0
-    assert json.loads((tmp_path / "s" / "settings.json").read_text())["cfg"] == 1.0  # clusters: no guidance
+    assert json.loads((tmp_path / "s" / "settings.json").read_text())["cfg"] == 1.5  # guidance on clusters too
     assert main(["sample", "--run", str(run), "--n", "3", "--cfg", "2", "--out", str(tmp_path / "t")]) == 0
     assert json.loads((tmp_path / "t" / "settings.json").read_text())["cfg"] == 2.0
 

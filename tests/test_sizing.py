@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from stage1_vqvae.encode import default_pseudo_classes
 from stage1_vqvae.train import sized_defaults as stage1_defaults
 from stage2_prior.train import sized_defaults as stage2_defaults
 from vqgen.core.codes import CodesMeta
@@ -54,3 +55,15 @@ def test_given_options_win_and_set_the_evaluation_interval():
     assert training == {"max_steps": 1000, "eval_every": 100, "save_every": 100}
     _, training = stage2_defaults(codes(2_221, 8), {"batch_size": 8})  # smaller batches: more steps
     assert training["max_steps"] == 8000
+
+
+@pytest.mark.parametrize("n,clusters", [
+    (2_221, 10),    # OpenMoji
+    (10_000, 10),   # the built-in shapes
+    (24_600, 25),   # one per 1,000 images between the bounds
+    (60_000, 50),   # MNIST
+    (40, 10),       # a tiny folder (empty clusters are never drawn)
+    (1_000_000, 50),
+])
+def test_pseudo_class_rule(n, clusters):
+    assert default_pseudo_classes(n) == clusters

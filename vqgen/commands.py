@@ -21,7 +21,7 @@ from rich.table import Table
 from stage1_vqvae.encode import encode_splits
 from vqgen import pipeline
 from vqgen.arguments import given_options
-from vqgen.cli import default_cfg
+from vqgen.cli import DEFAULT_CFG
 from vqgen.core import hub
 from vqgen.core.agree import from_main, raise_together
 from vqgen.core.checkpoint import ensure_writable
@@ -44,11 +44,11 @@ from vqgen.core.samples import SampleSetWriter, discard_sample_set, finish_sampl
 EXPORT_SAMPLES = 64  # drawn for the model card when the run has no sample grid
 
 
-def _sampling_kwargs(args: argparse.Namespace, run: pipeline.Run) -> dict:
-    """The sampling options; `--cfg` not given takes the run's default (`cli.default_cfg`), set into `args`
-    so that what is recorded is what was used."""
+def _sampling_kwargs(args: argparse.Namespace) -> dict:
+    """The sampling options; `--cfg` not given takes `cli.DEFAULT_CFG`, set into `args` so that what is
+    recorded is what was used."""
     if args.cfg is None:
-        args.cfg = default_cfg(run.prior is not None and run.source.pseudo_labels)
+        args.cfg = DEFAULT_CFG
     return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, cfg_scale=args.cfg)
 
 
@@ -62,7 +62,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     pipeline.run_on_device(run, accelerator.device)
     labels = pipeline.choose_labels(run, args.label, args.n, args.unconditional, seed=args.seed)
     batches = pipeline.sample_batches(run, accelerator, args.n, labels=labels, seed=args.seed,
-                                      batch_size=args.batch_size, **_sampling_kwargs(args, run))  # checked, not drawn
+                                      batch_size=args.batch_size, **_sampling_kwargs(args))  # checked, not drawn
     out = from_main(accelerator, Path(args.out) if args.out else run.outputs.next_samples_dir())
     ensure_writable(out)
     if out.is_dir() and any(out.iterdir()):
@@ -180,7 +180,7 @@ def cmd_complete(args: argparse.Namespace) -> None:
     codes = test.codes[: args.n].long()
     labels = test.labels[: args.n] if run.prior.config.num_classes and test.labels is not None else None
     keep = args.keep_rows if args.keep_rows is not None else codes.shape[1] // 2
-    completed, images = pipeline.complete(run, codes, keep, labels, seed=args.seed, **_sampling_kwargs(args, run))
+    completed, images = pipeline.complete(run, codes, keep, labels, seed=args.seed, **_sampling_kwargs(args))
     originals = pipeline.decode_codes(run, codes)
     save_grid(torch.cat([originals, images]), out, nrow=len(codes))
     console.print(f"{len(codes)} completions keeping {keep} of {codes.shape[1]} code rows "
@@ -248,7 +248,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         return
     accelerator = Accelerator()
     pipeline.run_on_device(run, accelerator.device)
-    sampling = _sampling_kwargs(args, run)
+    sampling = _sampling_kwargs(args)
     scores = pipeline.sample_quality(run, accelerator, args.samples, data, seed=args.seed, batch_size=args.batch_size,
                                      retrain_judge=args.retrain_judge, inception=args.inception,
                                      judge_steps=args.judge_steps, **sampling)
@@ -311,7 +311,7 @@ def _export(args: argparse.Namespace, to: Path, repo: hub.RepoId | None, console
     with tempfile.TemporaryDirectory(prefix="vqgen-export-") as tmp:
         grid = Path(tmp) / SAMPLE_GRID
         labels = pipeline.choose_labels(run, None, EXPORT_SAMPLES)
-        cfg = default_cfg(run.source.pseudo_labels)
+        cfg = DEFAULT_CFG
         _, images = pipeline.sample(run, Accelerator(), EXPORT_SAMPLES, labels=labels, seed=0, cfg_scale=cfg)
         save_grid(images, grid, nrow=8)
         console.print(f"the run has no samples: drew {EXPORT_SAMPLES} (seed 0, --cfg {cfg}) for the card")

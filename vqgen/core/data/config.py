@@ -55,7 +55,8 @@ class DataConfig:
                           since=2)
     pseudo_classes: int | None = option(None, "unlabelled data: group the training images into this many clusters "
                                               "of their codes, which the prior then conditions on like classes "
-                                              "(0: off; default: 10 when the data has no labels)", since=2)
+                                              "(0: off; default when the data has no labels: one per 1,000 training "
+                                              "images, 10 to 50)", since=2)
     code_copies: int = option(0, "augmented copies of each training image added to the code dump, so the prior "
                                  "sees more grids (uses --augment)", since=2)
     stream: str = option("auto", "decode images per batch from a memory-mapped Arrow copy instead of holding "
