@@ -95,7 +95,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--samples", type=int, default=1000, help="samples per setting (default: 1000)")
     p.add_argument("--sweep", default="1:1,1.5:1,2:1,3:1,2:0.9",
                    help="cfg:temperature settings to score (default: 1:1,1.5:1,2:1,3:1,2:0.9)")
-    p.add_argument("--grid-cfg", type=float, default=None, help="cfg of the sample grid (default: vqgen sample's)")
+    p.add_argument("--grid-cfg", type=float, default=DEFAULT_CFG,
+                   help=f"cfg of the sample grid (default: {DEFAULT_CFG}, vqgen sample's)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -134,9 +135,8 @@ def main() -> None:
         result["stage2_unconditional"] = best_vs_last(RunLayout(runs["unconditional"]).prior.metrics,
                                                       "bits_per_code")
     run = pipeline.load_run(runs["conditional"])
-    grid_cfg = args.grid_cfg if args.grid_cfg is not None else DEFAULT_CFG
     _, images = pipeline.sample(run, Accelerator(), 64, labels=pipeline.choose_labels(run, None, 64),
-                                seed=args.seed, cfg_scale=grid_cfg)
+                                seed=args.seed, cfg_scale=args.grid_cfg)
     save_grid(images, out / "samples.png", nrow=8)
     (out / "benchmark.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if not k.startswith("scores")}, indent=2))

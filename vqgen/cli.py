@@ -39,7 +39,7 @@ def _add_sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (default: 1.0)")
     p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely codes")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]")
-    p.add_argument("--cfg", type=float, default=None,
+    p.add_argument("--cfg", type=float, default=DEFAULT_CFG,
                    help=f"classifier-free guidance scale of a conditional prior, on classes or on the clusters of an "
                         f"unlabelled folder (1: off; default: {DEFAULT_CFG}, measured best across datasets; 1.0 gives "
                         f"more varied samples)")

@@ -45,10 +45,7 @@ EXPORT_SAMPLES = 64  # drawn for the model card when the run has no sample grid
 
 
 def _sampling_kwargs(args: argparse.Namespace) -> dict:
-    """The sampling options; `--cfg` not given takes `cli.DEFAULT_CFG`, set into `args` so that what is
-    recorded is what was used."""
-    if args.cfg is None:
-        args.cfg = DEFAULT_CFG
+    """The sampling options of the parsed command line."""
     return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, cfg_scale=args.cfg)
 
 
@@ -311,10 +308,9 @@ def _export(args: argparse.Namespace, to: Path, repo: hub.RepoId | None, console
     with tempfile.TemporaryDirectory(prefix="vqgen-export-") as tmp:
         grid = Path(tmp) / SAMPLE_GRID
         labels = pipeline.choose_labels(run, None, EXPORT_SAMPLES)
-        cfg = DEFAULT_CFG
-        _, images = pipeline.sample(run, Accelerator(), EXPORT_SAMPLES, labels=labels, seed=0, cfg_scale=cfg)
+        _, images = pipeline.sample(run, Accelerator(), EXPORT_SAMPLES, labels=labels, seed=0, cfg_scale=DEFAULT_CFG)
         save_grid(images, grid, nrow=8)
-        console.print(f"the run has no samples: drew {EXPORT_SAMPLES} (seed 0, --cfg {cfg}) for the card")
+        console.print(f"the run has no samples: drew {EXPORT_SAMPLES} (seed 0, --cfg {DEFAULT_CFG}) for the card")
         return export_run(location.layout, to, card, args.overwrite, grid=grid)
 
 
