@@ -26,8 +26,8 @@ from vqgen.core.layout import RunLayout, StageDir
 from vqgen.core.agree import process_state
 from vqgen.core.lock import holds_stage_lock
 from vqgen.core.metrics import code_usage, psnr
-from vqgen.core.stage import (check_batch_size, sized_model_options, sized_schedule, start, train_config,
-                              write_stage_files)
+from vqgen.core.stage import (check_batch_size, sized_batch, sized_model_options, sized_schedule, start,
+                              train_config, write_stage_files)
 from vqgen.core.trainer import TrainConfig, fit, make_optimizer, refresh_report
 
 # Stage-1 training defaults, chosen by measurement (README, "Defaults"); any option overrides them.
@@ -147,11 +147,13 @@ def sized_defaults(data: ImageData, given_training: dict[str, Any]) -> tuple[dic
 
     Width: 128 channels for colour images or sides of 64 px and more (more to reconstruct per code),
     64 for small grey images. Length: STAGE1_STEPS whatever the number of images, evaluated 10 times
-    (the best evaluation's weights are kept; early stopping ends a stalled run sooner).
+    (the best evaluation's weights are kept; early stopping ends a stalled run sooner). Batch: all the
+    training images when they are fewer than the default batch.
     """
     wide = data.channels == 3 or max(data.height, data.width) >= 64
     model = {"hidden_channels": 128, "res_channels": 64} if wide else {"hidden_channels": 64, "res_channels": 32}
-    training = sized_schedule(given_training, STAGE1_STEPS, evaluations=10)
+    training = {**sized_schedule(given_training, STAGE1_STEPS, evaluations=10),
+                **sized_batch(given_training, TRAIN_DEFAULTS["batch_size"], len(data.train))}
     return model, training
 
 

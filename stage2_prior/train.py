@@ -23,8 +23,8 @@ from vqgen.core.errors import VQGenError
 from vqgen.core.layout import RunLayout, StageDir
 from vqgen.core.lock import holds_stage_lock
 from vqgen.core.metrics import bits
-from vqgen.core.stage import (check_batch_size, sized_model_options, sized_schedule, start, steps_for_passes,
-                              train_config, write_stage_files)
+from vqgen.core.stage import (check_batch_size, sized_batch, sized_model_options, sized_schedule, start,
+                              steps_for_passes, train_config, write_stage_files)
 from vqgen.core.trainer import TrainConfig, fit, make_optimizer
 
 # Stage-2 training defaults, chosen by measurement (README, "Defaults"); any option overrides them.
@@ -183,14 +183,16 @@ def sized_defaults(meta: CodesMeta, given_training: dict[str, Any]) -> tuple[dic
 
     Regularisation by the number of training codes (grids x codes per grid): dropout 0.3 under 500k
     codes, 0.1 under 5M, none above. Length: 40 passes over the grids, 2,000 to 8,000 steps, evaluated
-    20 times, so that early stopping (patience 5) ends a run that has started to memorise.
+    20 times, so that early stopping (patience 5) ends a run that has started to memorise. Batch: all
+    the training grids when they are fewer than the default batch.
     """
     grids = dict(meta.split_sizes).get("train", 0)
     codes = grids * meta.grid_height * meta.grid_width
     model = {"dropout": 0.3 if codes < 500_000 else 0.1 if codes < 5_000_000 else 0.0}
-    batch = given_training.get("batch_size", TRAIN_DEFAULTS["batch_size"])
+    small = sized_batch(given_training, TRAIN_DEFAULTS["batch_size"], grids)
+    batch = given_training.get("batch_size", small.get("batch_size", TRAIN_DEFAULTS["batch_size"]))
     steps = steps_for_passes(grids, batch, passes=40, lowest=2000, highest=8000)
-    training = sized_schedule(given_training, steps, evaluations=20)
+    training = {**sized_schedule(given_training, steps, evaluations=20), **small}
     return model, training
 
 

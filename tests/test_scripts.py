@@ -1,5 +1,6 @@
 """Every bad input the training scripts can get: exit 2, one line naming the value, nothing changed."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -167,3 +168,18 @@ def test_benchmark_data_refuses_a_run_without_test_evaluations_in_one_line(tmp_p
                        '{"split": "test", "step": 10, "mse": 0.3, "best_step": 5}\n')
     result = bench.best_vs_last(metrics, "mse")
     assert (result["best_step"], result["last_step"], result["kept_step"], result["kept_vs_best_pct"]) == (5, 10, 5, 0.0)
+
+
+def test_a_folder_smaller_than_the_default_batch_trains_both_stages_at_its_size(tmp_path):
+    # 12 images: 11 train / 1 test at the default 0.1 held out; the default batches are 64 and 32
+    (tmp_path / "few").mkdir()
+    for i in range(12):
+        Image.new("RGB", (16, 16), (i * 20, 40, 200 - i * 10)).save(tmp_path / "few" / f"{i}.png")
+    run = tmp_path / "run"
+    small = ["--hidden-channels", "16", "--res-channels", "8", "--codebook-size", "16", "--code-dim", "8",
+             "--max-steps", "2"]
+    assert train_vqvae.main(["--data", str(tmp_path / "few"), "--run", str(run), *small]) == 0
+    assert json.loads((run / "vqvae" / "train_config.json").read_text())["batch_size"] == 11
+    assert train_prior.main(["--run", str(run), "--max-steps", "2", "--d-model", "16", "--n-layers", "1",
+                             "--n-heads", "2"]) == 0
+    assert json.loads((run / "prior" / "train_config.json").read_text())["batch_size"] == 11

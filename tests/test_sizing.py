@@ -57,6 +57,15 @@ def test_given_options_win_and_set_the_evaluation_interval():
     assert training["max_steps"] == 8000
 
 
+def test_a_set_smaller_than_the_default_batch_gets_one_batch_of_all_of_it():
+    assert stage1_defaults(images(40, 3, 32), {})[1]["batch_size"] == 40  # default 64
+    assert "batch_size" not in stage1_defaults(images(64, 3, 32), {})[1]
+    assert "batch_size" not in stage1_defaults(images(40, 3, 32), {"batch_size": 50})[1]  # given: refused later
+    _, training = stage2_defaults(codes(20, 8), {})  # default 32
+    assert training["batch_size"] == 20 and training["max_steps"] == 2000
+    assert "batch_size" not in stage2_defaults(codes(32, 8), {})[1]
+
+
 @pytest.mark.parametrize("n,clusters", [
     (2_221, 10),    # OpenMoji
     (10_000, 10),   # the built-in shapes

@@ -39,6 +39,12 @@ def sized_schedule(given: dict[str, Any], steps: int, evaluations: int) -> dict[
     return {"max_steps": chosen, "eval_every": every, "save_every": every}
 
 
+def sized_batch(given: dict[str, Any], default: int, items: int) -> dict[str, int]:
+    """The default batch size, or all `items` where there are fewer, so that a tiny folder trains as it is.
+    A batch size the user gave wins (and is refused later if it is too large)."""
+    return {"batch_size": items} if "batch_size" not in given and 0 < items < default else {}
+
+
 def steps_for_passes(items: int, batch_size: int, passes: float, lowest: int, highest: int) -> int:
     """`passes` passes over `items` at `batch_size`, in hundreds of steps, kept within [lowest, highest]."""
     return min(highest, max(lowest, int(round(passes * items / batch_size, -2))))
@@ -59,7 +65,8 @@ def sized_model_options(given_model: dict[str, Any], given_training: dict[str, A
 
 def check_batch_size(batch_size: int, available: int, what: str) -> None:
     if available < batch_size:
-        raise VQGenError(f"batch size {batch_size} is larger than the {available} {what}")
+        raise VQGenError(f"batch size {batch_size} is larger than the {available} {what}: "
+                         f"give a batch size of at most {available}")
 
 
 def start(stage: StageDir, cfg: TrainConfig) -> tuple[Accelerator, Console]:
