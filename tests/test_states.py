@@ -114,3 +114,19 @@ def test_every_state_has_a_manifest_of_all_its_files(trained):
         listed = set(json.loads((folder / MANIFEST).read_text())["files"])
         on_disk = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} - {MANIFEST}
         assert listed == on_disk and "progress.json" in listed and "model.safetensors" in listed
+
+
+def test_a_state_that_no_longer_fits_the_optimizer_is_one_line_saying_what_to_do(trained, tmp_path, capsys,
+                                                                                monkeypatch):
+    # as after an upgrade that changed the optimizer's parameter groups (one group instead of decay / no decay)
+    import stage1_vqvae.train as stage1
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    monkeypatch.setattr(stage1, "make_optimizer", lambda model, cfg: torch.optim.AdamW(model.parameters()))
+    before = {p: p.read_bytes() for p in RunLayout(run).vqvae.path.rglob("*") if p.is_file()}
+    with pytest.raises(VQGenError) as err:
+        resume(run)
+    message = str(err.value)
+    assert message.startswith(f"cannot load the training state {state(run, 15)}") and "\n" not in message
+    assert message.endswith("finish the run with it, or start again with --overwrite")
+    assert {p: p.read_bytes() for p in RunLayout(run).vqvae.path.rglob("*") if p.is_file()} == before

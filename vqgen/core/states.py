@@ -93,7 +93,9 @@ def resume_state(accelerator: Accelerator, stage_dir: StageDir, console: Console
         accelerator.load_state(str(state))
         saved = json.loads((state / PROGRESS).read_text())
     except Exception as err:  # a state that passed its checks but does not fit this model or optimizer
-        raise VQGenError(f"cannot load the training state {state}: {one_line(err)}") from None
+        raise VQGenError(f"cannot load the training state {state}: {one_line(err)}; a state saved by another "
+                         "vqgen version resumes only with that version: finish the run with it, or start again "
+                         "with --overwrite") from None
     known = {f.name for f in dataclasses.fields(Progress)}
     progress = Progress(**{k: v for k, v in saved.items() if k in known})
     console.print(f"resumed from {state} (step {progress.step}, epoch {progress.epoch})")
