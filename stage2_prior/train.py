@@ -190,7 +190,7 @@ def sized_defaults(meta: CodesMeta, given_training: dict[str, Any]) -> tuple[dic
     codes = grids * meta.grid_height * meta.grid_width
     model = {"dropout": 0.3 if codes < 500_000 else 0.1 if codes < 5_000_000 else 0.0}
     small = sized_batch(given_training, TRAIN_DEFAULTS["batch_size"], grids)
-    batch = given_training.get("batch_size", small.get("batch_size", TRAIN_DEFAULTS["batch_size"]))
+    batch = {**TRAIN_DEFAULTS, **small, **given_training}["batch_size"]  # the batch the run will use
     steps = steps_for_passes(grids, batch, passes=40, lowest=2000, highest=8000)
     training = {**sized_schedule(given_training, steps, evaluations=20), **small}
     return model, training

@@ -116,8 +116,7 @@ def test_every_state_has_a_manifest_of_all_its_files(trained):
         assert listed == on_disk and "progress.json" in listed and "model.safetensors" in listed
 
 
-def test_a_state_that_no_longer_fits_the_optimizer_is_one_line_saying_what_to_do(trained, tmp_path, capsys,
-                                                                                monkeypatch):
+def test_a_state_that_no_longer_fits_the_optimizer_is_one_line_saying_what_to_do(trained, tmp_path, monkeypatch):
     # as after an upgrade that changed the optimizer's parameter groups (one group instead of decay / no decay)
     import stage1_vqvae.train as stage1
     run = tmp_path / "run"
