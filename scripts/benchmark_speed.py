@@ -8,7 +8,10 @@ Stage 1: optimizer steps per second of the VQ-VAE at each image size (the paper'
 the scalable trunk of the size's preset above), reported as images/s, on random batches that already
 sit on the device (model throughput; data loading is measured by benchmark_data.py). Stage 2: codes/s
 of a training step of each prior at 8x8, 16x16 and 32x32 grids. Sampling: seconds to draw N code grids
-with the KV cache (transformer) or row cache (PixelCNN), then to decode them. Each figure is the median
+with the KV cache (transformer) or row cache (PixelCNN), then to decode them. Attention: the cached
+step's one-query attention over a key length growing by one per step (N grids at --cfg-scale: 2N rows,
+4 heads of 32), through scaled_dot_product_attention with PyTorch's default backends, the same once
+their per-shape plans exist, with cuDNN's excluded, and as two matmuls and a softmax. Each figure is the median
 over the timed repeats after warm-up; peak memory is the CUDA allocator's peak (or the process's peak
 RSS on the CPU). Results are printed as a table and written to --out as JSON.
 """
@@ -26,11 +29,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from stage1_vqvae.model import VQVAE, VQVAEConfig
 from stage1_vqvae.train import PRESETS
 from stage2_prior.registry import PRIORS
 from stage2_prior.sampling import sample_codes
+from stage2_prior.transformer import one_query_attention
 from vqgen.core.trainer import compile_model
 
 STAGE1_BATCH = {32: 128, 64: 64, 128: 32, 256: 16}
@@ -155,15 +160,49 @@ def bench_sampling(kind: str, grid: int, args, device: torch.device) -> dict:
         codes = sample_codes(prior, n, labels=labels, cfg_scale=args.cfg_scale, batch_size=args.sample_batch)
         sync(device)
         codes_s = time.perf_counter() - start
+
+        def decode():
+            with torch.inference_mode():
+                for chunk in codes.split(256):
+                    decoder.decode(chunk)
+
+        decode()  # untimed: the first call of each chunk shape holds cuDNN's autotuning (cudnn.benchmark)
+        sync(device)
         start = time.perf_counter()
-        with torch.inference_mode():
-            for chunk in codes.split(256):
-                decoder.decode(chunk)
+        decode()
         sync(device)
         decode_s = time.perf_counter() - start
     return {"prior": kind, "grid": f"{grid}x{grid}", "n": n, "cfg_scale": args.cfg_scale,
             "codes_s": round(codes_s, 2), "decode_s": round(decode_s, 2),
             "ms_per_image": round(1000 * (codes_s + decode_s) / n, 2), "peak_gib": round(peak_gib(device), 2)}
+
+
+def bench_step_attention(args, device: torch.device, steps: int = 256) -> list[dict]:
+    rows, heads, head_dim = 2 * args.samples if args.cfg_scale != 1 else args.samples, 4, 32
+    dtype = torch.float32 if args.mixed_precision == "no" else (
+        torch.bfloat16 if args.mixed_precision == "bf16" else torch.float16)
+    q = torch.randn(rows, heads, 1, head_dim, device=device, dtype=dtype)
+    k, v = (torch.randn(rows, heads, steps, head_dim, device=device, dtype=dtype) for _ in range(2))
+    fused = F.scaled_dot_product_attention
+    non_cudnn = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    ways = [("sdpa, default backends, first pass", fused, None), ("sdpa, default backends, shapes seen", fused, None),
+            ("sdpa without cuDNN", fused, non_cudnn), ("matmul + softmax", None, None),
+            ("vqgen's step", one_query_attention, None)]
+    out = []
+    for name, fn, backends in ways:
+        sync(device)
+        start = time.perf_counter()
+        with sdpa_kernel(backends) if backends else nullcontext():
+            for length in range(1, steps + 1):
+                if fn is None:
+                    w = (q @ k[:, :, :length].transpose(-2, -1) * head_dim**-0.5).softmax(dim=-1)
+                    w @ v[:, :, :length]
+                else:
+                    fn(q, k[:, :, :length], v[:, :, :length])
+        sync(device)
+        seconds = time.perf_counter() - start
+        out.append({"attention": name, "rows": rows, "steps": steps, "ms_per_step": round(1000 * seconds / steps, 3)})
+    return out
 
 
 def table(rows: list[dict]) -> str:
@@ -177,7 +216,7 @@ def table(rows: list[dict]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", choices=("stage1", "prior", "sampling"), nargs="*", default=None,
+    p.add_argument("--only", choices=("stage1", "prior", "sampling", "attention"), nargs="*", default=None,
                    help="parts to run (default: all)")
     p.add_argument("--sizes", type=int, nargs="*", default=[32, 64, 128, 256], help="stage-1 image sizes")
     p.add_argument("--grids", type=int, nargs="*", default=list(GRIDS), help="prior grid sides")
@@ -199,7 +238,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    parts = args.only or ["stage1", "prior", "sampling"]
+    parts = args.only or ["stage1", "prior", "sampling", "attention"]
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -208,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     info = {"device": device_name(device), "torch": torch.__version__, "mixed_precision": args.mixed_precision,
             "compile": args.compile}
     print(json.dumps(info))
-    results: dict = {"info": info, "stage1": [], "prior": [], "sampling": []}
+    results: dict = {"info": info, "stage1": [], "prior": [], "sampling": [], "attention": []}
 
     def record(part: str, row: dict) -> None:
         results[part].append(row)
@@ -226,9 +265,12 @@ def main(argv: list[str] | None = None) -> int:
         for kind in args.priors:
             for grid in args.grids:
                 record("sampling", bench_sampling(kind, grid, args, device))
+    if "attention" in parts:
+        for row in bench_step_attention(args, device):
+            record("attention", row)
     print(f"\n{info['device']}, torch {info['torch']}, mixed precision {args.mixed_precision}, "
           f"compile {args.compile}")
-    for part in ("stage1", "prior", "sampling"):
+    for part in ("stage1", "prior", "sampling", "attention"):
         if results[part]:
             print(f"\n{part}\n{table(results[part])}")
     return 0

@@ -12,7 +12,7 @@ from einops import rearrange
 from stage2_prior.contract import check_codes, check_labels
 from stage2_prior.pixelcnn import PixelCNNConfig, PixelCNNPrior
 from stage2_prior.sampling import sample_codes
-from stage2_prior.transformer import KVCache, TransformerConfig, TransformerPrior
+from stage2_prior.transformer import KVCache, TransformerConfig, TransformerPrior, one_query_attention
 from vqgen.core.errors import VQGenError
 
 KINDS = ["transformer", "pixelcnn"]
@@ -273,6 +273,21 @@ def test_large_grid_is_causal_without_a_blind_spot(kind):
     assert diff[later_or_same].max() <= 1e-12
     # the PixelCNN's receptive field grows with depth: near codes must reach every later position they can
     assert diff[~later_or_same].max() > 1e-6 and (diff[:-1].amax(dim=1) > 1e-6).all()
+
+
+@pytest.mark.parametrize("length", [1, 7, 256])
+def test_step_attention_kernels_agree(length):
+    """The cached step's two attention paths, the fused call that CUDA takes (cuDNN's backend excluded)
+    and the CPU's matmuls, give one result, and it is softmax(q k^T / sqrt(hd)) v."""
+    torch.manual_seed(0)
+    q = torch.randn(3, 4, 1, 32, dtype=torch.float64)
+    keys, values = torch.randn(3, 4, length, 32, dtype=torch.float64), torch.randn(3, 4, length, 32, dtype=torch.float64)
+    fused = one_query_attention(q, keys, values, fused=True)
+    plain = one_query_attention(q, keys, values, fused=False)
+    expected = torch.softmax(q @ keys.transpose(-2, -1) / math.sqrt(32), dim=-1) @ values
+    assert fused.shape == plain.shape == (3, 4, 1, 32)
+    torch.testing.assert_close(fused, expected)
+    torch.testing.assert_close(plain, expected)
 
 
 @pytest.mark.parametrize("kind", KINDS)
