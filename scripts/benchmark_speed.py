@@ -11,8 +11,9 @@ of a training step of each prior at 8x8, 16x16 and 32x32 grids. Sampling: second
 with the KV cache (transformer) or row cache (PixelCNN), then to decode them. Attention: the cached
 step's one-query attention over a key length growing by one per step (N grids at --cfg-scale: 2N rows,
 4 heads of 32), through scaled_dot_product_attention with PyTorch's default backends, the same once
-their per-shape plans exist, with cuDNN's excluded, and as two matmuls and a softmax. Each figure is the median
-over the timed repeats after warm-up; peak memory is the CUDA allocator's peak (or the process's peak
+their per-shape plans exist, with cuDNN's excluded, as two matmuls and a softmax, and as vqgen's step:
+ms per step over one pass of 256 lengths. The other figures are each the median over the timed repeats
+after warm-up; peak memory is the CUDA allocator's peak (or the process's peak
 RSS on the CPU). Results are printed as a table and written to --out as JSON.
 """
 
@@ -148,7 +149,8 @@ def bench_prior_training(kind: str, grid: int, args, device: torch.device) -> di
 
 def bench_sampling(kind: str, grid: int, args, device: torch.device) -> dict:
     prior = make_prior(kind, grid, args.codebook_size, device).eval()
-    decoder = VQVAE(VQVAEConfig(image_height=4 * grid, image_width=4 * grid, codebook_size=args.codebook_size)).to(device)
+    decoder_cfg = VQVAEConfig(image_height=4 * grid, image_width=4 * grid, codebook_size=args.codebook_size)
+    decoder = VQVAE(decoder_cfg).to(device)
     decoder.eval()
     n = args.samples
     labels = torch.arange(n) % 10

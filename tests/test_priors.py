@@ -281,7 +281,7 @@ def test_step_attention_kernels_agree(length):
     and the CPU's matmuls, give one result, and it is softmax(q k^T / sqrt(hd)) v."""
     torch.manual_seed(0)
     q = torch.randn(3, 4, 1, 32, dtype=torch.float64)
-    keys, values = torch.randn(3, 4, length, 32, dtype=torch.float64), torch.randn(3, 4, length, 32, dtype=torch.float64)
+    keys, values = (torch.randn(3, 4, length, 32, dtype=torch.float64) for _ in range(2))
     fused = one_query_attention(q, keys, values, fused=True)
     plain = one_query_attention(q, keys, values, fused=False)
     expected = torch.softmax(q @ keys.transpose(-2, -1) / math.sqrt(32), dim=-1) @ values
