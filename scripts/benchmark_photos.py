@@ -76,6 +76,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="channels-last memory format, as the trainer uses (default: on)")
     p.add_argument("--seed", type=int, default=0, help="seed of the crops and the models (default: 0)")
+    p.add_argument("--train-photos", default=",".join(TRAIN_PHOTOS),
+                   help="the photos to crop training images from, a comma list (default: the seven above)")
+    p.add_argument("--test-photos", default=",".join(TEST_PHOTOS),
+                   help="the photos held out whole for the test, a comma list; none may be a training photo "
+                        "(default: chelsea.png,rocket.jpg). To choose a trunk without the test photos, hold out "
+                        "training photos instead: a validation split")
     p.add_argument("--photo-dir", default=None,
                    help="a folder holding the photos under the same names (default: scikit-image's skimage/data)")
     p.add_argument("--out", default="bench/photos.json", help="where to write the results (default: bench/photos.json)")
@@ -93,11 +99,26 @@ def photo_dir(folder: str | None = None) -> Path:
     return Path(skimage.__file__).parent / "data"
 
 
+def photo_split(train: str, test: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """`--train-photos` and `--test-photos` as name tuples: each non-empty, no photo on both sides."""
+    train_names = tuple(name for name in train.split(",") if name)
+    test_names = tuple(name for name in test.split(",") if name)
+    if not train_names or not test_names:
+        raise VQGenError(f"--train-photos and --test-photos must each name a photo, got {train!r} and {test!r}")
+    if both := sorted(set(train_names) & set(test_names)):
+        raise VQGenError(f"{', '.join(both)} is in both --train-photos and --test-photos: a test photo is held out whole")
+    return train_names, test_names
+
+
 def load_photos(names: tuple[str, ...], folder: str | None = None) -> list[torch.Tensor]:
     """Each photo as (3, H, W) uint8, resized to a SHORT_SIDE-px short side."""
     photos = []
     for name in names:
-        with Image.open(photo_dir(folder) / name) as im:
+        path = photo_dir(folder) / name
+        if not path.is_file():
+            raise VQGenError(f"no photo {name!r} in {path.parent} (the photos there: "
+                             f"{', '.join(sorted(f.name for f in path.parent.glob('*.*'))) or 'none'})")
+        with Image.open(path) as im:
             im = im.convert("RGB")
             scale = SHORT_SIDE / min(im.size)
             im = im.resize((round(im.width * scale), round(im.height * scale)), Image.Resampling.LANCZOS)
@@ -215,10 +236,11 @@ def benchmark(args: argparse.Namespace) -> None:
     if set(trunks) - {"paper", "resnet"}:
         raise VQGenError(f"--trunks must name paper and/or resnet, got {args.trunks!r}")
     resnet = resnet_overrides(args)
+    train_names, test_names = photo_split(args.train_photos, args.test_photos)
     for size in sizes:  # a wrong trunk option fails here, before any training
         model_config("resnet", size, args.grid, resnet)
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
-    train_photos, test_photos = load_photos(TRAIN_PHOTOS, args.photo_dir), load_photos(TEST_PHOTOS, args.photo_dir)
+    train_photos, test_photos = load_photos(train_names, args.photo_dir), load_photos(test_names, args.photo_dir)
     device = (torch.cuda.get_device_name() if accelerator.device.type == "cuda"
               else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     results = []
@@ -237,7 +259,7 @@ def benchmark(args: argparse.Namespace) -> None:
     summary = {"device": device, "torch": torch.__version__, "budget": args.budget, "budget_clock": clock,
                "batch_size": args.batch_size, "mixed_precision": args.mixed_precision, "grid": args.grid,
                "channels_last": args.channels_last,
-               "train_photos": TRAIN_PHOTOS, "test_photos": TEST_PHOTOS, "results": results}
+               "train_photos": train_names, "test_photos": test_names, "results": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
     print(f"\n{device}; budget {args.budget:g} {clock} per model, batch {args.batch_size}, "

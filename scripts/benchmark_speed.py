@@ -12,9 +12,9 @@ with the KV cache (transformer) or row cache (PixelCNN), then to decode them. At
 step's one-query attention over a key length growing by one per step (N grids at --cfg-scale: 2N rows,
 4 heads of 32), through scaled_dot_product_attention with PyTorch's default backends, the same once
 their per-shape plans exist, with cuDNN's excluded, as two matmuls and a softmax, and as vqgen's step:
-ms per step over one pass of 256 lengths. The other figures are each the median over the timed repeats
-after warm-up; peak memory is the CUDA allocator's peak (or the process's peak
-RSS on the CPU). Results are printed as a table and written to --out as JSON.
+ms per step over one pass of 256 lengths. Training figures time --steps steps run back to back after
+--warmup untimed ones, synchronised once at each end (as a training loop runs); peak memory is the
+CUDA allocator's peak (or the process's peak RSS on the CPU). Results are printed as a table and written to --out as JSON.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import argparse
 import json
 import platform
 import resource
-import statistics
 import time
 from contextlib import nullcontext
 from functools import partial
@@ -76,17 +75,17 @@ def autocast(device: torch.device, precision: str):
 
 
 def timed(step, warmup: int, repeats: int, device: torch.device) -> float:
-    """Median seconds of `step()` over `repeats` calls after `warmup` untimed ones."""
+    """Seconds per call of `step()`: `repeats` calls back to back after `warmup` untimed ones, with one
+    synchronisation at each end, as a training loop runs them (the host queues the next step's kernels
+    while the card runs the current one; a sync after every step would time launch gaps as well)."""
     for _ in range(warmup):
         step()
     sync(device)
-    times = []
+    start = time.perf_counter()
     for _ in range(repeats):
-        start = time.perf_counter()
         step()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    sync(device)
+    return (time.perf_counter() - start) / repeats
 
 
 def stage1_config(size: int, channels: int = 3) -> VQVAEConfig:

@@ -245,7 +245,9 @@ def test_the_photo_benchmark_trains_both_trunks_for_its_budget(tmp_path):
     out = tmp_path / "photos.json"
     argv = ["--sizes", "64", "--budget", "0.3", "--batch-size", "2", "--test-crops", "2", "--out", str(out)]
     assert bench.main(argv) == 0
-    rows = json.loads(out.read_text())["results"]
+    summary = json.loads(out.read_text())
+    assert (summary["train_photos"], summary["test_photos"]) == (list(bench.TRAIN_PHOTOS), list(bench.TEST_PHOTOS))
+    rows = summary["results"]
     assert [(r["size"], r["trunk"], r["config"]["architecture"]) for r in rows] == [
         (64, "paper", "paper"), (64, "resnet", "resnet")]
     assert all(r["config"]["downsample"] == 4 for r in rows)  # the same 16x16 grid for both
@@ -267,6 +269,21 @@ def test_the_photo_benchmark_sizes_the_resnet_trunk_from_its_options_and_refuses
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1
     assert not out.exists()  # refused before any training or writing
+
+
+def test_the_photo_benchmark_holds_out_whole_photos_and_refuses_a_split_that_does_not(tmp_path, capsys):
+    bench = load_script("benchmark_photos")
+    assert bench.photo_split("a.png,b.png,c.png", "d.png") == (("a.png", "b.png", "c.png"), ("d.png",))
+    out = tmp_path / "photos.json"
+    for bad, message in ((["--train-photos", "a.png,b.png", "--test-photos", "b.png"],
+                          "b.png is in both --train-photos and --test-photos"),
+                         (["--test-photos", ","], "--train-photos and --test-photos must each name a photo"),
+                         (["--train-photos", "a.png", "--test-photos", "b.png", "--photo-dir", str(tmp_path)],
+                          f"no photo 'a.png' in {tmp_path} (the photos there: none)")):
+        assert bench.main(["--sizes", "64", *bad, "--out", str(out)]) != 0
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("channels, groups", [(4, 1), (8, 1), (16, 2), (32, 4), (64, 8), (128, 16), (256, 32), (512, 32),
