@@ -52,6 +52,8 @@ VQVAE_CASES = [
     (["--data", "{corrupt}"], "broken.png"),
     (["--data", "{mixed}"], "32x32"),
     (["--data", "{odd}"], "not divisible by the downsampling factor 4"),
+    # a model option that --image-size already refutes is refused before the data is read: not the corrupt image
+    (["--data", "{corrupt}", "--image-size", "30"], "image height 30 is not divisible by the downsampling factor 4"),
     (["--run", "{run}", "--resume", "--data", "{gray}"], "source='{gray}' (run has 'builtin')"),
     (["--run", "{run}", "--resume", "--codebook-size", "32"], "codebook_size=32 (run has 16)"),
     (["--run", "{tmp}/fresh", "--resume"], "no saved training state under {tmp}/fresh/vqvae/state"),
