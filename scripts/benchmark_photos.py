@@ -5,10 +5,13 @@
     python scripts/benchmark_photos.py --sizes 128 --budget 600
     python scripts/benchmark_photos.py --sizes 128 --resnet-width 16 --resnet-mult 1,2,2,4 --resnet-blocks 0
     python scripts/benchmark_photos.py --mixed-precision bf16 --budget 120   # on a GPU, when there is one
+    python scripts/benchmark_photos.py --test-photos astronaut.png,coffee.png \
+        --train-photos hubble_deep_field.jpg,ihc.png,motorcycle_left.png,motorcycle_right.png,retina.jpg  # validation
 
 Data: the colour photographs bundled in scikit-image's `skimage/data`, each resized once to a 300-px
 short side (the smallest photo's, so none is upscaled). Training images are random crops (seeded) of
-the TRAIN_PHOTOS; the test images are fixed crops of the TEST_PHOTOS, whole photos never trained on.
+the TRAIN_PHOTOS; the test images are fixed crops of the TEST_PHOTOS, whole photos never trained on
+(`--train-photos` / `--test-photos` choose others: a validation split to choose a trunk on, say).
 
 Both trunks code an image as the same 16x16 grid of K=512 codes (downsample = size / 16): the paper
 net at the width the sized defaults give colour images, the resnet trunk at the size's preset
