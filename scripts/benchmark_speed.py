@@ -14,7 +14,8 @@ step's one-query attention over a key length growing by one per step (N grids at
 their per-shape plans exist, with cuDNN's excluded, as two matmuls and a softmax, and as vqgen's step:
 ms per step over one pass of 256 lengths. Training figures time --steps steps run back to back after
 --warmup untimed ones, synchronised once at each end (as a training loop runs); peak memory is the
-CUDA allocator's peak (or the process's peak RSS on the CPU). Results are printed as a table and written to --out as JSON.
+CUDA allocator's peak (or the process's peak RSS on the CPU). Results are printed as a table and
+written to --out as JSON.
 """
 
 from __future__ import annotations

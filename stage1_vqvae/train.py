@@ -225,8 +225,10 @@ def train_from_options(run_dir: str | Path, data: dict[str, Any], training: dict
     else:
         data_cfg = DataConfig(**data)
     TrainConfig(**{**TRAIN_DEFAULTS, **training})  # refuse bad training options before loading any data
-    if data_cfg.image_size and not resume:  # and the model's, where the image size is known: converting a
-        side = data_cfg.image_size         # large folder first would take minutes before the same refusal
+    if data_cfg.image_size and not resume:
+        # and bad model options, where the image size is known: a large folder would otherwise be
+        # converted first, minutes before the same refusal
+        side = data_cfg.image_size
         VQVAEConfig(**{"image_height": side, "image_width": side, **model})
     with process_state().main_process_first():
         images = load_image_data(data_cfg, make_console(process_state().is_main_process))
