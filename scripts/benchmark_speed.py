@@ -16,6 +16,11 @@ ms per step over one pass of 256 lengths. Training figures time --steps steps ru
 --warmup untimed ones, synchronised once at each end (as a training loop runs); peak memory is the
 CUDA allocator's peak (or the process's peak RSS on the CPU). Results are printed as a table and
 written to --out as JSON.
+
+As the trainers run: TF32 on, cuDNN's per-shape autotuning (torch.backends.cudnn.benchmark) off. On an
+H100 autotuning made the 256 px step slower, 271 against 291 img/s (README, "GPU path"), so the trainers
+leave it off; --cudnn-benchmark measures it. The stage-1 batch is by size (128/64/32/16 at 32/64/128/256
+px) unless --stage1-batch sets one; the trainer's default is 64 at every size.
 """
 
 from __future__ import annotations
@@ -171,7 +176,7 @@ def bench_sampling(kind: str, grid: int, args, device: torch.device) -> dict:
                 for chunk in codes.split(256):
                     decoder.decode(chunk)
 
-        decode()  # untimed: the first call of each chunk shape holds cuDNN's autotuning (cudnn.benchmark)
+        decode()  # untimed: the first call of each chunk shape holds cuDNN's set-up (and autotuning, if on)
         sync(device)
         start = time.perf_counter()
         decode()
@@ -222,9 +227,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--priors", nargs="*", default=["transformer", "pixelcnn"], help="priors to measure")
     p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no")
     p.add_argument("--compile", action="store_true", help="torch.compile the models (training parts)")
+    p.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=False,
+                   help="let cuDNN time its convolution algorithms per shape (torch.backends.cudnn.benchmark; "
+                        "default: off, as the trainers run)")
     p.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
-    p.add_argument("--stage1-batch", type=int, default=None, help="batch for every size (default: by size)")
+    p.add_argument("--stage1-batch", type=int, default=None,
+                   help="batch for every size (default: 128/64/32/16 by size; the trainer's default is 64)")
     p.add_argument("--prior-batch", type=int, default=32)
     p.add_argument("--codebook-size", type=int, default=512)
     p.add_argument("--samples", type=int, default=1000, help="code grids to sample")
@@ -242,9 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.benchmark = args.cudnn_benchmark
     info = {"device": device_name(device), "torch": torch.__version__, "mixed_precision": args.mixed_precision,
-            "compile": args.compile}
+            "compile": args.compile, "cudnn_benchmark": args.cudnn_benchmark}
     print(json.dumps(info))
     results: dict = {"info": info, "stage1": [], "prior": [], "sampling": [], "attention": []}
 

@@ -172,6 +172,20 @@ def test_benchmark_data_refuses_a_run_without_test_evaluations_in_one_line(tmp_p
     assert (result["best_step"], result["last_step"], result["kept_step"], result["kept_vs_best_pct"]) == (5, 10, 5, 0.0)
 
 
+def test_the_speed_benchmark_measures_as_the_trainers_run(tmp_path):
+    # cuDNN's autotuning off unless asked for (it slowed the 256 px step on an H100), and recorded in the JSON
+    speed = load_script("benchmark_speed")
+    assert speed.parse_args([]).cudnn_benchmark is False
+    assert speed.parse_args(["--cudnn-benchmark"]).cudnn_benchmark is True
+    out = tmp_path / "speed.json"
+    assert speed.main(["--cpu", "--only", "stage1", "--sizes", "32", "--stage1-batch", "4", "--steps", "1",
+                       "--warmup", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["info"]["cudnn_benchmark"] is False
+    (row,) = result["stage1"]
+    assert (row["size"], row["batch"], row["architecture"]) == (32, 4, "paper") and row["img_per_s"] > 0
+
+
 def test_a_folder_smaller_than_the_default_batch_trains_both_stages_at_its_size(tmp_path):
     # 12 images: 11 train / 1 test at the default 0.1 held out; the default batches are 64 and 32
     (tmp_path / "few").mkdir()
