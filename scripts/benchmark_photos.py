@@ -4,6 +4,8 @@
     python scripts/benchmark_photos.py             # 64 and 128 px, 240 CPU-seconds of training each
     python scripts/benchmark_photos.py --sizes 128 --budget 600
     python scripts/benchmark_photos.py --sizes 128 --resnet-width 16 --resnet-mult 1,2,2,4 --resnet-blocks 0
+    python scripts/benchmark_photos.py --sizes 128 --resnet-patch 4 --resnet-width 64 --resnet-mult 1,2 \
+        --resnet-blocks 0                          # the trunk with a patch fold
     python scripts/benchmark_photos.py --mixed-precision bf16 --budget 120   # on a GPU, when there is one
     python scripts/benchmark_photos.py --test-photos astronaut.png,coffee.png \
         --train-photos hubble_deep_field.jpg,ihc.png,motorcycle_left.png,motorcycle_right.png,retina.jpg  # validation
@@ -74,6 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the resnet trunk's channel multipliers, a comma list (default: the size's preset)")
     p.add_argument("--resnet-blocks", type=int, default=None,
                    help="the resnet trunk's residual blocks per level (default: the size's preset)")
+    p.add_argument("--resnet-patch", type=int, default=None,
+                   help="the resnet trunk's patch fold (patch_size; default: the size's preset)")
     p.add_argument("--mixed-precision", default="no", choices=("no", "fp16", "bf16"),
                    help="autocast precision (no | fp16 | bf16; default: no)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
@@ -153,6 +157,8 @@ def resnet_overrides(args: argparse.Namespace) -> dict:
         options["hidden_channels"] = args.resnet_width
     if args.resnet_blocks is not None:
         options["num_res_blocks"] = args.resnet_blocks
+    if args.resnet_patch is not None:
+        options["patch_size"] = args.resnet_patch
     if args.resnet_mult is not None:
         try:
             options["channel_mult"] = tuple(int(m) for m in args.resnet_mult.split(","))
@@ -167,12 +173,12 @@ def model_config(trunk: str, size: int, grid: int, trunk_options: dict | None = 
     resnet = [side for side, preset in PRESETS.items() if preset["architecture"] == "resnet"]
     if trunk == "resnet" and str(size) not in resnet:
         raise VQGenError(f"no resnet preset for {size} px; resnet presets: {', '.join(resnet)}")
-    options = PAPER if trunk == "paper" else PRESETS[str(size)]
+    options = PAPER if trunk == "paper" else {**PRESETS[str(size)], **(trunk_options or {})}
     options = {**options, "downsample": size // grid}
-    if options.get("channel_mult") and len(options["channel_mult"]) != options["downsample"].bit_length():
-        options["channel_mult"] = ()  # the preset's levels are for another grid: the default multipliers
-    if trunk == "resnet":
-        options.update(trunk_options or {})
+    levels = (options["downsample"] // options.get("patch_size", 1)).bit_length()
+    from_preset = "channel_mult" not in (trunk_options or {})
+    if from_preset and options.get("channel_mult") and len(options["channel_mult"]) != levels:
+        options["channel_mult"] = ()  # the preset's levels are for another grid or fold: the default multipliers
     return VQVAEConfig(image_height=size, image_width=size, codebook_size=512, code_dim=64, **options)
 
 

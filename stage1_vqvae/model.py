@@ -41,6 +41,10 @@ class VQVAEConfig:
                                            "1,2,2,4 at 8); empty: doubling every second level, at most 4",
                                            since=3)
     attention: bool = option(False, "resnet: self-attention at the lowest resolution", since=3)
+    patch_size: int = option(1, "resnet: fold each p x p pixel patch into channels before the first level and "
+                             "unfold it after the last (pixel unshuffle/shuffle), so no conv runs at full "
+                             "resolution; a power of two up to downsample, which it takes halvings from "
+                             "(1: off)", since=5)
     linear_path: bool = option(True, "resnet: a linear path beside the trunk for each code's average colour "
                                "(so colours unseen in training reconstruct); runs saved before it load without",
                                since=4, legacy=False)
@@ -98,21 +102,32 @@ class VQVAEConfig:
                 raise VQGenError(f"channel_mult {mults} applies to architecture resnet only, got architecture paper")
             if self.attention:
                 raise VQGenError("attention applies to architecture resnet only, got architecture paper")
+            if self.patch_size != 1:
+                raise VQGenError(f"patch_size {self.patch_size} applies to architecture resnet only, "
+                                 "got architecture paper")
             return
+        if self.patch_size < 1 or self.patch_size & (self.patch_size - 1) or self.patch_size > self.downsample:
+            raise VQGenError(f"patch_size must be a power of two from 1 to downsample={self.downsample}, "
+                             f"got {self.patch_size}")
         if any(m < 1 for m in self.channel_mult):
             raise VQGenError(f"channel_mult must hold integers >= 1, got {mults}")
-        levels = self.downsample.bit_length()  # log2(downsample) halvings + 1
+        levels = self.trunk_levels
         if self.channel_mult and len(self.channel_mult) != levels:
+            patch = f" with patch_size {self.patch_size}" if self.patch_size > 1 else ""
             raise VQGenError(
-                f"channel_mult {mults} has {len(self.channel_mult)} levels but downsample {self.downsample} needs "
-                f"{levels} (one more than its {levels - 1} halvings)"
+                f"channel_mult {mults} has {len(self.channel_mult)} levels but downsample {self.downsample}{patch} "
+                f"needs {levels} (one more than its {levels - 1} halvings)"
             )
+
+    @property
+    def trunk_levels(self) -> int:
+        """The resnet trunk's levels: one more than the halvings left after the patch fold."""
+        return (self.downsample // self.patch_size).bit_length()
 
     @property
     def level_mults(self) -> tuple[int, ...]:
         """The resnet trunk's width multiplier per level: channel_mult, or 1, 2, 2, 4, 4, ... when empty."""
-        levels = self.downsample.bit_length()
-        return self.channel_mult or tuple(min(2 ** ((i + 1) // 2), 4) for i in range(levels))
+        return self.channel_mult or tuple(min(2 ** ((i + 1) // 2), 4) for i in range(self.trunk_levels))
 
     @property
     def grid_shape(self) -> tuple[int, int]:
@@ -198,7 +213,7 @@ def build_encoder(cfg: VQVAEConfig) -> nn.Module:
     """The encoder of `cfg.architecture`: (b, c, H, W) -> (b, d, H/f, W/f)."""
     if cfg.architecture == "resnet":
         return ResnetEncoder(cfg.in_channels, cfg.hidden_channels, cfg.level_mults, cfg.num_res_blocks,
-                             cfg.attention, cfg.code_dim, cfg.linear_path)
+                             cfg.attention, cfg.code_dim, cfg.linear_path, cfg.patch_size)
     return Encoder(cfg)
 
 
@@ -206,7 +221,7 @@ def build_decoder(cfg: VQVAEConfig) -> nn.Module:
     """The decoder of `cfg.architecture`: (b, d, h, w) -> (b, c, h*f, w*f)."""
     if cfg.architecture == "resnet":
         return ResnetDecoder(cfg.in_channels, cfg.hidden_channels, cfg.level_mults, cfg.num_res_blocks,
-                             cfg.attention, cfg.code_dim, cfg.linear_path)
+                             cfg.attention, cfg.code_dim, cfg.linear_path, cfg.patch_size)
     return Decoder(cfg)
 
 

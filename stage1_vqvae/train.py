@@ -44,7 +44,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "256": dict(architecture="resnet", downsample=16, hidden_channels=32, channel_mult=(1, 1, 2, 2, 4),
                 num_res_blocks=2, attention=True),
 }
-RESNET_ONLY = ("channel_mult", "attention")
+RESNET_ONLY = ("channel_mult", "attention", "patch_size")
 
 
 @dataclass
@@ -121,13 +121,14 @@ def resolve_config(stage: StageDir, overrides: dict[str, Any], data: ImageData, 
 
 def preset_options(preset: str | None, given_model: dict[str, Any]) -> dict[str, Any]:
     """The model options of `preset` under the given ones. A preset's channel_mult gives way to a given
-    downsample (its levels would not match), and its resnet-only options to a given architecture paper."""
+    downsample or patch_size (its levels would not match), and its resnet-only options to a given
+    architecture paper."""
     if preset is None:
         return given_model
     if preset not in PRESETS:
         raise VQGenError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
     options = dict(PRESETS[preset])
-    if "downsample" in given_model:
+    if "downsample" in given_model or "patch_size" in given_model:
         options.pop("channel_mult", None)
     if given_model.get("architecture") == "paper":
         for name in RESNET_ONLY:

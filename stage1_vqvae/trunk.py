@@ -4,6 +4,11 @@ Level i works at 1/2^i of the image side with `width * mults[i]` channels; betwe
 conv halves the side (encoder) or nearest-neighbour upsampling and a conv doubles it (decoder). At the
 lowest resolution a middle block (residual, optional self-attention, residual) mixes the whole grid.
 
+With a patch fold p > 1 the encoder first moves each p x p pixel patch into channels (pixel unshuffle:
+(b, c, H, W) -> (b, c*p*p, H/p, W/p)) and the decoder's last conv predicts the c*p*p values that pixel
+shuffle puts back: the trunk's levels start at 1/p of the side, where convs are wider and cheaper than
+thin ones over every pixel, and the fold takes log2(p) of the halvings of f.
+
 Beside the trunk, an optional linear path carries each code's average colour: the encoder adds a 1x1
 projection of the image averaged over the code's f x f pixels to z_e, the decoder adds a 1x1 projection of
 z_q, upsampled bilinearly, to its output. The trunk then models the detail on top of a base that is linear
@@ -91,17 +96,19 @@ def middle(channels: int, attention: bool) -> nn.Sequential:
 
 
 class ResnetEncoder(nn.Module):
-    """(b, c, H, W) -> (b, d, H/f, W/f) with f = 2^(len(mults) - 1).
+    """(b, c, H, W) -> (b, d, H/f, W/f) with f = patch * 2^(len(mults) - 1).
 
-    levels[i] maps to (b, width * mults[i], H/2^i, W/2^i); levels but the last end in a Downsample.
+    levels[i] maps to (b, width * mults[i], H/(patch*2^i), W/(patch*2^i)); levels but the last end in a
+    Downsample.
     """
 
     def __init__(self, in_channels: int, width: int, mults: tuple[int, ...], num_res_blocks: int,
-                 attention: bool, code_dim: int, linear_path: bool = False):
+                 attention: bool, code_dim: int, linear_path: bool = False, patch: int = 1):
         super().__init__()
-        self.factor = 2 ** (len(mults) - 1)
+        self.patch = patch
+        self.factor = patch * 2 ** (len(mults) - 1)
         self.linear_path = nn.Conv2d(in_channels, code_dim, 1) if linear_path else None
-        self.conv_in = nn.Conv2d(in_channels, width * mults[0], 3, padding=1)
+        self.conv_in = nn.Conv2d(in_channels * patch * patch, width * mults[0], 3, padding=1)
         self.levels = nn.ModuleList()
         ch = width * mults[0]
         for i, mult in enumerate(mults):
@@ -119,7 +126,7 @@ class ResnetEncoder(nn.Module):
         self.conv_out = nn.Sequential(group_norm(ch), nn.SiLU(), nn.Conv2d(ch, code_dim, 3, padding=1))
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.conv_in(x)
+        h = self.conv_in(F.pixel_unshuffle(x, self.patch) if self.patch > 1 else x)
         for level in self.levels:
             h = level(h)
         z = self.conv_out(self.middle(h))  # (b, d, H/f, W/f)
@@ -131,14 +138,15 @@ class ResnetEncoder(nn.Module):
 class ResnetDecoder(nn.Module):
     """(b, d, h, w) -> (b, c, h*f, w*f), the encoder's mirror.
 
-    levels[j] works on level i = len(mults) - 1 - j: residual blocks to (b, width * mults[i], H/2^i, W/2^i),
-    then, unless i = 0, an Upsample to H/2^(i-1).
+    levels[j] works on level i = len(mults) - 1 - j: residual blocks to (b, width * mults[i], H/(patch*2^i),
+    W/(patch*2^i)), then, unless i = 0, an Upsample to twice that side.
     """
 
     def __init__(self, in_channels: int, width: int, mults: tuple[int, ...], num_res_blocks: int,
-                 attention: bool, code_dim: int, linear_path: bool = False):
+                 attention: bool, code_dim: int, linear_path: bool = False, patch: int = 1):
         super().__init__()
-        self.factor = 2 ** (len(mults) - 1)
+        self.patch = patch
+        self.factor = patch * 2 ** (len(mults) - 1)
         self.linear_path = nn.Conv2d(code_dim, in_channels, 1) if linear_path else None
         ch = width * mults[-1]
         self.conv_in = nn.Conv2d(code_dim, ch, 3, padding=1)
@@ -155,13 +163,16 @@ class ResnetDecoder(nn.Module):
             if i > 0:
                 blocks.append(Upsample(ch))
             self.levels.append(nn.Sequential(*blocks))
-        self.conv_out = nn.Sequential(group_norm(ch), nn.SiLU(), nn.Conv2d(ch, in_channels, 3, padding=1))
+        self.conv_out = nn.Sequential(group_norm(ch), nn.SiLU(),
+                                      nn.Conv2d(ch, in_channels * patch * patch, 3, padding=1))
 
     def forward(self, z: Tensor) -> Tensor:
         h = self.middle(self.conv_in(z))
         for level in self.levels:
             h = level(h)
-        out = self.conv_out(h)  # (b, c, H, W)
+        out = self.conv_out(h)  # (b, c*p*p, H/p, W/p)
+        if self.patch > 1:
+            out = F.pixel_shuffle(out, self.patch)  # (b, c, H, W)
         if self.linear_path is not None:
             out = out + F.interpolate(self.linear_path(z), scale_factor=self.factor, mode="bilinear")
         return out

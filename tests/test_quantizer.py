@@ -1,7 +1,6 @@
 """The VQ layer: each of the six steps, the losses, the codebook's health, fp32 under autocast."""
 
 import os
-import socket
 
 import pytest
 import torch
@@ -159,16 +158,12 @@ def test_distances_stay_fp32_under_bf16_autocast():
     assert out.loss.dtype == torch.float32 and vq.codebook.dtype == torch.float32
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_worker(rank: int, world: int, port: int, update: str, out_dir: str, lookup_dim: int = 0) -> None:
+def _rank_worker(rank: int, world: int, update: str, out_dir: str, lookup_dim: int = 0) -> None:
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    # a file store, not a TCP port: a port found free can be taken again before the ranks bind it
+    store = os.path.join(out_dir, "store")
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     torch.manual_seed(100 + rank)  # every rank has its own RNG stream and its own data
     vq = VectorQuantizer(16, 3, update=update, restart_after=2, lookup_dim=lookup_dim).train()
     for p in vq.parameters():  # what DDP does when it wraps a model: every rank starts from rank 0's weights
@@ -195,7 +190,7 @@ def _rank_worker(rank: int, world: int, port: int, update: str, out_dir: str, lo
 @pytest.mark.slow
 @pytest.mark.parametrize("update,lookup_dim", [("loss", 0), ("ema", 0), ("loss", 2), ("ema", 2)])
 def test_two_processes_keep_identical_codebooks(tmp_path, update, lookup_dim):
-    mp.spawn(_rank_worker, args=(2, _free_port(), update, str(tmp_path), lookup_dim), nprocs=2, join=True)
+    mp.spawn(_rank_worker, args=(2, update, str(tmp_path), lookup_dim), nprocs=2, join=True)
     a = torch.load(tmp_path / "rank0.pt", weights_only=True)
     b = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert torch.equal(a["codebook"], b["codebook"])

@@ -57,6 +57,61 @@ def test_every_level_has_its_width_and_side(downsample, mults, attention):
     assert model.encode(x).shape == (2, 32 // downsample, 48 // downsample)
 
 
+@pytest.mark.parametrize("downsample,patch,mults", [(8, 2, (1, 2, 2)), (8, 4, (1, 2)), (4, 4, (1,))])
+def test_a_patch_fold_starts_the_levels_at_a_pth_of_the_side_and_no_conv_sees_full_resolution(downsample, patch, mults):
+    cfg = tiny(downsample=downsample, patch_size=patch, channel_mult=mults, image_height=32, image_width=48)
+    model = VQVAE(cfg)
+    sides = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Conv2d) and "linear_path" not in name:
+            module.register_forward_hook(lambda m, args, out, name=name: sides.append((name, args[0].shape[-2:])))
+    x = torch.randn(2, 3, 32, 48)
+    assert model(x).recon.shape == x.shape
+    assert model.encode(x).shape == (2, 32 // downsample, 48 // downsample)
+    # the trunk's first conv takes the folded image, its last predicts the values the shuffle unfolds
+    assert model.encoder.conv_in.in_channels == 3 * patch * patch
+    assert model.decoder.conv_out[-1].out_channels == 3 * patch * patch
+    assert sides and all(side[0] <= 32 // patch and side[1] <= 48 // patch for _, side in sides)
+    assert dict(sides)["encoder.conv_in"] == (32 // patch, 48 // patch)
+
+
+def test_the_patch_fold_round_trips_the_pixels_and_keeps_the_linear_path():
+    """Silence the trunk: the decoder is the linear path, the pooled colour of each code's f x f pixels, at
+    every fold; and the fold itself loses nothing (the decoder's last conv sees every value of a patch)."""
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.equal(F.pixel_shuffle(F.pixel_unshuffle(x, 4), 4), x)
+    model = VQVAE(tiny(downsample=8, patch_size=4, channel_mult=(1, 2))).eval()
+    encoder, decoder = model.encoder, model.decoder
+    with torch.no_grad():
+        for last in (encoder.conv_out[-1], decoder.conv_out[-1]):
+            last.weight.zero_()
+            last.bias.zero_()
+        z = encoder(x)
+        assert torch.allclose(z, encoder.linear_path(F.avg_pool2d(x, 8)), atol=1e-6)
+        expected = F.interpolate(decoder.linear_path(z), scale_factor=8, mode="bilinear")
+        assert torch.allclose(decoder(z), expected, atol=1e-6)
+
+
+def test_a_patch_fold_takes_halvings_from_the_default_levels():
+    assert tiny(downsample=8, patch_size=2).level_mults == (1, 2, 2)
+    assert tiny(downsample=8, patch_size=8).level_mults == (1,)
+    assert tiny(downsample=8).patch_size == 1 and tiny(downsample=8).level_mults == (1, 2, 2, 4)
+
+
+def test_a_patched_config_round_trips_and_a_format_4_file_loads_without_a_fold(tmp_path):
+    cfg = tiny(downsample=8, patch_size=4, channel_mult=(1, 2))
+    save_config(cfg, tmp_path / "config.json")
+    data = json.loads((tmp_path / "config.json").read_text())
+    assert data["patch_size"] == 4 and load_config(VQVAEConfig, tmp_path / "config.json") == cfg
+    old = {k: v for k, v in config_to_dict(tiny(downsample=8)).items() if k != "patch_size"}
+    (tmp_path / "old.json").write_text(json.dumps({**old, "format_version": 4}))
+    assert load_config(VQVAEConfig, tmp_path / "old.json") == tiny(downsample=8)
+    (tmp_path / "old.json").write_text(json.dumps(old))  # a version-5 file must carry it
+    with pytest.raises(VQGenError, match=r"missing fields \['patch_size'\]"):
+        load_config(VQVAEConfig, tmp_path / "old.json")
+
+
 def test_empty_channel_mult_doubles_every_second_level():
     assert tiny(downsample=4).level_mults == (1, 2, 2)
     assert tiny(downsample=16).level_mults == (1, 2, 2, 4, 4)
@@ -169,6 +224,12 @@ def test_new_resnet_runs_get_the_linear_path_and_format_3_runs_load_without_it(t
     (dict(architecture="unet"), "architecture must be one of paper, resnet, got 'unet'"),
     (dict(downsample=16, image_height=40),
      "image height 40 is not divisible by the downsampling factor 16"),
+    (dict(downsample=8, patch_size=3), "patch_size must be a power of two from 1 to downsample=8, got 3"),
+    (dict(downsample=8, patch_size=16), "patch_size must be a power of two from 1 to downsample=8, got 16"),
+    (dict(downsample=8, patch_size=0), "patch_size must be a power of two from 1 to downsample=8, got 0"),
+    (dict(architecture="paper", patch_size=2), "patch_size 2 applies to architecture resnet only"),
+    (dict(downsample=8, patch_size=4, channel_mult=(1, 2, 2)),
+     "channel_mult 1,2,2 has 3 levels but downsample 8 with patch_size 4 needs 2 (one more than its 1 halvings)"),
 ])
 def test_a_wrong_trunk_is_refused_by_name(kw, message):
     with pytest.raises(VQGenError) as err:
@@ -209,6 +270,9 @@ def test_a_preset_fills_only_the_options_not_given():
     assert options == {**PRESETS["128"], "hidden_channels": 8, "attention": True}
     # a given downsample drops the preset's levels; a given paper architecture its resnet-only options
     assert "channel_mult" not in preset_options("128", {"downsample": 4})
+    assert "channel_mult" not in preset_options("128", {"patch_size": 2})
+    folded = VQVAEConfig(image_height=128, image_width=128, **preset_options("128", {"patch_size": 2}))
+    assert folded.level_mults == (1, 2, 2)
     assert preset_options("256", {"architecture": "paper"}) == {"architecture": "paper", "downsample": 16,
                                                                 "hidden_channels": 32, "num_res_blocks": 2}
     with pytest.raises(VQGenError, match="preset must be one of 32, 64, 128, 256, got '48'"):
@@ -262,6 +326,8 @@ def test_the_photo_benchmark_sizes_the_resnet_trunk_from_its_options_and_refuses
     cfg = bench.model_config("resnet", 128, 16, resnet)
     assert (cfg.hidden_channels, cfg.channel_mult, cfg.num_res_blocks, cfg.downsample) == (16, (1, 2, 2, 4), 0, 8)
     assert bench.model_config("paper", 128, 16, resnet).architecture == "paper"  # the paper net is untouched
+    folded = bench.model_config("resnet", 128, 16, bench.resnet_overrides(bench.parse_args(["--resnet-patch", "4"])))
+    assert (folded.patch_size, folded.level_mults) == (4, (1, 2))  # the preset's four levels give way to two
     out = tmp_path / "photos.json"
     for bad, message in ((["--resnet-mult", "1,2"], "channel_mult 1,2 has 2 levels but downsample 8 needs 4"),
                          (["--resnet-mult", "1,x"], "--resnet-mult must be a comma list of integers")):

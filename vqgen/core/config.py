@@ -14,8 +14,9 @@ from typing import Any, TypeVar
 from vqgen.core.errors import VQGenError
 from vqgen.core.writes import temporary_file
 
-FORMAT_VERSION = 4  # 2: TrainConfig.patience, DataConfig.augment/code_copies; 3: scalable trunk, factorised codes,
-                    # streaming data, GPU options, report; 4: the trunk's linear path; older files still load
+FORMAT_VERSION = 5  # 2: TrainConfig.patience, DataConfig.augment/code_copies; 3: scalable trunk, factorised codes,
+                    # streaming data, GPU options, report; 4: the trunk's linear path; 5: its patch fold;
+                    # older files still load
 
 T = TypeVar("T")
 
