@@ -290,6 +290,7 @@ def test_every_preset_builds_at_its_side(side):
 @pytest.mark.parametrize("options,message", [
     (["--channel-mult", "1,2"], "channel_mult 1,2 has 2 levels but downsample 4 needs 3"),
     (["--preset", "128", "--image-size", "36"], "image height 36 is not divisible by the downsampling factor 8"),
+    (["--patch-size", "3"], "patch_size must be a power of two from 1 to downsample=4, got 3"),
 ])
 def test_a_wrong_trunk_on_the_command_line_writes_nothing(tmp_path, capsys, options, message):
     script = load_script("train_vqvae")
