@@ -183,8 +183,10 @@ def _rank_worker(rank: int, world: int, update: str, out_dir: str, lookup_dim: i
             opt.step()
     torch.save({"codebook": vq.codebook.detach().clone(), "unused": vq.unused_steps.clone()},
                os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.barrier()  # a broadcast's root can return before the others have received it: meet before tearing down
-    dist.destroy_process_group()
+    dist.barrier()  # a broadcast's root can return before the others have received it: meet before leaving
+    # Leave without the C++ teardown: in the full suite gloo's threads aborted a rank at exit now and then
+    # ("terminate called without an active exception"), after the results were written.
+    os._exit(0)
 
 
 @pytest.mark.slow
