@@ -43,7 +43,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from PIL import Image
 
-from stage1_vqvae.model import VQVAE, VQVAEConfig, reconstruction_errors
+from stage1_vqvae.model import VQVAE, VQVAEConfig, reconstruction_errors, trunk_levels
 from stage1_vqvae.train import PRESETS
 from vqgen.arguments import exit_code
 from vqgen.core.errors import VQGenError
@@ -175,8 +175,8 @@ def model_config(trunk: str, size: int, grid: int, trunk_options: dict | None = 
         raise VQGenError(f"no resnet preset for {size} px; resnet presets: {', '.join(resnet)}")
     options = PAPER if trunk == "paper" else {**PRESETS[str(size)], **(trunk_options or {})}
     options = {**options, "downsample": size // grid}
-    levels = (options["downsample"] // options.get("patch_size", 1)).bit_length()
     from_preset = "channel_mult" not in (trunk_options or {})
+    levels = trunk_levels(options["downsample"], options.get("patch_size", 1))
     if from_preset and options.get("channel_mult") and len(options["channel_mult"]) != levels:
         options["channel_mult"] = ()  # the preset's levels are for another grid or fold: the default multipliers
     return VQVAEConfig(image_height=size, image_width=size, codebook_size=512, code_dim=64, **options)

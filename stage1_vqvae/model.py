@@ -22,6 +22,11 @@ CODEBOOK_UPDATES = ("loss", "ema")
 ARCHITECTURES = ("paper", "resnet")
 
 
+def trunk_levels(downsample: int, patch_size: int = 1) -> int:
+    """The resnet trunk's levels: one more than the halvings of downsample left after the patch fold."""
+    return (downsample // patch_size).bit_length()
+
+
 @dataclass(frozen=True)
 class VQVAEConfig:
     """Architecture of the VQ-VAE: image shape (from the data), trunk, codebook and its upkeep."""
@@ -121,8 +126,7 @@ class VQVAEConfig:
 
     @property
     def trunk_levels(self) -> int:
-        """The resnet trunk's levels: one more than the halvings left after the patch fold."""
-        return (self.downsample // self.patch_size).bit_length()
+        return trunk_levels(self.downsample, self.patch_size)
 
     @property
     def level_mults(self) -> tuple[int, ...]:
