@@ -46,8 +46,11 @@ def inline_commands(readme: Path = ROOT / "README.md") -> list[str]:
     return [span.replace("\\|", "|") for span in spans if span.startswith(PROGRAMS)]
 
 
-def _script_parser(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+def _script_parser(path: str):
+    """The `parse_args` of a script, `scripts/train_vqvae.py` or `scripts/benchmarks/data.py`."""
+    if not (ROOT / path).is_file():
+        raise ValueError(f"no such script: {path}")
+    spec = importlib.util.spec_from_file_location(Path(path).stem, ROOT / path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.parse_args
@@ -64,7 +67,7 @@ def _parse_program(words: list[str]) -> None:
 
         build_parser().parse_args(words[1:])
     elif words[0].startswith("scripts/") and words[0].endswith(".py"):
-        _script_parser(Path(words[0]).stem)(words[1:])
+        _script_parser(words[0])(words[1:])
     else:
         raise ValueError(f"not a vqgen program: {' '.join(words)}")
 
@@ -101,7 +104,7 @@ def needs_gpus(command: str) -> bool:
 
 
 def is_benchmark(command: str) -> bool:
-    return "scripts/benchmark_" in command
+    return "scripts/benchmarks/" in command
 
 
 def is_this_check(command: str) -> bool:
@@ -111,7 +114,7 @@ def is_this_check(command: str) -> bool:
 def write_my_images(folder: Path) -> None:
     """A small labelled folder for the own-data example: 64x64 circles as cat/, squares as dog/."""
     from vqgen.core.data.shapes import make_shapes
-    from vqgen.core.imageio import save_png
+    from vqgen.core.store.imageio import save_png
 
     images, labels, names = make_shapes(240, seed=5, size=64)
     for i, (image, label) in enumerate(zip(images, labels.tolist())):

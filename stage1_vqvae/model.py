@@ -14,128 +14,13 @@ from torch import Tensor, nn
 
 from stage1_vqvae.quantizer import QuantizerOutput, VectorQuantizer
 from stage1_vqvae.trunk import ResnetDecoder, ResnetEncoder
-from vqgen.core.codes import MAX_CODEBOOK_SIZE
-from vqgen.core.config import option
-from vqgen.core.errors import VQGenError
-
-CODEBOOK_UPDATES = ("loss", "ema")
-ARCHITECTURES = ("paper", "resnet")
+from stage1_vqvae.config import VQVAEConfig
+from vqgen.core.runtime.errors import VQGenError
 
 
-def trunk_levels(downsample: int, patch_size: int = 1) -> int:
-    """The resnet trunk's levels: one more than the halvings of downsample left after the patch fold."""
-    return (downsample // patch_size).bit_length()
 
 
-@dataclass(frozen=True)
-class VQVAEConfig:
-    """Architecture of the VQ-VAE: image shape (from the data), trunk, codebook and its upkeep."""
 
-    in_channels: int = option(3, "image channels, from the data")
-    image_height: int = option(32, "image height, from the data")
-    image_width: int = option(32, "image width, from the data")
-    hidden_channels: int = option(64, "channels of the encoder and decoder trunk (resnet: of its first level)")
-    res_channels: int = option(32, "bottleneck channels inside a residual block (paper)")
-    num_res_blocks: int = option(2, "residual blocks in the encoder and in the decoder (resnet: per level)")
-    downsample: int = option(4, "image side / code grid side, a power of two (32x32 -> 8x8 at 4)")
-    architecture: str = option("paper", "encoder/decoder trunk: paper: the paper's convnet (ReLU residual "
-                               "blocks at one width); resnet: levels of GroupNorm+SiLU residual blocks, one per "
-                               "halving, for larger images", choices=ARCHITECTURES, since=3)
-    channel_mult: tuple[int, ...] = option((), "resnet: width of each level as a multiple of hidden_channels, "
-                                           "one level more than the halvings of downsample (1,2,2 at 4; "
-                                           "1,2,2,4 at 8); empty: doubling every second level, at most 4",
-                                           since=3)
-    attention: bool = option(False, "resnet: self-attention at the lowest resolution", since=3)
-    patch_size: int = option(1, "resnet: fold each p x p pixel patch into channels before the first level and "
-                             "unfold it after the last (pixel unshuffle/shuffle), so no conv runs at full "
-                             "resolution; a power of two up to downsample, which it takes halvings from "
-                             "(1: off)", since=5)
-    linear_path: bool = option(True, "resnet: a linear path beside the trunk for each code's average colour "
-                               "(so colours unseen in training reconstruct); runs saved before it load without",
-                               since=4, legacy=False)
-    codebook_size: int = option(512, "number of codes K")
-    code_dim: int = option(64, "dimension d of a code vector")
-    beta: float = option(0.25, "commitment weight, on ||z_e - sg[e]||^2")
-    codebook_update: str = option("loss", "loss: the codebook term ||sg[z_e] - e||^2 moves the codes; "
-                                  "ema: exponential moving averages of their assigned vectors",
-                                  choices=CODEBOOK_UPDATES)
-    ema_decay: float = option(0.99, "decay of the moving averages (--codebook-update ema)")
-    kmeans_init: bool = option(True, "initialise the codebook by k-means on the first batch")
-    restart_after: int = option(20, "restart codes unused for this many steps from encoder outputs (0: never)")
-    code_lookup_dim: int = option(0, "factorised codes: search the K codes among l2-normalised vectors of this "
-                                  "dimension (z_e projected down; nearest by cosine), the chosen code projected "
-                                  "back up to code_dim; keeps usage high at large K (8 or 32; 0: off, search in "
-                                  "code_dim)", since=3)
-
-    def __post_init__(self):
-        positive = ("in_channels", "image_height", "image_width", "hidden_channels", "res_channels", "code_dim")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise VQGenError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.num_res_blocks < 0:
-            raise VQGenError(f"num_res_blocks must be >= 0, got {self.num_res_blocks}")
-        if not 2 <= self.codebook_size <= MAX_CODEBOOK_SIZE:
-            raise VQGenError(f"codebook_size must be in [2, {MAX_CODEBOOK_SIZE}] (codes are stored as int16), "
-                             f"got {self.codebook_size}")
-        if self.downsample < 2 or self.downsample & (self.downsample - 1):
-            raise VQGenError(f"downsample must be a power of two >= 2, got {self.downsample}")
-        for name in ("image_height", "image_width"):
-            if getattr(self, name) % self.downsample:
-                raise VQGenError(
-                    f"image {name.split('_')[1]} {getattr(self, name)} is not divisible by the downsampling "
-                    f"factor {self.downsample} (resize with image_size or change downsample)"
-                )
-        self._check_trunk()
-        if self.codebook_update not in CODEBOOK_UPDATES:
-            raise VQGenError(f"codebook_update must be one of {CODEBOOK_UPDATES}, got {self.codebook_update!r}")
-        if not 0 < self.beta:
-            raise VQGenError(f"beta must be > 0, got {self.beta}")
-        if not 0 < self.ema_decay < 1:
-            raise VQGenError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
-        if self.restart_after < 0:
-            raise VQGenError(f"restart_after must be >= 0, got {self.restart_after}")
-        if self.code_lookup_dim and not 2 <= self.code_lookup_dim <= self.code_dim:
-            raise VQGenError(f"code_lookup_dim must be 0 (off) or in [2, code_dim={self.code_dim}], "
-                             f"got {self.code_lookup_dim}")
-
-    def _check_trunk(self) -> None:
-        if self.architecture not in ARCHITECTURES:
-            raise VQGenError(f"architecture must be one of {', '.join(ARCHITECTURES)}, got {self.architecture!r}")
-        mults = ",".join(map(str, self.channel_mult))
-        if self.architecture == "paper":
-            if self.channel_mult:
-                raise VQGenError(f"channel_mult {mults} applies to architecture resnet only, got architecture paper")
-            if self.attention:
-                raise VQGenError("attention applies to architecture resnet only, got architecture paper")
-            if self.patch_size != 1:
-                raise VQGenError(f"patch_size {self.patch_size} applies to architecture resnet only, "
-                                 "got architecture paper")
-            return
-        if self.patch_size < 1 or self.patch_size & (self.patch_size - 1) or self.patch_size > self.downsample:
-            raise VQGenError(f"patch_size must be a power of two from 1 to downsample={self.downsample}, "
-                             f"got {self.patch_size}")
-        if any(m < 1 for m in self.channel_mult):
-            raise VQGenError(f"channel_mult must hold integers >= 1, got {mults}")
-        levels = self.trunk_levels
-        if self.channel_mult and len(self.channel_mult) != levels:
-            patch = f" with patch_size {self.patch_size}" if self.patch_size > 1 else ""
-            raise VQGenError(
-                f"channel_mult {mults} has {len(self.channel_mult)} levels but downsample {self.downsample}{patch} "
-                f"needs {levels} (one more than its {levels - 1} halvings)"
-            )
-
-    @property
-    def trunk_levels(self) -> int:
-        return trunk_levels(self.downsample, self.patch_size)
-
-    @property
-    def level_mults(self) -> tuple[int, ...]:
-        """The resnet trunk's width multiplier per level: channel_mult, or 1, 2, 2, 4, 4, ... when empty."""
-        return self.channel_mult or tuple(min(2 ** ((i + 1) // 2), 4) for i in range(self.trunk_levels))
-
-    @property
-    def grid_shape(self) -> tuple[int, int]:
-        return self.image_height // self.downsample, self.image_width // self.downsample
 
 
 def kmeans_sample_note(cfg: VQVAEConfig, batch_size: int) -> str | None:

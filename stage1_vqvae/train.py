@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,49 +13,35 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from stage1_vqvae.encode import encode_splits
-from stage1_vqvae.model import VQVAE, VQVAEConfig, kmeans_sample_note, reconstruction_errors
-from vqgen.core.batches import make_loader
-from vqgen.core.checkpoint import check_stage_dir
-from vqgen.core.config import resumed_config
-from vqgen.core.console import make_console
+from stage1_vqvae.model import VQVAE, kmeans_sample_note, reconstruction_errors
+from stage1_vqvae.config import TRAIN_DEFAULTS, VQVAEConfig, check_side_options, preset_options
+from vqgen.core.data.loaders import make_loader
+from vqgen.core.store.weights import check_stage_dir
+from vqgen.core.store.configs import resumed_config
+from vqgen.core.runtime.console import make_console
 from vqgen.core.data.augment import augment
 from vqgen.core.data.config import DataConfig, parse_augment
 from vqgen.core.data.images import ImageData, ImageDataset, load_image_data, to_model_range, to_uint8
-from vqgen.core.errors import VQGenError
-from vqgen.core.imageio import grid, save_png
-from vqgen.core.layout import RunLayout, StageDir
-from vqgen.core.agree import process_state
-from vqgen.core.lock import holds_stage_lock
-from vqgen.core.metrics import code_usage, psnr
-from vqgen.core.stage import (check_batch_size, sized_batch, sized_model_options, sized_schedule, start,
-                              train_config, write_stage_files)
-from vqgen.core.trainer import TrainConfig, fit, make_optimizer, refresh_report
-
-# Stage-1 training defaults, chosen by measurement (README, "Defaults"); any option overrides them.
-TRAIN_DEFAULTS = dict(batch_size=64, learning_rate=1e-3, max_steps=1000, warmup_steps=100, eval_every=500,
-                      save_every=500)
-
-# Model options by image side (`--preset 128`), a thin layer over VQVAEConfig: they fill only the options
-# not given. Each codes its images as a 16x16 grid (8x8 at 32 px, the paper's net).
-PRESETS: dict[str, dict[str, Any]] = {
-    "32": dict(architecture="paper", downsample=4),
-    "64": dict(architecture="resnet", downsample=4, hidden_channels=32, channel_mult=(1, 2, 4), num_res_blocks=1),
-    "128": dict(architecture="resnet", downsample=8, hidden_channels=32, channel_mult=(1, 1, 2, 4),
-                num_res_blocks=1),
-    "256": dict(architecture="resnet", downsample=16, hidden_channels=32, channel_mult=(1, 1, 2, 2, 4),
-                num_res_blocks=2, attention=True),
-}
-RESNET_ONLY = ("channel_mult", "attention", "patch_size")
+from vqgen.core.runtime.errors import VQGenError
+from vqgen.core.store.imageio import grid, save_png
+from vqgen.core.store.layout import RunLayout, ModelDir
+from vqgen.core.runtime.processes import process_state
+from vqgen.core.store.lock import holds_stage_lock
+from vqgen.core.evaluate.measures import code_usage, psnr
+from vqgen.core.training.setup import as_options, check_batch_size, start, train_config, write_stage_files
+from vqgen.core.training.sizing import report_sized, sized_batch, sized_schedule
+from vqgen.core.training.config import TrainConfig
+from vqgen.core.training.loop import fit, make_optimizer, refresh_report
 
 
 @dataclass
-class VQVAEStage:
-    """The stage-1 callbacks for `vqgen.core.trainer.fit`."""
+class VQVAETask:
+    """What the shared loop (`vqgen.core.training.loop.fit`) trains in stage 1: the loss, the test evaluation."""
 
     accelerator: Accelerator
     config: VQVAEConfig
     test_loader: DataLoader
-    stage_dir: StageDir
+    stage_dir: ModelDir
     preview: Tensor               # (16, c, H, W) test images for the reconstruction grid
     augment: tuple[str, ...] = ()  # training-batch augmentations (`vqgen.core.data.augment`)
     name: str = "vqvae"
@@ -104,13 +91,15 @@ class VQVAEStage:
         return self._images
 
 
-def resolve_config(stage: StageDir, overrides: dict[str, Any], data: ImageData, resume: bool) -> VQVAEConfig:
-    """The model config: from the data and the options, or on resume from the run, refusing conflicts."""
+def model_config(stage: ModelDir, given: dict[str, Any], sized: dict[str, Any], data: ImageData,
+                 resume: bool) -> VQVAEConfig:
+    """The model config: a fresh run's from the data's shape, the sized defaults and the given options; a resumed
+    run's saved one, refusing a given option that differs. Either must fit the data's images."""
     if resume and stage.config.is_file():
-        cfg = resumed_config(VQVAEConfig, stage.config, overrides, strict=True, what="model options")
+        cfg = resumed_config(VQVAEConfig, stage.config, given, strict=True, what="model options")
     else:
         cfg = VQVAEConfig(**{"in_channels": data.channels, "image_height": data.height,
-                             "image_width": data.width, **overrides})
+                             "image_width": data.width, **sized, **given})
     if (cfg.in_channels, cfg.image_height, cfg.image_width) != (data.channels, data.height, data.width):
         raise VQGenError(
             f"the data has {data.channels}x{data.height}x{data.width} images but the VQ-VAE expects "
@@ -119,32 +108,15 @@ def resolve_config(stage: StageDir, overrides: dict[str, Any], data: ImageData, 
     return cfg
 
 
-def preset_options(preset: str | None, given_model: dict[str, Any]) -> dict[str, Any]:
-    """The model options of `preset` under the given ones. A preset's channel_mult gives way to a given
-    downsample or patch_size (its levels would not match), and its resnet-only options to a given
-    architecture paper."""
-    if preset is None:
-        return given_model
-    if preset not in PRESETS:
-        raise VQGenError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
-    options = dict(PRESETS[preset])
-    if "downsample" in given_model or "patch_size" in given_model:
-        options.pop("channel_mult", None)
-    if given_model.get("architecture") == "paper":
-        for name in RESNET_ONLY:
-            options.pop(name, None)
-    return {**options, **given_model}
-
-
 # Steps, not passes, decide how sharp a VQ-VAE gets: it does not memorise a small dataset the way a prior
 # does. On OpenMoji (2.2k images) 60 passes (2,100 steps, the rule before) left the test PSNR rising:
-# 21.50 dB and a reconstruction FID of 1.28 there, 22.37 dB and 0.49 at 6,000 (README, "Defaults sized
-# to the data"). Shapes and MNIST already got 6,000.
+# 21.50 dB and a reconstruction FID of 1.28 there, 22.37 dB and 0.49 at 6,000 (docs/defaults.md). Shapes
+# and MNIST already got 6,000.
 STAGE1_STEPS = 6000
 
 
 def sized_defaults(data: ImageData, given_training: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Stage-1 defaults from the data (README, "Defaults sized to the data"): model options, training options.
+    """Stage-1 defaults from the data (docs/defaults.md): model options, training options.
 
     Width: 128 channels for colour images or sides of 64 px and more (more to reconstruct per code),
     64 for small grey images. Length: STAGE1_STEPS whatever the number of images, evaluated 10 times
@@ -161,33 +133,51 @@ def sized_defaults(data: ImageData, given_training: dict[str, Any]) -> tuple[dic
 @holds_stage_lock("vqvae")  # one writer per stage folder: a second run is refused
 def train_vqvae(
     run_dir: str | Path,
-    data_cfg: DataConfig,
-    train_cfg: TrainConfig,
-    model_overrides: dict[str, Any] | None = None,
+    data: DataConfig | dict[str, Any] | None = None,
+    training: TrainConfig | dict[str, Any] | None = None,
+    model: dict[str, Any] | None = None,
+    *,
+    preset: str | None = None,
     resume: bool = False,
     encode: bool = True,
     overwrite: bool = False,
-    data: ImageData | None = None,
 ) -> dict[str, float]:
-    """Train stage 1 into the run's vqvae folder, then (by default) encode every split to its codes.
+    """Stage 1's one entry point (`vqgen train vqvae`, scripts/train_vqvae.py, the tests): train the VQ-VAE into
+    RUN/vqvae, then (by default) encode every split to its code grids. Returns the best evaluation's metrics.
 
-    `data`: the images of `data_cfg`, when the caller has loaded them already.
+    `data`, `training`, `model`: the options given, as a dict of config fields or a whole config (all of whose
+    fields count as given). A fresh run fills the others with the defaults sized to the data, under `preset`'s
+    model options; a resumed run takes them from its saved configs and refuses a data or model option that
+    differs. Every option is checked before anything is written, and those that can be before any image is
+    decoded.
     """
     run = RunLayout(run_dir)
     stage = run.vqvae
     check_stage_dir(stage, "VQ-VAE", resume, overwrite)
+    given_training, given_model = as_options(training), preset_options(preset, as_options(model))
     if resume and stage.data_config.is_file():
-        resumed_config(DataConfig, stage.data_config, asdict(data_cfg), strict=True, what="data options")
+        data_cfg = resumed_config(DataConfig, stage.data_config, as_options(data), strict=True, what="data options")
+    else:
+        data_cfg = DataConfig(**as_options(data))
+        if data_cfg.image_size:  # a large folder is converted first: refuse a bad downsampling before that
+            check_side_options(given_model, data_cfg.image_size, data_cfg.image_size)
+    schedule = {} if resume else sized_schedule(given_training, STAGE1_STEPS, evaluations=10)
+    train_cfg = train_config(stage, given_training, {**TRAIN_DEFAULTS, **schedule}, resume)
+    state = process_state()
+    with state.main_process_first():
+        images = load_image_data(data_cfg, make_console(state.is_main_process))
+    sized_model, sized_training = ({}, {}) if resume else sized_defaults(images, given_training)
+    if "batch_size" in sized_training:  # fewer training images than the default batch
+        train_cfg = dataclasses.replace(train_cfg, batch_size=sized_training["batch_size"])
+    cfg = model_config(stage, given_model, sized_model, images, resume)
+    report_sized(sized_model, sized_training, {**given_model, **given_training}, resume)
+    check_batch_size(train_cfg.batch_size, len(images.train), "training images")
+
     accelerator, console = start(stage, train_cfg)
-    if data is None:
-        with accelerator.main_process_first():
-            data = load_image_data(data_cfg, console)
-    cfg = resolve_config(stage, model_overrides or {}, data, resume)
-    console.print(f"data: {data.source}: {len(data.train)} train / {len(data.test)} test images, "
-                  f"{data.channels}x{data.height}x{data.width}, {data.num_classes} classes, {data.storage}")
+    console.print(f"data: {images.source}: {len(images.train)} train / {len(images.test)} test images, "
+                  f"{images.channels}x{images.height}x{images.width}, {images.num_classes} classes, {images.storage}")
     console.print(f"VQ-VAE: K={cfg.codebook_size}, d={cfg.code_dim}, grid {cfg.grid_shape[0]}x{cfg.grid_shape[1]}, "
                   f"codebook update {cfg.codebook_update}")
-    check_batch_size(train_cfg.batch_size, len(data.train), "training images")
     note = None if resume else kmeans_sample_note(cfg, train_cfg.batch_size)
     if note:
         console.print(f"[bold yellow]warning:[/] {note}")
@@ -196,45 +186,15 @@ def train_vqvae(
 
     model = VQVAE(cfg).to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, train_cfg)
-    train_loader = make_loader(ImageDataset(data.train), train_cfg.batch_size, train=True, seed=train_cfg.seed,
+    train_loader = make_loader(ImageDataset(images.train), train_cfg.batch_size, train=True, seed=train_cfg.seed,
                                num_workers=train_cfg.num_workers)
-    test_loader = accelerator.prepare(make_loader(ImageDataset(data.test), train_cfg.batch_size,
+    test_loader = accelerator.prepare(make_loader(ImageDataset(images.test), train_cfg.batch_size,
                                                   num_workers=train_cfg.num_workers))
-    preview = to_model_range(data.test.take(range(min(16, len(data.test)))))
-    vqvae_stage = VQVAEStage(accelerator, cfg, test_loader, stage, preview, parse_augment(data_cfg.augment))
-    metrics = fit(accelerator, train_cfg, vqvae_stage, model, optimizer, train_loader, stage, resume, console)
+    preview = to_model_range(images.test.take(range(min(16, len(images.test)))))
+    task = VQVAETask(accelerator, cfg, test_loader, stage, preview, parse_augment(data_cfg.augment))
+    metrics = fit(accelerator, train_cfg, task, model, optimizer, train_loader, stage, resume, console)
     if encode:
-        encode_splits(accelerator, accelerator.unwrap_model(model), data, data_cfg, run, train_cfg.batch_size,
+        encode_splits(accelerator, accelerator.unwrap_model(model), images, data_cfg, run, train_cfg.batch_size,
                       console, train_cfg.num_workers)
         refresh_report(accelerator, train_cfg, stage, console)  # now with the codes' frequencies
     return metrics
-
-
-def train_from_options(run_dir: str | Path, data: dict[str, Any], training: dict[str, Any], model: dict[str, Any],
-                       resume: bool = False, encode: bool = True, overwrite: bool = False,
-                       preset: str | None = None) -> dict[str, float]:
-    """What `scripts/train_vqvae.py` calls with the options given on its command line.
-
-    A fresh run starts from the defaults; resuming starts from the run's saved configs. `preset`: the
-    PRESETS entry whose model options count as given, under those given.
-    """
-    model = preset_options(preset, model)
-    stage = RunLayout(run_dir).vqvae
-    check_stage_dir(stage, "VQ-VAE", resume, overwrite)
-    if resume and stage.data_config.is_file():
-        data_cfg = resumed_config(DataConfig, stage.data_config, data, strict=True, what="data options")
-    else:
-        data_cfg = DataConfig(**data)
-    TrainConfig(**{**TRAIN_DEFAULTS, **training})  # refuse bad training options before loading any data
-    if data_cfg.image_size and not resume:
-        # and bad model options, where the image size is known: a large folder would otherwise be
-        # converted first, minutes before the same refusal
-        side = data_cfg.image_size
-        VQVAEConfig(**{"image_height": side, "image_width": side, **model})
-    with process_state().main_process_first():
-        images = load_image_data(data_cfg, make_console(process_state().is_main_process))
-    sized_model, sized_training = sized_defaults(images, training)
-    train_cfg = train_config(stage, training, {**TRAIN_DEFAULTS, **sized_training}, resume)
-    model = sized_model_options(model, training, sized_model, sized_training, resume)
-    return train_vqvae(run_dir, data_cfg, train_cfg, model, resume=resume, encode=encode, overwrite=overwrite,
-                       data=images)

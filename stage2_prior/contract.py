@@ -10,7 +10,6 @@ data enters (loading codes, sampling), not in `forward`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Iterator, Protocol
 
 import torch
@@ -18,36 +17,10 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from vqgen.core.config import option
-from vqgen.core.errors import VQGenError
+from stage2_prior.config import PriorConfig
+from vqgen.core.runtime.errors import VQGenError
 
 
-@dataclass(frozen=True)
-class PriorConfig:
-    """Fields every prior shares; `num_classes` is also the index of the null class."""
-
-    codebook_size: int = option(help="K, from the codes")  # k
-    grid_height: int = option(help="code grid height, from the codes")  # h
-    grid_width: int = option(help="code grid width, from the codes")  # w
-    num_classes: int = option(0, "classes to condition on, from the codes (0: unconditional)")
-    label_dropout: float = option(0.1, "share of training labels replaced by the null class (makes --cfg work)")
-    dropout: float = option(0.0, "dropout on embeddings, attention and residual paths")
-
-    def __post_init__(self) -> None:
-        if self.codebook_size < 2:
-            raise VQGenError(f"codebook_size must be >= 2, got {self.codebook_size}")
-        if self.grid_height < 1 or self.grid_width < 1:
-            raise VQGenError(f"grid must be at least 1x1, got {self.grid_height}x{self.grid_width}")
-        if self.num_classes < 0:
-            raise VQGenError(f"num_classes must be >= 0, got {self.num_classes}")
-        for name in ("label_dropout", "dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise VQGenError(f"{name} must be in [0, 1), got {getattr(self, name)}")
-
-    @property
-    def seq_len(self) -> int:
-        """t = h * w, the number of codes in one grid."""
-        return self.grid_height * self.grid_width
 
 
 class ARPrior(Protocol):

@@ -15,26 +15,11 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from stage2_prior.contract import PriorConfig, check_code_shape, drop_labels, resolve_labels
-from vqgen.core.config import option
-from vqgen.core.errors import VQGenError
+from stage2_prior.config import PixelCNNConfig
+from stage2_prior.contract import check_code_shape, drop_labels, resolve_labels
+from vqgen.core.runtime.errors import VQGenError
 
 
-@dataclass(frozen=True)
-class PixelCNNConfig(PriorConfig):
-    """Architecture of `PixelCNNPrior`; the shared prior fields come from `PriorConfig`."""
-
-    channels: int = option(128, "PixelCNN channels")  # c
-    n_layers: int = option(8, "Transformer blocks / PixelCNN gated layers")
-    kernel_size: int = option(3, "PixelCNN kernel size (odd; each layer widens the view by kernel_size // 2)")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        for name in ("channels", "n_layers"):
-            if getattr(self, name) < 1:
-                raise VQGenError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.kernel_size < 3 or self.kernel_size % 2 == 0:
-            raise VQGenError(f"kernel_size must be odd and >= 3, got {self.kernel_size}")
 
 
 @dataclass

@@ -6,13 +6,15 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from stage2_prior.contract import PriorConfig
-from stage2_prior.pixelcnn import PixelCNNConfig, PixelCNNPrior
-from stage2_prior.transformer import TransformerConfig, TransformerPrior
-from vqgen.core.checkpoint import load_weights
-from vqgen.core.config import load_config, option, read_json
-from vqgen.core.errors import VQGenError
-from vqgen.core.layout import StageDir
+from stage2_prior.config import PriorConfig
+from stage2_prior.config import PixelCNNConfig
+from stage2_prior.pixelcnn import PixelCNNPrior
+from stage2_prior.config import TransformerConfig
+from stage2_prior.transformer import TransformerPrior
+from vqgen.core.store.weights import load_weights
+from vqgen.core.store.configs import load_config, option, read_json
+from vqgen.core.runtime.errors import VQGenError
+from vqgen.core.store.layout import ModelDir
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,7 @@ def kind_of(cfg: PriorConfig) -> PriorKind:
     raise TypeError(f"not a prior config: {type(cfg).__name__}")
 
 
-def load_prior_config(stage: StageDir) -> PriorConfig:
+def load_prior_config(stage: ModelDir) -> PriorConfig:
     """The config in the stage's config.json, whichever prior it describes."""
     name = read_json(stage.config, "prior config").get("kind")
     for kind in PRIORS.values():
@@ -66,7 +68,7 @@ def load_prior_config(stage: StageDir) -> PriorConfig:
                      f"{[k.config.__name__ for k in PRIORS.values()]}")
 
 
-def load_prior(stage: StageDir) -> tuple[nn.Module, PriorSource]:
+def load_prior(stage: ModelDir) -> tuple[nn.Module, PriorSource]:
     """Rebuild a trained prior and its source record from its stage folder."""
     if not stage.trained:
         raise VQGenError(f"no trained prior in {stage.path} "

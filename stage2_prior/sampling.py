@@ -15,7 +15,7 @@ from einops import rearrange
 from torch import Tensor
 
 from stage2_prior.contract import ARPrior, check_codes, check_labels
-from vqgen.core.errors import VQGenError
+from vqgen.core.runtime.errors import VQGenError
 
 def _check_filters(k: int, top_k: int | None, top_p: float | None) -> None:
     if top_k is not None and not 1 <= top_k <= k:

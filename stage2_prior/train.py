@@ -14,22 +14,21 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from stage2_prior.contract import PriorConfig, grid_nll
+from stage2_prior.config import TRAIN_DEFAULTS, PriorConfig
+from stage2_prior.contract import grid_nll
 from stage2_prior.registry import PriorSource, kind_of, load_prior_config, prior_kind
-from vqgen.core.batches import BatchDataset, make_loader
-from vqgen.core.checkpoint import check_stage_dir, weights_fingerprint
-from vqgen.core.codes import CodeSplit, CodesMeta, load_codes, load_codes_meta
-from vqgen.core.errors import VQGenError
-from vqgen.core.layout import RunLayout, StageDir
-from vqgen.core.lock import holds_stage_lock
-from vqgen.core.metrics import bits
-from vqgen.core.stage import (check_batch_size, sized_batch, sized_model_options, sized_schedule, start,
-                              steps_for_passes, train_config, write_stage_files)
-from vqgen.core.trainer import TrainConfig, fit, make_optimizer
+from vqgen.core.data.loaders import BatchDataset, make_loader
+from vqgen.core.store.weights import check_stage_dir, weights_fingerprint
+from vqgen.core.store.codes import CodeSplit, CodesMeta, load_codes, load_codes_meta
+from vqgen.core.runtime.errors import VQGenError
+from vqgen.core.store.layout import RunLayout, ModelDir
+from vqgen.core.store.lock import holds_stage_lock
+from vqgen.core.evaluate.measures import bits
+from vqgen.core.training.setup import as_options, check_batch_size, start, train_config, write_stage_files
+from vqgen.core.training.sizing import report_sized, sized_batch, sized_schedule, steps_for_passes
+from vqgen.core.training.config import TrainConfig
+from vqgen.core.training.loop import fit, make_optimizer
 
-# Stage-2 training defaults, chosen by measurement (README, "Defaults"); any option overrides them.
-TRAIN_DEFAULTS = dict(batch_size=32, learning_rate=1e-3, max_steps=1800, warmup_steps=100, eval_every=600,
-                      save_every=600, weight_decay=0.1)
 
 
 class CodesDataset(BatchDataset):
@@ -54,8 +53,8 @@ def labels_of(batch: dict[str, Tensor], conditional: bool) -> Tensor | None:
 
 
 @dataclass
-class PriorStage:
-    """The stage-2 callbacks for `vqgen.core.trainer.fit`."""
+class PriorTask:
+    """What the shared loop (`vqgen.core.training.loop.fit`) trains in stage 2: the loss, the test evaluation."""
 
     accelerator: Accelerator
     config: PriorConfig
@@ -101,7 +100,7 @@ def check_codes_source(run: RunLayout, meta: CodesMeta, allow_mismatch: bool) ->
 
 
 def resolve_prior_config(kind: str, meta: CodesMeta, conditional: bool, overrides: dict[str, Any],
-                         stage: StageDir, resume: bool) -> PriorConfig:
+                         stage: ModelDir, resume: bool) -> PriorConfig:
     """The prior config from the codes and options; on resume the saved one, checked against the codes."""
     num_classes = meta.num_classes if conditional else 0
     from_codes = {"codebook_size": meta.codebook_size, "grid_height": meta.grid_height,
@@ -123,63 +122,8 @@ def resolve_prior_config(kind: str, meta: CodesMeta, conditional: bool, override
     return config_cls(**{**from_codes, **overrides})
 
 
-@holds_stage_lock("prior")  # one writer per stage folder: a second run is refused
-def train_prior(
-    run_dir: str | Path,
-    kind: str,
-    train_cfg: TrainConfig,
-    model_overrides: dict[str, Any] | None = None,
-    codes_dir: str | Path | None = None,
-    labels: str = "auto",
-    resume: bool = False,
-    allow_vqvae_mismatch: bool = False,
-    overwrite: bool = False,
-) -> dict[str, float]:
-    """Train a `kind` prior on the run's codes (or `codes_dir`) into the run's prior folder.
-
-    labels: "auto" (conditional when the codes have labels), "yes" (require them) or "no".
-    """
-    prior_kind(kind)
-    run = RunLayout(run_dir)
-    stage = run.prior
-    codes_dir = Path(codes_dir) if codes_dir else run.codes
-    splits, meta = load_codes(codes_dir)
-    check_codes_source(run, meta, allow_vqvae_mismatch)
-    if labels == "yes" and not meta.num_classes:
-        raise VQGenError(f"conditional training asked for, but the codes in {codes_dir} have no labels")
-    conditional = bool(meta.num_classes) and labels != "no"
-    for name in ("train", "test"):
-        if name not in splits or len(splits[name]) == 0:
-            raise VQGenError(f"the codes have no {name!r} grids ({codes_dir})")
-    check_stage_dir(stage, "prior", resume, overwrite)
-    cfg = resolve_prior_config(kind, meta, conditional, model_overrides or {}, stage, resume)
-    check_batch_size(train_cfg.batch_size, len(splits["train"]), "training grids")
-
-    accelerator, console = start(stage, train_cfg)
-    model = prior_kind(kind).model(cfg)
-    n_params = sum(p.numel() for p in model.parameters())
-    console.print(f"prior: {kind}, {n_params / 1e6:.2f}M parameters, K={cfg.codebook_size}, grid "
-                  f"{cfg.grid_height}x{cfg.grid_width}, "
-                  f"{'conditional on ' + str(cfg.num_classes) + ' classes' if conditional else 'unconditional'}")
-    frequencies = ()
-    if conditional:
-        counts = torch.bincount(splits["train"].labels, minlength=meta.num_classes).double()
-        frequencies = tuple((counts / counts.sum()).tolist())
-    source = PriorSource(prior=kind, vqvae_fingerprint=meta.vqvae_fingerprint, codes_dir=str(codes_dir.resolve()),
-                         class_names=meta.class_names if conditional else (), class_frequencies=frequencies,
-                         pseudo_labels=conditional and meta.pseudo_labels)
-    write_stage_files(accelerator, stage, {stage.config: cfg, stage.source: source}, fresh=overwrite and not resume)
-    optimizer = make_optimizer(model, train_cfg)
-    train_set = CodesDataset(splits["train"], conditional)
-    train_loader = make_loader(train_set, train_cfg.batch_size, train=True, seed=train_cfg.seed,
-                               num_workers=train_cfg.num_workers)
-    test_loader = accelerator.prepare(make_loader(CodesDataset(splits["test"], conditional), 256))
-    prior_stage = PriorStage(accelerator, cfg, conditional, test_loader)
-    return fit(accelerator, train_cfg, prior_stage, model, optimizer, train_loader, stage, resume, console)
-
-
 def sized_defaults(meta: CodesMeta, given_training: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Stage-2 defaults from the codes (README, "Defaults sized to the data"): model options, training options.
+    """Stage-2 defaults from the codes (docs/defaults.md): model options, training options.
 
     Regularisation by the number of training codes (grids x codes per grid): dropout 0.3 under 500k
     codes, 0.1 under 5M, none above. Length: 40 passes over the grids, 2,000 to 8,000 steps, evaluated
@@ -196,14 +140,66 @@ def sized_defaults(meta: CodesMeta, given_training: dict[str, Any]) -> tuple[dic
     return model, training
 
 
-def train_from_options(run_dir: str | Path, kind: str, training: dict[str, Any], model: dict[str, Any],
-                       **kwargs: Any) -> dict[str, float]:
-    """What `scripts/train_prior.py` calls: defaults sized to the codes for a fresh prior, the saved
-    options on resume."""
+@holds_stage_lock("prior")  # one writer per stage folder: a second run is refused
+def train_prior(
+    run_dir: str | Path,
+    kind: str = "transformer",
+    training: TrainConfig | dict[str, Any] | None = None,
+    model: dict[str, Any] | None = None,
+    *,
+    codes_dir: str | Path | None = None,
+    labels: str = "auto",
+    resume: bool = False,
+    allow_vqvae_mismatch: bool = False,
+    overwrite: bool = False,
+) -> dict[str, float]:
+    """Stage 2's one entry point (`vqgen train prior`, scripts/train_prior.py, the tests): fit a `kind` prior on
+    the run's code grids (or `codes_dir`) into RUN/prior. Returns the best evaluation's metrics.
+
+    `training`, `model`: the options given, as a dict of config fields or a whole config (all of whose fields
+    count as given). A fresh prior fills the others with the defaults sized to the codes; a resumed one takes
+    them from its saved configs and refuses a model option that differs. labels: "auto" (conditional when
+    the codes have labels), "yes" (require them) or "no". Everything is checked before the grids are read.
+    """
+    prior_kind(kind)
     run = RunLayout(run_dir)
-    resume = kwargs.get("resume", False)
-    meta = load_codes_meta(Path(kwargs.get("codes_dir") or run.codes))
-    sized_model, sized_training = sized_defaults(meta, training)
-    train_cfg = train_config(run.prior, training, {**TRAIN_DEFAULTS, **sized_training}, resume)
-    model = sized_model_options(model, training, sized_model, sized_training, resume)
-    return train_prior(run_dir, kind, train_cfg, model, **kwargs)
+    stage = run.prior
+    codes_dir = Path(codes_dir) if codes_dir else run.codes
+    meta = load_codes_meta(codes_dir)
+    check_codes_source(run, meta, allow_vqvae_mismatch)
+    if labels == "yes" and not meta.num_classes:
+        raise VQGenError(f"conditional training asked for, but the codes in {codes_dir} have no labels")
+    conditional = bool(meta.num_classes) and labels != "no"
+    sizes = dict(meta.split_sizes)
+    for name in ("train", "test"):
+        if not sizes.get(name):
+            raise VQGenError(f"the codes have no {name!r} grids ({codes_dir})")
+    check_stage_dir(stage, "prior", resume, overwrite)
+    given_training, given_model = as_options(training), as_options(model)
+    sized_model, sized_training = ({}, {}) if resume else sized_defaults(meta, given_training)
+    train_cfg = train_config(stage, given_training, {**TRAIN_DEFAULTS, **sized_training}, resume)
+    cfg = resolve_prior_config(kind, meta, conditional, {**sized_model, **given_model}, stage, resume)
+    report_sized(sized_model, sized_training, {**given_model, **given_training}, resume)
+    check_batch_size(train_cfg.batch_size, sizes["train"], "training grids")
+    splits, _ = load_codes(codes_dir)
+
+    accelerator, console = start(stage, train_cfg)
+    prior = prior_kind(kind).model(cfg)
+    n_params = sum(p.numel() for p in prior.parameters())
+    console.print(f"prior: {kind}, {n_params / 1e6:.2f}M parameters, K={cfg.codebook_size}, grid "
+                  f"{cfg.grid_height}x{cfg.grid_width}, "
+                  f"{'conditional on ' + str(cfg.num_classes) + ' classes' if conditional else 'unconditional'}")
+    frequencies = ()
+    if conditional:
+        counts = torch.bincount(splits["train"].labels, minlength=meta.num_classes).double()
+        frequencies = tuple((counts / counts.sum()).tolist())
+    source = PriorSource(prior=kind, vqvae_fingerprint=meta.vqvae_fingerprint, codes_dir=str(codes_dir.resolve()),
+                         class_names=meta.class_names if conditional else (), class_frequencies=frequencies,
+                         pseudo_labels=conditional and meta.pseudo_labels)
+    write_stage_files(accelerator, stage, {stage.config: cfg, stage.source: source}, fresh=overwrite and not resume)
+    optimizer = make_optimizer(prior, train_cfg)
+    train_loader = make_loader(CodesDataset(splits["train"], conditional), train_cfg.batch_size, train=True,
+                               seed=train_cfg.seed, num_workers=train_cfg.num_workers)
+    test_loader = accelerator.prepare(make_loader(CodesDataset(splits["test"], conditional), 256))
+    task = PriorTask(accelerator, cfg, conditional, test_loader)
+    return fit(accelerator, train_cfg, task, prior, optimizer, train_loader, stage, resume, console)

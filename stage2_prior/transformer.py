@@ -15,14 +15,14 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from stage2_prior.contract import PriorConfig, check_code_shape, drop_labels, resolve_labels
-from vqgen.core.config import option
-from vqgen.core.errors import VQGenError
+from stage2_prior.config import TransformerConfig
+from stage2_prior.contract import check_code_shape, drop_labels, resolve_labels
+from vqgen.core.runtime.errors import VQGenError
 
 
 # The cached step's key length grows by one per code. cuDNN's fused attention, which PyTorch prefers on
 # Hopper for fp16/bf16, builds a plan for every new shape: on an H200 that cost 53 ms per step against
-# 0.2 ms for the flash / memory-efficient kernels (`scripts/benchmark_speed.py --only attention`).
+# 0.2 ms for the flash / memory-efficient kernels (`scripts/benchmarks/speed.py --only attention`).
 _NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
@@ -39,24 +39,6 @@ def one_query_attention(q: Tensor, keys: Tensor, values: Tensor, fused: bool | N
     return weights @ values
 
 
-@dataclass(frozen=True)
-class TransformerConfig(PriorConfig):
-    """Architecture of `TransformerPrior`; the shared prior fields come from `PriorConfig`."""
-
-    d_model: int = option(128, "Transformer width")  # d
-    n_layers: int = option(4, "Transformer blocks / PixelCNN gated layers")
-    n_heads: int = option(4, "attention heads (must divide --d-model)")  # nh; head dim hd = d / nh
-    mlp_ratio: int = option(4, "MLP width as a multiple of --d-model")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        for name in ("d_model", "n_layers", "n_heads", "mlp_ratio"):
-            if getattr(self, name) < 1:
-                raise VQGenError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.d_model % self.n_heads:
-            raise VQGenError(
-                f"d_model must be divisible by n_heads, got d_model={self.d_model}, n_heads={self.n_heads}"
-            )
 
 
 @dataclass

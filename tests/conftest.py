@@ -2,6 +2,9 @@
 
 import hashlib
 import importlib.util
+import os
+import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -10,13 +13,14 @@ import torch
 from stage1_vqvae.train import train_vqvae
 from stage2_prior.train import train_prior
 from vqgen.core.data.images import DataConfig
-from vqgen.core.trainer import TrainConfig
+from vqgen.core.training.config import TrainConfig
 
 TINY_DATA = DataConfig(builtin_train_size=96, builtin_test_size=40)
 TINY_VQVAE = dict(hidden_channels=16, res_channels=8, num_res_blocks=1, codebook_size=16, code_dim=8,
                   restart_after=5)
-TINY_TRANSFORMER = dict(d_model=32, n_layers=2, n_heads=2)
-TINY_PIXELCNN = dict(channels=16, n_layers=3)
+# dropout given (its default, 0): the entry points would otherwise size it to the tiny data
+TINY_TRANSFORMER = dict(d_model=32, n_layers=2, n_heads=2, dropout=0.0)
+TINY_PIXELCNN = dict(channels=16, n_layers=3, dropout=0.0)
 
 
 def tiny_train(**changes) -> TrainConfig:
@@ -66,6 +70,35 @@ def tiny_run(tmp_path_factory) -> Path:
     return run
 
 
+def default_stop_signals() -> None:
+    """Run in a child before it executes: SIGINT and SIGTERM at their default dispositions, whatever this test
+    run inherited (a shell starts a background job, `nohup pytest &`, with SIGINT ignored, and children inherit
+    an ignored signal)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+@pytest.fixture
+def spawn():
+    """`spawn(cmd, **popen_options)`: a child process for the test to signal or watch. It starts with the default
+    dispositions of the stop signals, in a process group of its own, and when the test ends, passed or failed,
+    the group is killed if anything in it still runs (torchrun's workers too)."""
+    children = []
+
+    def start(cmd: list[str], **options) -> subprocess.Popen:
+        proc = subprocess.Popen(cmd, preexec_fn=default_stop_signals, start_new_session=True, **options)
+        children.append(proc)
+        return proc
+
+    yield start
+    for proc in children:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the group outlives its leader: a worker may still be there
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=60)
+
+
 def tree_hashes(folder: Path) -> dict[str, str]:
     """sha256 of every file below `folder`: to show a failed command changed nothing."""
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
@@ -73,8 +106,8 @@ def tree_hashes(folder: Path) -> dict[str, str]:
 
 
 def load_script(name: str):
-    """scripts/NAME.py as a module (the scripts are entry points, not a package)."""
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py")
+    """scripts/NAME.py as a module (the scripts are entry points, not a package); NAME may be benchmarks/X."""
+    spec = importlib.util.spec_from_file_location(name.replace("/", "_"), Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

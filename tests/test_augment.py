@@ -11,7 +11,7 @@ from conftest import TINY_DATA, TINY_VQVAE, tiny_train
 from vqgen.core.data.augment import augment, with_augmented_copies
 from vqgen.core.data.config import DataConfig, parse_augment
 from vqgen.core.data.images import ImageSplit
-from vqgen.core.errors import VQGenError
+from vqgen.core.runtime.errors import VQGenError
 
 
 def test_parse_augment():
@@ -57,7 +57,7 @@ def test_augmented_copies_follow_the_originals_and_are_reproducible():
 
 def test_stage1_trains_with_augmentation_and_dumps_more_training_grids(tmp_path):
     from stage1_vqvae.train import train_vqvae
-    from vqgen.core.codes import load_codes
+    from vqgen.core.store.codes import load_codes
 
     data = DataConfig(**{**TINY_DATA.__dict__, "augment": "flip,translate", "code_copies": 2})
     train_vqvae(tmp_path / "run", data, tiny_train(max_steps=4), TINY_VQVAE)
@@ -73,8 +73,8 @@ def test_unlabelled_data_gets_clusters_that_the_prior_conditions_on(tmp_path):
     from conftest import TINY_TRANSFORMER
     from stage1_vqvae.train import train_vqvae
     from stage2_prior.train import train_prior
-    from vqgen import pipeline
-    from vqgen.core.codes import load_codes
+    from vqgen.run import Run
+    from vqgen.core.store.codes import load_codes
 
     data = DataConfig(**{**TINY_DATA.__dict__, "label_column": "none", "pseudo_classes": 5})
     run = tmp_path / "run"
@@ -83,11 +83,13 @@ def test_unlabelled_data_gets_clusters_that_the_prior_conditions_on(tmp_path):
     assert meta.pseudo_labels and meta.class_names == tuple(f"cluster{i}" for i in range(5))
     assert int(splits["train"].labels.max()) < 5 and len(splits["test"].labels) == len(splits["test"])
     train_prior(run, "transformer", tiny_train(max_steps=2), TINY_TRANSFORMER)
-    loaded = pipeline.load_run(run)
+    loaded = Run.load(run)
     assert loaded.source.pseudo_labels and loaded.prior.config.num_classes == 5
     assert sum(loaded.source.class_frequencies) == pytest.approx(1.0)
-    labels = pipeline.choose_labels(loaded, None, 200, seed=3)
-    assert torch.equal(labels, pipeline.choose_labels(loaded, None, 200, seed=3))
+    plan = loaded.label_plan(None, 200, seed=3)
+    labels = plan.of(torch.arange(200))
+    assert torch.equal(labels, loaded.label_plan(None, 200, seed=3).of(torch.arange(200)))
+    assert torch.equal(labels[150:], plan.of(torch.arange(150, 200))), "sample i's label depends on (seed, i) alone"
     empty = [i for i, f in enumerate(loaded.source.class_frequencies) if f == 0]
     assert not any(int(label) in empty for label in labels)
     from vqgen.cli import main
@@ -110,7 +112,8 @@ def test_clustering_features_see_where_codes_lie():
     features must, and k-means on them must split the kinds exactly. The features stay FEATURE_DIM
     numbers, and the projection bounded, for any grid."""
     from stage1_vqvae.encode import FEATURE_DIM, MAX_FEATURE_INPUT, GridFeatures, cluster_features
-    from stage1_vqvae.model import VQVAE, VQVAEConfig
+    from stage1_vqvae.model import VQVAE
+    from stage1_vqvae.config import VQVAEConfig
 
     torch.manual_seed(0)
     cfg = VQVAEConfig(**{**TINY_VQVAE, "image_height": 64, "image_width": 64})  # 16x16 grid, 8 x 256 numbers

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vqgen.core.figures import TEST, TRAIN
+from vqgen.core.report.figures import TEST, TRAIN
 
 pytest.importorskip("matplotlib")
 
@@ -56,7 +56,7 @@ def pixels_near(shot: Path, colour: str, tolerance: int = 40) -> int:
 
 
 def test_report_renders_without_console_messages(browser, tiny_run, tmp_path):
-    from vqgen.core.report import write_report
+    from vqgen.core.report.page import write_report
 
     page = write_report(tiny_run, tmp_path / "report.html")
     shot = tmp_path / "report.png"

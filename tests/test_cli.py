@@ -14,9 +14,10 @@ from safetensors.torch import load_file
 
 from conftest import TINY_TRANSFORMER, tiny_train, tree_hashes
 from stage2_prior.train import train_prior
-from vqgen import pipeline
+from stage2_prior.config import SamplingConfig
+from vqgen.run import Run
 from vqgen.cli import main
-from vqgen.core.codes import load_codes
+from vqgen.core.store.codes import load_codes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,13 +78,13 @@ def test_two_process_sampling_equals_one_process(tiny_run, tmp_path):
 def test_sampling_streams_batches_and_the_grid_shows_the_first_nrow_squared(tiny_run, tmp_path):
     from accelerate import Accelerator
 
-    run = pipeline.load_run(tiny_run)
-    batches = pipeline.sample_batches(run, Accelerator(), 10, seed=4, batch_size=4)
+    run = Run.load(tiny_run)
+    batches = run.sample_batches(Accelerator(), 10, seed=4, batch_size=4)
     sizes = [(indices.tolist(), codes.shape, images.shape) for indices, codes, images in batches]
     assert sizes == [([0, 1, 2, 3], (4, 8, 8), (4, 3, 32, 32)), ([4, 5, 6, 7], (4, 8, 8), (4, 3, 32, 32)),
                      ([8, 9], (2, 8, 8), (2, 3, 32, 32))]
-    with pytest.raises(Exception, match="top_p must be in"):
-        pipeline.sample_batches(run, Accelerator(), 10, top_p=2.0)  # refused before anything is drawn
+    with pytest.raises(Exception, match="top_k must be in"):
+        run.sample_batches(Accelerator(), 10, sampling=SamplingConfig(top_k=9999))  # refused before drawing
     assert main(["sample", "--run", str(tiny_run), "--n", "10", "--nrow", "2", "--out", str(tmp_path / "s")]) == 0
     assert Image.open(tmp_path / "s" / "grid.png").size == (2 + 2 * 34, 2 + 2 * 34)  # 2x2: the first 4 samples
     assert len(list((tmp_path / "s" / "images").glob("*.png"))) == 10
@@ -98,7 +99,7 @@ def test_labels_are_honoured(tiny_run, tmp_path):
     assert json.loads((tmp_path / "e/settings.json").read_text())["labels"] == [0, 1, 2, 3, 4, 5, 0]
     assert main(["sample", "--run", str(tiny_run), "--n", "2", "--unconditional", "--out", str(tmp_path / "f")]) == 0
     assert json.loads((tmp_path / "f/settings.json").read_text())["labels"] is None
-    run = pipeline.load_run(tiny_run)
+    run = Run.load(tiny_run)
     with torch.no_grad():  # the label reaches the prior: its first-code distribution changes
         state = run.prior.start(torch.tensor([0, 5]), 2)
         logits, _ = run.prior.step(state, torch.zeros(2, 64, dtype=torch.long), 0)
@@ -106,10 +107,10 @@ def test_labels_are_honoured(tiny_run, tmp_path):
 
 
 def test_complete_keeps_the_given_rows(tiny_run):
-    run = pipeline.load_run(tiny_run)
+    run = Run.load(tiny_run)
     splits, _ = load_codes(tiny_run / "codes")
     codes, labels = splits["test"].codes[:3], splits["test"].labels[:3]
-    completed, images = pipeline.complete(run, codes, keep_rows=5, labels=labels, seed=0)
+    completed, images = run.complete(codes, keep_rows=5, labels=labels, seed=0)
     assert torch.equal(completed[:, :5], codes[:, :5])
     assert images.shape == (3, 3, 32, 32) and images.dtype == torch.uint8
 

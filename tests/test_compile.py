@@ -12,7 +12,7 @@ import torch
 from conftest import TINY_DATA, TINY_TRANSFORMER, TINY_VQVAE, tiny_train
 from stage1_vqvae.train import train_vqvae
 from stage2_prior.train import train_prior
-from vqgen.core.errors import VQGenError
+from vqgen.core.runtime.errors import VQGenError
 
 
 def test_compile_where_torch_cannot_is_refused_before_anything_is_written(tmp_path, monkeypatch):

@@ -5,14 +5,15 @@ import shutil
 
 import pytest
 
-from stage1_vqvae.model import VQVAE, VQVAEConfig
+from stage1_vqvae.model import VQVAE
+from stage1_vqvae.config import VQVAEConfig
 from stage2_prior.registry import PRIORS
 from vqgen.cli import main
-from vqgen.core.checkpoint import save_model
-from vqgen.core.codes import CodesMeta
-from vqgen.core.config import config_to_dict, load_config, save_config
-from vqgen.core.errors import VQGenError
-from vqgen.core.trainer import TrainConfig
+from vqgen.core.store.weights import save_model
+from vqgen.core.store.codes import CodesMeta
+from vqgen.core.store.configs import config_to_dict, load_config, save_config
+from vqgen.core.runtime.errors import VQGenError
+from vqgen.core.training.config import TrainConfig
 
 CASES = [
     (VQVAEConfig, "codebook_size", "512", 'codebook_size must be an integer, got "512"'),

@@ -12,13 +12,13 @@ from huggingface_hub.errors import LocalEntryNotFoundError
 from safetensors.torch import load_file
 
 from conftest import tree_hashes
-from vqgen import pipeline
+from vqgen.run import Run
 from vqgen.cli import main
-from vqgen.core import hub
-from vqgen.core.export import locate_run
-from vqgen.core.layout import RunLayout
-from vqgen.core.manifest import manifest_damage
-from vqgen.core.modelcard import model_card
+from vqgen.core.share import hub
+from vqgen.core.share.export import locate_run
+from vqgen.core.store.layout import RunLayout
+from vqgen.core.store.manifest import manifest_damage
+from vqgen.core.share.modelcard import model_card
 
 EXPORTED = ["README.md", "codes/meta.json", "manifest.json", "prior/config.json", "prior/metrics.jsonl",
             "prior/model.safetensors", "prior/source.json", "prior/train_config.json", "samples.png",
@@ -90,9 +90,9 @@ def test_eval_and_info_read_an_exported_model(tiny_run, exported, tmp_path, monk
     """The test bits per code of the exported prior, from codes encoded anew, equal the run's from its dump."""
     no_hub(monkeypatch)
     monkeypatch.chdir(tmp_path)
-    ours, theirs = pipeline.load_run(exported), pipeline.load_run(tiny_run)
+    ours, theirs = Run.load(exported), Run.load(tiny_run)
     assert ours.read_only and ours.outputs.root == Path("outputs/tiny") and not theirs.read_only
-    a, b = pipeline.evaluate(ours), pipeline.evaluate(theirs)
+    a, b = ours.evaluate(), theirs.evaluate()
     assert a["bits_per_code"] == pytest.approx(b["bits_per_code"], rel=1e-6) and a["mse"] == pytest.approx(b["mse"])
     assert main(["info", "--run", str(exported)]) == 0
     assert "bits_per_code" in capsys.readouterr().out
@@ -133,7 +133,7 @@ def test_a_damaged_export_is_refused_by_name_before_any_weight_is_read(exported,
     else:
         with (folder / name).open("a") as f:
             f.write("\nedited\n")
-    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("a weight was read"))
+    monkeypatch.setattr("vqgen.run.load_model", lambda *a, **k: pytest.fail("a weight was read"))
     before = tree_hashes(folder)
     for argv in (["sample", "--run", str(folder), "--n", "2"], ["info", "--run", str(folder)]):
         assert main(argv) == 2
@@ -176,7 +176,7 @@ def test_a_run_with_a_readme_of_its_own_is_still_a_run(tiny_run, tmp_path, monke
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
     (run / "README.md").write_text("---\ntitle: my notes\n---\nwhat I tried\n")
-    assert not pipeline.load_run(run).read_only
+    assert not Run.load(run).read_only
     monkeypatch.chdir(tmp_path)
     assert main(["sample", "--run", str(run), "--n", "2"]) == 0 and (run / "samples/0000/grid.png").is_file()
 
@@ -246,7 +246,7 @@ def test_the_model_card_names_the_data_the_metrics_and_how_to_load_it(exported):
     assert f"| prior | bits per code | {best['bits_per_code']:.4g} | {best['step']} |" in body
     assert "| VQ-VAE | PSNR (dB) |" in body
     assert "vqgen sample --run me/tiny-shapes --n 64 --label circle" in body
-    assert 'pipeline.load_run("me/tiny-shapes")' in body
+    assert 'Run.load("me/tiny-shapes")' in body
     assert "![samples drawn from this model](samples.png)" in body
 
 
@@ -346,7 +346,7 @@ def test_export_refuses_in_one_line_and_writes_nothing(tiny_run, tmp_path, monke
 
 def test_export_overwrites_an_export_and_a_failed_export_leaves_the_old_one(tiny_run, exported, tmp_path,
                                                                             monkeypatch, capsys):
-    import vqgen.core.export as export
+    import vqgen.core.share.export as export
 
     to = tmp_path / "tiny"
     shutil.copytree(exported, to)
@@ -366,7 +366,7 @@ def test_export_overwrites_an_export_and_a_failed_export_leaves_the_old_one(tiny
 
 
 def test_model_card_shows_samples_beside_reconstructions_and_real_images(tmp_path):
-    from vqgen.core.modelcard import _sample_rows
+    from vqgen.core.share.modelcard import _sample_rows
 
     record = {"samples": {"n_samples": 100.0, "fid": 3.5, "coverage": 0.9}, "cfg_scale": 1.5, "seed": 0,
               "reconstructed": {"fid": 2.25, "coverage": 0.95}, "real": {"fid": 0.25}}

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 import stage1_vqvae.quantizer as quantizer
-from stage1_vqvae.model import VQVAE, VQVAEConfig, kmeans_sample_note
+from stage1_vqvae.model import VQVAE, kmeans_sample_note
+from stage1_vqvae.config import VQVAEConfig
 from stage1_vqvae.quantizer import (
     VectorQuantizer,
     ema_update,
@@ -16,9 +17,9 @@ from stage1_vqvae.quantizer import (
     squared_distances,
     unflatten_vectors,
 )
-from vqgen.core.checkpoint import load_model, save_model
-from vqgen.core.config import FORMAT_VERSION, config_from_dict, config_to_dict
-from vqgen.core.errors import VQGenError
+from vqgen.core.store.weights import load_model, save_model
+from vqgen.core.store.configs import FORMAT_VERSION, config_from_dict, config_to_dict
+from vqgen.core.runtime.errors import VQGenError
 
 from conftest import load_script
 

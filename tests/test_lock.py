@@ -14,9 +14,9 @@ import pytest
 
 from conftest import load_script, tree_hashes
 from vqgen.cli import main
-from vqgen.core.errors import VQGenError
-from vqgen.core.layout import RunLayout
-from vqgen.core.lock import StageLock
+from vqgen.core.runtime.errors import VQGenError
+from vqgen.core.store.layout import RunLayout
+from vqgen.core.store.lock import StageLock
 
 ROOT = Path(__file__).resolve().parents[1]
 train_vqvae = load_script("train_vqvae")
@@ -26,7 +26,7 @@ TINY = ["--hidden-channels", "16", "--res-channels", "8", "--codebook-size", "16
 
 HOLD = """
 import sys, time
-from vqgen.core.lock import StageLock
+from vqgen.core.store.lock import StageLock
 with StageLock(sys.argv[1], "training"):
     print("held", flush=True)
     time.sleep(120)
@@ -34,13 +34,12 @@ with StageLock(sys.argv[1], "training"):
 
 
 @pytest.fixture
-def holder():
+def holder(spawn):
     """Another process holding a stage's lock, as a running training does; SIGKILLed at the end."""
     procs = []
 
     def hold(stage: Path) -> subprocess.Popen:
-        proc = subprocess.Popen([sys.executable, "-c", HOLD, str(stage / ".lock")], stdout=subprocess.PIPE,
-                                text=True, cwd=ROOT)
+        proc = spawn([sys.executable, "-c", HOLD, str(stage / ".lock")], stdout=subprocess.PIPE, text=True, cwd=ROOT)
         assert proc.stdout.readline().strip() == "held"
         procs.append(proc)
         return proc
@@ -109,12 +108,12 @@ def test_the_lock_is_released_and_leaves_nothing_behind(tmp_path):
         pass
 
 
-def test_a_training_run_holds_the_lock_while_it_trains(tmp_path):
+def test_a_training_run_holds_the_lock_while_it_trains(spawn, tmp_path):
     """Watched from outside: while a real training runs, its stage folder has a lock naming it."""
     run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "train_vqvae.py"), "--run", str(run), *TINY,
-                             "--max-steps", "400", "--log-every", "1"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    proc = spawn([sys.executable, str(ROOT / "scripts" / "train_vqvae.py"), "--run", str(run), *TINY,
+                  "--max-steps", "400", "--log-every", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                 text=True, cwd=ROOT)
     try:
         deadline = time.time() + 240
         while not (run / "vqvae" / "metrics.jsonl").is_file():

@@ -14,13 +14,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import TINY_DATA, TINY_VQVAE, tiny_train
-from stage1_vqvae.model import VQVAE, VQVAEConfig
+from stage1_vqvae.model import VQVAE
+from stage1_vqvae.config import VQVAEConfig
 from stage1_vqvae.train import train_vqvae
-from vqgen import pipeline
-from vqgen.core.checkpoint import latest_state_dir, load_model, save_model, state_dirs
-from vqgen.core.config import FORMAT_VERSION, config_to_dict, load_config
-from vqgen.core.errors import VQGenError
-from vqgen.core.layout import RunLayout
+from vqgen.run import Run
+from vqgen.core.store.weights import latest_state_dir, load_model, save_model, state_dirs
+from vqgen.core.store.configs import FORMAT_VERSION, config_to_dict, load_config
+from vqgen.core.runtime.errors import VQGenError
+from vqgen.core.store.layout import RunLayout
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT_ARGS = ["--builtin-train-size", "96", "--builtin-test-size", "40", "--batch-size", "16",
@@ -30,11 +31,12 @@ SCRIPT_ARGS = ["--builtin-train-size", "96", "--builtin-test-size", "40", "--bat
                "--seed", "3", "--no-encode"]
 
 
-def run_script(run: Path, *extra: str, wait: bool = True):
-    cmd = [sys.executable, str(ROOT / "scripts" / "train_vqvae.py"), "--run", str(run), *SCRIPT_ARGS, *extra]
-    if wait:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def script_command(run: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(ROOT / "scripts" / "train_vqvae.py"), "--run", str(run), *SCRIPT_ARGS, *extra]
+
+
+def run_script(run: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(script_command(run, *extra), capture_output=True, text=True, timeout=300)
 
 
 def last_logged_step(run: Path) -> int:
@@ -51,10 +53,11 @@ def same_weights(a: Path, b: Path) -> bool:
 
 
 @pytest.mark.slow
-def test_sigkill_mid_training_then_resume_matches_an_uninterrupted_run(tmp_path):
+def test_sigkill_mid_training_then_resume_matches_an_uninterrupted_run(spawn, tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert run_script(straight, "--max-steps", "30").returncode == 0
-    proc = run_script(killed, "--max-steps", "30", wait=False)
+    proc = spawn(script_command(killed, "--max-steps", "30"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                 text=True)
     deadline = time.time() + 200
     while last_logged_step(killed) < 17 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
@@ -74,9 +77,9 @@ def test_sigkill_mid_training_then_resume_matches_an_uninterrupted_run(tmp_path)
 
 DIE_DURING_SAVE = """
 import os, runpy, signal, sys
-import vqgen.core.states
+import vqgen.core.training.checkpoints
 
-real_commit = vqgen.core.states.commit_state_dir
+real_commit = vqgen.core.training.checkpoints.commit_state_dir
 
 def die_mid_write(stage, step, keep):
     if step == 10:  # the state folder is being written: cut a file short, then the process is killed
@@ -85,7 +88,7 @@ def die_mid_write(stage, step, keep):
         os.kill(os.getpid(), signal.SIGKILL)
     return real_commit(stage, step, keep)
 
-vqgen.core.states.commit_state_dir = die_mid_write
+vqgen.core.training.checkpoints.commit_state_dir = die_mid_write
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
@@ -167,8 +170,8 @@ def test_sampling_with_a_prior_of_another_vqvae_is_refused(tiny_run, tmp_path):
     weights["decoder.net.0.bias"] += 1.0
     save_file(weights, run / "vqvae" / "model.safetensors")
     with pytest.raises(VQGenError, match="was trained on codes of VQ-VAE [0-9a-f]{16}, but .* holds VQ-VAE [0-9a-f]{16}"):
-        pipeline.load_run(run)
-    assert pipeline.load_run(run, allow_vqvae_mismatch=True).prior is not None
+        Run.load(run)
+    assert Run.load(run, allow_vqvae_mismatch=True).prior is not None
 
 
 def test_no_pickle_on_any_load_path():
@@ -192,8 +195,8 @@ def test_config_round_trip():
 def test_a_version_1_file_without_later_fields_loads_and_a_current_one_without_them_is_refused(tmp_path):
     """Files written before `patience` existed (format 1) still load, with its default; a version-2 file
     that lacks it is refused like any missing field."""
-    from vqgen.core.config import load_config
-    from vqgen.core.trainer import TrainConfig
+    from vqgen.core.store.configs import load_config
+    from vqgen.core.training.config import TrainConfig
 
     data = {k: v for k, v in config_to_dict(TrainConfig(batch_size=8)).items() if k != "patience"}
     (tmp_path / "v1.json").write_text(json.dumps({**data, "format_version": 1}))
@@ -205,8 +208,8 @@ def test_a_version_1_file_without_later_fields_loads_and_a_current_one_without_t
 
 def test_written_files_get_ordinary_permissions(tmp_path):
     """Files are written to a temporary file and renamed; they must not keep mkstemp's 0600."""
-    from vqgen.core.config import write_json_atomic
-    from vqgen.core.imageio import save_png
+    from vqgen.core.store.configs import write_json_atomic
+    from vqgen.core.store.imageio import save_png
 
     old = os.umask(0o022)
     try:

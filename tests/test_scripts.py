@@ -126,7 +126,7 @@ def test_train_prior_bad_input(folders, capsys, argv, expected):
 
 
 def test_train_prior_refuses_labels_where_there_are_none(folders, capsys):
-    from vqgen.core.codes import CodesMeta, load_codes, save_codes
+    from vqgen.core.store.codes import CodesMeta, load_codes, save_codes
 
     codes = folders["tmp"] / "unlabelled"
     splits, meta = load_codes(folders["run"] / "codes")
@@ -158,7 +158,7 @@ def test_train_vqvae_bad_data_sized_options(folders, capsys, argv, expected):
 
 
 def test_benchmark_data_refuses_a_run_without_test_evaluations_in_one_line(tmp_path):
-    bench = load_script("benchmark_data")
+    bench = load_script("benchmarks/data")
     metrics = tmp_path / "metrics.jsonl"
     for content in (None, '{"split": "train", "step": 1, "mse": 0.1}\n'):
         if content is not None:
@@ -174,7 +174,7 @@ def test_benchmark_data_refuses_a_run_without_test_evaluations_in_one_line(tmp_p
 
 def test_the_speed_benchmark_measures_as_the_trainers_run(tmp_path):
     # cuDNN's autotuning off unless asked for (it slowed the 256 px step on an H100), and recorded in the JSON
-    speed = load_script("benchmark_speed")
+    speed = load_script("benchmarks/speed")
     assert speed.parse_args([]).cudnn_benchmark is False
     assert speed.parse_args(["--cudnn-benchmark"]).cudnn_benchmark is True
     out = tmp_path / "speed.json"

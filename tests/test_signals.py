@@ -19,19 +19,19 @@ from safetensors.torch import load_file
 
 from conftest import tree_hashes
 from test_reliability import ROOT, SCRIPT_ARGS, same_weights
-from vqgen.core.checkpoint import state_dirs
-from vqgen.core.interrupt import STOP_CHECK_EVERY, StopSignals, signals_deferred
-from vqgen.core.layout import RunLayout
-from vqgen.core.manifest import state_damage
+from vqgen.core.store.weights import state_dirs
+from vqgen.core.runtime.signals import STOP_CHECK_EVERY, StopSignals, signals_deferred
+from vqgen.core.store.layout import RunLayout
+from vqgen.core.store.manifest import state_damage
 
 DRIVER = """
 import os, runpy, sys, time
 from pathlib import Path
-import vqgen.core.interrupt, vqgen.core.states, vqgen.core.trainer
+import vqgen.core.runtime.signals, vqgen.core.training.checkpoints, vqgen.core.training.loop
 
 marker, at_step = Path(os.environ["VQGEN_TEST_MARKER"]), int(os.environ["VQGEN_TEST_AT_STEP"])
 live = []
-enter = vqgen.core.interrupt.StopSignals.__enter__
+enter = vqgen.core.runtime.signals.StopSignals.__enter__
 
 def remember(self):
     live.append(self)
@@ -42,7 +42,7 @@ def wait_for_signal():
     while not live[-1].signum and time.time() < deadline:
         time.sleep(0.01)
 
-real_lr = vqgen.core.trainer.learning_rate_at
+real_lr = vqgen.core.training.loop.learning_rate_at
 
 def lr_then_wait(cfg, step, total):
     if step + 1 == at_step and os.environ.get("RANK", "0") == "0" and not marker.exists():
@@ -50,7 +50,7 @@ def lr_then_wait(cfg, step, total):
         wait_for_signal()
     return real_lr(cfg, step, total)
 
-real_manifest = vqgen.core.states.write_manifest
+real_manifest = vqgen.core.training.checkpoints.write_manifest
 
 def manifest_then_wait(folder):
     if live and live[-1].signum and os.environ.get("VQGEN_TEST_SAVE_MARKER"):
@@ -58,9 +58,9 @@ def manifest_then_wait(folder):
         time.sleep(120)
     return real_manifest(folder)
 
-vqgen.core.interrupt.StopSignals.__enter__ = remember
-vqgen.core.trainer.learning_rate_at = lr_then_wait
-vqgen.core.states.write_manifest = manifest_then_wait
+vqgen.core.runtime.signals.StopSignals.__enter__ = remember
+vqgen.core.training.loop.learning_rate_at = lr_then_wait
+vqgen.core.training.checkpoints.write_manifest = manifest_then_wait
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
@@ -78,7 +78,7 @@ def wait_for(path: Path, proc: subprocess.Popen, seconds: float = 240) -> None:
         time.sleep(0.02)
 
 
-def start(tmp_path: Path, command: list[str], at_step: int, save_marker: Path | None = None,
+def start(spawn, tmp_path: Path, command: list[str], at_step: int, save_marker: Path | None = None,
           env: dict | None = None) -> tuple[subprocess.Popen, Path]:
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
@@ -89,7 +89,7 @@ def start(tmp_path: Path, command: list[str], at_step: int, save_marker: Path | 
     cmd = [sys.executable, str(driver), *command] if command[0] != "torchrun" else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--", str(driver),
         *command[1:]]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    proc = spawn(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     return proc, marker
 
 
@@ -112,11 +112,11 @@ def run_resume_command(stderr: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_a_signal_stops_after_the_step_with_a_state_that_resumes_bit_identically(tmp_path, signum):
+def test_a_signal_stops_after_the_step_with_a_state_that_resumes_bit_identically(spawn, tmp_path, signum):
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     assert subprocess.run([sys.executable, *vqvae_command(straight, "--max-steps", "20")], capture_output=True,
                           timeout=300, cwd=ROOT).returncode == 0
-    proc, marker = start(tmp_path, vqvae_command(stopped, "--max-steps", "20"), at_step=8)
+    proc, marker = start(spawn, tmp_path, vqvae_command(stopped, "--max-steps", "20"), at_step=8)
     wait_for(marker, proc)
     proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=240)
@@ -133,12 +133,12 @@ def test_a_signal_stops_after_the_step_with_a_state_that_resumes_bit_identically
 
 
 @pytest.mark.slow
-def test_a_second_signal_during_the_save_exits_at_once_leaving_only_temporary_files(tmp_path):
+def test_a_second_signal_during_the_save_exits_at_once_leaving_only_temporary_files(spawn, tmp_path):
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     assert subprocess.run([sys.executable, *vqvae_command(straight, "--max-steps", "20")], capture_output=True,
                           timeout=300, cwd=ROOT).returncode == 0
     saving = tmp_path / "saving"
-    proc, marker = start(tmp_path, vqvae_command(stopped, "--max-steps", "20"), at_step=7, save_marker=saving)
+    proc, marker = start(spawn, tmp_path, vqvae_command(stopped, "--max-steps", "20"), at_step=7, save_marker=saving)
     wait_for(marker, proc)
     proc.send_signal(signal.SIGTERM)
     wait_for(saving, proc)                      # the stop step's state is being written
@@ -157,7 +157,7 @@ def test_a_second_signal_during_the_save_exits_at_once_leaving_only_temporary_fi
 
 
 @pytest.mark.slow
-def test_two_processes_stop_at_the_same_step_and_resume_bit_identically(tmp_path):
+def test_two_processes_stop_at_the_same_step_and_resume_bit_identically(spawn, tmp_path):
     """SIGTERM to the torchrun agent, which forwards it to both workers; they agree on a check step."""
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     sparse = ["--max-steps", "20", "--log-every", "100", "--save-every", "0"]  # checks at steps 10 and 20 only
@@ -166,7 +166,7 @@ def test_two_processes_stop_at_the_same_step_and_resume_bit_identically(tmp_path
     done = subprocess.run([*torchrun, *vqvae_command(straight, *sparse)], capture_output=True, text=True,
                           timeout=400, cwd=ROOT, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
-    proc, marker = start(tmp_path, ["torchrun", *vqvae_command(stopped, *sparse)], at_step=4, env=env)
+    proc, marker = start(spawn, tmp_path, ["torchrun", *vqvae_command(stopped, *sparse)], at_step=4, env=env)
     wait_for(marker, proc)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=240)
@@ -180,14 +180,14 @@ def test_two_processes_stop_at_the_same_step_and_resume_bit_identically(tmp_path
 
 
 @pytest.mark.slow
-def test_the_prior_stops_on_sigterm_and_resumes_bit_identically(tiny_run, tmp_path):
+def test_the_prior_stops_on_sigterm_and_resumes_bit_identically(spawn, tiny_run, tmp_path):
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     for run in (straight, stopped):
         shutil.copytree(tiny_run, run)
     command = [str(ROOT / "scripts" / "train_prior.py"), "--run"]
     assert subprocess.run([sys.executable, *command, str(straight), *PRIOR_ARGS, "--max-steps", "15", "--overwrite"],
                           capture_output=True, timeout=300, cwd=ROOT).returncode == 0
-    proc, marker = start(tmp_path, [*command, str(stopped), *PRIOR_ARGS, "--max-steps", "15", "--overwrite"],
+    proc, marker = start(spawn, tmp_path, [*command, str(stopped), *PRIOR_ARGS, "--max-steps", "15", "--overwrite"],
                          at_step=7)
     wait_for(marker, proc)
     proc.send_signal(signal.SIGTERM)
@@ -213,7 +213,7 @@ real = getattr(owner, name)
 def write_then_wait(*args, **kwargs):
     out = real(*args, **kwargs)
     Path(os.environ["VQGEN_TEST_MARKER"]).touch()  # part of the output is written: interrupt here
-    time.sleep(120)
+    time.sleep(float(os.environ.get("VQGEN_TEST_WAIT", "120")))
     return out
 
 setattr(owner, name, write_then_wait)
@@ -222,14 +222,13 @@ runpy.run_module("vqgen", run_name="__main__")
 """
 
 
-def interrupted_command(tmp_path: Path, module: str, attribute: str, argv: list[str], signum: int) -> str:
+def interrupted_command(spawn, tmp_path: Path, module: str, attribute: str, argv: list[str], signum: int) -> str:
     """Run `vqgen ARGV`, stopping it with `signum` once `module.attribute` has written something."""
     driver = tmp_path / "wait_in.py"
     driver.write_text(WAIT_IN.format(module=module, attribute=attribute))
     marker = tmp_path / "written"
-    proc = subprocess.Popen([sys.executable, str(driver), "vqgen", *argv], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                            env={**os.environ, "VQGEN_TEST_MARKER": str(marker)})
+    proc = spawn([sys.executable, str(driver), "vqgen", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                 text=True, cwd=ROOT, env={**os.environ, "VQGEN_TEST_MARKER": str(marker)})
     wait_for(marker, proc)
     proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=120)
@@ -240,21 +239,21 @@ def interrupted_command(tmp_path: Path, module: str, attribute: str, argv: list[
 
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_interrupted_sampling_leaves_no_files(tiny_run, tmp_path, signum):
+def test_interrupted_sampling_leaves_no_files(spawn, tiny_run, tmp_path, signum):
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
-    interrupted_command(tmp_path, "vqgen.core.samples", "SampleSetWriter.write",
+    interrupted_command(spawn, tmp_path, "vqgen.core.store.sample_set", "SampleSetWriter.write",
                         ["sample", "--run", str(run), "--n", "40", "--batch-size", "8"], signum)
     assert list((run / "samples").iterdir()) == []  # neither the sample folder nor its temporary one
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_interrupted_encoding_keeps_the_previous_codes(tiny_run, tmp_path, signum):
+def test_interrupted_encoding_keeps_the_previous_codes(spawn, tiny_run, tmp_path, signum):
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
     before = tree_hashes(run)
-    interrupted_command(tmp_path, "vqgen.core.codes", "save_config", ["encode", "--run", str(run)], signum)
+    interrupted_command(spawn, tmp_path, "vqgen.core.store.codes", "save_config", ["encode", "--run", str(run)], signum)
     assert tree_hashes(run) == before                       # codes untouched, temporary folder and lock gone
     assert not (run / ".codes.tmp").exists() and not (run / "vqvae" / ".lock").exists()
 
@@ -279,20 +278,64 @@ def test_one_process_reads_the_flag_without_a_collective():
         def reduce(self, *args):
             raise AssertionError("no collective with one process")
 
-    with StopSignals(announce=False) as signals:
-        assert signals.agreed(OneProcess(), 3, synced=False) == 0
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.05)
-        assert signals.agreed(OneProcess(), 4, synced=False) == signal.SIGINT
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # as Python starts, whatever was inherited
+    try:
+        with StopSignals(announce=False) as signals:
+            assert signals.agreed(OneProcess(), 3, synced=False) == 0
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            assert signals.agreed(OneProcess(), 4, synced=False) == signal.SIGINT
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored to what it was
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def test_an_ignored_sigint_stays_ignored():
+    """A process started with SIGINT ignored (a background job) keeps ignoring it: the loop's handlers, the
+    deferred renames and the commands' SIGTERM handling leave SIG_IGN alone; SIGTERM still stops training."""
+    from vqgen.core.runtime.signals import terminate_interrupts
+
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with StopSignals(announce=False) as signals:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL  # still handled
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            assert signals.signum == 0
+        with signals_deferred(), terminate_interrupts():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+@pytest.mark.slow
+def test_sampling_started_with_sigint_ignored_ignores_it(spawn, tiny_run, tmp_path):
+    """`vqgen sample` started as a background job would be (SIGINT ignored): a SIGINT changes nothing."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    driver = tmp_path / "wait_in.py"
+    driver.write_text(WAIT_IN.format(module="vqgen.core.store.sample_set", attribute="SampleSetWriter.write"))
+    marker = tmp_path / "written"
+    ignoring = [sys.executable, "-c", "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+                "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"]
+    proc = spawn([*ignoring, str(driver), "vqgen", "sample", "--run", str(run), "--n", "24", "--batch-size", "8"],
+                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                 env={**os.environ, "VQGEN_TEST_MARKER": str(marker), "VQGEN_TEST_WAIT": "1"})
+    wait_for(marker, proc)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-2000:]
+    assert len(list((run / "samples" / "0000" / "images").glob("*.png"))) == 24
 
 
 def test_progress_json_holds_the_stop_step(tmp_path):
     """The loop's view: a stop request ends `fit` after the step with TrainingStopped and a state."""
     from conftest import TINY_DATA, TINY_VQVAE, tiny_train
     from stage1_vqvae.train import train_vqvae
-    from vqgen.core.errors import TrainingStopped
-    import vqgen.core.trainer as trainer
+    from vqgen.core.runtime.errors import TrainingStopped
+    import vqgen.core.training.loop as trainer
 
     real = trainer.learning_rate_at
 

@@ -11,10 +11,11 @@ import torch
 from safetensors.torch import load_file
 
 from stage1_vqvae.train import train_vqvae
-from vqgen.core.codes import load_codes
+from vqgen.core.store.codes import load_codes
 from vqgen.core.data.images import DataConfig
-from vqgen.core.errors import VQGenError
-from vqgen.core.trainer import TrainConfig, learning_rate_at
+from vqgen.core.runtime.errors import VQGenError
+from vqgen.core.training.config import TrainConfig
+from vqgen.core.training.loop import learning_rate_at
 
 from conftest import TINY_DATA, TINY_VQVAE as TINY_MODEL, tiny_train
 
@@ -47,8 +48,9 @@ def test_training_lowers_the_loss_and_writes_every_file(tmp_path):
 
 
 def test_codes_match_the_saved_model(tmp_path):
-    from stage1_vqvae.model import VQVAE, VQVAEConfig
-    from vqgen.core.checkpoint import load_model
+    from stage1_vqvae.model import VQVAE
+    from stage1_vqvae.config import VQVAEConfig
+    from vqgen.core.store.weights import load_model
     from vqgen.core.data.images import load_image_data, to_model_range
 
     run = tmp_path / "run"
@@ -111,8 +113,9 @@ def test_two_process_training_and_encoding(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     splits, meta = load_codes(run / "codes")
     assert splits["test"].codes.shape[0] == 41  # 41 is odd: padding must not leak in
-    from stage1_vqvae.model import VQVAE, VQVAEConfig
-    from vqgen.core.checkpoint import load_model
+    from stage1_vqvae.model import VQVAE
+    from stage1_vqvae.config import VQVAEConfig
+    from vqgen.core.store.weights import load_model
     from vqgen.core.data.images import load_image_data, to_model_range
 
     model = load_model(VQVAE, VQVAEConfig, run / "vqvae").eval()
@@ -136,15 +139,15 @@ def test_bf16_mixed_precision_training_keeps_the_codebook_fp32(tmp_path):
 def test_reconstruct_decodes_once_and_equals_decode_of_encode(tiny_run):
     """`vqgen reconstruct` and `vqgen eval` run the evaluation forward pass once per image, and the
     codes they report decode to exactly that reconstruction."""
-    from vqgen import pipeline
+    from vqgen.run import Run
     from vqgen.core.data.images import to_model_range, to_uint8
 
-    run = pipeline.load_run(tiny_run, need_prior=False)
-    images = pipeline.run_data(run).test.images[:8]
+    run = Run.load(tiny_run, need_prior=False)
+    images = run.data().test.images[:8]
     calls = []
     hooks = [m.register_forward_hook(lambda *_, name=name: calls.append(name))
              for name, m in (("encoder", run.vqvae.encoder), ("decoder", run.vqvae.decoder))]
-    recons, errors, codes = pipeline.reconstruct(run, images)
+    recons, errors, codes = run.reconstruct(images)
     for h in hooks:
         h.remove()
     assert calls == ["encoder", "decoder"]

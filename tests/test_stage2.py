@@ -10,10 +10,10 @@ from safetensors.torch import load_file, save_file
 from conftest import TINY_PIXELCNN, TINY_TRANSFORMER, tiny_train
 from stage2_prior.registry import load_prior
 from stage2_prior.train import train_prior
-from vqgen.core.codes import CodesMeta, load_codes, save_codes
-from vqgen.core.config import load_config
-from vqgen.core.errors import VQGenError
-from vqgen.core.layout import RunLayout
+from vqgen.core.store.codes import CodesMeta, load_codes, save_codes
+from vqgen.core.store.configs import load_config
+from vqgen.core.runtime.errors import VQGenError
+from vqgen.core.store.layout import RunLayout
 
 SIZES = {"transformer": TINY_TRANSFORMER, "pixelcnn": TINY_PIXELCNN}
 
@@ -47,7 +47,7 @@ def test_prior_resume_continues_exactly(tiny_run, tmp_path):
     for run in (a, b):
         shutil.copytree(tiny_run / "vqvae", run / "vqvae")
         shutil.copytree(tiny_run / "codes", run / "codes")
-    cfg = dict(dropout=0.1, **TINY_TRANSFORMER)  # dropout and label dropout draw random numbers
+    cfg = {**TINY_TRANSFORMER, "dropout": 0.1}  # dropout and label dropout draw random numbers
     train_prior(a, "transformer", tiny_train(max_steps=8, save_every=4), cfg)
     train_prior(b, "transformer", tiny_train(max_steps=4, save_every=4), cfg)
     train_prior(b, "transformer", tiny_train(max_steps=8, save_every=4), cfg, resume=True)

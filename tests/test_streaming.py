@@ -18,15 +18,15 @@ from safetensors.torch import load_file
 
 from conftest import TINY_TRANSFORMER, TINY_VQVAE, tiny_train
 from stage1_vqvae.train import train_vqvae
-from vqgen.core import codes as codes_module
-from vqgen.core.batches import make_loader
-from vqgen.core.codes import CodesMeta, CodeSplit, load_codes
-from vqgen.core.config import save_config
+from vqgen.core.store import codes as codes_module
+from vqgen.core.data.loaders import make_loader
+from vqgen.core.store.codes import CodesMeta, CodeSplit, load_codes
+from vqgen.core.store.configs import save_config
 from vqgen.core.data import arrow
 from vqgen.core.data.config import DataConfig
 from vqgen.core.data.images import ImageDataset, load_image_data, to_model_range
 from vqgen.core.data.shapes import make_shapes
-from vqgen.core.errors import VQGenError
+from vqgen.core.runtime.errors import VQGenError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -148,8 +148,9 @@ def test_code_dump_shards_hold_every_image_once_in_order(parquet, tmp_path, monk
     parts = [load_file(str(run / "codes" / f))["codes"] for f in shards["train"]]
     assert all(len(p) == 7 for p in parts[:-1]) and sum(len(p) for p in parts) == n_train
     assert parts[0].dtype == torch.int16
-    from stage1_vqvae.model import VQVAE, VQVAEConfig
-    from vqgen.core.checkpoint import load_model
+    from stage1_vqvae.model import VQVAE
+    from stage1_vqvae.config import VQVAEConfig
+    from vqgen.core.store.weights import load_model
 
     model = load_model(VQVAE, VQVAEConfig, run / "vqvae").eval()
     splits, loaded = load_codes(run / "codes")
@@ -279,7 +280,7 @@ def test_stop_workers_ends_a_training_loaders_processes(parquet):
     next(iter(loader))
     workers = loader._iterator._workers
     assert len(workers) == 2 and all(w.is_alive() for w in workers)
-    from vqgen.core.batches import stop_workers
+    from vqgen.core.data.loaders import stop_workers
 
     stop_workers(loader)
     assert loader._iterator is None and not any(w.is_alive() for w in workers)
@@ -301,8 +302,9 @@ def test_two_processes_dump_every_streamed_image_once_in_order(parquet, tmp_path
     env = {**os.environ, "ACCELERATE_USE_CPU": "true"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    from stage1_vqvae.model import VQVAE, VQVAEConfig
-    from vqgen.core.checkpoint import load_model
+    from stage1_vqvae.model import VQVAE
+    from stage1_vqvae.config import VQVAEConfig
+    from vqgen.core.store.weights import load_model
 
     model = load_model(VQVAE, VQVAEConfig, run / "vqvae").eval()
     images = data(parquet, "never")
@@ -318,32 +320,32 @@ def test_evaluation_and_sample_scores_never_decode_a_whole_streamed_split(parque
     from accelerate import Accelerator
 
     from stage2_prior.train import train_prior
-    from vqgen import pipeline
+    from vqgen.run import Run, judging_images
 
     run = tmp_path / "run"
     train_vqvae(run, DataConfig(source=str(parquet), stream="never"), tiny_train(max_steps=4, batch_size=8),
                 TINY_VQVAE)
     train_prior(run, "transformer", tiny_train(max_steps=4, batch_size=8), TINY_TRANSFORMER)
-    loaded = pipeline.load_run(run)
+    loaded = Run.load(run)
     in_memory, streamed = data(parquet, "never"), data(parquet, "always")
-    expected = pipeline.evaluate(loaded, in_memory, batch_size=5)
-    scores_memory = pipeline.sample_quality(loaded, Accelerator(cpu=True), 8, in_memory, judge_steps=5)
+    expected = loaded.evaluate(in_memory, batch_size=5)
+    scores_memory = loaded.sample_quality(Accelerator(cpu=True), 8, in_memory, judge_steps=5)
 
     def whole_split(self):
         raise AssertionError("a whole streamed split was decoded")
 
     with monkeypatch.context() as patched:
         patched.setattr(type(streamed.test), "images", property(whole_split))
-        assert pipeline.evaluate(loaded, streamed, batch_size=5) == pytest.approx(expected)
+        assert loaded.evaluate(streamed, batch_size=5) == pytest.approx(expected)
     # a split within JUDGING_IMAGES is judged whole: the same scores as in memory
-    scores_streamed = pipeline.sample_quality(loaded, Accelerator(cpu=True), 8, streamed, judge_steps=5)
+    scores_streamed = loaded.sample_quality(Accelerator(cpu=True), 8, streamed, judge_steps=5)
     assert all(scores_streamed[k] == pytest.approx(scores_memory[k]) for k in ("samples", "reconstructed", "real"))
     monkeypatch.setattr(type(streamed.test), "images", property(whole_split))
-    monkeypatch.setattr(pipeline, "JUDGING_IMAGES", 20)  # a larger one: a seeded subset of 20, in dataset order
-    images, labels = pipeline.judging_images(streamed.train, seed=3)
+    monkeypatch.setattr("vqgen.run.JUDGING_IMAGES", 20)  # a larger one: a seeded subset of 20, in dataset order
+    images, labels = judging_images(streamed.train, seed=3)
     rows = [i for i in range(len(in_memory.train)) if any(torch.equal(in_memory.train.images[i], x) for x in images)]
     assert len(images) == 20 and len(rows) >= 20
     assert images.shape[1:] == in_memory.train.images.shape[1:] and labels.shape == (20,)
-    again, _ = pipeline.judging_images(streamed.train, seed=3)
+    again, _ = judging_images(streamed.train, seed=3)
     assert torch.equal(images, again)
-    assert pipeline.judging_images(in_memory.train, seed=3)[0] is in_memory.train.images  # in memory: all of it
+    assert judging_images(in_memory.train, seed=3)[0] is in_memory.train.images  # in memory: all of it

@@ -26,7 +26,7 @@ def layer(module: str) -> int:
         return 0
     if module.startswith(("stage1_vqvae", "stage2_prior")):
         return 1
-    if module == "vqgen.pipeline":
+    if module == "vqgen.run":
         return 2
     return 3
 
@@ -56,12 +56,12 @@ def imports_of(path: Path, module: str) -> list[str]:
 
 def test_the_layering_test_sees_an_upward_import():
     """The check below can fail: a foundation module importing a stage is caught."""
-    tree = "from stage1_vqvae.model import VQVAE\nimport vqgen.pipeline\n"
+    tree = "from stage1_vqvae.model import VQVAE\nimport vqgen.run\n"
     fake = ROOT / "vqgen" / "core" / "_fake_for_test.py"
     try:
         fake.write_text(tree)
         assert upward_imports() == [("vqgen.core._fake_for_test", "stage1_vqvae.model"),
-                                    ("vqgen.core._fake_for_test", "vqgen.pipeline")]
+                                    ("vqgen.core._fake_for_test", "vqgen.run")]
     finally:
         fake.unlink()
 
@@ -80,9 +80,60 @@ def test_every_import_points_down():
     assert upward_imports() == []
 
 
+# The foundation's groups and what each may import (vqgen/core/__init__.py says why).
+GROUPS = {
+    "runtime": set(),
+    "store": {"runtime"},
+    "data": {"runtime", "store"},
+    "evaluate": {"runtime", "store", "data"},
+    "report": {"runtime", "store", "evaluate"},
+    "training": {"runtime", "store", "data", "evaluate", "report"},
+    "share": {"runtime", "store", "data"},
+}
+
+
+def group(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[2] if parts[:2] == ["vqgen", "core"] and len(parts) > 2 else None
+
+
+def imports_across_groups() -> list[tuple[str, str]]:
+    """Foundation modules that import from a group their own group may not import."""
+    bad = []
+    for module, path in sorted(project_modules().items()):
+        mine = group(module)
+        if mine is None:
+            continue
+        for imported in imports_of(path, module):
+            theirs = group(imported)
+            if theirs is not None and theirs != mine and theirs not in GROUPS.get(mine, set()):
+                bad.append((module, imported))
+    return bad
+
+
+def test_the_foundation_is_grouped_and_each_group_imports_only_what_it_may():
+    loose = sorted(m for m in project_modules() if group(m) is not None and m.count(".") == 2 and group(m) not in GROUPS)
+    assert loose == [], "every foundation module belongs to one of the groups"
+    for name in GROUPS:
+        init = ROOT / "vqgen" / "core" / name / "__init__.py"
+        assert init.is_file() and ast.get_docstring(ast.parse(init.read_text())), f"{name}/__init__.py says what it owns"
+    assert imports_across_groups() == []
+
+
+def test_the_group_check_sees_a_forbidden_import():
+    """The check above can fail: the store importing the training loop is caught."""
+    fake = ROOT / "vqgen" / "core" / "store" / "_fake_for_test.py"
+    try:
+        fake.write_text("from vqgen.core.training.loop import fit\n")
+        assert imports_across_groups() == [("vqgen.core.store._fake_for_test", "vqgen.core.training.loop")]
+    finally:
+        fake.unlink()
+
+
 def test_the_cli_parses_without_torch():
-    """`vqgen --help` (and the scripts' parsers) have no reason to import torch."""
+    """`vqgen --help` and the training commands' parsers (the scripts') have no reason to import torch."""
     code = ("import sys, vqgen.cli; vqgen.cli.build_parser().format_help(); "
+            "[vqgen.cli.build_parser().parse_args(['train', s, '--max-steps', '1']) for s in ('vqvae', 'prior')]; "
             "print(sorted(m for m in ('torch', 'accelerate', 'datasets', 'torchvision') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "[]"
@@ -101,34 +152,34 @@ def _option_helps(parser) -> list[tuple[str, str]]:
 
 
 def test_every_option_has_help_and_lists_its_choices():
+    """Every command's options, `vqgen train vqvae|prior` (and so the training scripts) included."""
     from vqgen.cli import build_parser
 
-    parsers = [build_parser()]
-    for name in ("train_vqvae", "train_prior"):
-        module = load_script(name)
-        captured = {}
-        original = module.Parser.parse_args
-        module.Parser.parse_args = lambda self, argv=None: captured.setdefault("parser", self)
-        try:
-            module.parse_args([])
-        finally:
-            module.Parser.parse_args = original
-        parsers.append(captured["parser"])
-    for parser in parsers:
-        for flag, help_text, choices in _option_helps(parser):
-            if flag == "--help":
-                continue
-            words = help_text.split("(default")[0].strip()
-            assert len(words.split()) >= 2 and words != flag.strip("-").replace("-", " "), f"{flag}: {help_text!r}"
-            if choices and not isinstance(choices, dict):
-                assert all(str(c) in help_text for c in choices), f"{flag}: {help_text!r}"
+    found = _option_helps(build_parser())
+    assert {"--preset", "--prior", "--max-steps", "--codebook-size", "--d-model", "--cfg"} <= {f for f, _, _ in found}
+    for flag, help_text, choices in found:
+        if flag == "--help":
+            continue
+        words = help_text.split("(default")[0].strip()
+        assert len(words.split()) >= 2 and words != flag.strip("-").replace("-", " "), f"{flag}: {help_text!r}"
+        if choices and not isinstance(choices, dict):
+            assert all(str(c) in help_text for c in choices), f"{flag}: {help_text!r}"
+
+
+def test_the_training_scripts_are_vqgen_train():
+    """scripts/train_vqvae.py ARGS parses as `vqgen train vqvae ARGS` (and the prior's likewise)."""
+    from vqgen.cli import build_parser
+
+    for stage in ("vqvae", "prior"):
+        argv = ["--run", "runs/x", "--max-steps", "7"]
+        assert load_script(f"train_{stage}").parse_args(argv) == build_parser().parse_args(["train", stage, *argv])
 
 
 def test_every_config_field_carries_its_help():
-    from stage1_vqvae.model import VQVAEConfig
+    from stage1_vqvae.config import VQVAEConfig
     from stage2_prior.registry import PRIORS
     from vqgen.core.data.config import DataConfig
-    from vqgen.core.trainer import TrainConfig
+    from vqgen.core.training.config import TrainConfig
 
     configs = [VQVAEConfig, DataConfig, TrainConfig] + [k.config for k in PRIORS.values()]
     missing = [f"{cls.__name__}.{f.name}" for cls in configs for f in dataclasses.fields(cls)

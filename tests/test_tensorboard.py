@@ -12,7 +12,7 @@ from conftest import TINY_DATA, TINY_TRANSFORMER, TINY_VQVAE, tiny_train
 from stage1_vqvae.train import train_vqvae
 from stage2_prior.train import train_prior
 from vqgen.cli import main
-from vqgen.core.layout import RunLayout
+from vqgen.core.store.layout import RunLayout
 
 
 def _train_both(run: Path, tracker: str) -> None:

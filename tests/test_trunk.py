@@ -10,11 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stage1_vqvae.model import VQVAE, VQVAEConfig
+from stage1_vqvae.model import VQVAE
+from stage1_vqvae.config import VQVAEConfig
 from stage1_vqvae.trunk import AttnBlock, ResnetDecoder, ResnetEncoder
-from vqgen.core.checkpoint import load_model, save_model
-from vqgen.core.config import config_to_dict, load_config, save_config
-from vqgen.core.errors import VQGenError
+from vqgen.core.store.weights import load_model, save_model
+from vqgen.core.store.configs import config_to_dict, load_config, save_config
+from vqgen.core.runtime.errors import VQGenError
 from conftest import load_script
 
 
@@ -249,9 +250,11 @@ def test_a_wrong_trunk_in_a_saved_config_names_the_file(tmp_path):
 
 
 def test_the_cli_parses_a_channel_mult_list(capsys):
+    from vqgen.arguments import VQVAE_FROM_DATA, given_options
+
     script = load_script("train_vqvae")
     args = script.parse_args(["--architecture", "resnet", "--channel-mult", "1,2,2,4", "--attention"])
-    given = script.given_options(args, VQVAEConfig, skip=script.MODEL_FROM_DATA)
+    given = given_options(args, VQVAEConfig, skip=VQVAE_FROM_DATA)
     assert given == {"architecture": "resnet", "channel_mult": (1, 2, 2, 4), "attention": True}
     assert dataclasses.replace(tiny(), downsample=8, **given).level_mults == (1, 2, 2, 4)
     with pytest.raises(SystemExit) as stop:
@@ -262,7 +265,7 @@ def test_the_cli_parses_a_channel_mult_list(capsys):
 
 
 def test_a_preset_fills_only_the_options_not_given():
-    from stage1_vqvae.train import PRESETS, preset_options
+    from stage1_vqvae.config import PRESETS, preset_options
 
     assert preset_options(None, {"code_dim": 8}) == {"code_dim": 8}
     assert preset_options("128", {}) == PRESETS["128"]
@@ -281,7 +284,7 @@ def test_a_preset_fills_only_the_options_not_given():
 
 @pytest.mark.parametrize("side", [32, 64, 128, 256])
 def test_every_preset_builds_at_its_side(side):
-    from stage1_vqvae.train import PRESETS
+    from stage1_vqvae.config import PRESETS
 
     cfg = VQVAEConfig(image_height=side, image_width=side, **PRESETS[str(side)])
     assert cfg.grid_shape == ((8, 8) if side == 32 else (16, 16))
@@ -306,7 +309,7 @@ def test_a_wrong_trunk_on_the_command_line_writes_nothing(tmp_path, capsys, opti
 def test_the_photo_benchmark_trains_both_trunks_for_its_budget(tmp_path):
     if os.environ.get("CI") != "true":  # the test extra installs scikit-image: in CI a missing one is a failure
         pytest.importorskip("skimage")
-    bench = load_script("benchmark_photos")
+    bench = load_script("benchmarks/photos")
     out = tmp_path / "photos.json"
     argv = ["--sizes", "64", "--budget", "0.3", "--batch-size", "2", "--test-crops", "2", "--out", str(out)]
     assert bench.main(argv) == 0
@@ -321,7 +324,7 @@ def test_the_photo_benchmark_trains_both_trunks_for_its_budget(tmp_path):
 
 
 def test_the_photo_benchmark_sizes_the_resnet_trunk_from_its_options_and_refuses_bad_ones(tmp_path, capsys):
-    bench = load_script("benchmark_photos")
+    bench = load_script("benchmarks/photos")
     args = bench.parse_args(["--resnet-width", "16", "--resnet-mult", "1,2,2,4", "--resnet-blocks", "0"])
     resnet = bench.resnet_overrides(args)
     cfg = bench.model_config("resnet", 128, 16, resnet)
@@ -339,7 +342,7 @@ def test_the_photo_benchmark_sizes_the_resnet_trunk_from_its_options_and_refuses
 
 
 def test_the_photo_benchmark_holds_out_whole_photos_and_refuses_a_split_that_does_not(tmp_path, capsys):
-    bench = load_script("benchmark_photos")
+    bench = load_script("benchmarks/photos")
     assert bench.photo_split("a.png,b.png,c.png", "d.png") == (("a.png", "b.png", "c.png"), ("d.png",))
     out = tmp_path / "photos.json"
     for bad, message in ((["--train-photos", "a.png,b.png", "--test-photos", "b.png"],

@@ -15,13 +15,14 @@ import pytest
 import torch
 
 from conftest import TINY_DATA, TINY_VQVAE, load_script, tiny_train, tree_hashes
-from stage1_vqvae.model import VQVAE, VQVAEConfig
+from stage1_vqvae.model import VQVAE
+from stage1_vqvae.config import VQVAEConfig
 from stage1_vqvae.train import train_vqvae
 from vqgen.cli import main
-from vqgen.core.checkpoint import save_model, state_dirs
-from vqgen.core.errors import VQGenError
-from vqgen.core.layout import RunLayout
-from vqgen.core.manifest import state_damage
+from vqgen.core.store.weights import save_model, state_dirs
+from vqgen.core.runtime.errors import VQGenError
+from vqgen.core.store.layout import RunLayout
+from vqgen.core.store.manifest import state_damage
 
 FULL = "No space left on device"
 
@@ -72,13 +73,13 @@ def no_temporaries(folder: Path) -> list[str]:
 
 
 def test_a_full_disk_while_saving_a_state_keeps_the_previous_one(disk, capsys):
-    import vqgen.core.states
+    import vqgen.core.training.checkpoints
 
     folder, fill = disk
     run = folder / "run"
     train_vqvae(run, TINY_DATA, tiny_train(max_steps=5, save_every=5), TINY_VQVAE, encode=False)
     weights = (run / "vqvae" / "model.safetensors").read_bytes()
-    fill([(vqgen.core.states, "write_manifest")])
+    fill([(vqgen.core.training.checkpoints, "write_manifest")])
     script = load_script("train_vqvae")
     code = script.main(["--run", str(run), "--resume", "--max-steps", "15", "--save-every", "5", "--no-encode"])
     err = capsys.readouterr().err.strip()
@@ -91,7 +92,7 @@ def test_a_full_disk_while_saving_a_state_keeps_the_previous_one(disk, capsys):
 
 
 def test_a_full_disk_while_exporting_weights_keeps_the_previous_ones(disk):
-    import vqgen.core.checkpoint
+    import vqgen.core.store.weights
 
     folder, fill = disk
     cfg = VQVAEConfig(codebook_size=8, code_dim=4, hidden_channels=8, res_channels=4)
@@ -101,7 +102,7 @@ def test_a_full_disk_while_exporting_weights_keeps_the_previous_ones(disk):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)
-    fill([(vqgen.core.checkpoint, "save_file")], leave=4096)
+    fill([(vqgen.core.store.weights, "save_file")], leave=4096)
     with pytest.raises(VQGenError, match=f"cannot write {folder / 'w' / 'model.safetensors'}: {FULL}"):
         save_model(model, cfg, folder / "w")
     assert tree_hashes(folder / "w") == before  # the old weights and config, and no temporary file
@@ -124,7 +125,7 @@ def test_a_full_disk_while_encoding_keeps_the_previous_codes(disk, tiny_run, cap
 
 
 def test_a_full_disk_while_sampling_leaves_no_sample_folder(disk, tiny_run, capsys, monkeypatch):
-    import vqgen.core.samples
+    import vqgen.core.store.sample_set
 
     folder, fill = disk
     run = folder / "run"
@@ -132,8 +133,8 @@ def test_a_full_disk_while_sampling_leaves_no_sample_folder(disk, tiny_run, caps
         (run / part).parent.mkdir(parents=True, exist_ok=True)
         (shutil.copytree if (tiny_run / part).is_dir() else shutil.copy)(tiny_run / part, run / part)
     shutil.rmtree(run / "vqvae" / "state")
-    monkeypatch.setattr(vqgen.core.samples, "disk_needed", lambda *a: (0, 0))  # past the up-front check
-    fill([(vqgen.core.samples, "to_pil")])
+    monkeypatch.setattr(vqgen.core.store.sample_set, "disk_needed", lambda *a: (0, 0))  # past the up-front check
+    fill([(vqgen.core.store.sample_set, "to_pil")])
     assert main(["sample", "--run", str(run), "--n", "300", "--batch-size", "50"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "cannot write" in err and FULL in err, err
@@ -141,12 +142,12 @@ def test_a_full_disk_while_sampling_leaves_no_sample_folder(disk, tiny_run, caps
 
 
 def test_a_sample_set_the_disk_cannot_hold_is_refused_before_sampling(tiny_run, tmp_path, capsys, monkeypatch):
-    import vqgen.core.samples
+    import vqgen.core.store.sample_set
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
     free = 5_000_000
-    monkeypatch.setattr(vqgen.core.samples.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 0, free))
+    monkeypatch.setattr(vqgen.core.store.sample_set.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 0, free))
     before = tree_hashes(run)
     assert main(["sample", "--run", str(run), "--n", "20000"]) == 2
     err = capsys.readouterr().err.strip()

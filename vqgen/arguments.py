@@ -1,6 +1,6 @@
 """Command-line options generated from the config dataclasses, shared by the scripts and the CLI.
 
-Each field carries its help (and choices, flag name, aliases) as metadata (`vqgen.core.config.option`);
+Each field carries its help (and choices, flag name, aliases) as metadata (`vqgen.core.store.configs.option`);
 this module maps fields to `--flags`. Every option defaults to None so that "given on the command
 line" can be told apart from "the config's default": on --resume only the given ones are compared.
 """
@@ -18,8 +18,14 @@ import types
 import typing
 from typing import Any, Callable, NoReturn
 
-from vqgen.core.console import print_error
-from vqgen.core.errors import TrainingStopped, VQGenError
+from stage1_vqvae.config import PRESETS, VQVAEConfig
+from stage1_vqvae.config import TRAIN_DEFAULTS as VQVAE_TRAIN_DEFAULTS
+from stage2_prior.config import PRIOR_CONFIGS
+from stage2_prior.config import TRAIN_DEFAULTS as PRIOR_TRAIN_DEFAULTS
+from vqgen.core.data.config import DataConfig
+from vqgen.core.runtime.console import print_error
+from vqgen.core.training.config import TrainConfig
+from vqgen.core.runtime.errors import TrainingStopped, VQGenError
 
 
 def flag(f: dataclasses.Field) -> str:
@@ -68,11 +74,18 @@ def _end_process_group() -> None:
 
 
 def resume_command(argv: list[str]) -> str:
-    """The command line that continues this training: the same options, `--resume`, never `--overwrite`."""
+    """The command line that continues this training: the same options, `--resume`, never `--overwrite`.
+
+    `argv` is `sys.argv`: of a script (`scripts/train_vqvae.py ...`), of the `vqgen` console script, or of
+    `python -m vqgen` (whose argv[0] is vqgen/__main__.py)."""
     options = [a for a in argv[1:] if a != "--overwrite"]
     if "--resume" not in options:
         options.append("--resume")
     processes = int(os.environ.get("WORLD_SIZE", "1"))
+    program = os.path.basename(argv[0])
+    if program in ("vqgen", "__main__.py"):
+        launcher = ["accelerate", "launch", "--num_processes", str(processes), "-m"] if processes > 1 else []
+        return shlex.join([*launcher, "vqgen", *options] if launcher else ["vqgen", *options])
     launcher = ["accelerate", "launch", "--num_processes", str(processes)] if processes > 1 else ["python"]
     return shlex.join([*launcher, argv[0], *options])
 
@@ -144,3 +157,57 @@ def given_options(args: argparse.Namespace, cls: type, skip: tuple[str, ...] = (
     """The fields of `cls` that were given on the command line."""
     return {f.name: getattr(args, _dest(f)) for f in dataclasses.fields(cls)
             if f.name not in skip and getattr(args, _dest(f), None) is not None}
+
+
+VQVAE_FROM_DATA = ("in_channels", "image_height", "image_width")  # model fields the data sets
+PRIOR_FROM_CODES = ("codebook_size", "grid_height", "grid_width", "num_classes")  # prior fields the codes set
+
+
+def add_vqvae_training_options(parser: argparse.ArgumentParser) -> None:
+    """`vqgen train vqvae` (and scripts/train_vqvae.py): the run, resume/overwrite, then the data, training and
+    model options of stage 1's configs."""
+    _add_run_options(parser, "VQ-VAE")
+    parser.add_argument("--no-encode", action="store_true", help="skip dumping the code grids at the end")
+    parser.add_argument("--preset", choices=tuple(PRESETS),
+                        help=f"model options for an image side ({' | '.join(PRESETS)}), filling only the model "
+                             "options not given (default: none, the sized defaults)")
+    add_config_options(parser, DataConfig, title="data")
+    add_config_options(parser, TrainConfig, title="training", defaults=VQVAE_TRAIN_DEFAULTS)
+    add_config_options(parser, VQVAEConfig, skip=VQVAE_FROM_DATA, title="model")
+
+
+def add_prior_training_options(parser: argparse.ArgumentParser) -> None:
+    """`vqgen train prior` (and scripts/train_prior.py): the run, the prior kind, labels, resume/overwrite, then
+    the training options and every prior kind's model options."""
+    _add_run_options(parser, "prior")
+    parser.add_argument("--prior", default="transformer", choices=sorted(PRIOR_CONFIGS),
+                        help=f"which prior ({' | '.join(sorted(PRIOR_CONFIGS))}; default: transformer)")
+    parser.add_argument("--codes", default=None, help="codes folder (default: RUN/codes)")
+    labels = parser.add_mutually_exclusive_group()
+    labels.add_argument("--conditional", dest="labels", action="store_const", const="yes",
+                        help="condition on labels (error if the codes have none)")
+    labels.add_argument("--unconditional", dest="labels", action="store_const", const="no",
+                        help="ignore the codes' labels")
+    parser.set_defaults(labels="auto")
+    parser.add_argument("--allow-vqvae-mismatch", action="store_true",
+                        help="train even if the codes came from another VQ-VAE than the run's")
+    add_config_options(parser, TrainConfig, title="training", defaults=PRIOR_TRAIN_DEFAULTS)
+    seen = set(PRIOR_FROM_CODES)
+    for name, config in PRIOR_CONFIGS.items():
+        add_config_options(parser, config, skip=tuple(seen), title=f"{name} prior")
+        seen |= {f.name for f in dataclasses.fields(config)}
+
+
+def _add_run_options(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--run", default="runs/default", help="run directory (default: runs/default)")
+    parser.add_argument("--resume", action="store_true", help=f"continue the {what} from the run's last saved state")
+    parser.add_argument("--overwrite", action="store_true", help=f"replace the run's trained {what}")
+
+
+def given_prior_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The model options of every prior kind given on the command line (the entry point refuses those that do
+    not apply to the chosen kind)."""
+    given: dict[str, Any] = {}
+    for config in PRIOR_CONFIGS.values():
+        given.update(given_options(args, config, skip=PRIOR_FROM_CODES))
+    return given

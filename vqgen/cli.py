@@ -1,4 +1,5 @@
-"""`vqgen`: sample, reconstruct, encode, complete, info and eval on a trained run; export and push it.
+"""`vqgen`: train both stages, sample, reconstruct, encode, complete, info and eval on a trained run; export
+and push it.
 
 Argument parsing only: `vqgen.commands` does the work (importing torch only then).
 """
@@ -8,10 +9,19 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vqgen.arguments import Parser, add_config_options, exit_code
+from stage2_prior.config import SamplingConfig
+from vqgen.arguments import Parser, add_config_options, add_prior_training_options, add_vqvae_training_options, exit_code
 from vqgen.core.data.config import DataConfig
 
 EXAMPLES = {
+    "vqvae": "vqgen train vqvae                                   # built-in shapes, runs/default\n"
+             "  vqgen train vqvae --data ./my_images --image-size 64 --run runs/mine\n"
+             "  vqgen train vqvae --run runs/mine --resume            # continue from the last saved state\n"
+             "  vqgen train vqvae --data ./photos --image-size 128 --preset 128   # the resnet trunk\n"
+             "  accelerate launch -m vqgen train vqvae --run runs/mine  # several processes",
+    "prior": "vqgen train prior                                   # transformer on runs/default/codes\n"
+             "  vqgen train prior --prior pixelcnn --run runs/mine --max-steps 5000\n"
+             "  accelerate launch -m vqgen train prior --run runs/mine --resume",
     "sample": "vqgen sample --n 64\n  vqgen sample --run runs/mine --n 16 --label circle --cfg 2.0 --top-k 100\n"
               "  accelerate launch -m vqgen sample --n 1000 --batch-size 500",
     "reconstruct": "vqgen reconstruct --n 16\n  vqgen reconstruct --run runs/mine --split train",
@@ -30,19 +40,10 @@ EXAMPLES = {
 
 RUN_HELP = ("run directory, exported model folder, or Hugging Face Hub repo id owner/name[@revision] (downloaded "
             "into the Hub's cache; outputs then go to outputs/NAME/) (default: runs/default)")
-# README, "Sampling defaults": in-domain FID and class accuracy on four datasets; for the clusters of an
-# unlabelled folder too ("Unlabelled images")
-DEFAULT_CFG = 1.5
 
 
 def _add_sampling_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (default: 1.0)")
-    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely codes")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]")
-    p.add_argument("--cfg", type=float, default=DEFAULT_CFG,
-                   help=f"classifier-free guidance scale of a conditional prior, on classes or on the clusters of an "
-                        f"unlabelled folder (1: off; default: {DEFAULT_CFG}, measured best across datasets; 1.0 gives "
-                        f"more varied samples)")
+    add_config_options(p, SamplingConfig, title="sampling")
     p.add_argument("--seed", type=int, default=0, help="sample i is seeded by (seed, i) (default: 0)")
     p.add_argument("--allow-vqvae-mismatch", action="store_true",
                    help="use a prior trained on another VQ-VAE's codes")
@@ -59,6 +60,19 @@ def build_parser() -> argparse.ArgumentParser:
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--run", default="runs/default", help=RUN_HELP if model else "run directory (default: runs/default)")
         return p
+
+    p = sub.add_parser("train", help="train stage 1 (the VQ-VAE, then its code dump) or stage 2 (a prior)",
+                       description="train stage 1 (vqvae: the VQ-VAE, then the dump of the dataset's code grids) or "
+                                   "stage 2 (prior: a prior over those grids) of a run")
+    stages = p.add_subparsers(dest="stage", required=True, metavar="STAGE", parser_class=Parser)
+    for stage, help_text, add_options in (
+            ("vqvae", "stage 1: train a VQ-VAE on images and dump the dataset's code grids",
+             add_vqvae_training_options),
+            ("prior", "stage 2: fit a prior (GPT Transformer or gated PixelCNN) over a run's code grids",
+             add_prior_training_options)):
+        add_options(stages.add_parser(stage, help=help_text, description=help_text,
+                                      epilog="examples:\n  " + EXAMPLES[stage],
+                                      formatter_class=argparse.RawDescriptionHelpFormatter))
 
     p = command("sample", "draw images: prior -> codebook -> decoder")
     p.add_argument("--n", type=int, default=64, help="number of images (default: 64)")

@@ -1,13 +1,12 @@
-"""The work behind each `vqgen` command: load the run, call the pipeline, write the files.
+"""The work behind each `vqgen` command: check the options, load the run, call its methods, write the files.
 
 `vqgen.cli` parses the arguments and imports this module only then, so `vqgen --help` never
-imports torch.
+imports torch. Each command checks what it was given before it loads or writes anything.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import tempfile
@@ -18,93 +17,105 @@ import torch
 from accelerate import Accelerator
 from rich.table import Table
 
+from stage1_vqvae.config import VQVAEConfig
 from stage1_vqvae.encode import encode_splits
-from vqgen import pipeline
-from vqgen.arguments import given_options
-from vqgen.cli import DEFAULT_CFG
-from vqgen.core import hub
-from vqgen.core.agree import from_main, raise_together
-from vqgen.core.checkpoint import ensure_writable
-from vqgen.core.codes import CodeSplit, load_codes
-from vqgen.core.config import load_config, read_json
-from vqgen.core.console import make_console, make_progress
+from stage1_vqvae.train import train_vqvae
+from stage2_prior.config import DEFAULT_CFG, SamplingConfig
+from stage2_prior.train import train_prior
+from vqgen.arguments import VQVAE_FROM_DATA, flag, given_options, given_prior_options
 from vqgen.core.data.config import DataConfig
-from vqgen.core.errors import VQGenError
-from vqgen.core.export import check_export_target, export_run, locate_run
-from vqgen.core.hub import checked_repo_id
-from vqgen.core.interrupt import terminate_interrupts
-from vqgen.core.imageio import png_size, save_grid
-from vqgen.core.layout import SAMPLE_GRID, RunLayout
-from vqgen.core.lock import stage_lock
-from vqgen.core.metrics import JsonlLog, psnr
-from vqgen.core.modelcard import model_card
-from vqgen.core.samples import SampleSetWriter, discard_sample_set, finish_sample_set, start_sample_set
-
+from vqgen.core.evaluate.measures import psnr
+from vqgen.core.runtime.console import make_console, make_progress
+from vqgen.core.runtime.errors import VQGenError
+from vqgen.core.runtime.processes import from_main
+from vqgen.core.runtime.signals import terminate_interrupts
+from vqgen.core.share import hub
+from vqgen.core.share.export import check_export_target, export_run, locate_run
+from vqgen.core.share.hub import checked_repo_id
+from vqgen.core.share.modelcard import model_card
+from vqgen.core.store.codes import CodeSplit, load_codes
+from vqgen.core.store.configs import load_config, read_json
+from vqgen.core.store.imageio import png_size, save_grid
+from vqgen.core.store.jsonl import JsonlLog
+from vqgen.core.store.layout import SAMPLE_GRID, RunLayout
+from vqgen.core.store.lock import stage_lock
+from vqgen.core.store.sample_set import sample_set
+from vqgen.core.store.weights import ensure_writable
+from vqgen.core.training.config import TrainConfig
+from vqgen.run import LabelPlan, Run
 
 EXPORT_SAMPLES = 64  # drawn for the model card when the run has no sample grid
 
 
-def _sampling_kwargs(args: argparse.Namespace) -> dict:
-    """The sampling options of the parsed command line."""
-    return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, cfg_scale=args.cfg)
+def _at_least(args: argparse.Namespace, lowest: int, *names: str) -> None:
+    """Refuse an integer option below `lowest`, naming its flag: `--n must be >= 1, got 0`."""
+    for name in names:
+        if getattr(args, name) < lowest:
+            raise VQGenError(f"--{name.replace('_', '-')} must be >= {lowest}, got {getattr(args, name)}")
+
+
+def _sampling(args: argparse.Namespace) -> SamplingConfig:
+    """The sampling options of the parsed command line, checked."""
+    return SamplingConfig(**given_options(args, SamplingConfig))
+
+
+def _as_flags(config) -> dict:
+    """A config's values under the names of their command-line options (`cfg_scale` as `cfg`)."""
+    return {flag(f).replace("-", "_"): getattr(config, f.name) for f in dataclasses.fields(config)}
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    """`vqgen train vqvae|prior`: the stage's one entry point with the options given on the command line."""
+    if args.stage == "vqvae":
+        train_vqvae(args.run, given_options(args, DataConfig), given_options(args, TrainConfig),
+                    given_options(args, VQVAEConfig, skip=VQVAE_FROM_DATA), preset=args.preset,
+                    resume=args.resume, encode=not args.no_encode, overwrite=args.overwrite)
+    else:
+        train_prior(args.run, args.prior, given_options(args, TrainConfig), given_prior_options(args),
+                    codes_dir=args.codes, labels=args.labels, resume=args.resume,
+                    allow_vqvae_mismatch=args.allow_vqvae_mismatch, overwrite=args.overwrite)
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    for name in ("n", "batch_size", "nrow"):
-        if getattr(args, name) < 1:
-            raise VQGenError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    _at_least(args, 1, "n", "batch_size", "nrow")
+    sampling = _sampling(args)
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     console = make_console(accelerator.is_main_process)
-    run = pipeline.load_run(args.run, allow_vqvae_mismatch=args.allow_vqvae_mismatch)
-    pipeline.run_on_device(run, accelerator.device)
-    labels = pipeline.choose_labels(run, args.label, args.n, args.unconditional, seed=args.seed)
-    batches = pipeline.sample_batches(run, accelerator, args.n, labels=labels, seed=args.seed,
-                                      batch_size=args.batch_size, **_sampling_kwargs(args))  # checked, not drawn
+    run = Run.load(args.run, allow_vqvae_mismatch=args.allow_vqvae_mismatch, device=accelerator.device)
+    labels = run.label_plan(args.label, args.n, args.unconditional, seed=args.seed)
+    batches = run.sample_batches(accelerator, args.n, labels, sampling, args.seed, args.batch_size)  # checked
     out = from_main(accelerator, Path(args.out) if args.out else run.outputs.next_samples_dir())
     ensure_writable(out)
     if out.is_dir() and any(out.iterdir()):
         raise VQGenError(f"--out {out} exists and is not empty; choose another folder")
-    tmp, error = None, None
-    if accelerator.is_main_process:
-        try:
-            tmp = start_sample_set(out, args.n, run.vqvae.config.grid_shape, _png_bytes(run), args.nrow)
-        except VQGenError as err:
-            error = str(err)
-    raise_together(accelerator, error, main_only=True)
-    tmp = from_main(accelerator, tmp)
-    start, writer = time.perf_counter(), None
-    try:
-        with terminate_interrupts():  # SIGTERM, like Ctrl-C, removes the temporary folder
-            writer = SampleSetWriter(tmp, args.n)
-            with make_progress(console, "sampling") as bar:
-                task = bar.add_task("sampling", total=-(-args.n // accelerator.num_processes), metrics="")
-                for indices, codes, images in batches:  # each process writes its own samples as they come
-                    writer.write(indices, codes, images)
-                    bar.advance(task, len(indices))
-            writer.close()
-            accelerator.wait_for_everyone()
-            seconds = time.perf_counter() - start
-            if accelerator.is_main_process:
-                settings = {**vars(args), "processes": accelerator.num_processes, "seconds": seconds,
-                            "labels": None if labels is None else labels.tolist()}
-                finish_sample_set(tmp, out, args.n, args.nrow, settings)
-    except BaseException:
-        if writer is not None:
-            with contextlib.suppress(Exception):
-                writer.close()
-        if accelerator.is_main_process:
-            discard_sample_set(tmp)
-        raise
+    start = time.perf_counter()
+    grid = run.vqvae.config.grid_shape
+    with sample_set(accelerator, out, args.n, grid, _png_bytes(run), args.nrow) as samples, \
+            make_progress(console, "sampling") as bar:
+        task = bar.add_task("sampling", total=-(-args.n // accelerator.num_processes), metrics="")
+        for indices, codes, images in batches:  # each process writes its own samples as they come
+            samples.write(indices, codes, images)
+            bar.advance(task, len(indices))
+        seconds = time.perf_counter() - start
+        samples.settings = {**vars(args), **_as_flags(sampling), "processes": accelerator.num_processes,
+                            "seconds": seconds,
+                            "labels": _labels_list(labels, args.n)}
     console.print(f"{args.n} samples in {seconds:.2f} s -> {out}/grid.png, {out}/images/, {out}/codes.safetensors")
     if accelerator.is_main_process and not run.read_only:
         _log_samples(run, out, console)
 
 
-def _log_samples(run: pipeline.Run, out: Path, console) -> None:
+def _labels_list(labels: LabelPlan, n: int) -> list[int] | None:
+    """Each sample's label, for settings.json (computed once at the end, on the main process)."""
+    drawn = labels.of(torch.arange(n))
+    return None if drawn is None else drawn.tolist()
+
+
+def _log_samples(run: Run, out: Path, console) -> None:
     """The sample grid to the tracker the prior trained with (TensorBoard, W&B), if any; a failure warns."""
-    from vqgen.core import trackers
-    from vqgen.core.imageio import load_png
-    from vqgen.core.layout import SampleSetDir
+    from vqgen.core.report import trackers
+    from vqgen.core.store.imageio import load_png
+    from vqgen.core.store.layout import SampleSetDir
 
     try:
         tracker = trackers.log_image(run.layout.prior, "samples/grid", load_png(SampleSetDir(out).grid))
@@ -115,70 +126,67 @@ def _log_samples(run: pipeline.Run, out: Path, console) -> None:
         console.print(f"sample grid logged to {tracker} in {run.layout.prior.logs}")
 
 
-def _png_bytes(run: pipeline.Run) -> int:
+def _png_bytes(run: Run) -> int:
     """Bytes of one decoded image as a PNG, for the disk estimate: random codes, busier than most samples."""
     cfg = run.vqvae.config
     codes = torch.randint(cfg.codebook_size, (1, *cfg.grid_shape), generator=torch.Generator().manual_seed(0))
-    return png_size(pipeline.decode_codes(run, codes)[0])
+    return png_size(run.decode(codes)[0])
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> None:
-    if args.n < 1:
-        raise VQGenError(f"--n must be >= 1, got {args.n}")
+    _at_least(args, 1, "n")
     console = make_console()
-    run = pipeline.load_run(args.run, need_prior=False)
+    run = Run.load(args.run, need_prior=False)
     out = Path(args.out) if args.out else run.outputs.reconstructions
     ensure_writable(out.parent)
-    data = pipeline.run_data(run)
-    split = getattr(data, args.split)
+    split = getattr(run.data(), args.split)
     images = split.take(range(min(args.n, len(split))))  # only these are decoded, when the split is streamed
-    recons, errors, _ = pipeline.reconstruct(run, images)
+    recons, errors, _ = run.reconstruct(images)
     save_grid(torch.cat([images, recons]), out, nrow=len(images))
     mse = errors.mean().item()
     console.print(f"{len(images)} {args.split} images: MSE {mse:.5f}, PSNR {psnr(mse):.2f} dB -> {out}")
 
 
 def cmd_encode(args: argparse.Namespace) -> None:
+    _at_least(args, 1, "batch_size")
     accelerator = Accelerator()
     console = make_console(accelerator.is_main_process)
-    run = pipeline.load_run(args.run, need_prior=False)
+    run = Run.load(args.run, need_prior=False)
     if run.read_only:
         raise VQGenError(f"--run {args.run} is an exported model, which is only read: `vqgen encode` writes code "
-                         "grids into a run directory (train one with scripts/train_vqvae.py)")
+                         "grids into a run directory (train one with `vqgen train vqvae`)")
     # one writer: refused while stage 1 trains (it encodes at its end) or another encode runs
     with stage_lock(run.layout.vqvae, "encoding"), terminate_interrupts():
-        pipeline.run_on_device(run, accelerator.device)
+        run.to(accelerator.device)
+        data_cfg = load_config(DataConfig, run.layout.vqvae.data_config)
         given = given_options(args, DataConfig)
-        override = None
         if given:
-            saved = load_config(DataConfig, run.layout.vqvae.data_config)
-            override = dataclasses.replace(saved, **given)
+            data_cfg = dataclasses.replace(data_cfg, **given)
         with accelerator.main_process_first():
-            data = pipeline.run_data(run, override)
-        encode_splits(accelerator, run.vqvae, data, override or load_config(DataConfig, run.layout.vqvae.data_config),
-                      run.layout, args.batch_size, console)
+            data = run.data(data_cfg)
+        encode_splits(accelerator, run.vqvae, data, data_cfg, run.layout, args.batch_size, console)
 
 
 def cmd_complete(args: argparse.Namespace) -> None:
-    if args.n < 1:
-        raise VQGenError(f"--n must be >= 1, got {args.n}")
+    _at_least(args, 1, "n")
+    sampling = _sampling(args)
     console = make_console()
-    run = pipeline.load_run(args.run, allow_vqvae_mismatch=args.allow_vqvae_mismatch)
+    run = Run.load(args.run, allow_vqvae_mismatch=args.allow_vqvae_mismatch)
     out = Path(args.out) if args.out else run.outputs.completions
     ensure_writable(out.parent)
     if args.keep_rows is not None and not 0 <= args.keep_rows <= run.prior.config.grid_height:
         raise VQGenError(f"--keep-rows must be in [0, {run.prior.config.grid_height}], got {args.keep_rows}")
     if run.read_only:  # an exported model carries no code grids: encode the test images
-        data = pipeline.run_data(run)
-        _, _, grids = pipeline.reconstruct(run, data.test.take(range(min(args.n, len(data.test)))))
+        data = run.data()
+        _, _, grids = run.reconstruct(data.test.take(range(min(args.n, len(data.test)))))
         test = CodeSplit(grids, None if run.source.pseudo_labels else data.test.labels)
     else:
         test = load_codes(run.layout.codes)[0]["test"]
     codes = test.codes[: args.n].long()
     labels = test.labels[: args.n] if run.prior.config.num_classes and test.labels is not None else None
     keep = args.keep_rows if args.keep_rows is not None else codes.shape[1] // 2
-    completed, images = pipeline.complete(run, codes, keep, labels, seed=args.seed, **_sampling_kwargs(args))
-    originals = pipeline.decode_codes(run, codes)
+    completed, images = run.complete(codes, keep, labels, seed=args.seed, sampling=sampling)
+    originals = run.decode(codes)
     save_grid(torch.cat([originals, images]), out, nrow=len(codes))
     console.print(f"{len(codes)} completions keeping {keep} of {codes.shape[1]} code rows "
                   f"(top: decoded originals, bottom: completions) -> {out}")
@@ -227,14 +235,16 @@ def _test_summary(tests: list[dict]) -> str:
 def cmd_eval(args: argparse.Namespace) -> None:
     if args.samples < 0 or args.samples == 1:
         raise VQGenError(f"--samples must be 0 (none) or >= 2, got {args.samples}")
-    if args.judge_steps < 1:
-        raise VQGenError(f"--judge-steps must be >= 1, got {args.judge_steps}")
+    _at_least(args, 1, "judge_steps", "batch_size")
     if args.inception and not args.samples:
         raise VQGenError("--inception scores samples: give --samples N as well")
+    sampling = _sampling(args)
     console = make_console()
-    run = pipeline.load_run(args.run, need_prior=bool(args.samples), allow_vqvae_mismatch=args.allow_vqvae_mismatch)
-    data = pipeline.run_data(run)
-    metrics = pipeline.evaluate(run, data)
+    accelerator = Accelerator()
+    run = Run.load(args.run, need_prior=bool(args.samples), allow_vqvae_mismatch=args.allow_vqvae_mismatch,
+                   device=accelerator.device)
+    data = run.data()
+    metrics = run.evaluate(data)
     table = Table(title=f"test metrics of {run.path}")
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -243,12 +253,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     console.print(table)
     if not args.samples:
         return
-    accelerator = Accelerator()
-    pipeline.run_on_device(run, accelerator.device)
-    sampling = _sampling_kwargs(args)
-    scores = pipeline.sample_quality(run, accelerator, args.samples, data, seed=args.seed, batch_size=args.batch_size,
-                                     retrain_judge=args.retrain_judge, inception=args.inception,
-                                     judge_steps=args.judge_steps, **sampling)
+    scores = run.sample_quality(accelerator, args.samples, data, sampling, seed=args.seed, batch_size=args.batch_size,
+                                retrain_judge=args.retrain_judge, inception=args.inception,
+                                judge_steps=args.judge_steps)
     n_real = min(args.samples, len(data.train))
     table = Table(title=f"{args.samples} samples against the {len(data.test)} test images, beside {n_real} real "
                         "training images and their reconstructions",
@@ -263,7 +270,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if accuracy is not None and chance is not None and accuracy < min(2 * chance, (1 + chance) / 2):
         console.print(f"[bold yellow]warning:[/] the judge scores only {accuracy:.2f} on the test images (chance "
                       f"{chance:.2f}): its features say little about these images; trust the FID less")
-    record = {"time": time.time(), "samples": args.samples, **sampling, "seed": args.seed, **scores}
+    record = {"time": time.time(), "samples": args.samples, **dataclasses.asdict(sampling), "seed": args.seed,
+              **scores}
     run.outputs.evaluations.parent.mkdir(parents=True, exist_ok=True)
     with run.outputs.evaluations.open("a") as f:
         f.write(json.dumps(record) + "\n")
@@ -297,7 +305,7 @@ def _export(args: argparse.Namespace, to: Path, repo: hub.RepoId | None, console
     location = locate_run(args.run)
     check_export_target(location.layout, to, args.overwrite)
     ensure_writable(to)
-    run = pipeline.load_run(location)
+    run = Run.load(location)  # located once: a Hub model is not downloaded twice
     name = to.resolve().name
 
     def card(layout: RunLayout, names: list[str]) -> str:
@@ -307,15 +315,15 @@ def _export(args: argparse.Namespace, to: Path, repo: hub.RepoId | None, console
         return export_run(location.layout, to, card, args.overwrite)
     with tempfile.TemporaryDirectory(prefix="vqgen-export-") as tmp:
         grid = Path(tmp) / SAMPLE_GRID
-        labels = pipeline.choose_labels(run, None, EXPORT_SAMPLES)
-        _, images = pipeline.sample(run, Accelerator(), EXPORT_SAMPLES, labels=labels, seed=0, cfg_scale=DEFAULT_CFG)
+        labels = run.label_plan(None, EXPORT_SAMPLES)
+        _, images = run.sample(Accelerator(), EXPORT_SAMPLES, labels, SamplingConfig(), seed=0)
         save_grid(images, grid, nrow=8)
         console.print(f"the run has no samples: drew {EXPORT_SAMPLES} (seed 0, --cfg {DEFAULT_CFG}) for the card")
         return export_run(location.layout, to, card, args.overwrite, grid=grid)
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from vqgen.core.report import write_report
+    from vqgen.core.report.page import write_report
 
     start = time.perf_counter()
     location = locate_run(args.run)

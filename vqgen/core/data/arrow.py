@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from vqgen.core.errors import VQGenError
+from vqgen.core.runtime.errors import VQGenError
 
 CACHE_ENV = "VQGEN_CACHE"
 TABLE = "data.arrow"     # in a cache entry: the rows, Arrow IPC stream format (what `datasets` writes)
@@ -100,7 +100,7 @@ def cached_table(key: str, batches: Iterable[pa.RecordBatch] | None, rows: int, 
     """The cache entry `key`'s Arrow file; written first from `batches` (`rows` rows, a progress bar on
     `console`) when it is not there. Written in a temporary folder and renamed, so an interrupted
     conversion leaves nothing that a later run would take for a finished one."""
-    from vqgen.core.console import make_progress
+    from vqgen.core.runtime.console import make_progress
 
     entry = cache_root() / key
     if (entry / INFO).is_file():

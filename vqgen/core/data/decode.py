@@ -11,7 +11,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from vqgen.core.data.config import DataConfig
 from vqgen.core.data.sources import RawSplit
-from vqgen.core.errors import VQGenError, one_line
+from vqgen.core.runtime.errors import VQGenError, one_line
 
 
 def _why(err: BaseException) -> str:

@@ -21,8 +21,8 @@ from vqgen.core.data.config import BUILTIN, STREAM_ABOVE, DataConfig
 from vqgen.core.data.decode import pixels, decode_one, decode_split, size_error
 from vqgen.core.data.shapes import MIN_SIZE, make_shapes
 from vqgen.core.data.sources import RawSplit, find_source
-from vqgen.core.errors import VQGenError
-from vqgen.core.batches import BatchDataset
+from vqgen.core.runtime.errors import VQGenError
+from vqgen.core.data.loaders import BatchDataset
 
 
 @dataclass
@@ -199,7 +199,7 @@ def _first_shape(raws: list[RawSplit], cfg: DataConfig) -> tuple[int, int, int]:
 def load_image_data(cfg: DataConfig, console=None) -> ImageData:
     """The chosen source as uint8 train and test splits with optional labels: decoded into memory, or
     streamed (`cfg.stream`; auto: when n*c*h*w is over 1 GiB). `console` shows a conversion's progress."""
-    from vqgen.core.console import make_console
+    from vqgen.core.runtime.console import make_console
 
     if cfg.source == BUILTIN:
         return _builtin(cfg)

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from vqgen.core.errors import VQGenError
+from vqgen.core.runtime.errors import VQGenError
 
 SHAPE_NAMES = ("circle", "square", "triangle", "cross", "ring", "diamond")
 MIN_SIZE = 8

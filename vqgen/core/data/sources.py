@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from vqgen.core.data.arrow import ArrowRefs, cached_table, file_stamps, fingerprint, map_table
 from vqgen.core.data.config import NO_LABELS, DataConfig
-from vqgen.core.errors import VQGenError, one_line
+from vqgen.core.runtime.errors import VQGenError, one_line
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"})
 DATA_SUFFIXES = {".parquet": "parquet", ".arrow": "arrow"}
@@ -383,7 +383,7 @@ def _hub_source(name: str, cfg: DataConfig, console: Any) -> Source:
 def find_source(cfg: DataConfig, console: Any = None) -> Source:
     """The splits of `cfg.source` as references, not yet decoded (not for the built-in data); `console`
     shows the progress of a conversion into the Arrow cache."""
-    from vqgen.core.console import make_console
+    from vqgen.core.runtime.console import make_console
 
     console = console or make_console()
     path = Path(cfg.source).expanduser()

@@ -1,0 +1,178 @@
+"""Stage 1's options, without torch (the command-line parsers read them): the VQ-VAE's architecture
+(`VQVAEConfig`, saved beside its weights as config.json), the presets by image side, and the training defaults.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+from vqgen.core.runtime.errors import VQGenError
+from vqgen.core.store.configs import option
+from vqgen.core.store.layout import MAX_CODEBOOK_SIZE
+
+CODEBOOK_UPDATES = ("loss", "ema")
+ARCHITECTURES = ("paper", "resnet")
+
+
+def trunk_levels(downsample: int, patch_size: int = 1) -> int:
+    """The resnet trunk's levels: one more than the halvings of downsample left after the patch fold."""
+    return (downsample // patch_size).bit_length()
+
+
+def check_grid(downsample: int, height: int, width: int) -> None:
+    """The downsampling factor is a power of two that divides both sides of the image."""
+    if downsample < 2 or downsample & (downsample - 1):
+        raise VQGenError(f"downsample must be a power of two >= 2, got {downsample}")
+    for name, side in (("height", height), ("width", width)):
+        if side % downsample:
+            raise VQGenError(f"image {name} {side} is not divisible by the downsampling factor {downsample} "
+                             "(resize with image_size or change downsample)")
+
+
+def check_trunk(architecture: str, channel_mult: tuple[int, ...], attention: bool, patch_size: int,
+                downsample: int) -> None:
+    """The trunk's options fit together: resnet-only options on a resnet, one width per level, a patch fold that
+    takes whole halvings of the downsampling."""
+    if architecture not in ARCHITECTURES:
+        raise VQGenError(f"architecture must be one of {', '.join(ARCHITECTURES)}, got {architecture!r}")
+    mults = ",".join(map(str, channel_mult))
+    if architecture == "paper":
+        if channel_mult:
+            raise VQGenError(f"channel_mult {mults} applies to architecture resnet only, got architecture paper")
+        if attention:
+            raise VQGenError("attention applies to architecture resnet only, got architecture paper")
+        if patch_size != 1:
+            raise VQGenError(f"patch_size {patch_size} applies to architecture resnet only, got architecture paper")
+        return
+    if patch_size < 1 or patch_size & (patch_size - 1) or patch_size > downsample:
+        raise VQGenError(f"patch_size must be a power of two from 1 to downsample={downsample}, got {patch_size}")
+    if any(m < 1 for m in channel_mult):
+        raise VQGenError(f"channel_mult must hold integers >= 1, got {mults}")
+    levels = trunk_levels(downsample, patch_size)
+    if channel_mult and len(channel_mult) != levels:
+        patch = f" with patch_size {patch_size}" if patch_size > 1 else ""
+        raise VQGenError(f"channel_mult {mults} has {len(channel_mult)} levels but downsample {downsample}{patch} "
+                         f"needs {levels} (one more than its {levels - 1} halvings)")
+
+
+def check_side_options(options: dict[str, Any], height: int, width: int) -> None:
+    """The checks of `VQVAEConfig` that depend on the image's side, run on the given model options (the rest at
+    their defaults) before any image is decoded: a large folder takes minutes to convert."""
+    value = {f.name: options.get(f.name, f.default) for f in fields(VQVAEConfig)}
+    check_grid(value["downsample"], height, width)
+    check_trunk(value["architecture"], value["channel_mult"], value["attention"], value["patch_size"],
+                value["downsample"])
+
+
+@dataclass(frozen=True)
+class VQVAEConfig:
+    """Architecture of the VQ-VAE: image shape (from the data), trunk, codebook and its upkeep."""
+
+    in_channels: int = option(3, "image channels, from the data")
+    image_height: int = option(32, "image height, from the data")
+    image_width: int = option(32, "image width, from the data")
+    hidden_channels: int = option(64, "channels of the encoder and decoder trunk (resnet: of its first level)")
+    res_channels: int = option(32, "bottleneck channels inside a residual block (paper)")
+    num_res_blocks: int = option(2, "residual blocks in the encoder and in the decoder (resnet: per level)")
+    downsample: int = option(4, "image side / code grid side, a power of two (32x32 -> 8x8 at 4)")
+    architecture: str = option("paper", "encoder/decoder trunk: paper: the paper's convnet (ReLU residual "
+                               "blocks at one width); resnet: levels of GroupNorm+SiLU residual blocks, one per "
+                               "halving, for larger images", choices=ARCHITECTURES, since=3)
+    channel_mult: tuple[int, ...] = option((), "resnet: width of each level as a multiple of hidden_channels, "
+                                           "one level more than the halvings of downsample (1,2,2 at 4; "
+                                           "1,2,2,4 at 8); empty: doubling every second level, at most 4",
+                                           since=3)
+    attention: bool = option(False, "resnet: self-attention at the lowest resolution", since=3)
+    patch_size: int = option(1, "resnet: fold each p x p pixel patch into channels before the first level and "
+                             "unfold it after the last (pixel unshuffle/shuffle), so no conv runs at full "
+                             "resolution; a power of two up to downsample, which it takes halvings from "
+                             "(1: off)", since=5)
+    linear_path: bool = option(True, "resnet: a linear path beside the trunk for each code's average colour "
+                               "(so colours unseen in training reconstruct); runs saved before it load without",
+                               since=4, legacy=False)
+    codebook_size: int = option(512, "number of codes K")
+    code_dim: int = option(64, "dimension d of a code vector")
+    beta: float = option(0.25, "commitment weight, on ||z_e - sg[e]||^2")
+    codebook_update: str = option("loss", "loss: the codebook term ||sg[z_e] - e||^2 moves the codes; "
+                                  "ema: exponential moving averages of their assigned vectors",
+                                  choices=CODEBOOK_UPDATES)
+    ema_decay: float = option(0.99, "decay of the moving averages (--codebook-update ema)")
+    kmeans_init: bool = option(True, "initialise the codebook by k-means on the first batch")
+    restart_after: int = option(20, "restart codes unused for this many steps from encoder outputs (0: never)")
+    code_lookup_dim: int = option(0, "factorised codes: search the K codes among l2-normalised vectors of this "
+                                  "dimension (z_e projected down; nearest by cosine), the chosen code projected "
+                                  "back up to code_dim; keeps usage high at large K (8 or 32; 0: off, search in "
+                                  "code_dim)", since=3)
+
+    def __post_init__(self):
+        positive = ("in_channels", "image_height", "image_width", "hidden_channels", "res_channels", "code_dim")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise VQGenError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_res_blocks < 0:
+            raise VQGenError(f"num_res_blocks must be >= 0, got {self.num_res_blocks}")
+        if not 2 <= self.codebook_size <= MAX_CODEBOOK_SIZE:
+            raise VQGenError(f"codebook_size must be in [2, {MAX_CODEBOOK_SIZE}] (codes are stored as int16), "
+                             f"got {self.codebook_size}")
+        check_grid(self.downsample, self.image_height, self.image_width)
+        check_trunk(self.architecture, self.channel_mult, self.attention, self.patch_size, self.downsample)
+        if self.codebook_update not in CODEBOOK_UPDATES:
+            raise VQGenError(f"codebook_update must be one of {CODEBOOK_UPDATES}, got {self.codebook_update!r}")
+        if not 0 < self.beta:
+            raise VQGenError(f"beta must be > 0, got {self.beta}")
+        if not 0 < self.ema_decay < 1:
+            raise VQGenError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
+        if self.restart_after < 0:
+            raise VQGenError(f"restart_after must be >= 0, got {self.restart_after}")
+        if self.code_lookup_dim and not 2 <= self.code_lookup_dim <= self.code_dim:
+            raise VQGenError(f"code_lookup_dim must be 0 (off) or in [2, code_dim={self.code_dim}], "
+                             f"got {self.code_lookup_dim}")
+
+    @property
+    def trunk_levels(self) -> int:
+        return trunk_levels(self.downsample, self.patch_size)
+
+    @property
+    def level_mults(self) -> tuple[int, ...]:
+        """The resnet trunk's width multiplier per level: channel_mult, or 1, 2, 2, 4, 4, ... when empty."""
+        return self.channel_mult or tuple(min(2 ** ((i + 1) // 2), 4) for i in range(self.trunk_levels))
+
+    @property
+    def grid_shape(self) -> tuple[int, int]:
+        return self.image_height // self.downsample, self.image_width // self.downsample
+
+
+# Stage-1 training defaults, chosen by measurement (README, "Defaults"); any option overrides them.
+TRAIN_DEFAULTS = dict(batch_size=64, learning_rate=1e-3, max_steps=1000, warmup_steps=100, eval_every=500,
+                      save_every=500)
+
+
+# Model options by image side (`--preset 128`), a thin layer over VQVAEConfig: they fill only the options
+# not given. Each codes its images as a 16x16 grid (8x8 at 32 px, the paper's net).
+PRESETS: dict[str, dict[str, Any]] = {
+    "32": dict(architecture="paper", downsample=4),
+    "64": dict(architecture="resnet", downsample=4, hidden_channels=32, channel_mult=(1, 2, 4), num_res_blocks=1),
+    "128": dict(architecture="resnet", downsample=8, hidden_channels=32, channel_mult=(1, 1, 2, 4),
+                num_res_blocks=1),
+    "256": dict(architecture="resnet", downsample=16, hidden_channels=32, channel_mult=(1, 1, 2, 2, 4),
+                num_res_blocks=2, attention=True),
+}
+RESNET_ONLY = ("channel_mult", "attention", "patch_size")
+
+
+def preset_options(preset: str | None, given_model: dict[str, Any]) -> dict[str, Any]:
+    """The model options of `preset` under the given ones. A preset's channel_mult gives way to a given
+    downsample or patch_size (its levels would not match), and its resnet-only options to a given
+    architecture paper."""
+    if preset is None:
+        return given_model
+    if preset not in PRESETS:
+        raise VQGenError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+    options = dict(PRESETS[preset])
+    if "downsample" in given_model or "patch_size" in given_model:
+        options.pop("channel_mult", None)
+    if given_model.get("architecture") == "paper":
+        for name in RESNET_ONLY:
+            options.pop(name, None)
+    return {**options, **given_model}

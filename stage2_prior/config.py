@@ -1,0 +1,110 @@
+"""Stage 2's options, without torch (the command-line parsers read them): the fields every prior shares, each
+prior kind's architecture (saved beside its weights as config.json), and the training defaults.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vqgen.core.runtime.errors import VQGenError
+from vqgen.core.store.configs import option
+
+
+@dataclass(frozen=True)
+class PriorConfig:
+    """Fields every prior shares; `num_classes` is also the index of the null class."""
+
+    codebook_size: int = option(help="K, from the codes")  # k
+    grid_height: int = option(help="code grid height, from the codes")  # h
+    grid_width: int = option(help="code grid width, from the codes")  # w
+    num_classes: int = option(0, "classes to condition on, from the codes (0: unconditional)")
+    label_dropout: float = option(0.1, "share of training labels replaced by the null class (makes --cfg work)")
+    dropout: float = option(0.0, "dropout on embeddings, attention and residual paths")
+
+    def __post_init__(self) -> None:
+        if self.codebook_size < 2:
+            raise VQGenError(f"codebook_size must be >= 2, got {self.codebook_size}")
+        if self.grid_height < 1 or self.grid_width < 1:
+            raise VQGenError(f"grid must be at least 1x1, got {self.grid_height}x{self.grid_width}")
+        if self.num_classes < 0:
+            raise VQGenError(f"num_classes must be >= 0, got {self.num_classes}")
+        for name in ("label_dropout", "dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise VQGenError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+
+    @property
+    def seq_len(self) -> int:
+        """t = h * w, the number of codes in one grid."""
+        return self.grid_height * self.grid_width
+
+@dataclass(frozen=True)
+class TransformerConfig(PriorConfig):
+    """Architecture of `TransformerPrior`; the shared prior fields come from `PriorConfig`."""
+
+    d_model: int = option(128, "Transformer width")  # d
+    n_layers: int = option(4, "Transformer blocks / PixelCNN gated layers")
+    n_heads: int = option(4, "attention heads (must divide --d-model)")  # nh; head dim hd = d / nh
+    mlp_ratio: int = option(4, "MLP width as a multiple of --d-model")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("d_model", "n_layers", "n_heads", "mlp_ratio"):
+            if getattr(self, name) < 1:
+                raise VQGenError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.d_model % self.n_heads:
+            raise VQGenError(
+                f"d_model must be divisible by n_heads, got d_model={self.d_model}, n_heads={self.n_heads}"
+            )
+
+@dataclass(frozen=True)
+class PixelCNNConfig(PriorConfig):
+    """Architecture of `PixelCNNPrior`; the shared prior fields come from `PriorConfig`."""
+
+    channels: int = option(128, "PixelCNN channels")  # c
+    n_layers: int = option(8, "Transformer blocks / PixelCNN gated layers")
+    kernel_size: int = option(3, "PixelCNN kernel size (odd; each layer widens the view by kernel_size // 2)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("channels", "n_layers"):
+            if getattr(self, name) < 1:
+                raise VQGenError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.kernel_size < 3 or self.kernel_size % 2 == 0:
+            raise VQGenError(f"kernel_size must be odd and >= 3, got {self.kernel_size}")
+
+# Stage-2 training defaults, chosen by measurement (README, "Defaults"); any option overrides them.
+TRAIN_DEFAULTS = dict(batch_size=32, learning_rate=1e-3, max_steps=1800, warmup_steps=100, eval_every=600,
+                      save_every=600, weight_decay=0.1)
+
+
+# The prior kinds by their name on the command line (`--prior`); `stage2_prior.registry` adds their models.
+PRIOR_CONFIGS: dict[str, type[PriorConfig]] = {"transformer": TransformerConfig, "pixelcnn": PixelCNNConfig}
+
+
+# Sampling: in-domain FID and class accuracy on four datasets (docs/benchmarks.md, "Sampling defaults"), for the
+# clusters of an unlabelled folder too (docs/unlabelled.md).
+DEFAULT_CFG = 1.5
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How codes are drawn from a prior: the same options for `vqgen sample`, `complete`, `eval` and the run
+    object. What depends on the prior (top_k at most its K, a guidance scale that needs classes) is checked
+    where the prior is known."""
+
+    temperature: float = option(1.0, "softmax temperature")
+    top_k: int | None = option(None, "sample among the k most likely codes")
+    top_p: float | None = option(None, "nucleus sampling mass in (0, 1]")
+    cfg_scale: float = option(DEFAULT_CFG, "classifier-free guidance scale of a conditional prior, on classes or "
+                                           "on the clusters of an unlabelled folder (1: off; measured best across "
+                                           "datasets; 1.0 gives more varied samples)", flag="cfg")
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise VQGenError(f"temperature must be > 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise VQGenError(f"top_k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise VQGenError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not self.cfg_scale >= 0:
+            raise VQGenError(f"cfg_scale must be >= 0, got {self.cfg_scale}")

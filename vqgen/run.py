@@ -1,0 +1,388 @@
+"""A trained run as one object: load it once, move it to a device once, then sample, decode, reconstruct,
+complete and evaluate through its methods.
+
+Sampling chains prior -> codebook -> decoder. Under several processes each one draws its share of the n
+samples; sample i is seeded by `seed` and i alone (its codes and, when the prior draws them, its label), so the
+images do not depend on how many processes drew them or in which batch.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+from accelerate import Accelerator
+from torch import Tensor
+
+from stage1_vqvae.config import VQVAEConfig
+from stage1_vqvae.model import VQVAE, reconstruction_errors
+from stage2_prior.config import SamplingConfig
+from stage2_prior.contract import grid_nll
+from stage2_prior.registry import PriorSource, load_prior
+from stage2_prior.sampling import check_sampling, inverse_cdf, sample_codes
+from vqgen.core.data.config import DataConfig
+from vqgen.core.data.images import ImageData, ImageSplit, load_image_data, to_model_range, to_uint8
+from vqgen.core.evaluate import quality
+from vqgen.core.evaluate.measures import bits, code_usage, psnr
+from vqgen.core.runtime.errors import VQGenError
+from vqgen.core.share.export import RunLocation, locate_run
+from vqgen.core.store.codes import CodeSplit, load_codes
+from vqgen.core.store.configs import load_config
+from vqgen.core.store.layout import RunLayout
+from vqgen.core.store.weights import load_model, weights_fingerprint
+
+SEED_STRIDE = 1_000_003  # sample i of seed s is seeded by s * SEED_STRIDE + i
+LABEL_STREAM = 1 << 62   # a label drawn for sample i uses its own generator, apart from the codes'
+JUDGING_IMAGES = 20_000  # of a streamed split, for the judge and the FID references
+
+
+def sample_seeds(seed: int, indices: Tensor) -> Tensor:
+    """(b,) sample indices -> (b,) int64 seeds: sample i depends on (seed, i) alone."""
+    return seed * SEED_STRIDE + indices.long()
+
+
+@dataclass(frozen=True)
+class LabelPlan:
+    """The labels of n samples, without holding n of them: named ids (one for all, or one per sample), every
+    class in turn, or classes drawn with the given frequencies, sample i's from (seed, i) alone; or none."""
+
+    ids: tuple[int, ...] = ()                # given: one for all samples, or one per sample
+    cycle: int = 0                           # > 0: sample i gets class i % cycle
+    frequencies: tuple[float, ...] = ()      # drawn: sample i's class from these weights
+    seed: int = 0
+
+    @property
+    def conditional(self) -> bool:
+        return bool(self.ids or self.cycle or self.frequencies)
+
+    def of(self, indices: Tensor) -> Tensor | None:
+        """(b,) sample indices -> (b,) int64 labels, or None for unconditional samples."""
+        if self.ids:
+            ids = torch.tensor(self.ids, dtype=torch.long)
+            return ids.expand(len(indices)).clone() if len(ids) == 1 else ids[indices]
+        if self.cycle:
+            return indices.long() % self.cycle
+        if self.frequencies:
+            uniforms = torch.stack([torch.rand(1, generator=torch.Generator().manual_seed(int(s) + LABEL_STREAM))
+                                    for s in sample_seeds(self.seed, indices).tolist()])[:, 0]
+            weights = torch.tensor(self.frequencies, dtype=torch.double).expand(len(indices), -1)
+            return inverse_cdf(weights, uniforms.double())
+        return None
+
+
+@dataclass
+class Run:
+    """A loaded run: its layout, its VQ-VAE and (when trained) its prior with the record of its codes.
+
+    `outputs` is where commands write what they make: the run itself, or outputs/NAME/ for a model that is
+    only read (an exported folder, a Hugging Face Hub download). Build one with `Run.load`.
+    """
+
+    layout: RunLayout
+    vqvae: VQVAE
+    prior: torch.nn.Module | None
+    source: PriorSource | None
+    outputs: RunLayout | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    def __post_init__(self):
+        if self.outputs is None:
+            self.outputs = self.layout
+
+    @classmethod
+    def load(cls, path: str | Path | RunLocation, need_prior: bool = True, allow_vqvae_mismatch: bool = False,
+             device: torch.device | str = "cpu") -> Run:
+        """Load the run's VQ-VAE and (if trained or needed) its prior, checking they belong together.
+
+        `path`: a run directory, an exported model folder or a Hub repo id `owner/name[@revision]` (see
+        `vqgen.core.share.export.locate_run`); an exported model's files are checked against its manifest first.
+        """
+        location = locate_run(path)
+        layout = location.layout
+        if not layout.root.is_dir():
+            raise VQGenError(f"run not found: {layout.root}")
+        if not layout.vqvae.trained:
+            raise VQGenError(f"{layout.root} has no trained VQ-VAE (run `vqgen train vqvae --run {layout.root}`)")
+        vqvae = load_model(VQVAE, VQVAEConfig, layout.vqvae.path).eval()
+        prior, source = None, None
+        if need_prior or layout.prior.trained:
+            prior, source = load_prior(layout.prior)
+            own = weights_fingerprint(layout.vqvae.path)
+            if source.vqvae_fingerprint != own and not allow_vqvae_mismatch:
+                raise VQGenError(
+                    f"the prior in {layout.prior.path} was trained on codes of VQ-VAE {source.vqvae_fingerprint}, "
+                    f"but {layout.vqvae.path} holds VQ-VAE {own} (retrain the prior, or pass --allow-vqvae-mismatch)"
+                )
+            pc, vc = prior.config, vqvae.config
+            if (pc.codebook_size, (pc.grid_height, pc.grid_width)) != (vc.codebook_size, vc.grid_shape):
+                raise VQGenError(f"prior expects K={pc.codebook_size} on a {pc.grid_height}x{pc.grid_width} grid, "
+                                 f"the VQ-VAE gives K={vc.codebook_size} on {vc.grid_shape[0]}x{vc.grid_shape[1]}")
+        return cls(layout, vqvae, prior, source, location.outputs).to(device)
+
+    def to(self, device: torch.device | str) -> Run:
+        """Both models on `device`, once: every method then works there."""
+        self.device = torch.device(device)
+        self.vqvae.to(self.device)
+        if self.prior is not None:
+            self.prior.to(self.device)
+        return self
+
+    @property
+    def read_only(self) -> bool:
+        """An exported model or a Hub download: its folder is never written into."""
+        return self.outputs != self.layout
+
+    @property
+    def path(self) -> Path:
+        return self.layout.root
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.source.class_names if self.source else ()
+
+    def need_prior(self) -> torch.nn.Module:
+        if self.prior is None:
+            raise VQGenError(f"this needs a trained prior; {self.layout.prior.path} has none")
+        return self.prior
+
+    # -- labels ---------------------------------------------------------------------------------
+
+    def label_ids(self, labels: list[str]) -> tuple[int, ...]:
+        """Class names or integer ids -> ids, refusing unknown ones."""
+        names = self.class_names
+        if not names:
+            raise VQGenError(f"labels given but the prior in {self.layout.prior.path} is unconditional")
+        ids = []
+        for label in labels:
+            if label in names:
+                ids.append(names.index(label))
+            elif label.lstrip("-").isdigit() and 0 <= int(label) < len(names):
+                ids.append(int(label))
+            else:
+                raise VQGenError(f"unknown label {label!r}; this run's classes are {list(names)} or 0..{len(names) - 1}")
+        return tuple(ids)
+
+    def label_plan(self, names: list[str] | None, n: int, unconditional: bool = False, seed: int = 0) -> LabelPlan:
+        """The labels of n samples: the named ones (one for all, or n); else, for a conditional prior, every
+        class in turn, or for the clusters of unlabelled data (uneven, some maybe empty) clusters drawn as often
+        as in training; none for an unconditional prior or `unconditional`."""
+        if names and unconditional:
+            raise VQGenError("labels and unconditional sampling exclude each other")
+        if names:
+            ids = self.label_ids(names)
+            if len(ids) not in (1, n):
+                raise VQGenError(f"got {len(ids)} labels for {n} samples: give one label or n of them")
+            return LabelPlan(ids=ids)
+        classes = self.need_prior().config.num_classes
+        if unconditional or not classes:
+            return LabelPlan()
+        if self.source.pseudo_labels and self.source.class_frequencies:
+            return LabelPlan(frequencies=self.source.class_frequencies, seed=seed)
+        return LabelPlan(cycle=classes)
+
+    # -- codes to images and back ---------------------------------------------------------------
+
+    @torch.no_grad()
+    def decode(self, codes: Tensor, batch_size: int = 256) -> Tensor:
+        """(n, h, w) codes -> (n, c, H, W) uint8 images."""
+        out = [to_uint8(self.vqvae.decode(chunk.to(self.device)).float().cpu()) for chunk in codes.split(batch_size)]
+        return torch.cat(out) if out else torch.zeros(0, dtype=torch.uint8)
+
+    @torch.no_grad()
+    def _reconstructions(self, batches: Iterable[Tensor]) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        """Per (b, c, H, W) uint8 batch: per-image MSE on [0, 1] pixels (b,), reconstructions in [-1, 1], codes.
+
+        One encoder and one decoder pass per image: the same forward pass that stage 1 evaluates with.
+        """
+        for batch in batches:
+            yield reconstruction_errors(self.vqvae, to_model_range(batch).to(self.device))
+
+    def reconstruct(self, images: Tensor, batch_size: int = 256) -> tuple[Tensor, Tensor, Tensor]:
+        """(n, c, H, W) uint8 -> reconstructions uint8, per-image MSE on [0, 1] pixels (n,), codes (n, h, w)."""
+        recons, errors, codes = [], [], []
+        for mse, recon, indices in self._reconstructions(images.split(batch_size)):
+            recons.append(to_uint8(recon.cpu()))
+            errors.append(mse.cpu())
+            codes.append(indices.cpu())
+        return torch.cat(recons), torch.cat(errors), torch.cat(codes)
+
+    # -- sampling -------------------------------------------------------------------------------
+
+    def check_sampling(self, n: int, labels: LabelPlan, sampling: SamplingConfig, batch_size: int = 1000) -> None:
+        """Refuse what cannot be drawn, before anything is: one pass over a few labels, not n of them."""
+        if n < 1:
+            raise VQGenError(f"the number of samples must be >= 1, got {n}")
+        if batch_size < 1:
+            raise VQGenError(f"batch_size must be >= 1, got {batch_size}")
+        first = labels.of(torch.arange(min(n, max(len(labels.ids), labels.cycle, len(labels.frequencies), 1))))
+        check_sampling(self.need_prior(), len(first) if first is not None else 1, first, **asdict(sampling))
+
+    def sample_batches(self, accelerator: Accelerator, n: int, labels: LabelPlan = LabelPlan(),
+                       sampling: SamplingConfig = SamplingConfig(), seed: int = 0,
+                       batch_size: int = 1000) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        """This process's share of n samples, one batch at a time: (indices (b,) into the n, codes (b, h, w),
+        uint8 images (b, c, H, W)). Everything is checked now, before the first batch is drawn."""
+        self.check_sampling(n, labels, sampling, batch_size)
+        mine = torch.arange(n).tensor_split(accelerator.num_processes)[accelerator.process_index]
+        return self._draw(accelerator, mine, labels, sampling, seed, batch_size)
+
+    def _draw(self, accelerator: Accelerator, mine: Tensor, labels: LabelPlan, sampling: SamplingConfig, seed: int,
+              batch_size: int) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        for indices in mine.split(batch_size):
+            batch_labels = labels.of(indices)
+            with autocast(accelerator):
+                codes = sample_codes(self.prior, len(indices), seeds=sample_seeds(seed, indices),
+                                     labels=None if batch_labels is None else batch_labels.to(self.device),
+                                     **asdict(sampling)).cpu()
+                images = self.decode(codes, batch_size)
+            yield indices, codes, images
+
+    def sample(self, accelerator: Accelerator, n: int, labels: LabelPlan = LabelPlan(),
+               sampling: SamplingConfig = SamplingConfig(), seed: int = 0,
+               batch_size: int = 1000) -> tuple[Tensor, Tensor]:
+        """n samples -> ((n, h, w) codes, (n, c, H, W) uint8 images), split across processes, identical on all.
+
+        Holds all n in memory; `sample_batches` streams them.
+        """
+        cfg = self.vqvae.config
+        codes = [torch.zeros(0, *cfg.grid_shape, dtype=torch.long)]
+        images = [torch.zeros(0, cfg.in_channels, cfg.image_height, cfg.image_width, dtype=torch.uint8)]
+        for _, batch_codes, batch_images in self.sample_batches(accelerator, n, labels, sampling, seed, batch_size):
+            codes.append(batch_codes)
+            images.append(batch_images)
+        codes, images = torch.cat(codes), torch.cat(images)
+        if accelerator.num_processes > 1:
+            shares = torch.arange(n).tensor_split(accelerator.num_processes)
+            codes, images = _gather_shares(accelerator, codes, images, sizes=[len(s) for s in shares])
+        return codes, images
+
+    def complete(self, codes: Tensor, keep_rows: int, labels: Tensor | None, seed: int = 0,
+                 sampling: SamplingConfig = SamplingConfig()) -> tuple[Tensor, Tensor]:
+        """Keep the first `keep_rows` rows of each (n, h, w) grid and sample the rest -> (codes, images)."""
+        h, w = codes.shape[1:]
+        if not 0 <= keep_rows <= h:
+            raise VQGenError(f"keep_rows must be in [0, {h}] for a {h}x{w} grid, got {keep_rows}")
+        seeds = sample_seeds(seed, torch.arange(len(codes)))
+        out = sample_codes(self.need_prior(), len(codes), labels=labels, seeds=seeds, prefix=codes,
+                           prefix_len=keep_rows * w, **asdict(sampling))
+        return out, self.decode(out)
+
+    # -- data and evaluation --------------------------------------------------------------------
+
+    def data(self, override: DataConfig | None = None) -> ImageData:
+        """The dataset the run was trained on (or `override`)."""
+        return load_image_data(override or load_config(DataConfig, self.layout.vqvae.data_config))
+
+    @torch.no_grad()
+    def evaluate(self, data: ImageData | None = None, batch_size: int = 256) -> dict[str, float]:
+        """Test metrics of both stages: reconstruction MSE/PSNR and code usage; the prior's bits per code."""
+        data = data or self.data()
+        n = len(data.test)  # taken a batch at a time: a streamed split is never decoded whole
+        batches = (data.test.take(range(start, min(start + batch_size, n))) for start in range(0, n, batch_size))
+        errors, codes = [], []
+        for mse, _, indices in self._reconstructions(batches):
+            errors.append(mse.cpu())
+            codes.append(indices.cpu())
+        errors, codes = torch.cat(errors), torch.cat(codes)
+        counts = torch.bincount(codes.flatten(), minlength=self.vqvae.config.codebook_size)
+        mse = errors.mean().item()
+        metrics = {"mse": mse, "psnr": psnr(mse), **code_usage(counts)}
+        test = None
+        if self.prior is not None and not self.read_only:
+            test = load_codes(self.layout.codes)[0]["test"]
+        elif self.prior is not None and not self.source.pseudo_labels:  # an exported model carries no code grids:
+            test = CodeSplit(codes, data.test.labels)                    # the test images' codes, just encoded
+        if test is not None and len(test):
+            conditional = self.prior.config.num_classes > 0
+            nll = []
+            for i in range(0, len(test), batch_size):
+                labels = test.labels[i:i + batch_size].to(self.device) if conditional else None
+                nll.append(grid_nll(self.prior, test.codes[i:i + batch_size].to(self.device), labels).cpu())
+            per_grid = bits(torch.cat(nll).mean().item())
+            metrics.update(bits_per_code=per_grid / test.codes[0].numel(), bits_per_image=per_grid)
+        return metrics
+
+    def judge(self, data: ImageData, retrain: bool = False, steps: int = 600) -> quality.Judge:
+        """The run's judge: trained once on its training images (their labels, or rotations when unlabelled),
+        then cached in the run directory (or, for a model that is only read, in its outputs folder)."""
+        folder = self.outputs.judge
+        if folder.trained and not retrain:
+            judge = quality.load_judge(folder.path)
+            if (judge.config.in_channels, judge.config.image_height, judge.config.image_width) == (
+                    data.channels, data.height, data.width):
+                return judge.to(self.device)
+        images, labels = judging_images(data.train, seed=0)
+        images, labels = images.to(self.device), None if labels is None else labels.to(self.device)
+        config = quality.JudgeConfig.for_data(images, labels, data.num_classes or None, steps=steps)
+        judge = quality.train_judge(images, labels, config)
+        quality.save_judge(judge, folder.path)
+        return judge
+
+    def sample_quality(self, accelerator: Accelerator, n: int, data: ImageData | None = None,
+                       sampling: SamplingConfig = SamplingConfig(), seed: int = 0, batch_size: int = 1000,
+                       retrain_judge: bool = False, inception: bool = False,
+                       judge_steps: int = 600) -> dict[str, dict[str, float]]:
+        """How good n samples are against the test split, beside what n real training images score.
+
+        -> {"samples": {fid, class_accuracy, coverage, ...}, "reconstructed": {...}, "real": {...}}: in-domain
+        FID in the features of the run's judge, the share of samples the judge assigns the class they were
+        drawn for, and the normalised entropy of its predicted classes; `inception` adds the standard
+        Inception FID. "reconstructed" scores the VQ-VAE's reconstructions of the same n training images
+        that "real" scores: what samples would reach with a perfect prior, so the gap between the three says
+        which stage holds the samples back.
+        """
+        self.need_prior()
+        data = data or self.data()
+        if len(data.test) < 2:
+            raise VQGenError(f"judging samples needs a test split of at least 2 images, {data.source} has "
+                             f"{len(data.test)}")
+        if inception and importlib.util.find_spec("torch_fidelity") is None:
+            raise VQGenError("the Inception FID needs torch-fidelity: pip install torch-fidelity "
+                             "(and network access once for its Inception weights)")
+        judge = self.judge(data, retrain_judge, judge_steps)
+        labels = self.label_plan(None, n, seed=seed)
+        _, images = self.sample(accelerator, n, labels, sampling, seed, batch_size)
+        drawn = labels.of(torch.arange(n))
+        judged_labels = None if self.source.pseudo_labels else drawn  # clusters are not the judge's classes
+        test_images, test_labels = judging_images(data.test, seed=seed)
+        train_images, train_labels = judging_images(data.train, seed=seed)
+        reference = quality.reference_of(judge, test_images.to(self.device), test_labels)
+        scores = quality.sample_quality(judge, images.to(self.device), judged_labels, reference)
+        floor = partial(quality.reference_floor, judge, train_images.to(self.device), reference,
+                        n=min(n, len(train_images)), seed=seed, train_labels=train_labels)
+        real = floor()
+        reconstructed = floor(transform=lambda x: self.reconstruct(x)[0])
+        if inception:
+            scores["inception_fid"] = quality.inception_fid(images, test_images)
+        return {"samples": scores, "reconstructed": reconstructed, "real": real}
+
+
+def autocast(accelerator: Accelerator):
+    return accelerator.autocast() if accelerator.mixed_precision != "no" else nullcontext()
+
+
+def _gather_shares(accelerator: Accelerator, *parts: Tensor, sizes: list[int]) -> list[Tensor]:
+    """Gather uneven per-process shares back into one tensor each, in sample order."""
+    largest = max(sizes)
+    out = []
+    for part in parts:
+        padded = torch.zeros(largest, *part.shape[1:], dtype=part.dtype)
+        padded[: len(part)] = part
+        gathered = accelerator.gather(padded.to(accelerator.device)).cpu()
+        gathered = gathered.reshape(accelerator.num_processes, largest, *part.shape[1:])
+        out.append(torch.cat([gathered[i, :size] for i, size in enumerate(sizes)]))
+    return out
+
+
+def judging_images(split: ImageSplit, seed: int) -> tuple[Tensor, Tensor | None]:
+    """A split's images and labels for training the judge and as FID references: all of an in-memory
+    split; of a streamed one (larger than memory), a seeded random JUDGING_IMAGES of them, in order."""
+    if not split.streamed or len(split) <= JUDGING_IMAGES:
+        return split.images, split.labels
+    idx = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))[:JUDGING_IMAGES].sort().values
+    return split.take(idx), None if split.labels is None else split.labels[idx]
