@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Iterable
 
-from torch import nn
+from torch import Tensor, nn
 
 from stage2_prior.contract import PriorConfig
+from stage2_prior.masked import MaskedConfig, MaskedPrior, masked_held_out, masked_loss
 from stage2_prior.pixelcnn import PixelCNNConfig, PixelCNNPrior
+from stage2_prior.raster import raster_held_out, raster_loss
 from stage2_prior.transformer import TransformerConfig, TransformerPrior
 from vqgen.core.checkpoint import load_weights
 from vqgen.core.config import load_config, option, read_json
@@ -15,18 +18,33 @@ from vqgen.core.errors import VQGenError
 from vqgen.core.layout import StageDir
 
 
+# (model, codes (b, h, w), labels (b,) or None) -> (loss, detached scalars for the training log); the model
+# may be wrapped (DDP), so the function calls nothing but its `forward`.
+LossFn = Callable[[nn.Module, Tensor, Tensor | None], tuple[Tensor, dict[str, Tensor]]]
+# (model, its config, test batches (codes, labels or None, index in the split), gather across processes)
+# -> test metrics, `PriorKind.metric` among them.
+HeldOutFn = Callable[[nn.Module, PriorConfig, Iterable[tuple[Tensor, Tensor | None, Tensor]],
+                      Callable[[Tensor], Tensor]], dict[str, float]]
+
+
 @dataclass(frozen=True)
 class PriorKind:
-    """One prior: its name on the command line, its config and its model."""
+    """One prior: its name on the command line, its config and model, how it trains and which held-out
+    number (lower is better, logged under the same name in training) picks its best weights."""
 
     name: str
     config: type[PriorConfig]
     model: type[nn.Module]
+    loss: LossFn
+    held_out: HeldOutFn
+    metric: str
+    raster: bool  # sampled code by code in raster order (`sample_codes`); else by `fill_masked`
 
 
 PRIORS: dict[str, PriorKind] = {p.name: p for p in (
-    PriorKind("transformer", TransformerConfig, TransformerPrior),
-    PriorKind("pixelcnn", PixelCNNConfig, PixelCNNPrior),
+    PriorKind("transformer", TransformerConfig, TransformerPrior, raster_loss, raster_held_out, "bits_per_code", True),
+    PriorKind("pixelcnn", PixelCNNConfig, PixelCNNPrior, raster_loss, raster_held_out, "bits_per_code", True),
+    PriorKind("masked", MaskedConfig, MaskedPrior, masked_loss, masked_held_out, "bits_per_masked_code", False),
 )}
 
 
@@ -34,7 +52,7 @@ PRIORS: dict[str, PriorKind] = {p.name: p for p in (
 class PriorSource:
     """Where a prior's training codes came from: checked again when it samples."""
 
-    prior: str                  # "transformer" or "pixelcnn"
+    prior: str                  # a name in PRIORS: "transformer", "pixelcnn" or "masked"
     vqvae_fingerprint: str
     codes_dir: str
     class_names: tuple[str, ...]
