@@ -17,6 +17,7 @@ TINY_VQVAE = dict(hidden_channels=16, res_channels=8, num_res_blocks=1, codebook
                   restart_after=5)
 TINY_TRANSFORMER = dict(d_model=32, n_layers=2, n_heads=2)
 TINY_PIXELCNN = dict(channels=16, n_layers=3)
+TINY_MASKED = dict(d_model=32, n_layers=2, n_heads=2)
 
 
 def tiny_train(**changes) -> TrainConfig:
