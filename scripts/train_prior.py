@@ -1,8 +1,9 @@
-"""Stage 2: fit a prior (GPT Transformer or gated PixelCNN) over a run's code grids; the same as
-`vqgen train prior`.
+"""Stage 2: fit a prior over a run's code grids, autoregressive (GPT Transformer or gated PixelCNN) or masked
+(MaskGIT: a bidirectional Transformer, decoded in parallel); the same as `vqgen train prior`.
 
     python scripts/train_prior.py                                  # transformer on runs/default/codes
     python scripts/train_prior.py --prior pixelcnn --run runs/mine --max-steps 5000
+    python scripts/train_prior.py --prior masked --run runs/mine
     accelerate launch scripts/train_prior.py --run runs/mine --resume
 """
 

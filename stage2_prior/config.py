@@ -72,13 +72,25 @@ class PixelCNNConfig(PriorConfig):
         if self.kernel_size < 3 or self.kernel_size % 2 == 0:
             raise VQGenError(f"kernel_size must be odd and >= 3, got {self.kernel_size}")
 
+@dataclass(frozen=True)
+class MaskedConfig(TransformerConfig):
+    """Architecture of `MaskedPrior`: a Transformer's fields and defaults (so the two compare at equal size), its
+    attention bidirectional; the shared prior fields come from `PriorConfig`."""
+
+    @property
+    def mask_id(self) -> int:
+        """The [MASK] token's id: one past the last code."""
+        return self.codebook_size
+
+
 # Stage-2 training defaults, chosen by measurement (README, "Defaults"); any option overrides them.
 TRAIN_DEFAULTS = dict(batch_size=32, learning_rate=1e-3, max_steps=1800, warmup_steps=100, eval_every=600,
                       save_every=600, weight_decay=0.1)
 
 
 # The prior kinds by their name on the command line (`--prior`); `stage2_prior.registry` adds their models.
-PRIOR_CONFIGS: dict[str, type[PriorConfig]] = {"transformer": TransformerConfig, "pixelcnn": PixelCNNConfig}
+PRIOR_CONFIGS: dict[str, type[PriorConfig]] = {"transformer": TransformerConfig, "pixelcnn": PixelCNNConfig,
+                                               "masked": MaskedConfig}
 
 
 # Sampling: in-domain FID and class accuracy on four datasets (docs/benchmarks.md, "Sampling defaults"), for the

@@ -3,40 +3,63 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Iterable
 
-from torch import nn
+from torch import Tensor, nn
 
-from stage2_prior.config import PriorConfig
-from stage2_prior.config import PixelCNNConfig
+from stage2_prior.config import PRIOR_CONFIGS, PriorConfig
+from stage2_prior.masked import MaskedPrior, masked_held_out, masked_loss
 from stage2_prior.pixelcnn import PixelCNNPrior
-from stage2_prior.config import TransformerConfig
+from stage2_prior.raster import raster_held_out, raster_loss
 from stage2_prior.transformer import TransformerPrior
-from vqgen.core.store.weights import load_weights
-from vqgen.core.store.configs import load_config, option, read_json
 from vqgen.core.runtime.errors import VQGenError
+from vqgen.core.store.configs import load_config, option, read_json
 from vqgen.core.store.layout import ModelDir
+from vqgen.core.store.weights import load_weights
+
+
+# (model, codes (b, h, w), labels (b,) or None) -> (loss, detached scalars for the training log); the model
+# may be wrapped (DDP), so the function calls nothing but its `forward`.
+LossFn = Callable[[nn.Module, Tensor, Tensor | None], tuple[Tensor, dict[str, Tensor]]]
+# (model, its config, test batches (codes, labels or None, index in the split), gather across processes)
+# -> test metrics, `PriorKind.metric` among them.
+HeldOutFn = Callable[[nn.Module, PriorConfig, Iterable[tuple[Tensor, Tensor | None, Tensor]],
+                      Callable[[Tensor], Tensor]], dict[str, float]]
 
 
 @dataclass(frozen=True)
 class PriorKind:
-    """One prior: its name on the command line, its config and its model."""
+    """One prior: its name on the command line, its config and model, how it trains and which held-out
+    number (lower is better, logged under the same name in training) picks its best weights."""
 
     name: str
     config: type[PriorConfig]
     model: type[nn.Module]
+    loss: LossFn
+    held_out: HeldOutFn
+    metric: str
+    raster: bool  # sampled code by code in raster order (`sample_codes`); else by `fill_masked`
+
+
+def _kind(name: str, model: type[nn.Module], raster: bool) -> PriorKind:
+    if raster:
+        return PriorKind(name, PRIOR_CONFIGS[name], model, raster_loss, raster_held_out, "bits_per_code", True)
+    return PriorKind(name, PRIOR_CONFIGS[name], model, masked_loss, masked_held_out, "bits_per_masked_code", False)
 
 
 PRIORS: dict[str, PriorKind] = {p.name: p for p in (
-    PriorKind("transformer", TransformerConfig, TransformerPrior),
-    PriorKind("pixelcnn", PixelCNNConfig, PixelCNNPrior),
+    _kind("transformer", TransformerPrior, raster=True),
+    _kind("pixelcnn", PixelCNNPrior, raster=True),
+    _kind("masked", MaskedPrior, raster=False),
 )}
+assert set(PRIORS) == set(PRIOR_CONFIGS), "every prior kind the options name has a model"
 
 
 @dataclass(frozen=True)
 class PriorSource:
     """Where a prior's training codes came from: checked again when it samples."""
 
-    prior: str                  # "transformer" or "pixelcnn"
+    prior: str                  # a name in PRIORS: "transformer", "pixelcnn" or "masked"
     vqvae_fingerprint: str
     codes_dir: str
     class_names: tuple[str, ...]

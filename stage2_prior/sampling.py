@@ -75,6 +75,9 @@ def _check_sample_args(prior: ARPrior, n: int, labels: Tensor | None, temperatur
                        prefix_len: int, batch_size: int | None) -> None:
     cfg = prior.config
     h, w, t = cfg.grid_height, cfg.grid_width, cfg.seq_len
+    if not callable(getattr(prior, "start", None)):  # the masked prior: no raster order to sample in
+        raise VQGenError(f"raster sampling needs an autoregressive prior, got a {type(cfg).__name__} "
+                         "(decode it with stage2_prior.parallel.fill_masked)")
     if n < 1:
         raise VQGenError(f"n must be >= 1, got {n}")
     if not temperature > 0:

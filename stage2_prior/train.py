@@ -1,29 +1,24 @@
-"""Stage 2: fit an autoregressive prior over the dumped code grids with the shared loop."""
+"""Stage 2: fit a prior (autoregressive or masked) over the dumped code grids with the shared loop."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
-from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from stage2_prior.config import TRAIN_DEFAULTS, PriorConfig
-from stage2_prior.contract import grid_nll
-from stage2_prior.registry import PriorSource, kind_of, load_prior_config, prior_kind
+from stage2_prior.registry import PriorKind, PriorSource, kind_of, load_prior_config, prior_kind
 from vqgen.core.data.loaders import BatchDataset, make_loader
 from vqgen.core.store.weights import check_stage_dir, weights_fingerprint
 from vqgen.core.store.codes import CodeSplit, CodesMeta, load_codes, load_codes_meta
 from vqgen.core.runtime.errors import VQGenError
 from vqgen.core.store.layout import RunLayout, ModelDir
 from vqgen.core.store.lock import holds_stage_lock
-from vqgen.core.evaluate.measures import bits
 from vqgen.core.training.setup import as_options, check_batch_size, start, train_config, write_stage_files
 from vqgen.core.training.sizing import report_sized, sized_batch, sized_schedule, steps_for_passes
 from vqgen.core.training.config import TrainConfig
@@ -54,20 +49,25 @@ def labels_of(batch: dict[str, Tensor], conditional: bool) -> Tensor | None:
 
 @dataclass
 class PriorTask:
-    """What the shared loop (`vqgen.core.training.loop.fit`) trains in stage 2: the loss, the test evaluation."""
+    """What the shared loop (`vqgen.core.training.loop.fit`) trains in stage 2: the loss and the test evaluation,
+    which are the prior kind's (`PriorKind.loss`, `.held_out`, `.metric`)."""
 
     accelerator: Accelerator
     config: PriorConfig
     conditional: bool
     test_loader: DataLoader
     name: str = "prior"
-    held_out: tuple[str, str] = ("bits_per_code", "bits_per_code")
+
+    @property
+    def kind(self) -> PriorKind:
+        return kind_of(self.config)
+
+    @property
+    def held_out(self) -> tuple[str, str]:
+        return self.kind.metric, self.kind.metric
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        codes = batch["codes"]
-        logits = model(codes, labels_of(batch, self.conditional))  # (b, h, w, k)
-        loss = F.cross_entropy(rearrange(logits.float(), "b h w k -> (b h w) k"), codes.flatten())
-        return loss, {"loss": loss.detach(), "bits_per_code": loss.detach() / math.log(2)}
+        return self.kind.loss(model, batch["codes"], labels_of(batch, self.conditional))
 
     def window_metrics(self) -> dict[str, float]:
         return {}
@@ -75,13 +75,8 @@ class PriorTask:
     @torch.no_grad()
     def evaluate(self, model: nn.Module, step: int) -> dict[str, float]:
         model.eval()
-        total = []
-        for batch in self.test_loader:
-            nll = grid_nll(model, batch["codes"], labels_of(batch, self.conditional))
-            total.append(self.accelerator.gather_for_metrics(nll).cpu())
-        per_grid = bits(torch.cat(total).mean().item())
-        t = self.config.grid_height * self.config.grid_width
-        return {"bits_per_code": per_grid / t, "bits_per_image": per_grid}
+        batches = ((b["codes"], labels_of(b, self.conditional), b["index"]) for b in self.test_loader)
+        return self.kind.held_out(model, self.config, batches, self.accelerator.gather_for_metrics)
 
 
 def check_codes_source(run: RunLayout, meta: CodesMeta, allow_mismatch: bool) -> None:

@@ -52,10 +52,12 @@ class KVCache:
 
 
 class SelfAttention(nn.Module):
-    """Multi-head causal self-attention; `decode` attends from one new token to a cache."""
+    """Multi-head causal self-attention (every position sees all when `causal=False`, as the masked prior's
+    does); `decode` attends from one new token to a cache."""
 
-    def __init__(self, cfg: TransformerConfig):
+    def __init__(self, cfg: TransformerConfig, causal: bool = True):
         super().__init__()
+        self.causal = causal
         self.n_heads = cfg.n_heads
         self.dropout = cfg.dropout
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
@@ -66,10 +68,10 @@ class SelfAttention(nn.Module):
         return qkv[0], qkv[1], qkv[2]
 
     def forward(self, x: Tensor) -> Tensor:
-        """(b, t, d) -> (b, t, d), each position attending to itself and earlier ones."""
+        """(b, t, d) -> (b, t, d), each position attending to itself and earlier ones (all, if not causal)."""
         q, k, v = self._split(x)  # (b, nh, t, hd)
         dropout = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, dropout_p=dropout)
         return self.proj(rearrange(y, "b nh t hd -> b t (nh hd)"))
 
     def decode(self, x: Tensor, k_cache: Tensor, v_cache: Tensor, pos: int) -> Tensor:
@@ -86,11 +88,11 @@ class SelfAttention(nn.Module):
 class Block(nn.Module):
     """Pre-LN Transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
-    def __init__(self, cfg: TransformerConfig):
+    def __init__(self, cfg: TransformerConfig, causal: bool = True):
         super().__init__()
         d = cfg.d_model
         self.ln1 = nn.LayerNorm(d)
-        self.attn = SelfAttention(cfg)
+        self.attn = SelfAttention(cfg, causal)
         self.ln2 = nn.LayerNorm(d)
         self.mlp = nn.Sequential(nn.Linear(d, cfg.mlp_ratio * d), nn.GELU(), nn.Linear(cfg.mlp_ratio * d, d))
         self.drop = nn.Dropout(cfg.dropout)

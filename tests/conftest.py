@@ -21,6 +21,7 @@ TINY_VQVAE = dict(hidden_channels=16, res_channels=8, num_res_blocks=1, codebook
 # dropout given (its default, 0): the entry points would otherwise size it to the tiny data
 TINY_TRANSFORMER = dict(d_model=32, n_layers=2, n_heads=2, dropout=0.0)
 TINY_PIXELCNN = dict(channels=16, n_layers=3, dropout=0.0)
+TINY_MASKED = dict(d_model=32, n_layers=2, n_heads=2, dropout=0.0)
 
 
 def tiny_train(**changes) -> TrainConfig:

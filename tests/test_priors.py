@@ -12,12 +12,20 @@ from einops import rearrange
 from stage2_prior.contract import check_codes, check_labels
 from stage2_prior.config import PixelCNNConfig
 from stage2_prior.pixelcnn import PixelCNNPrior
+from stage2_prior.registry import PRIORS
 from stage2_prior.sampling import sample_codes
 from stage2_prior.transformer import KVCache, TransformerPrior, one_query_attention
 from stage2_prior.config import TransformerConfig
 from vqgen.core.runtime.errors import VQGenError
 
 KINDS = ["transformer", "pixelcnn"]
+
+
+def test_every_raster_prior_is_tested_here():
+    """Causality, cached decoding and raster sampling are tested for the raster kinds; the masked prior has
+    none of them (it sees both sides, and decodes in parallel): tests/test_masked.py covers it."""
+    assert KINDS == [name for name, kind in PRIORS.items() if kind.raster]
+    assert [name for name, kind in PRIORS.items() if not kind.raster] == ["masked"]
 
 
 def make_prior(kind: str, **fields) -> torch.nn.Module:

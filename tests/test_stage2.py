@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import TINY_PIXELCNN, TINY_TRANSFORMER, tiny_train
+from conftest import TINY_MASKED, TINY_PIXELCNN, TINY_TRANSFORMER, tiny_train
 from stage2_prior.registry import load_prior
 from stage2_prior.train import train_prior
 from vqgen.core.store.codes import CodesMeta, load_codes, save_codes
@@ -15,7 +15,7 @@ from vqgen.core.store.configs import load_config
 from vqgen.core.runtime.errors import VQGenError
 from vqgen.core.store.layout import RunLayout
 
-SIZES = {"transformer": TINY_TRANSFORMER, "pixelcnn": TINY_PIXELCNN}
+SIZES = {"transformer": TINY_TRANSFORMER, "pixelcnn": TINY_PIXELCNN, "masked": TINY_MASKED}
 
 
 def copy_stage1(tiny_run, tmp_path):
@@ -42,15 +42,16 @@ def test_prior_trains_and_reports_held_out_bits(tiny_run, tmp_path, kind):
     assert prior.config.num_classes == 6 and len(source.class_names) == 6
 
 
-def test_prior_resume_continues_exactly(tiny_run, tmp_path):
+@pytest.mark.parametrize("kind", ["transformer", "masked"])  # the masked prior also draws its masks
+def test_prior_resume_continues_exactly(tiny_run, tmp_path, kind):
     a, b = tmp_path / "a", tmp_path / "b"
     for run in (a, b):
         shutil.copytree(tiny_run / "vqvae", run / "vqvae")
         shutil.copytree(tiny_run / "codes", run / "codes")
-    cfg = {**TINY_TRANSFORMER, "dropout": 0.1}  # dropout and label dropout draw random numbers
-    train_prior(a, "transformer", tiny_train(max_steps=8, save_every=4), cfg)
-    train_prior(b, "transformer", tiny_train(max_steps=4, save_every=4), cfg)
-    train_prior(b, "transformer", tiny_train(max_steps=8, save_every=4), cfg, resume=True)
+    cfg = {**SIZES[kind], "dropout": 0.1}  # dropout and label dropout draw random numbers
+    train_prior(a, kind, tiny_train(max_steps=8, save_every=4), cfg)
+    train_prior(b, kind, tiny_train(max_steps=4, save_every=4), cfg)
+    train_prior(b, kind, tiny_train(max_steps=8, save_every=4), cfg, resume=True)
     wa, wb = load_file(a / "prior/model.safetensors"), load_file(b / "prior/model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 

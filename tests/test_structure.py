@@ -217,7 +217,7 @@ def _syncs(train, steps: int) -> Counter:
     return counter.calls
 
 
-@pytest.mark.parametrize("stage", ["vqvae", "prior"])
+@pytest.mark.parametrize("stage", ["vqvae", "transformer", "masked"])  # a stage, or the prior kind of stage 2
 def test_training_steps_do_not_wait_for_the_device(tmp_path, tiny_run, stage):
     """Syncs happen at set-up, logging, evaluation and saving only: 8 steps cost as many as 3."""
     from stage1_vqvae.train import train_vqvae
@@ -227,8 +227,8 @@ def test_training_steps_do_not_wait_for_the_device(tmp_path, tiny_run, stage):
         run = tmp_path / f"run{next(i)}"
         if stage == "vqvae":
             train_vqvae(run, TINY_DATA, cfg, TINY_VQVAE, encode=False)
-        else:
-            train_prior(run, "transformer", cfg, TINY_TRANSFORMER, codes_dir=tiny_run / "codes",
+        else:  # the masked prior's size fields are the transformer's
+            train_prior(run, stage, cfg, TINY_TRANSFORMER, codes_dir=tiny_run / "codes",
                         allow_vqvae_mismatch=True)
 
     few, many = _syncs(train, 3), _syncs(train, 5)

@@ -20,7 +20,7 @@ from typing import Any, Callable, NoReturn
 
 from stage1_vqvae.config import PRESETS, VQVAEConfig
 from stage1_vqvae.config import TRAIN_DEFAULTS as VQVAE_TRAIN_DEFAULTS
-from stage2_prior.config import PRIOR_CONFIGS
+from stage2_prior.config import PRIOR_CONFIGS, PriorConfig
 from stage2_prior.config import TRAIN_DEFAULTS as PRIOR_TRAIN_DEFAULTS
 from vqgen.core.data.config import DataConfig
 from vqgen.core.runtime.console import print_error
@@ -192,10 +192,15 @@ def add_prior_training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-vqvae-mismatch", action="store_true",
                         help="train even if the codes came from another VQ-VAE than the run's")
     add_config_options(parser, TrainConfig, title="training", defaults=PRIOR_TRAIN_DEFAULTS)
-    seen = set(PRIOR_FROM_CODES)
+    add_config_options(parser, PriorConfig, skip=PRIOR_FROM_CODES, title="every prior")
+    seen = {f.name for f in dataclasses.fields(PriorConfig)}
     for name, config in PRIOR_CONFIGS.items():
-        add_config_options(parser, config, skip=tuple(seen), title=f"{name} prior")
-        seen |= {f.name for f in dataclasses.fields(config)}
+        new = {f.name for f in dataclasses.fields(config)} - seen
+        if not new:
+            continue  # a kind whose options another kind's group already holds (the masked prior's)
+        sharing = [other for other, c in PRIOR_CONFIGS.items() if new <= {f.name for f in dataclasses.fields(c)}]
+        add_config_options(parser, config, skip=tuple(seen), title=f"{' and '.join(sharing)} prior")
+        seen |= new
 
 
 def _add_run_options(parser: argparse.ArgumentParser, what: str) -> None:
