@@ -157,7 +157,7 @@ def decoder_last_layer(model: VQVAE) -> nn.Parameter:
 
 
 def adaptive_weight(rec_loss: Tensor, adv_loss: Tensor, last_layer_weight: Tensor, base_weight: float = 1.0,
-                    max_weight: float = 1e4, eps: float = 1e-4, loss_scale: float = 1.0) -> Tensor:
+                    max_weight: float = 1e4, eps: float = 1e-4, loss_scale: float | Tensor = 1.0) -> Tensor:
     """base_weight * clamp(||grad_W rec_loss|| / (||grad_W adv_loss|| + eps), 0, max_weight), detached,
     W the decoder's last layer: the adversarial gradient is brought to the size of the reconstruction's.
 
@@ -172,13 +172,19 @@ def adaptive_weight(rec_loss: Tensor, adv_loss: Tensor, last_layer_weight: Tenso
 
 # -- regularisers of the discriminator ---------------------------------------------------------
 
-def r1_penalty(discriminator: Callable[[Tensor], Tensor], real: Tensor) -> Tensor:
+def r1_from_logits(real_logits: Tensor, real: Tensor) -> Tensor:
     """mean over images of ||grad_x s(x)||^2, s(x) the mean of the image's patch logits (Mescheder et al.
-    2018), at the real images. Differentiable in the discriminator's weights (create_graph)."""
-    real = real.detach().requires_grad_(True)
-    scores = discriminator(real).float().flatten(1).mean(dim=1)  # (b,)
+    2018): `real_logits` (b, ...) computed from `real` (b, c, H, W), which must require grad. Differentiable
+    in the discriminator's weights (create_graph), so one forward serves the loss and the penalty."""
+    scores = real_logits.float().flatten(1).mean(dim=1)  # (b,)
     grad, = torch.autograd.grad(scores.sum(), real, create_graph=True)
     return grad.float().pow(2).flatten(1).sum(dim=1).mean()
+
+
+def r1_penalty(discriminator: Callable[[Tensor], Tensor], real: Tensor) -> Tensor:
+    """`r1_from_logits` at the real images (b, c, H, W), with a forward pass of its own."""
+    real = real.detach().requires_grad_(True)
+    return r1_from_logits(discriminator(real), real)
 
 
 class LeCam(nn.Module):

@@ -11,7 +11,9 @@ from accelerate import Accelerator
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from stage1_vqvae.adversarial import GANConfig
 from stage1_vqvae.encode import encode_splits
+from stage1_vqvae.gan_loss import GANLoss
 from stage1_vqvae.model import VQVAE, VQVAEConfig, kmeans_sample_note, reconstruction_errors
 from vqgen.core.batches import make_loader
 from vqgen.core.checkpoint import check_stage_dir
@@ -59,6 +61,7 @@ class VQVAEStage:
     augment: tuple[str, ...] = ()  # training-batch augmentations (`vqgen.core.data.augment`)
     name: str = "vqvae"
     held_out: tuple[str, str] = ("mse", "recon_mse")
+    gan: GANLoss | None = None     # adversarial and perceptual terms, and the discriminator (None: off)
 
     def __post_init__(self):
         self._counts = torch.zeros(self.config.codebook_size, dtype=torch.long, device=self.accelerator.device)
@@ -74,7 +77,21 @@ class VQVAEStage:
             "commitment": out.quant.commitment_loss.detach(),
             "codebook": out.quant.codebook_loss.detach(),
         }
-        return out.loss, logs
+        if self.gan is None:
+            return out.loss, logs
+        extra, gan_logs = self.gan.generator_terms(model, images, out)
+        return out.loss + extra, {**logs, **gan_logs}
+
+    def at_step(self, step: int) -> None:
+        if self.gan is not None:
+            self.gan.step = step
+
+    def auxiliary(self) -> tuple[nn.Module, torch.optim.Optimizer] | None:
+        """The discriminator and its optimizer, when the adversarial term is on."""
+        return (self.gan.critic, self.gan.optimizer) if self.gan is not None and self.gan.critic else None
+
+    def auxiliary_loss(self, critic: nn.Module) -> tuple[Tensor, dict[str, Tensor]] | None:
+        return self.gan.discriminator_loss(critic)
 
     def window_metrics(self) -> dict[str, float]:
         usage = code_usage(self._counts.cpu())
@@ -116,6 +133,17 @@ def resolve_config(stage: StageDir, overrides: dict[str, Any], data: ImageData, 
             f"the data has {data.channels}x{data.height}x{data.width} images but the VQ-VAE expects "
             f"{cfg.in_channels}x{cfg.image_height}x{cfg.image_width}"
         )
+    return cfg
+
+
+def resolve_gan_config(stage: StageDir, given: dict[str, Any], resume: bool) -> GANConfig:
+    """The adversarial options: the given ones, or on resume the run's (none saved: all off), refusing changes."""
+    if resume and stage.gan_config.is_file():
+        return resumed_config(GANConfig, stage.gan_config, given, strict=True, what="adversarial options")
+    cfg = GANConfig(**given)
+    if resume and stage.config.is_file() and (cfg.adversarial or cfg.perceptual_weight):
+        raise VQGenError(f"{stage.path} was trained without adversarial or perceptual terms; they cannot be "
+                         "switched on when resuming it (train a new run)")
     return cfg
 
 
@@ -168,10 +196,12 @@ def train_vqvae(
     encode: bool = True,
     overwrite: bool = False,
     data: ImageData | None = None,
+    gan: dict[str, Any] | None = None,
 ) -> dict[str, float]:
     """Train stage 1 into the run's vqvae folder, then (by default) encode every split to its codes.
 
-    `data`: the images of `data_cfg`, when the caller has loaded them already.
+    `data`: the images of `data_cfg`, when the caller has loaded them already. `gan`: GANConfig options
+    (adversarial and perceptual terms; none: a plain VQ-VAE, as before).
     """
     run = RunLayout(run_dir)
     stage = run.vqvae
@@ -183,6 +213,7 @@ def train_vqvae(
         with accelerator.main_process_first():
             data = load_image_data(data_cfg, console)
     cfg = resolve_config(stage, model_overrides or {}, data, resume)
+    gan_cfg = resolve_gan_config(stage, gan or {}, resume)
     console.print(f"data: {data.source}: {len(data.train)} train / {len(data.test)} test images, "
                   f"{data.channels}x{data.height}x{data.width}, {data.num_classes} classes, {data.storage}")
     console.print(f"VQ-VAE: K={cfg.codebook_size}, d={cfg.code_dim}, grid {cfg.grid_shape[0]}x{cfg.grid_shape[1]}, "
@@ -191,8 +222,10 @@ def train_vqvae(
     note = None if resume else kmeans_sample_note(cfg, train_cfg.batch_size)
     if note:
         console.print(f"[bold yellow]warning:[/] {note}")
-    write_stage_files(accelerator, stage, {stage.config: cfg, stage.data_config: data_cfg},
-                      fresh=overwrite and not resume)
+    files = {stage.config: cfg, stage.data_config: data_cfg}
+    if gan_cfg.adversarial or gan_cfg.perceptual_weight:
+        files[stage.gan_config] = gan_cfg
+    write_stage_files(accelerator, stage, files, fresh=overwrite and not resume)
 
     model = VQVAE(cfg).to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, train_cfg)
@@ -201,7 +234,13 @@ def train_vqvae(
     test_loader = accelerator.prepare(make_loader(ImageDataset(data.test), train_cfg.batch_size,
                                                   num_workers=train_cfg.num_workers))
     preview = to_model_range(data.test.take(range(min(16, len(data.test)))))
-    vqvae_stage = VQVAEStage(accelerator, cfg, test_loader, stage, preview, parse_augment(data_cfg.augment))
+    gan_loss = None
+    if gan_cfg.adversarial or gan_cfg.perceptual_weight:
+        gan_loss = GANLoss(gan_cfg, cfg, accelerator, train_cfg.learning_rate)
+        console.print(f"adversarial: weight {gan_cfg.adversarial_weight} from step {gan_cfg.adversarial_start} "
+                      f"({gan_cfg.adversarial_loss}), perceptual {gan_cfg.perceptual} x {gan_cfg.perceptual_weight}")
+    vqvae_stage = VQVAEStage(accelerator, cfg, test_loader, stage, preview, parse_augment(data_cfg.augment),
+                             gan=gan_loss)
     metrics = fit(accelerator, train_cfg, vqvae_stage, model, optimizer, train_loader, stage, resume, console)
     if encode:
         encode_splits(accelerator, accelerator.unwrap_model(model), data, data_cfg, run, train_cfg.batch_size,

@@ -373,3 +373,92 @@ def test_every_gan_option_carries_its_help():
     missing = [f"{cls.__name__}.{f.name}" for cls in (GANConfig, DiscriminatorConfig)
                for f in dataclasses.fields(cls) if len(f.metadata.get("help", "").split()) < 2]
     assert missing == []
+
+
+# -- in the training loop -----------------------------------------------------------------------
+
+GAN_ON = dict(adversarial_weight=0.5, disc_width=8, lecam_weight=0.1, r1_weight=1.0, perceptual="ms_ssim",
+              perceptual_weight=0.2)
+
+
+def train_records(run, split="train"):
+    import json
+
+    lines = (run / "vqvae" / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["split"] == split]
+
+
+def test_resume_with_the_discriminator_continues_exactly(tmp_path):
+    """2 steps + save + resume + 2 steps equals 4 straight steps: both models, both optimizers, LeCam's averages."""
+    from conftest import TINY_DATA, TINY_VQVAE, tiny_train
+    from stage1_vqvae.train import train_vqvae
+
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train_vqvae(straight, TINY_DATA, tiny_train(max_steps=4, save_every=2), TINY_VQVAE, encode=False, gan=GAN_ON)
+    train_vqvae(split, TINY_DATA, tiny_train(max_steps=2, save_every=2), TINY_VQVAE, encode=False, gan=GAN_ON)
+    train_vqvae(split, TINY_DATA, tiny_train(max_steps=4, save_every=2), resume=True, encode=False)
+    for name in ("model.safetensors", "state/step-00000004/model.safetensors",
+                 "state/step-00000004/model_1.safetensors"):
+        a, b = load_file(straight / "vqvae" / name), load_file(split / "vqvae" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    critic = load_file(straight / "vqvae/state/step-00000004/model_1.safetensors")
+    assert int(critic["lecam.updates"]) == 4 and "disc.head.weight" in critic
+    opt_a, opt_b = (torch.load(run / "vqvae/state/step-00000004/optimizer_1.bin", weights_only=True)
+                    for run in (straight, split))
+    assert opt_a["param_groups"][0]["betas"] == [0.5, 0.9] or tuple(opt_a["param_groups"][0]["betas"]) == (0.5, 0.9)
+    for key, value in opt_a["state"].items():
+        assert torch.equal(value["exp_avg_sq"], opt_b["state"][key]["exp_avg_sq"])
+        assert int(value["step"]) == int(opt_b["state"][key]["step"]) == 4
+    keys = ("loss", "d_loss", "d_real_acc", "adaptive_weight", "g_adv", "lecam", "r1", "perceptual")
+    rows = lambda run: [(r["step"], *(r[k] for k in keys)) for r in train_records(run)]
+    assert rows(split)[2:] == rows(straight)[2:]  # steps 3 and 4 to the last bit
+    assert (split / "vqvae" / "gan_config.json").is_file()
+
+
+def test_the_adversarial_start_step_is_honoured(tmp_path):
+    """Before the start: no discriminator step, no adversarial term; from it on: both, logged."""
+    from conftest import TINY_DATA, TINY_VQVAE, tiny_train
+    from stage1_vqvae.train import train_vqvae
+
+    run = tmp_path / "run"
+    train_vqvae(run, TINY_DATA, tiny_train(max_steps=4, save_every=1, keep=4), TINY_VQVAE, encode=False,
+                gan=dict(adversarial_weight=0.5, adversarial_start=2, disc_width=8))
+    records = train_records(run)
+    assert ["d_loss" in r and "g_adv" in r for r in records] == [False, False, True, True]
+    assert all(0 <= records[-1][k] <= 1 for k in ("d_real_acc", "d_fake_acc")) and records[-1]["adaptive_weight"] > 0
+    critic = lambda step: load_file(run / f"vqvae/state/step-{step:08d}/model_1.safetensors")
+    unchanged = lambda a, b: all(torch.equal(a[k], b[k]) for k in a)
+    assert unchanged(critic(1), critic(2)) and not unchanged(critic(2), critic(3))
+    assert torch.load(run / "vqvae/state/step-00000002/optimizer_1.bin", weights_only=True)["state"] == {}
+
+
+def test_gan_off_writes_no_gan_files_and_cannot_be_switched_on_at_resume(tmp_path):
+    from conftest import TINY_DATA, TINY_VQVAE, tiny_train
+    from stage1_vqvae.train import train_vqvae
+
+    run = tmp_path / "run"
+    train_vqvae(run, TINY_DATA, tiny_train(max_steps=2, save_every=2), TINY_VQVAE, encode=False)
+    assert not (run / "vqvae" / "gan_config.json").exists()
+    assert not (run / "vqvae/state/step-00000002/model_1.safetensors").exists()
+    assert "d_loss" not in train_records(run)[-1]
+    with pytest.raises(VQGenError, match="trained without adversarial or perceptual terms"):
+        train_vqvae(run, TINY_DATA, tiny_train(max_steps=4), resume=True, encode=False,
+                    gan=dict(adversarial_weight=0.5))
+
+
+def test_adversarial_steps_do_not_wait_for_the_device(tmp_path):
+    """As tests/test_structure.py checks for plain training: 5 steps with the discriminator sync as often as 3."""
+    from conftest import TINY_DATA, TINY_VQVAE, tiny_train
+    from stage1_vqvae.train import train_vqvae
+    from test_structure import SyncCounter
+
+    def syncs(steps):
+        counter = SyncCounter()
+        with counter:
+            train_vqvae(tmp_path / f"run{steps}", TINY_DATA,
+                        tiny_train(max_steps=steps, log_every=1000, eval_every=0, save_every=0),
+                        TINY_VQVAE, encode=False, gan=GAN_ON)
+        return counter.calls
+
+    few, many = syncs(3), syncs(5)
+    assert few == many, f"per-step syncs: {many - few}"
