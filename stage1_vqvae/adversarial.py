@@ -60,8 +60,8 @@ class GANConfig:
     r1_weight: float = option(0.0, "R1 penalty of the discriminator: this times the squared gradient norm of "
                               "its output at real images (gamma / 2 in Mescheder et al.; 0: off)")
     perceptual: str = option("ms_ssim", "perceptual term: lpips (needs the lpips package and its weights), "
-                             "ssim, ms_ssim (no download) or feature_matching (the discriminator's features)",
-                             choices=PERCEPTUAL_KINDS)
+                             "ssim, ms_ssim (no download) or feature_matching (the discriminator's features, "
+                             "from adversarial_start)", choices=PERCEPTUAL_KINDS)
     perceptual_weight: float = option(0.0, "weight of the perceptual term in the autoencoder's loss (0: off)")
 
     def __post_init__(self):

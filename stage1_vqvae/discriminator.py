@@ -14,9 +14,10 @@ Normalisation: GroupNorm by default, never BatchNorm. BatchNorm's statistics mix
 with the small per-process batches of small data they are noisy, they differ between processes (unless
 synchronised), the real and the fake batch get different statistics, and the R1 penalty, which must be a
 per-image gradient, leaks across the batch. GroupNorm normalises each image on its own and keeps no
-running state (its statistics span the whole image, so a logit's convs see its patch and its normalisation
-the image, as BatchNorm's would see the batch). "spectral" (Miyato et al. 2018) bounds each layer's Lipschitz constant instead, at the cost
-of a power-iteration buffer per layer; "none" leaves the conv stack bare (then lean on R1 or LeCam).
+running state (its statistics span the whole image: a logit's convs see its patch, its normalisation the
+image, as BatchNorm's would see the batch). "spectral" (Miyato et al. 2018) bounds each layer's Lipschitz
+constant instead, at the cost of a power-iteration buffer per layer; "none" leaves the conv stack bare
+(then lean on R1 or LeCam).
 """
 
 from __future__ import annotations

@@ -40,12 +40,19 @@ class Critic(nn.Module):
 class GANLoss:
     """The adversarial and perceptual terms for `model_cfg`'s autoencoder, from step `gan.adversarial_start`."""
 
-    def __init__(self, gan: GANConfig, model_cfg: VQVAEConfig, accelerator: Accelerator, learning_rate: float):
+    def __init__(self, gan: GANConfig, model_cfg: VQVAEConfig, accelerator: Accelerator, learning_rate: float,
+                 seed: int = 0):
         self.cfg = gan
         self.accelerator = accelerator
         self.step = 0
         self.d_loss, self.g_loss = gan_losses(gan.adversarial_loss)
-        self.critic = Critic(gan, model_cfg) if gan.adversarial else None
+        self.critic = None
+        if gan.adversarial:
+            # initialised from a seed of its own, leaving the global RNG as it was: the autoencoder, the data
+            # order and everything else start as in a run without the discriminator
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed + 1)
+                self.critic = Critic(gan, model_cfg)
         self.optimizer = None
         if self.critic is not None:
             # the loop sets each group's learning rate to the schedule's times its lr_ratio

@@ -79,6 +79,8 @@ class VQVAEStage:
         }
         if self.gan is None:
             return out.loss, logs
+        # "loss" stays reconstruction + codebook + commitment, comparable with plain runs; the terms added are
+        # logged on their own
         extra, gan_logs = self.gan.generator_terms(model, images, out)
         return out.loss + extra, {**logs, **gan_logs}
 
@@ -223,7 +225,12 @@ def train_vqvae(
     if note:
         console.print(f"[bold yellow]warning:[/] {note}")
     files = {stage.config: cfg, stage.data_config: data_cfg}
+    gan_loss = None
     if gan_cfg.adversarial or gan_cfg.perceptual_weight:
+        # before any write (LPIPS may be refused); the discriminator draws from an RNG of its own
+        gan_loss = GANLoss(gan_cfg, cfg, accelerator, train_cfg.learning_rate, train_cfg.seed)
+        console.print(f"adversarial: weight {gan_cfg.adversarial_weight} from step {gan_cfg.adversarial_start} "
+                      f"({gan_cfg.adversarial_loss}), perceptual {gan_cfg.perceptual} x {gan_cfg.perceptual_weight}")
         files[stage.gan_config] = gan_cfg
     write_stage_files(accelerator, stage, files, fresh=overwrite and not resume)
 
@@ -234,11 +241,6 @@ def train_vqvae(
     test_loader = accelerator.prepare(make_loader(ImageDataset(data.test), train_cfg.batch_size,
                                                   num_workers=train_cfg.num_workers))
     preview = to_model_range(data.test.take(range(min(16, len(data.test)))))
-    gan_loss = None
-    if gan_cfg.adversarial or gan_cfg.perceptual_weight:
-        gan_loss = GANLoss(gan_cfg, cfg, accelerator, train_cfg.learning_rate)
-        console.print(f"adversarial: weight {gan_cfg.adversarial_weight} from step {gan_cfg.adversarial_start} "
-                      f"({gan_cfg.adversarial_loss}), perceptual {gan_cfg.perceptual} x {gan_cfg.perceptual_weight}")
     vqvae_stage = VQVAEStage(accelerator, cfg, test_loader, stage, preview, parse_augment(data_cfg.augment),
                              gan=gan_loss)
     metrics = fit(accelerator, train_cfg, vqvae_stage, model, optimizer, train_loader, stage, resume, console)

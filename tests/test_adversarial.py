@@ -290,9 +290,15 @@ def test_ms_ssim_uses_the_scales_that_fit():
         ssim(x, x[:, :1])
 
 
-def test_lpips_is_refused_in_one_line_when_the_package_is_missing(monkeypatch):
+def pretend_lpips(monkeypatch, spec):
+    """importlib.util.find_spec answers `spec` for "lpips" and the truth for every other package."""
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lpips" else real_find_spec(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: spec if name == "lpips" else real_find_spec(name, *a))
+
+
+def test_lpips_is_refused_in_one_line_when_the_package_is_missing(monkeypatch):
+    pretend_lpips(monkeypatch, None)
     with pytest.raises(VQGenError) as err:
         perceptual_loss("lpips")
     assert "pip install lpips" in str(err.value) and "network" in str(err.value) and "\n" not in str(err.value)
@@ -305,11 +311,11 @@ def test_lpips_is_refused_in_one_line_when_its_weights_do_not_load(monkeypatch):
     fake = types.ModuleType("lpips")
     fake.LPIPS = no_network
     monkeypatch.setitem(sys.modules, "lpips", fake)
-    real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "lpips" else real_find_spec(name, *a))
+    pretend_lpips(monkeypatch, object())
     with pytest.raises(VQGenError) as err:
         perceptual_loss("lpips")
-    assert str(err.value) == f"LPIPS could not be loaded (<urlopen error [Errno -3] Temporary failure in name resolution>): {LPIPS_HELP}"
+    reason = "<urlopen error [Errno -3] Temporary failure in name resolution>"
+    assert str(err.value) == f"LPIPS could not be loaded ({reason}): {LPIPS_HELP}"
 
 
 def test_feature_matching_moves_only_the_fakes():
@@ -350,7 +356,8 @@ def test_gan_options_are_validated_in_one_line_naming_the_value():
         (dict(perceptual_weight=float("nan")), "perceptual_weight must be a finite number >= 0, got nan"),
         (dict(adversarial_weight=1, lecam_weight=-1), "lecam_weight must be a finite number >= 0, got -1"),
         (dict(adversarial_start=-5), "adversarial_start must be >= 0, got -5"),
-        (dict(adversarial_loss="wasserstein"), "adversarial_loss must be one of hinge, non_saturating, got 'wasserstein'"),
+        (dict(adversarial_loss="wasserstein"),
+         "adversarial_loss must be one of hinge, non_saturating, got 'wasserstein'"),
         (dict(perceptual="vgg"), "perceptual must be one of lpips, ssim, ms_ssim, feature_matching, got 'vgg'"),
         (dict(disc_norm="batch"), "disc_norm must be one of group, spectral, none, got 'batch'"),
         (dict(disc_width=0), "disc_width must be >= 1, got 0"),
@@ -462,3 +469,107 @@ def test_adversarial_steps_do_not_wait_for_the_device(tmp_path):
 
     few, many = syncs(3), syncs(5)
     assert few == many, f"per-step syncs: {many - few}"
+
+
+def test_bf16_mixed_precision_trains_the_discriminator(tmp_path):
+    from conftest import TINY_DATA, TINY_VQVAE, tiny_train
+    from stage1_vqvae.train import train_vqvae
+
+    run = tmp_path / "run"
+    train_vqvae(run, TINY_DATA, tiny_train(max_steps=3, mixed_precision="bf16"), TINY_VQVAE, encode=False,
+                gan=GAN_ON)
+    last = train_records(run)[-1]
+    assert all(math.isfinite(last[k]) for k in ("loss", "d_loss", "adaptive_weight", "lecam", "r1", "perceptual"))
+
+
+TWO_PROCESS_SCRIPT = """
+import sys
+sys.path[:0] = [{root!r}, {tests!r}]
+import torch
+from safetensors.torch import save_file
+import stage1_vqvae.train as train
+from conftest import TINY_DATA, TINY_VQVAE, tiny_train
+
+made = []
+class Recorded(train.GANLoss):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        made.append(self)
+
+train.GANLoss = Recorded
+train.train_vqvae({run!r}, TINY_DATA, tiny_train(max_steps=4, batch_size=8, save_every=2), TINY_VQVAE,
+                  encode=False, gan={gan!r})
+rank = made[0].accelerator.process_index
+weights = {{k: v.contiguous() for k, v in made[0].critic.state_dict().items()}}
+save_file(weights, {run!r} + f"/critic-{{rank}}.safetensors")
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_keep_one_discriminator(tmp_path):
+    """DDP on 2 CPU processes (gloo): the adaptive weight's autograd.grad, R1's double backward and LeCam's
+    averages work across processes and leave both copies of the discriminator identical."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    run = tmp_path / "run"
+    script = tmp_path / "train_two.py"
+    script.write_text(TWO_PROCESS_SCRIPT.format(root=str(root), tests=str(root / "tests"), run=str(run), gan=GAN_ON))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = load_file(run / "critic-0.safetensors"), load_file(run / "critic-1.safetensors")
+    assert int(a["lecam.updates"]) == 4
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(math.isfinite(train_records(run)[-1][k]) for k in ("d_loss", "adaptive_weight", "lecam", "r1"))
+
+
+def test_before_the_start_the_autoencoder_trains_exactly_as_without_the_discriminator(tmp_path):
+    """The discriminator draws its initial weights from an RNG of its own and nothing runs before the start:
+    the autoencoder's weights and losses are those of a plain run, to the last bit."""
+    from conftest import TINY_DATA, TINY_VQVAE, tiny_train
+    from stage1_vqvae.train import train_vqvae
+
+    plain, gan = tmp_path / "plain", tmp_path / "gan"
+    train_vqvae(plain, TINY_DATA, tiny_train(max_steps=3), TINY_VQVAE, encode=False)
+    train_vqvae(gan, TINY_DATA, tiny_train(max_steps=3), TINY_VQVAE, encode=False,
+                gan=dict(adversarial_weight=0.5, adversarial_start=100, disc_width=8))
+    a, b = load_file(plain / "vqvae/model.safetensors"), load_file(gan / "vqvae/model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["loss"] for r in train_records(plain)] == [r["loss"] for r in train_records(gan)]
+
+
+@pytest.mark.parametrize("variant", [
+    dict(disc_norm="spectral", adversarial_loss="non_saturating", r1_weight=0.5, disc_augment_shared=False),
+    dict(disc_norm="none", adaptive_weight=False, disc_augment="none", disc_learning_rate=1e-4,
+         perceptual="feature_matching", perceptual_weight=1.0),
+])
+def test_every_variant_trains(tmp_path, variant):
+    from conftest import TINY_DATA, TINY_VQVAE, tiny_train
+    from stage1_vqvae.train import train_vqvae
+
+    run = tmp_path / "run"
+    train_vqvae(run, TINY_DATA, tiny_train(max_steps=2, save_every=2), TINY_VQVAE, encode=False,
+                gan=dict(adversarial_weight=0.5, disc_width=8, **variant))
+    last = train_records(run)[-1]
+    assert math.isfinite(last["d_loss"]) and math.isfinite(last["g_adv"])
+    if not variant.get("adaptive_weight", True):
+        assert last["adaptive_weight"] == 0.5
+    if "disc_learning_rate" in variant:
+        opt = torch.load(run / "vqvae/state/step-00000002/optimizer_1.bin", weights_only=True)
+        assert opt["param_groups"][0]["lr"] == pytest.approx(1e-4)  # the schedule (constant 3e-3) x its ratio
+
+
+def test_a_refused_lpips_writes_nothing(tmp_path, monkeypatch):
+    from conftest import TINY_DATA, TINY_VQVAE, tiny_train
+    from stage1_vqvae.train import train_vqvae
+
+    pretend_lpips(monkeypatch, None)
+    run = tmp_path / "run"
+    with pytest.raises(VQGenError, match="pip install lpips"):
+        train_vqvae(run, TINY_DATA, tiny_train(max_steps=2), TINY_VQVAE, encode=False,
+                    gan=dict(perceptual="lpips", perceptual_weight=1.0))
+    assert not (run / "vqvae" / "config.json").exists() and not (run / "vqvae" / "gan_config.json").exists()

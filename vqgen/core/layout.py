@@ -2,8 +2,9 @@
 
     runs/NAME/
       vqvae/     StageDir: config.json, model.safetensors, train_config.json, metrics.jsonl,
-                 data_config.json, gan_config.json (adversarial/perceptual terms, when on), reconstructions/step-*.png, state/step-*/ (for --resume; each
-                 with progress.json and manifest.json), .lock (while a training or encoding runs)
+                 data_config.json, gan_config.json (adversarial/perceptual terms, when on),
+                 reconstructions/step-*.png, state/step-*/ (for --resume; each with progress.json and
+                 manifest.json; model_1/optimizer_1: the discriminator), .lock (while a training or encoding runs)
       codes/     meta.json and, per split, SPLIT/shard-NNNNN.safetensors ("codes": int16 (k, h', w'), in
                  dataset order) and SPLIT/labels.safetensors; runs of format 2: a `datasets` DatasetDict
       prior/     StageDir: config.json, model.safetensors, train_config.json, metrics.jsonl,

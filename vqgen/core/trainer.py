@@ -311,12 +311,12 @@ def fit(
                 with accelerator.accumulate(*models):
                     loss, logs = stage.loss(model, batch)
                     window.add(progress.step, loss, logs)
-                    _optimizer_step(accelerator, cfg, model, optimizer, loss, learning_rate_at(cfg, progress.step, total))
+                    lr = learning_rate_at(cfg, progress.step, total)
+                    _optimizer_step(accelerator, cfg, model, optimizer, loss, lr)
                     aux = stage.auxiliary_loss(aux_model) if aux_model is not None else None
                     if aux is not None:
                         window.add(progress.step, aux[0], aux[1], micro_batch=False)
-                        _optimizer_step(accelerator, cfg, aux_model, aux_optimizer, aux[0],
-                                        learning_rate_at(cfg, progress.step, total))
+                        _optimizer_step(accelerator, cfg, aux_model, aux_optimizer, aux[0], lr)
                 progress.batch_in_epoch += 1
                 if not accelerator.sync_gradients:
                     continue
