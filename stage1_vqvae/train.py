@@ -12,7 +12,9 @@ from accelerate import Accelerator
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from stage1_vqvae.adversarial import GANConfig
 from stage1_vqvae.encode import encode_splits
+from stage1_vqvae.gan_loss import GANLoss
 from stage1_vqvae.model import VQVAE, kmeans_sample_note, reconstruction_errors
 from stage1_vqvae.config import TRAIN_DEFAULTS, VQVAEConfig, check_side_options, preset_options
 from vqgen.core.data.loaders import make_loader
@@ -46,6 +48,7 @@ class VQVAETask:
     augment: tuple[str, ...] = ()  # training-batch augmentations (`vqgen.core.data.augment`)
     name: str = "vqvae"
     held_out: tuple[str, str] = ("mse", "recon_mse")
+    gan: GANLoss | None = None     # adversarial and perceptual terms, and the discriminator (None: off)
 
     def __post_init__(self):
         self._counts = torch.zeros(self.config.codebook_size, dtype=torch.long, device=self.accelerator.device)
@@ -61,7 +64,23 @@ class VQVAETask:
             "commitment": out.quant.commitment_loss.detach(),
             "codebook": out.quant.codebook_loss.detach(),
         }
-        return out.loss, logs
+        if self.gan is None:
+            return out.loss, logs
+        # "loss" stays reconstruction + codebook + commitment, comparable with plain runs; the terms added are
+        # logged on their own
+        extra, gan_logs = self.gan.generator_terms(model, images, out)
+        return out.loss + extra, {**logs, **gan_logs}
+
+    def at_step(self, step: int) -> None:
+        if self.gan is not None:
+            self.gan.step = step
+
+    def auxiliary(self) -> tuple[nn.Module, torch.optim.Optimizer] | None:
+        """The discriminator and its optimizer, when the adversarial term is on."""
+        return (self.gan.critic, self.gan.optimizer) if self.gan is not None and self.gan.critic else None
+
+    def auxiliary_loss(self, critic: nn.Module) -> tuple[Tensor, dict[str, Tensor]] | None:
+        return self.gan.discriminator_loss(critic)
 
     def window_metrics(self) -> dict[str, float]:
         usage = code_usage(self._counts.cpu())
@@ -108,6 +127,17 @@ def model_config(stage: ModelDir, given: dict[str, Any], sized: dict[str, Any], 
     return cfg
 
 
+def gan_config(stage: ModelDir, given: dict[str, Any], resume: bool) -> GANConfig:
+    """The adversarial options: the given ones, or on resume the run's (none saved: all off), refusing changes."""
+    if resume and stage.gan_config.is_file():
+        return resumed_config(GANConfig, stage.gan_config, given, strict=True, what="adversarial options")
+    cfg = GANConfig(**given)
+    if resume and stage.config.is_file() and (cfg.adversarial or cfg.perceptual_weight):
+        raise VQGenError(f"{stage.path} was trained without adversarial or perceptual terms; they cannot be "
+                         "switched on when resuming it (train a new run)")
+    return cfg
+
+
 # Steps, not passes, decide how sharp a VQ-VAE gets: it does not memorise a small dataset the way a prior
 # does. On OpenMoji (2.2k images) 60 passes (2,100 steps, the rule before) left the test PSNR rising:
 # 21.50 dB and a reconstruction FID of 1.28 there, 22.37 dB and 0.49 at 6,000 (docs/defaults.md). Shapes
@@ -137,6 +167,7 @@ def train_vqvae(
     training: TrainConfig | dict[str, Any] | None = None,
     model: dict[str, Any] | None = None,
     *,
+    gan: GANConfig | dict[str, Any] | None = None,
     preset: str | None = None,
     resume: bool = False,
     encode: bool = True,
@@ -145,7 +176,7 @@ def train_vqvae(
     """Stage 1's one entry point (`vqgen train vqvae`, scripts/train_vqvae.py, the tests): train the VQ-VAE into
     RUN/vqvae, then (by default) encode every split to its code grids. Returns the best evaluation's metrics.
 
-    `data`, `training`, `model`: the options given, as a dict of config fields or a whole config (all of whose
+    `data`, `training`, `model`, `gan` (adversarial and perceptual terms; none: a plain VQ-VAE): the options given, as a dict of config fields or a whole config (all of whose
     fields count as given). A fresh run fills the others with the defaults sized to the data, under `preset`'s
     model options; a resumed run takes them from its saved configs and refuses a data or model option that
     differs. Every option is checked before anything is written, and those that can be before any image is
@@ -161,6 +192,7 @@ def train_vqvae(
         data_cfg = DataConfig(**as_options(data))
         if data_cfg.image_size:  # a large folder is converted first: refuse a bad downsampling before that
             check_side_options(given_model, data_cfg.image_size, data_cfg.image_size)
+    gan_cfg = gan_config(stage, as_options(gan), resume)
     schedule = {} if resume else sized_schedule(given_training, STAGE1_STEPS, evaluations=10)
     train_cfg = train_config(stage, given_training, {**TRAIN_DEFAULTS, **schedule}, resume)
     state = process_state()
@@ -181,8 +213,15 @@ def train_vqvae(
     note = None if resume else kmeans_sample_note(cfg, train_cfg.batch_size)
     if note:
         console.print(f"[bold yellow]warning:[/] {note}")
-    write_stage_files(accelerator, stage, {stage.config: cfg, stage.data_config: data_cfg},
-                      fresh=overwrite and not resume)
+    files = {stage.config: cfg, stage.data_config: data_cfg}
+    gan_loss = None
+    if gan_cfg.adversarial or gan_cfg.perceptual_weight:
+        # before any write (LPIPS may be refused); the discriminator draws from an RNG of its own
+        gan_loss = GANLoss(gan_cfg, cfg, accelerator, train_cfg.learning_rate, train_cfg.seed)
+        console.print(f"adversarial: weight {gan_cfg.adversarial_weight} from step {gan_cfg.adversarial_start} "
+                      f"({gan_cfg.adversarial_loss}), perceptual {gan_cfg.perceptual} x {gan_cfg.perceptual_weight}")
+        files[stage.gan_config] = gan_cfg
+    write_stage_files(accelerator, stage, files, fresh=overwrite and not resume)
 
     model = VQVAE(cfg).to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, train_cfg)
@@ -191,7 +230,7 @@ def train_vqvae(
     test_loader = accelerator.prepare(make_loader(ImageDataset(images.test), train_cfg.batch_size,
                                                   num_workers=train_cfg.num_workers))
     preview = to_model_range(images.test.take(range(min(16, len(images.test)))))
-    task = VQVAETask(accelerator, cfg, test_loader, stage, preview, parse_augment(data_cfg.augment))
+    task = VQVAETask(accelerator, cfg, test_loader, stage, preview, parse_augment(data_cfg.augment), gan=gan_loss)
     metrics = fit(accelerator, train_cfg, task, model, optimizer, train_loader, stage, resume, console)
     if encode:
         encode_splits(accelerator, accelerator.unwrap_model(model), images, data_cfg, run, train_cfg.batch_size,

@@ -34,7 +34,7 @@ from vqgen.core.store.imageio import save_grid
 from vqgen.core.store.layout import RunLayout
 from vqgen.core.store.jsonl import JsonlLog
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def train(script: str, args: list[str], log: Path) -> float:

@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CHUNK = 500  # images drawn at once: bounds the float buffers of the drawing (500 x 3 x 128^2 x 4 B = 98 MB)
 
 

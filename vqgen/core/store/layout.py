@@ -2,8 +2,9 @@
 
     runs/NAME/
       vqvae/     ModelDir: config.json, model.safetensors, train_config.json, metrics.jsonl,
-                 data_config.json, reconstructions/step-*.png, state/step-*/ (for --resume; each
-                 with progress.json and manifest.json), .lock (while a training or encoding runs)
+                 data_config.json, gan_config.json (adversarial/perceptual terms, when on),
+                 reconstructions/step-*.png, state/step-*/ (for --resume; each with progress.json and
+                 manifest.json; model_1/optimizer_1: the discriminator), .lock (while a training or encoding runs)
       codes/     meta.json and, per split, SPLIT/shard-NNNNN.safetensors ("codes": int16 (k, h', w'), in
                  dataset order) and SPLIT/labels.safetensors; runs of format 2: a `datasets` DatasetDict
       prior/     ModelDir: config.json, model.safetensors, train_config.json, metrics.jsonl,
@@ -77,6 +78,11 @@ class ModelDir:
     def data_config(self) -> Path:
         """Stage 1: the data options it was trained with."""
         return self.path / "data_config.json"
+
+    @property
+    def gan_config(self) -> Path:
+        """Stage 1: its adversarial and perceptual options, when it was trained with any."""
+        return self.path / "gan_config.json"
 
     @property
     def source(self) -> Path:

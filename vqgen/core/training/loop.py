@@ -138,6 +138,12 @@ class TrainingTask(Protocol):
 
     # optional: def eval_images(self) -> dict[str, Tensor]: the last evaluation's pictures for the trackers,
     # name -> (c, H, W) uint8, on the main process (stage 1: its reconstructions)
+    # optional: def at_step(self, step: int) -> None: the optimizer steps done, told before each micro-batch
+    # optional, a second model trained beside the first with an optimizer of its own (stage 1: the discriminator):
+    #   def auxiliary(self) -> tuple[nn.Module, torch.optim.Optimizer] | None: built, not prepared; `fit` prepares
+    #       them after the model, so the state saves and resumes them too (model_1, optimizer_1)
+    #   def auxiliary_loss(self, aux: nn.Module) -> tuple[Tensor, dict[str, Tensor]] | None: after each
+    #       micro-batch's step of the model, the prepared auxiliary model's loss (None: it rests this micro-batch)
 
 
 class _Window:
@@ -150,16 +156,19 @@ class _Window:
 
     def reset(self) -> None:
         self.sums: dict[str, Tensor] = {}
+        self.counts: dict[str, int] = {}  # a key logged on only some micro-batches is averaged over those
         self.micro_batches = 0
         self.first_bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
         self.bad_value = torch.zeros((), device=self.device)
         self.started = time.perf_counter()
 
-    def add(self, step: int, loss: Tensor, logs: dict[str, Tensor]) -> None:
+    def add(self, step: int, loss: Tensor, logs: dict[str, Tensor], micro_batch: bool = True) -> None:
+        """One loss and its logs; `micro_batch` False for a second loss of the same micro-batch."""
         for k, v in logs.items():
             v = v.detach().float()
             self.sums[k] = self.sums[k] + v if k in self.sums else v
-        self.micro_batches += 1
+            self.counts[k] = self.counts.get(k, 0) + 1
+        self.micro_batches += micro_batch
         bad = ~torch.isfinite(loss.detach()).all() & (self.first_bad_step < 0)
         self.first_bad_step = torch.where(bad, step, self.first_bad_step)
         self.bad_value = torch.where(bad, loss.detach().float(), self.bad_value)
@@ -184,7 +193,7 @@ class _Window:
         keys = list(self.sums)
         if not keys:
             return {}
-        means = torch.stack([self.sums[k] for k in keys]) / max(1, self.micro_batches)
+        means = torch.stack([self.sums[k] / self.counts[k] for k in keys])
         return dict(zip(keys, accelerator.reduce(means, "mean").tolist()))
 
 
@@ -211,7 +220,10 @@ def fit(
     log = JsonlLog(stage_dir.metrics, enabled=accelerator.is_main_process)
     if cfg.compile:
         compile_model(model)
+    auxiliary = task.auxiliary() if hasattr(task, "auxiliary") else None
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    aux_model, aux_optimizer = accelerator.prepare(*auxiliary) if auxiliary else (None, None)
+    models = (model,) if aux_model is None else (model, aux_model)
     steps_per_epoch = max(1, len(train_loader) // cfg.grad_accum_steps)
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
     progress = resume_state(accelerator, stage_dir, console) if resume else Progress()
@@ -239,18 +251,17 @@ def fit(
             if progress.batch_in_epoch:
                 loader = accelerator.skip_first_batches(train_loader, progress.batch_in_epoch)
             for batch in loader:
-                with accelerator.accumulate(model):
+                if hasattr(task, "at_step"):
+                    task.at_step(progress.step)
+                with accelerator.accumulate(*models):
                     loss, logs = task.loss(model, batch)
                     window.add(progress.step, loss, logs)
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients:
-                        if cfg.grad_clip:
-                            accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                        lr = learning_rate_at(cfg, progress.step, total)
-                        for group in optimizer.param_groups:
-                            group["lr"] = lr
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    lr = learning_rate_at(cfg, progress.step, total)
+                    _optimizer_step(accelerator, cfg, model, optimizer, loss, lr)
+                    aux = task.auxiliary_loss(aux_model) if aux_model is not None else None
+                    if aux is not None:
+                        window.add(progress.step, aux[0], aux[1], micro_batch=False)
+                        _optimizer_step(accelerator, cfg, aux_model, aux_optimizer, aux[0], lr)
                 progress.batch_in_epoch += 1
                 if not accelerator.sync_gradients:
                     continue
@@ -320,6 +331,20 @@ def fit(
     accelerator.wait_for_everyone()
     load_weights(accelerator.unwrap_model(model), stage_dir.weights)  # the best weights, on every process
     return {**best, **held.record()}
+
+
+def _optimizer_step(accelerator: Accelerator, cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    loss: Tensor, lr: float) -> None:
+    """Backward, then (at the last micro-batch of a step) clip and set the learning rate (a group may ask for
+    a multiple: its "lr_ratio"), then the optimizer's step, which Accelerate skips until that micro-batch."""
+    accelerator.backward(loss)
+    if accelerator.sync_gradients:
+        if cfg.grad_clip:
+            accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_ratio", 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def _emit(accelerator: Accelerator, log: JsonlLog, split: str, step: int, record: dict[str, float]) -> None:
