@@ -110,8 +110,12 @@ class SamplingConfig:
     cfg_scale: float = option(DEFAULT_CFG, "classifier-free guidance scale of a conditional prior, on classes or "
                                            "on the clusters of an unlabelled folder (1: off; measured best across "
                                            "datasets; 1.0 gives more varied samples)", flag="cfg")
+    steps: int | None = option(None, "masked prior: parallel decoding steps (default: 8, or fewer where fewer codes "
+                                     "are to be drawn); raster priors draw one code per step")
 
     def __post_init__(self) -> None:
+        if self.steps is not None and self.steps < 1:
+            raise VQGenError(f"steps must be >= 1, got {self.steps}")
         if not self.temperature > 0:
             raise VQGenError(f"temperature must be > 0, got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:

@@ -92,6 +92,14 @@ def _check_fill_args(prior: nn.Module, n: int, codes: Tensor | None, keep: Tenso
                          "(one per step at least)")
 
 
+def check_filling(prior: nn.Module, n: int, labels: Tensor | None = None, temperature: float = 1.0,
+                  top_k: int | None = None, top_p: float | None = None, cfg_scale: float = 1.0,
+                  steps: int | None = None) -> None:
+    """Refuse bad sampling options before anything is drawn (or written), as `fill_masked` would."""
+    _check_fill_args(prior, n, None, None, labels, None, steps, temperature, top_k, top_p, cfg_scale,
+                     CONFIDENCE_NOISE, None)
+
+
 def _fill_chunk(prior: nn.Module, codes: Tensor, masked: Tensor, labels: Tensor | None, uniforms: Tensor,
                 left: Tensor, noise: Tensor, cfg_scale: float, temperature: float, top_k: int | None,
                 top_p: float | None) -> Tensor:

@@ -72,7 +72,7 @@ def guide(logits: Tensor, cfg_scale: float) -> Tensor:
 
 def _check_sample_args(prior: ARPrior, n: int, labels: Tensor | None, temperature: float, top_k: int | None,
                        top_p: float | None, cfg_scale: float, seeds: Tensor | None, prefix: Tensor | None,
-                       prefix_len: int, batch_size: int | None) -> None:
+                       prefix_len: int, batch_size: int | None, keep: Tensor | None = None) -> None:
     cfg = prior.config
     h, w, t = cfg.grid_height, cfg.grid_width, cfg.seq_len
     if not callable(getattr(prior, "start", None)):  # the masked prior: no raster order to sample in
@@ -94,10 +94,16 @@ def _check_sample_args(prior: ARPrior, n: int, labels: Tensor | None, temperatur
         raise VQGenError(f"prefix_len must be in [0, {t}], got {prefix_len}")
     if prefix_len > 0 and prefix is None:
         raise VQGenError(f"prefix_len is {prefix_len} but no prefix was given")
+    if keep is not None:
+        if prefix is None or prefix_len:
+            raise VQGenError("keep marks which codes of prefix to keep: give prefix with it, and no prefix_len")
+        if keep.shape != (n, h, w) or keep.dtype != torch.bool:
+            raise VQGenError(f"keep must be a bool tensor of shape ({n}, {h}, {w}), got {keep.dtype} "
+                             f"{tuple(keep.shape)}")
     if prefix is not None:
         if prefix.shape != (n, h, w):
             raise VQGenError(f"prefix must have shape ({n}, {h}, {w}), got {tuple(prefix.shape)}")
-        check_codes(prefix, cfg)
+        check_codes(torch.where(keep, prefix, 0) if keep is not None else prefix, cfg)  # only kept codes matter
     if batch_size is not None and batch_size < 1:
         raise VQGenError(f"batch_size must be >= 1, got {batch_size}")
 
@@ -108,35 +114,42 @@ def check_sampling(prior: ARPrior, n: int, labels: Tensor | None = None, tempera
     _check_sample_args(prior, n, labels, temperature, top_k, top_p, cfg_scale, None, None, 0, None)
 
 
-def _sample_chunk(prior: ARPrior, labels: Tensor | None, uniforms: Tensor, prefix: Tensor | None, prefix_len: int,
-                  cfg_scale: float, choose: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
-    """(b, t) uniforms, (b, t) prefix -> (b, t) codes, one prior step per position."""
+def _sample_chunk(prior: ARPrior, labels: Tensor | None, uniforms: Tensor, known: Tensor | None,
+                  keep: Tensor | None, cfg_scale: float, choose: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+    """(b, t) uniforms, (b, t) known codes kept where (b, t) `keep` -> (b, t) codes, one prior step per position.
+
+    A kept position is still fed through the prior (later codes see it), but its code is given."""
     b, t = uniforms.shape
     guided = labels is not None and cfg_scale != 1.0
     if guided:  # conditional rows then null rows, in one batch
         labels = torch.cat([labels, torch.full_like(labels, prior.config.num_classes)])
     state = prior.start(labels, 2 * b if guided else b)
-    codes = torch.zeros(b, t, dtype=torch.long, device=uniforms.device)
-    if prefix is not None:
-        codes[:, :prefix_len] = prefix[:, :prefix_len]
+    codes = torch.zeros(b, t, dtype=torch.long, device=uniforms.device) if known is None else known.clone()
+    # which positions anyone draws, and which everyone keeps, read once: no device sync in the loop
+    drawn = [True] * t if keep is None else (~keep).any(0).tolist()
+    partly = [False] * t if keep is None else keep.any(0).tolist()
     for pos in range(t):
         logits, state = prior.step(state, torch.cat([codes, codes]) if guided else codes, pos)  # (b or 2b, k)
-        if pos >= prefix_len:  # a prefix position is still fed through the prior, but its code is given
-            codes[:, pos] = choose(guide(logits, cfg_scale) if guided else logits, uniforms[:, pos])
+        if drawn[pos]:
+            chosen = choose(guide(logits, cfg_scale) if guided else logits, uniforms[:, pos])
+            codes[:, pos] = torch.where(keep[:, pos], codes[:, pos], chosen) if partly[pos] else chosen
     return codes
 
 
 def sample_codes(prior: ARPrior, n: int, *, labels: Tensor | None = None, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, cfg_scale: float = 1.0,
                  seeds: Tensor | None = None, prefix: Tensor | None = None, prefix_len: int = 0,
-                 batch_size: int | None = None, progress: Callable[[int], None] | None = None) -> Tensor:
+                 keep: Tensor | None = None, batch_size: int | None = None,
+                 progress: Callable[[int], None] | None = None) -> Tensor:
     """Draw n code grids (n, h, w) in raster order; sample i depends only on `seeds[i]` (default i).
 
     `top_k=1` is greedy; `cfg_scale != 1` with labels applies classifier-free guidance; positions
-    < `prefix_len` are copied from `prefix`. `progress(m)` is called after each chunk of m samples.
+    < `prefix_len` are copied from `prefix`, or, with `keep` (n, h, w) bool, the positions it marks (a code
+    is drawn seeing the kept codes before it in raster order, not those after). `progress(m)` is called
+    after each chunk of m samples.
     """
     _check_sample_args(
-        prior, n, labels, temperature, top_k, top_p, cfg_scale, seeds, prefix, prefix_len, batch_size
+        prior, n, labels, temperature, top_k, top_p, cfg_scale, seeds, prefix, prefix_len, batch_size, keep
     )
     cfg = prior.config
     device = next(prior.parameters()).device
@@ -144,6 +157,11 @@ def sample_codes(prior: ARPrior, n: int, *, labels: Tensor | None = None, temper
     labels = None if labels is None else labels.to(device=device, dtype=torch.long)
     if prefix is not None:
         prefix = rearrange(prefix.to(device=device, dtype=torch.long), "n h w -> n (h w)")
+        if keep is None:
+            keep = torch.zeros(prefix.shape, dtype=torch.bool, device=device)
+            keep[:, :prefix_len] = True
+        else:
+            keep = rearrange(keep.to(device), "n h w -> n (h w)")
     batch_size = n if batch_size is None else batch_size
     choose = partial(choose_codes, temperature=temperature, top_k=top_k, top_p=top_p)
     was_training = prior.training
@@ -156,7 +174,8 @@ def sample_codes(prior: ARPrior, n: int, *, labels: Tensor | None = None, temper
                 hi = min(lo + batch_size, n)
                 chunks.append(_sample_chunk(
                     prior, None if labels is None else labels[lo:hi], uniforms[lo:hi],
-                    None if prefix is None else prefix[lo:hi], prefix_len, cfg_scale, choose,
+                    None if prefix is None else prefix[lo:hi], None if keep is None else keep[lo:hi], cfg_scale,
+                    choose,
                 ))
                 if progress is not None:
                     progress(hi - lo)

@@ -71,6 +71,17 @@ def tiny_run(tmp_path_factory) -> Path:
     return run
 
 
+@pytest.fixture(scope="session")
+def tiny_masked_run(tiny_run, tmp_path_factory) -> Path:
+    """The tiny run with a conditional masked prior instead of the transformer. Treat as read-only."""
+    import shutil
+
+    run = tmp_path_factory.mktemp("runs") / "tiny-masked"
+    shutil.copytree(tiny_run, run)
+    train_prior(run, "masked", tiny_train(max_steps=10), TINY_MASKED, overwrite=True)
+    return run
+
+
 def default_stop_signals() -> None:
     """Run in a child before it executes: SIGINT and SIGTERM at their default dispositions, whatever this test
     run inherited (a shell starts a background job, `nohup pytest &`, with SIGINT ignored, and children inherit

@@ -27,6 +27,10 @@ EXAMPLES = {
     "reconstruct": "vqgen reconstruct --n 16\n  vqgen reconstruct --run runs/mine --split train",
     "encode": "vqgen encode\n  vqgen encode --run runs/mine --data ./more_images",
     "complete": "vqgen complete --n 8 --keep-rows 4",
+    "inpaint": "vqgen inpaint --n 8 --box 8,8,24,24                   # a 16 px square hole in 8 test images\n"
+               "  vqgen inpaint --images a.png b.png --mask hole.png --run runs/mine",
+    "outpaint": "vqgen outpaint --n 8 --left 2 --right 2               # 2 code columns more on each side\n"
+                "  vqgen outpaint --canvas 24,8 --n 4 --label circle      # a canvas 3 grids wide, from nothing",
     "info": "vqgen info --run runs/mine",
     "report": "vqgen report\n  vqgen report --run runs/mine --out ~/mine.html",
     "eval": "vqgen eval --run runs/mine\n  vqgen eval --run runs/mine --samples 1000 --cfg 2.0",
@@ -102,6 +106,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-rows", type=int, default=None, help="code rows kept (default: half the grid)")
     _add_sampling_options(p)
     p.add_argument("--out", default=None, help="output PNG (default: RUN/completions.png)")
+
+    def edited_images(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--images", nargs="+", default=None,
+                       help="image files of the run's size (default: the first --n test images of its data)")
+        p.add_argument("--n", type=int, default=8, help="number of test images, when no --images (default: 8)")
+        p.add_argument("--label", nargs="+", default=None,
+                       help="class name(s) or id(s): one for all, or one per image (default: the test images' own, "
+                            "or every class in turn)")
+
+    p = command("inpaint", "redraw a hole anywhere in images (a box or a mask image), keeping every code outside it")
+    edited_images(p)
+    hole = p.add_mutually_exclusive_group(required=True)
+    hole.add_argument("--box", default=None, help="the hole as x0,y0,x1,y1 in pixels (x1, y1 exclusive)")
+    hole.add_argument("--mask", default=None, help="the hole as an image of the images' size: non-zero pixels are "
+                                                   "redrawn (every code a masked pixel touches)")
+    _add_sampling_options(p)
+    p.add_argument("--out", default=None, help="output PNG (default: RUN/inpainted.png)")
+
+    p = command("outpaint", "extend images past their borders by code rows and columns, or draw a canvas larger "
+                            "than the training grid, window by window")
+    edited_images(p)
+    for side in ("top", "bottom", "left", "right"):
+        p.add_argument(f"--{side}", type=int, default=0, help=f"code rows or columns to add at the {side} (default: 0)")
+    p.add_argument("--canvas", default=None, help="W,H in codes: draw canvases of this size from nothing (--n of "
+                                                  "them) instead of extending images")
+    _add_sampling_options(p)
+    p.add_argument("--out", default=None, help="output PNG (default: RUN/outpainted.png)")
 
     command("info", "a table of the run: configs, data, metrics")
     p = command("report", "one self-contained HTML page of the run: curves, code frequencies, reconstructions, "

@@ -22,13 +22,13 @@ from torch import Tensor
 from stage1_vqvae.config import VQVAEConfig
 from stage1_vqvae.model import VQVAE, reconstruction_errors
 from stage2_prior.config import SamplingConfig
-from stage2_prior.contract import grid_nll
-from stage2_prior.registry import PriorSource, load_prior
+from stage2_prior.parallel import check_filling, fill_masked
+from stage2_prior.registry import PriorKind, PriorSource, kind_of, load_prior
 from stage2_prior.sampling import check_sampling, inverse_cdf, sample_codes
 from vqgen.core.data.config import DataConfig
 from vqgen.core.data.images import ImageData, ImageSplit, load_image_data, to_model_range, to_uint8
 from vqgen.core.evaluate import quality
-from vqgen.core.evaluate.measures import bits, code_usage, psnr
+from vqgen.core.evaluate.measures import code_usage, psnr
 from vqgen.core.runtime.errors import VQGenError
 from vqgen.core.share.export import RunLocation, locate_run
 from vqgen.core.store.codes import CodeSplit, load_codes
@@ -150,6 +150,11 @@ class Run:
             raise VQGenError(f"this needs a trained prior; {self.layout.prior.path} has none")
         return self.prior
 
+    @property
+    def kind(self) -> PriorKind:
+        """The prior's kind: raster (Transformer, PixelCNN) or masked."""
+        return kind_of(self.need_prior().config)
+
     # -- labels ---------------------------------------------------------------------------------
 
     def label_ids(self, labels: list[str]) -> tuple[int, ...]:
@@ -220,7 +225,18 @@ class Run:
         if batch_size < 1:
             raise VQGenError(f"batch_size must be >= 1, got {batch_size}")
         first = labels.of(torch.arange(min(n, max(len(labels.ids), labels.cycle, len(labels.frequencies), 1))))
-        check_sampling(self.need_prior(), len(first) if first is not None else 1, first, **asdict(sampling))
+        if sampling.steps is not None and self.kind.raster:
+            raise VQGenError(f"--steps {sampling.steps} applies to a masked prior; {self.layout.prior.path} holds a "
+                             f"{self.kind.name} prior, which draws one code per step")
+        if sampling.steps is not None and sampling.steps > self.prior.config.seq_len:
+            cfg = self.prior.config
+            raise VQGenError(f"--steps {sampling.steps} is more than the {cfg.seq_len} codes of a "
+                             f"{cfg.grid_height}x{cfg.grid_width} grid")
+        count = len(first) if first is not None else 1
+        if self.kind.raster:
+            check_sampling(self.prior, count, first, **_raster(sampling))
+        else:
+            check_filling(self.prior, count, first, **asdict(sampling))
 
     def sample_batches(self, accelerator: Accelerator, n: int, labels: LabelPlan = LabelPlan(),
                        sampling: SamplingConfig = SamplingConfig(), seed: int = 0,
@@ -236,11 +252,23 @@ class Run:
         for indices in mine.split(batch_size):
             batch_labels = labels.of(indices)
             with autocast(accelerator):
-                codes = sample_codes(self.prior, len(indices), seeds=sample_seeds(seed, indices),
-                                     labels=None if batch_labels is None else batch_labels.to(self.device),
-                                     **asdict(sampling)).cpu()
+                codes = self.fill(len(indices), batch_labels, sample_seeds(seed, indices), sampling)
                 images = self.decode(codes, batch_size)
             yield indices, codes, images
+
+    def fill(self, n: int, labels: Tensor | None, seeds: Tensor, sampling: SamplingConfig = SamplingConfig(),
+             codes: Tensor | None = None, keep: Tensor | None = None) -> Tensor:
+        """Draw n code grids (n, h, w), keeping `codes` where `keep` (n, h, w) is True (none: draw every code):
+        the one call behind sample, complete, inpaint and outpaint. A raster prior draws each code seeing the
+        kept codes before it in raster order (not those after); a masked prior sees every kept code. Sample i
+        depends only on seeds[i] (and its own kept codes and label)."""
+        prior = self.need_prior()
+        labels = None if labels is None else labels.to(self.device)
+        if self.kind.raster:
+            out = sample_codes(prior, n, labels=labels, seeds=seeds, prefix=codes, keep=keep, **_raster(sampling))
+        else:
+            out = fill_masked(prior, n, codes=codes, keep=keep, labels=labels, seeds=seeds, **asdict(sampling))
+        return out.cpu()
 
     def sample(self, accelerator: Accelerator, n: int, labels: LabelPlan = LabelPlan(),
                sampling: SamplingConfig = SamplingConfig(), seed: int = 0,
@@ -267,9 +295,9 @@ class Run:
         h, w = codes.shape[1:]
         if not 0 <= keep_rows <= h:
             raise VQGenError(f"keep_rows must be in [0, {h}] for a {h}x{w} grid, got {keep_rows}")
-        seeds = sample_seeds(seed, torch.arange(len(codes)))
-        out = sample_codes(self.need_prior(), len(codes), labels=labels, seeds=seeds, prefix=codes,
-                           prefix_len=keep_rows * w, **asdict(sampling))
+        keep = torch.zeros(codes.shape, dtype=torch.bool)
+        keep[:, :keep_rows] = True
+        out = self.fill(len(codes), labels, sample_seeds(seed, torch.arange(len(codes))), sampling, codes, keep)
         return out, self.decode(out)
 
     # -- data and evaluation --------------------------------------------------------------------
@@ -299,12 +327,11 @@ class Run:
             test = CodeSplit(codes, data.test.labels)                    # the test images' codes, just encoded
         if test is not None and len(test):
             conditional = self.prior.config.num_classes > 0
-            nll = []
-            for i in range(0, len(test), batch_size):
-                labels = test.labels[i:i + batch_size].to(self.device) if conditional else None
-                nll.append(grid_nll(self.prior, test.codes[i:i + batch_size].to(self.device), labels).cpu())
-            per_grid = bits(torch.cat(nll).mean().item())
-            metrics.update(bits_per_code=per_grid / test.codes[0].numel(), bits_per_image=per_grid)
+            batches = ((test.codes[i:i + batch_size].to(self.device).long(),
+                        test.labels[i:i + batch_size].to(self.device) if conditional else None,
+                        torch.arange(i, min(i + batch_size, len(test)), device=self.device))
+                       for i in range(0, len(test), batch_size))
+            metrics.update(self.kind.held_out(self.prior, self.prior.config, batches, lambda x: x))
         return metrics
 
     def judge(self, data: ImageData, retrain: bool = False, steps: int = 600) -> quality.Judge:
@@ -360,6 +387,11 @@ class Run:
         if inception:
             scores["inception_fid"] = quality.inception_fid(images, test_images)
         return {"samples": scores, "reconstructed": reconstructed, "real": real}
+
+
+def _raster(sampling: SamplingConfig) -> dict:
+    """The options a raster prior's sampler takes (all but the masked prior's steps)."""
+    return {k: v for k, v in asdict(sampling).items() if k != "steps"}
 
 
 def autocast(accelerator: Accelerator):

@@ -203,6 +203,16 @@ class RunLayout:
         return self.root / "completions.png"
 
     @property
+    def inpainted(self) -> Path:
+        """`vqgen inpaint`'s default output."""
+        return self.root / "inpainted.png"
+
+    @property
+    def outpainted(self) -> Path:
+        """`vqgen outpaint`'s default output."""
+        return self.root / "outpainted.png"
+
+    @property
     def report(self) -> Path:
         """`vqgen report`'s default output, refreshed by training at each evaluation."""
         return self.root / "report.html"
