@@ -92,6 +92,15 @@ def test_sampling_streams_batches_and_the_grid_shows_the_first_nrow_squared(tiny
     assert len(list((tmp_path / "s" / "images").glob("*.png"))) == 10
 
 
+def test_each_process_draws_a_consecutive_share_as_tensor_split_cuts_it():
+    from vqgen.run import share
+
+    for n in range(0, 23):
+        for processes in range(1, 5):
+            parts = torch.arange(n).tensor_split(processes)
+            assert [list(range(*share(n, processes, i))) for i in range(processes)] == [p.tolist() for p in parts]
+
+
 def test_labels_are_honoured(tiny_run, tmp_path):
     assert main(["sample", "--run", str(tiny_run), "--n", "4", "--label", "circle", "--out", str(tmp_path / "c")]) == 0
     assert main(["sample", "--run", str(tiny_run), "--n", "4", "--label", "5", "--out", str(tmp_path / "d")]) == 0
@@ -138,6 +147,8 @@ BAD_INPUTS = [
     (["sample", "--run", "{no_prior}"], "no trained prior"),
     (["sample", "--n", "0"], "--n must be >= 1, got 0"),
     (["sample", "--n", "-3"], "--n must be >= 1, got -3"),
+    # refused for the disk before anything is drawn, and nothing on the way holds n of anything (8 TB of indices)
+    (["sample", "--n", "1000000000000"], "--n 1000000000000 needs about"),
     (["sample", "--label", "hexagon"], "unknown label 'hexagon'"),
     (["sample", "--top-p", "1.5"], "top_p must be in (0, 1], got 1.5"),
     (["sample", "--top-p", "0"], "top_p must be in (0, 1], got 0"),

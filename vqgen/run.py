@@ -244,12 +244,13 @@ class Run:
         """This process's share of n samples, one batch at a time: (indices (b,) into the n, codes (b, h, w),
         uint8 images (b, c, H, W)). Everything is checked now, before the first batch is drawn."""
         self.check_sampling(n, labels, sampling, batch_size)
-        mine = torch.arange(n).tensor_split(accelerator.num_processes)[accelerator.process_index]
-        return self._draw(accelerator, mine, labels, sampling, seed, batch_size)
+        first, last = share(n, accelerator.num_processes, accelerator.process_index)
+        return self._draw(accelerator, first, last, labels, sampling, seed, batch_size)
 
-    def _draw(self, accelerator: Accelerator, mine: Tensor, labels: LabelPlan, sampling: SamplingConfig, seed: int,
-              batch_size: int) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-        for indices in mine.split(batch_size):
+    def _draw(self, accelerator: Accelerator, first: int, last: int, labels: LabelPlan, sampling: SamplingConfig,
+              seed: int, batch_size: int) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        for start in range(first, last, batch_size):  # the indices of one batch at a time: never n of them
+            indices = torch.arange(start, min(start + batch_size, last))
             batch_labels = labels.of(indices)
             with autocast(accelerator):
                 codes = self.fill(len(indices), batch_labels, sample_seeds(seed, indices), sampling)
@@ -285,8 +286,9 @@ class Run:
             images.append(batch_images)
         codes, images = torch.cat(codes), torch.cat(images)
         if accelerator.num_processes > 1:
-            shares = torch.arange(n).tensor_split(accelerator.num_processes)
-            codes, images = _gather_shares(accelerator, codes, images, sizes=[len(s) for s in shares])
+            sizes = [last - first for first, last in (share(n, accelerator.num_processes, i)
+                                                       for i in range(accelerator.num_processes))]
+            codes, images = _gather_shares(accelerator, codes, images, sizes=sizes)
         return codes, images
 
     def complete(self, codes: Tensor, keep_rows: int, labels: Tensor | None, seed: int = 0,
@@ -387,6 +389,14 @@ class Run:
         if inception:
             scores["inception_fid"] = quality.inception_fid(images, test_images)
         return {"samples": scores, "reconstructed": reconstructed, "real": real}
+
+
+def share(n: int, processes: int, index: int) -> tuple[int, int]:
+    """The samples [first, last) that process `index` of `processes` draws: consecutive, the first n % processes
+    processes one more (as `torch.tensor_split` would cut them), computed without holding n indices."""
+    size, extra = divmod(n, processes)
+    first = index * size + min(index, extra)
+    return first, first + size + (index < extra)
 
 
 def _raster(sampling: SamplingConfig) -> dict:
