@@ -175,7 +175,7 @@ def is_this_check(command: str) -> bool:
 def write_my_images(folder: Path) -> None:
     """A small labelled folder for the own-data example: 64x64 circles as cat/, squares as dog/."""
     from vqgen.core.data.shapes import make_shapes
-    from vqgen.core.imageio import save_png
+    from vqgen.core.store.imageio import save_png
 
     images, labels, names = make_shapes(240, seed=5, size=64)
     for i, (image, label) in enumerate(zip(images, labels.tolist())):

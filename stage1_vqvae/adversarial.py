@@ -12,92 +12,19 @@ on the reconstructions detached from the autoencoder. Both only from `adversaria
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from stage1_vqvae.diffaugment import parse_disc_augment
-from stage1_vqvae.discriminator import DISC_NORMS, DiscriminatorConfig, check_discriminator_options
+from stage1_vqvae.config import GAN_LOSSES
 from stage1_vqvae.model import VQVAE, Decoder
-from stage1_vqvae.perceptual import PERCEPTUAL_KINDS
 from stage1_vqvae.trunk import ResnetDecoder
-from vqgen.core.store.configs import option
 from vqgen.core.runtime.errors import VQGenError
 
-GAN_LOSSES = ("hinge", "non_saturating")
 
 
-@dataclass(frozen=True)
-class GANConfig:
-    """The adversarial and perceptual terms of stage 1 and the discriminator's regularisers (all off at the
-    defaults: with both weights 0 stage 1 trains exactly as a plain VQ-VAE)."""
-
-    adversarial_weight: float = option(0.0, "base weight of the adversarial term for the autoencoder, times "
-                                       "VQGAN's adaptive weight (0: off, no discriminator)")
-    adaptive_weight: bool = option(True, "scale the adversarial term by ||grad rec|| / ||grad adv|| at the "
-                                   "decoder's last layer (VQGAN); off: the base weight alone")
-    adversarial_start: int = option(0, "optimizer step at which the discriminator and the adversarial term "
-                                    "start (let the reconstructions settle first)")
-    adversarial_loss: str = option("hinge", "GAN loss: hinge or non_saturating", choices=GAN_LOSSES)
-    disc_width: int = option(64, "discriminator: channels of its first conv, doubled by each strided layer up "
-                             "to 8x")
-    disc_layers: int = option(0, "discriminator: stride-2 conv layers (0: from the image side, so a logit "
-                              "judges a patch of at most half of it)")
-    disc_norm: str = option("group", "discriminator normalisation: group, spectral or none (never BatchNorm)",
-                            choices=DISC_NORMS)
-    disc_learning_rate: float = option(0.0, "discriminator learning rate (0: the autoencoder's); it follows the "
-                                       "same warm-up and schedule")
-    disc_augment: str = option("color,translation,cutout", "differentiable augmentation of what the "
-                               "discriminator sees: 'none' or a comma list of color, translation, cutout")
-    disc_augment_shared: bool = option(True, "augment each real image and its reconstruction with the same "
-                                       "random parameters")
-    lecam_weight: float = option(0.0, "LeCam regulariser of the discriminator: pulls its outputs towards "
-                                 "moving averages of the other side's (0: off)")
-    lecam_decay: float = option(0.99, "decay of LeCam's moving averages")
-    r1_weight: float = option(0.0, "R1 penalty of the discriminator: this times the squared gradient norm of "
-                              "its output at real images (gamma / 2 in Mescheder et al.; 0: off)")
-    perceptual: str = option("ms_ssim", "perceptual term: lpips (needs the lpips package and its weights), "
-                             "ssim, ms_ssim (no download) or feature_matching (the discriminator's features, "
-                             "from adversarial_start)", choices=PERCEPTUAL_KINDS)
-    perceptual_weight: float = option(0.0, "weight of the perceptual term in the autoencoder's loss (0: off)")
-
-    def __post_init__(self):
-        for name in ("adversarial_weight", "disc_learning_rate", "lecam_weight", "r1_weight", "perceptual_weight"):
-            value = getattr(self, name)
-            if not (value >= 0 and value < float("inf")):
-                raise VQGenError(f"{name} must be a finite number >= 0, got {value}")
-        if self.adversarial_start < 0:
-            raise VQGenError(f"adversarial_start must be >= 0, got {self.adversarial_start}")
-        if self.adversarial_loss not in GAN_LOSSES:
-            raise VQGenError(f"adversarial_loss must be one of {', '.join(GAN_LOSSES)}, got {self.adversarial_loss!r}")
-        check_discriminator_options(self.disc_width, self.disc_layers, self.disc_norm, prefix="disc_")
-        parse_disc_augment(self.disc_augment)
-        if not 0 < self.lecam_decay < 1:
-            raise VQGenError(f"lecam_decay must be in (0, 1), got {self.lecam_decay}")
-        if self.perceptual not in PERCEPTUAL_KINDS:
-            raise VQGenError(f"perceptual must be one of {', '.join(PERCEPTUAL_KINDS)}, got {self.perceptual!r}")
-        if not self.adversarial_weight:
-            needs_d = [f"{name} {getattr(self, name)}" for name in ("lecam_weight", "r1_weight") if getattr(self, name)]
-            if self.perceptual == "feature_matching" and self.perceptual_weight:
-                needs_d.append("perceptual feature_matching")
-            if needs_d:
-                raise VQGenError(f"{needs_d[0]} needs the discriminator, which adversarial_weight 0 turns off")
-
-    @property
-    def adversarial(self) -> bool:
-        return self.adversarial_weight > 0
-
-    @property
-    def augment_names(self) -> tuple[str, ...]:
-        return parse_disc_augment(self.disc_augment)
-
-    def discriminator_config(self, in_channels: int, height: int, width: int) -> DiscriminatorConfig:
-        """The discriminator for images of this shape."""
-        return DiscriminatorConfig(in_channels=in_channels, image_height=height, image_width=width,
-                                   width=self.disc_width, layers=self.disc_layers, norm=self.disc_norm)
 
 
 # -- the GAN losses -----------------------------------------------------------------------------

@@ -176,3 +176,171 @@ def preset_options(preset: str | None, given_model: dict[str, Any]) -> dict[str,
         for name in RESNET_ONLY:
             options.pop(name, None)
     return {**options, **given_model}
+
+
+# -- the adversarial and perceptual stage 1 (off by default) ------------------------------------------
+
+DISC_NORMS = ("group", "spectral", "none")
+
+
+def receptive_field(layers: int) -> int:
+    """Side of the image patch one logit sees: `layers` stride-2 4x4 convs and two stride-1 4x4 convs.
+
+    Walking back from one output pixel: each stride-1 4x4 conv adds 3, each stride-2 one maps r to 2r + 2."""
+    r = 1 + 3 + 3
+    for _ in range(layers):
+        r = 2 * r + 2
+    return r
+
+
+def logits_side(side: int, layers: int) -> int:
+    """The logit grid's side for an image side: each stride-2 conv (padding 1) halves it, rounding down,
+    each stride-1 4x4 conv (padding 1) takes one off."""
+    for _ in range(layers):
+        side = side // 2
+    return side - 2
+
+
+def discriminator_layers(height: int, width: int) -> int:
+    """Strided layers for an image: the most whose receptive field fits in half the shorter side (at least 1)."""
+    half = min(height, width) // 2
+    layers = 1
+    while receptive_field(layers + 1) <= half and logits_side(min(height, width), layers + 1) >= 1:
+        layers += 1
+    return layers
+
+
+def check_discriminator_options(width: int, layers: int, norm: str, prefix: str = "") -> None:
+    """The discriminator options that do not depend on the image; `prefix` as the caller's fields are named."""
+    if width < 1:
+        raise VQGenError(f"{prefix}width must be >= 1, got {width}")
+    if layers < 0:
+        raise VQGenError(f"{prefix}layers must be >= 0 (0: from the image side), got {layers}")
+    if norm not in DISC_NORMS:
+        raise VQGenError(f"{prefix}norm must be one of {', '.join(DISC_NORMS)}, got {norm!r}")
+
+
+@dataclass(frozen=True)
+class DiscriminatorConfig:
+    """Architecture of the patch discriminator: image shape (from the data), width, depth, normalisation."""
+
+    in_channels: int = option(3, "image channels, from the data")
+    image_height: int = option(32, "image height, from the data")
+    image_width: int = option(32, "image width, from the data")
+    width: int = option(64, "channels of the first conv; each strided layer doubles them, up to 8x")
+    layers: int = option(0, "stride-2 conv layers (0: the most whose receptive field fits in half the shorter "
+                            "image side: 1 at 32 px, 2 at 128, 3 at 256)")
+    norm: str = option("group", "normalisation: group (GroupNorm, per image, after every conv but the first "
+                       "and the last), spectral (every conv's weight divided by its spectral norm) or none "
+                       "(never BatchNorm: it mixes the images of a batch)", choices=DISC_NORMS)
+
+    def __post_init__(self):
+        for name in ("in_channels", "image_height", "image_width"):
+            if getattr(self, name) < 1:
+                raise VQGenError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_discriminator_options(self.width, self.layers, self.norm)
+        side = min(self.image_height, self.image_width)
+        if logits_side(side, self.num_layers) < 1:
+            fits = max((n for n in range(1, 16) if logits_side(side, n) >= 1), default=0)
+            raise VQGenError(f"layers {self.num_layers} leaves no logit on {self.image_height}x{self.image_width} "
+                             f"images: at most {fits} fit(s) (the patch discriminator needs a side of 6 px or more)")
+
+    @property
+    def num_layers(self) -> int:
+        """The strided layers: `layers`, or the rule of `discriminator_layers` when 0."""
+        return self.layers or discriminator_layers(self.image_height, self.image_width)
+
+    @property
+    def patch_size(self) -> int:
+        """The side of the patch each logit judges."""
+        return receptive_field(self.num_layers)
+
+DISC_AUGMENTATIONS = ("color", "translation", "cutout")
+
+
+def parse_disc_augment(spec: str) -> tuple[str, ...]:
+    """"none" -> (); "color,cutout" -> ("color", "cutout"); unknown or repeated names are refused by name."""
+    if spec.strip().lower() in ("none", ""):
+        return ()
+    names = tuple(n.strip().lower() for n in spec.split(","))
+    for name in names:
+        if name not in DISC_AUGMENTATIONS:
+            raise VQGenError(f"disc_augment: unknown augmentation {name!r}; expected 'none' or a comma list of "
+                             f"{', '.join(DISC_AUGMENTATIONS)}")
+    if len(set(names)) != len(names):
+        raise VQGenError(f"disc_augment: {spec!r} names an augmentation twice")
+    return names
+
+PERCEPTUAL_KINDS = ("lpips", "ssim", "ms_ssim", "feature_matching")
+
+GAN_LOSSES = ("hinge", "non_saturating")
+
+
+@dataclass(frozen=True)
+class GANConfig:
+    """The adversarial and perceptual terms of stage 1 and the discriminator's regularisers (all off at the
+    defaults: with both weights 0 stage 1 trains exactly as a plain VQ-VAE)."""
+
+    adversarial_weight: float = option(0.0, "base weight of the adversarial term for the autoencoder, times "
+                                       "VQGAN's adaptive weight (0: off, no discriminator)")
+    adaptive_weight: bool = option(True, "scale the adversarial term by ||grad rec|| / ||grad adv|| at the "
+                                   "decoder's last layer (VQGAN); off: the base weight alone")
+    adversarial_start: int = option(0, "optimizer step at which the discriminator and the adversarial term "
+                                    "start (let the reconstructions settle first)")
+    adversarial_loss: str = option("hinge", "GAN loss: hinge or non_saturating", choices=GAN_LOSSES)
+    disc_width: int = option(64, "discriminator: channels of its first conv, doubled by each strided layer up "
+                             "to 8x")
+    disc_layers: int = option(0, "discriminator: stride-2 conv layers (0: from the image side, so a logit "
+                              "judges a patch of at most half of it)")
+    disc_norm: str = option("group", "discriminator normalisation: group, spectral or none (never BatchNorm)",
+                            choices=DISC_NORMS)
+    disc_learning_rate: float = option(0.0, "discriminator learning rate (0: the autoencoder's); it follows the "
+                                       "same warm-up and schedule")
+    disc_augment: str = option("color,translation,cutout", "differentiable augmentation of what the "
+                               "discriminator sees: 'none' or a comma list of color, translation, cutout")
+    disc_augment_shared: bool = option(True, "augment each real image and its reconstruction with the same "
+                                       "random parameters")
+    lecam_weight: float = option(0.0, "LeCam regulariser of the discriminator: pulls its outputs towards "
+                                 "moving averages of the other side's (0: off)")
+    lecam_decay: float = option(0.99, "decay of LeCam's moving averages")
+    r1_weight: float = option(0.0, "R1 penalty of the discriminator: this times the squared gradient norm of "
+                              "its output at real images (gamma / 2 in Mescheder et al.; 0: off)")
+    perceptual: str = option("ms_ssim", "perceptual term: lpips (needs the lpips package and its weights), "
+                             "ssim, ms_ssim (no download) or feature_matching (the discriminator's features, "
+                             "from adversarial_start)", choices=PERCEPTUAL_KINDS)
+    perceptual_weight: float = option(0.0, "weight of the perceptual term in the autoencoder's loss (0: off)")
+
+    def __post_init__(self):
+        for name in ("adversarial_weight", "disc_learning_rate", "lecam_weight", "r1_weight", "perceptual_weight"):
+            value = getattr(self, name)
+            if not (value >= 0 and value < float("inf")):
+                raise VQGenError(f"{name} must be a finite number >= 0, got {value}")
+        if self.adversarial_start < 0:
+            raise VQGenError(f"adversarial_start must be >= 0, got {self.adversarial_start}")
+        if self.adversarial_loss not in GAN_LOSSES:
+            raise VQGenError(f"adversarial_loss must be one of {', '.join(GAN_LOSSES)}, got {self.adversarial_loss!r}")
+        check_discriminator_options(self.disc_width, self.disc_layers, self.disc_norm, prefix="disc_")
+        parse_disc_augment(self.disc_augment)
+        if not 0 < self.lecam_decay < 1:
+            raise VQGenError(f"lecam_decay must be in (0, 1), got {self.lecam_decay}")
+        if self.perceptual not in PERCEPTUAL_KINDS:
+            raise VQGenError(f"perceptual must be one of {', '.join(PERCEPTUAL_KINDS)}, got {self.perceptual!r}")
+        if not self.adversarial_weight:
+            needs_d = [f"{name} {getattr(self, name)}" for name in ("lecam_weight", "r1_weight") if getattr(self, name)]
+            if self.perceptual == "feature_matching" and self.perceptual_weight:
+                needs_d.append("perceptual feature_matching")
+            if needs_d:
+                raise VQGenError(f"{needs_d[0]} needs the discriminator, which adversarial_weight 0 turns off")
+
+    @property
+    def adversarial(self) -> bool:
+        return self.adversarial_weight > 0
+
+    @property
+    def augment_names(self) -> tuple[str, ...]:
+        return parse_disc_augment(self.disc_augment)
+
+    def discriminator_config(self, in_channels: int, height: int, width: int) -> DiscriminatorConfig:
+        """The discriminator for images of this shape."""
+        return DiscriminatorConfig(in_channels=in_channels, image_height=height, image_width=width,
+                                   width=self.disc_width, layers=self.disc_layers, norm=self.disc_norm)

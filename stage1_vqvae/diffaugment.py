@@ -24,23 +24,10 @@ from torch import Tensor
 
 from vqgen.core.runtime.errors import VQGenError
 
-DISC_AUGMENTATIONS = ("color", "translation", "cutout")
 TRANSLATION = 1 / 8  # largest shift, as a share of each side
 CUTOUT = 1 / 2       # side of the cut-out square, as a share of each side
 
 
-def parse_disc_augment(spec: str) -> tuple[str, ...]:
-    """"none" -> (); "color,cutout" -> ("color", "cutout"); unknown or repeated names are refused by name."""
-    if spec.strip().lower() in ("none", ""):
-        return ()
-    names = tuple(n.strip().lower() for n in spec.split(","))
-    for name in names:
-        if name not in DISC_AUGMENTATIONS:
-            raise VQGenError(f"disc_augment: unknown augmentation {name!r}; expected 'none' or a comma list of "
-                             f"{', '.join(DISC_AUGMENTATIONS)}")
-    if len(set(names)) != len(names):
-        raise VQGenError(f"disc_augment: {spec!r} names an augmentation twice")
-    return names
 
 
 @dataclass

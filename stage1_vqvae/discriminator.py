@@ -22,90 +22,23 @@ constant instead, at the cost of a power-iteration buffer per layer; "none" leav
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm
 
+from stage1_vqvae.config import DiscriminatorConfig
 from stage1_vqvae.trunk import group_norm
-from vqgen.core.store.configs import option
-from vqgen.core.runtime.errors import VQGenError
 
-DISC_NORMS = ("group", "spectral", "none")
 MAX_MULT = 8  # the width stops doubling at 8 * width, as in pix2pix
 
 
-def receptive_field(layers: int) -> int:
-    """Side of the image patch one logit sees: `layers` stride-2 4x4 convs and two stride-1 4x4 convs.
-
-    Walking back from one output pixel: each stride-1 4x4 conv adds 3, each stride-2 one maps r to 2r + 2."""
-    r = 1 + 3 + 3
-    for _ in range(layers):
-        r = 2 * r + 2
-    return r
 
 
-def logits_side(side: int, layers: int) -> int:
-    """The logit grid's side for an image side: each stride-2 conv (padding 1) halves it, rounding down,
-    each stride-1 4x4 conv (padding 1) takes one off."""
-    for _ in range(layers):
-        side = side // 2
-    return side - 2
 
 
-def discriminator_layers(height: int, width: int) -> int:
-    """Strided layers for an image: the most whose receptive field fits in half the shorter side (at least 1)."""
-    half = min(height, width) // 2
-    layers = 1
-    while receptive_field(layers + 1) <= half and logits_side(min(height, width), layers + 1) >= 1:
-        layers += 1
-    return layers
 
 
-def check_discriminator_options(width: int, layers: int, norm: str, prefix: str = "") -> None:
-    """The discriminator options that do not depend on the image; `prefix` as the caller's fields are named."""
-    if width < 1:
-        raise VQGenError(f"{prefix}width must be >= 1, got {width}")
-    if layers < 0:
-        raise VQGenError(f"{prefix}layers must be >= 0 (0: from the image side), got {layers}")
-    if norm not in DISC_NORMS:
-        raise VQGenError(f"{prefix}norm must be one of {', '.join(DISC_NORMS)}, got {norm!r}")
 
 
-@dataclass(frozen=True)
-class DiscriminatorConfig:
-    """Architecture of the patch discriminator: image shape (from the data), width, depth, normalisation."""
-
-    in_channels: int = option(3, "image channels, from the data")
-    image_height: int = option(32, "image height, from the data")
-    image_width: int = option(32, "image width, from the data")
-    width: int = option(64, "channels of the first conv; each strided layer doubles them, up to 8x")
-    layers: int = option(0, "stride-2 conv layers (0: the most whose receptive field fits in half the shorter "
-                            "image side: 1 at 32 px, 2 at 128, 3 at 256)")
-    norm: str = option("group", "normalisation: group (GroupNorm, per image, after every conv but the first "
-                       "and the last), spectral (every conv's weight divided by its spectral norm) or none "
-                       "(never BatchNorm: it mixes the images of a batch)", choices=DISC_NORMS)
-
-    def __post_init__(self):
-        for name in ("in_channels", "image_height", "image_width"):
-            if getattr(self, name) < 1:
-                raise VQGenError(f"{name} must be >= 1, got {getattr(self, name)}")
-        check_discriminator_options(self.width, self.layers, self.norm)
-        side = min(self.image_height, self.image_width)
-        if logits_side(side, self.num_layers) < 1:
-            fits = max((n for n in range(1, 16) if logits_side(side, n) >= 1), default=0)
-            raise VQGenError(f"layers {self.num_layers} leaves no logit on {self.image_height}x{self.image_width} "
-                             f"images: at most {fits} fit(s) (the patch discriminator needs a side of 6 px or more)")
-
-    @property
-    def num_layers(self) -> int:
-        """The strided layers: `layers`, or the rule of `discriminator_layers` when 0."""
-        return self.layers or discriminator_layers(self.image_height, self.image_width)
-
-    @property
-    def patch_size(self) -> int:
-        """The side of the patch each logit judges."""
-        return receptive_field(self.num_layers)
 
 
 def _conv(in_ch: int, out_ch: int, stride: int, norm: str) -> nn.Module:

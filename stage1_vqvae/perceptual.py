@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from stage1_vqvae.config import PERCEPTUAL_KINDS
 from vqgen.core.runtime.errors import VQGenError, one_line
 
-PERCEPTUAL_KINDS = ("lpips", "ssim", "ms_ssim", "feature_matching")
 LPIPS_HELP = "pip install lpips, with network access once for the torchvision VGG weights it loads"
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang et al. 2003, finest scale first
 WINDOW, SIGMA = 11, 1.5  # the Gaussian window of Wang et al. 2004

@@ -12,7 +12,7 @@ from accelerate import Accelerator
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from stage1_vqvae.adversarial import GANConfig
+from stage1_vqvae.config import GANConfig
 from stage1_vqvae.encode import encode_splits
 from stage1_vqvae.gan_loss import GANLoss
 from stage1_vqvae.model import VQVAE, kmeans_sample_note, reconstruction_errors

@@ -12,12 +12,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from stage1_vqvae.adversarial import (GANConfig, LeCam, adaptive_weight, d_accuracy, d_hinge_loss,
+from stage1_vqvae.config import DiscriminatorConfig, GANConfig, discriminator_layers, logits_side, receptive_field
+from stage1_vqvae.adversarial import (LeCam, adaptive_weight, d_accuracy, d_hinge_loss,
                                       d_non_saturating_loss, decoder_last_layer, frozen, g_hinge_loss,
                                       g_non_saturating_loss, gan_losses, r1_penalty)
-from stage1_vqvae.diffaugment import AugmentDraw, apply_augment, augment_pair, draw_augment, parse_disc_augment
-from stage1_vqvae.discriminator import (DiscriminatorConfig, PatchDiscriminator, discriminator_layers,
-                                        logits_side, receptive_field)
+from stage1_vqvae.diffaugment import AugmentDraw, apply_augment, augment_pair, draw_augment
+from stage1_vqvae.config import parse_disc_augment
+from stage1_vqvae.discriminator import PatchDiscriminator
 from stage1_vqvae.model import VQVAE
 from stage1_vqvae.config import VQVAEConfig
 from stage1_vqvae.perceptual import (LPIPS_HELP, feature_matching_loss, ms_ssim, ms_ssim_scales, perceptual_loss,

@@ -176,12 +176,13 @@ def test_the_training_scripts_are_vqgen_train():
 
 
 def test_every_config_field_carries_its_help():
-    from stage1_vqvae.config import VQVAEConfig
-    from stage2_prior.registry import PRIORS
+    from stage1_vqvae.config import DiscriminatorConfig, GANConfig, VQVAEConfig
+    from stage2_prior.config import PRIOR_CONFIGS, SamplingConfig
     from vqgen.core.data.config import DataConfig
     from vqgen.core.training.config import TrainConfig
 
-    configs = [VQVAEConfig, DataConfig, TrainConfig] + [k.config for k in PRIORS.values()]
+    configs = [VQVAEConfig, GANConfig, DiscriminatorConfig, DataConfig, TrainConfig, SamplingConfig,
+               *PRIOR_CONFIGS.values()]
     missing = [f"{cls.__name__}.{f.name}" for cls in configs for f in dataclasses.fields(cls)
                if not f.metadata.get("help")]
     assert missing == []

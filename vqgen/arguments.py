@@ -18,7 +18,7 @@ import types
 import typing
 from typing import Any, Callable, NoReturn
 
-from stage1_vqvae.config import PRESETS, VQVAEConfig
+from stage1_vqvae.config import PRESETS, GANConfig, VQVAEConfig
 from stage1_vqvae.config import TRAIN_DEFAULTS as VQVAE_TRAIN_DEFAULTS
 from stage2_prior.config import PRIOR_CONFIGS, PriorConfig
 from stage2_prior.config import TRAIN_DEFAULTS as PRIOR_TRAIN_DEFAULTS
@@ -174,6 +174,7 @@ def add_vqvae_training_options(parser: argparse.ArgumentParser) -> None:
     add_config_options(parser, DataConfig, title="data")
     add_config_options(parser, TrainConfig, title="training", defaults=VQVAE_TRAIN_DEFAULTS)
     add_config_options(parser, VQVAEConfig, skip=VQVAE_FROM_DATA, title="model")
+    add_config_options(parser, GANConfig, title="adversarial and perceptual terms (off by default)")
 
 
 def add_prior_training_options(parser: argparse.ArgumentParser) -> None:

@@ -18,7 +18,7 @@ from accelerate import Accelerator
 from torch import Tensor
 from rich.table import Table
 
-from stage1_vqvae.config import VQVAEConfig
+from stage1_vqvae.config import GANConfig, VQVAEConfig
 from stage1_vqvae.encode import encode_splits
 from stage1_vqvae.train import train_vqvae
 from stage2_prior.config import DEFAULT_CFG, SamplingConfig
@@ -71,7 +71,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     """`vqgen train vqvae|prior`: the stage's one entry point with the options given on the command line."""
     if args.stage == "vqvae":
         train_vqvae(args.run, given_options(args, DataConfig), given_options(args, TrainConfig),
-                    given_options(args, VQVAEConfig, skip=VQVAE_FROM_DATA), preset=args.preset,
+                    given_options(args, VQVAEConfig, skip=VQVAE_FROM_DATA), gan=given_options(args, GANConfig),
+                    preset=args.preset,
                     resume=args.resume, encode=not args.no_encode, overwrite=args.overwrite)
     else:
         train_prior(args.run, args.prior, given_options(args, TrainConfig), given_prior_options(args),
