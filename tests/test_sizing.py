@@ -38,16 +38,30 @@ def test_stage1_rule(n, c, side, width, steps, every):
 
 
 @pytest.mark.parametrize("grids,side,dropout,steps,every", [
-    (10_000, 8, 0.1, 8000, 400),
-    (60_000, 8, 0.1, 8000, 400),
-    (2_221, 8, 0.3, 2800, 150),
-    (2_221, 16, 0.1, 2800, 150),
-    (200_000, 8, 0.0, 8000, 400),
+    (10_000, 8, 0.1, 8000, 400),    # the shapes: 25.6 passes
+    (60_000, 8, 0.0, 8000, 400),    # MNIST: 4.3 passes, too few to memorise
+    (2_221, 8, 0.3, 2800, 150),     # OpenMoji 32 px: 40 passes over 142k codes
+    (2_221, 16, 0.1, 2800, 150),    # OpenMoji 64 px: 568k codes
+    (200_000, 8, 0.0, 8000, 400),   # 1.3 passes (and 12.8M codes)
 ])
 def test_stage2_rule(grids, side, dropout, steps, every):
     model, training = stage2_defaults(codes(grids, side), {})
     assert model == {"dropout": dropout}
     assert training == {"max_steps": steps, "eval_every": every, "save_every": every}
+
+
+@pytest.mark.parametrize("grids,given,dropout", [
+    (10_000, {"max_steps": 1800}, 0.0),                  # the quickstart: 5.8 passes
+    (60_000, {"max_steps": 1500, "batch_size": 64}, 0.0),  # MNIST's short budget: 1.6 passes
+    (60_000, {"max_steps": 20000}, 0.1),                 # MNIST trained for 10.7 passes: memorising is possible
+    (10_000, {"max_steps": 3100}, 0.0),                  # 9.9 passes
+    (10_000, {"max_steps": 3200}, 0.1),                  # 10.2 passes
+    (2_221, {"max_steps": 0, "epochs": 12}, 0.3),        # --epochs are passes
+    (2_221, {"max_steps": 0}, 0.3),                      # the default 10 epochs: 10 passes, the threshold
+])
+def test_dropout_follows_the_planned_passes(grids, given, dropout):
+    model, _ = stage2_defaults(codes(grids, 8), given)
+    assert model == {"dropout": dropout}
 
 
 def test_given_options_win_and_set_the_evaluation_interval():

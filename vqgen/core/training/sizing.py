@@ -30,11 +30,12 @@ def steps_for_passes(items: int, batch_size: int, passes: float, lowest: int, hi
 
 
 def report_sized(sized_model: dict[str, Any], sized_training: dict[str, Any], given: dict[str, Any],
-                 resume: bool) -> None:
-    """Say, in one line at start, which defaults the rule sized to the data (those not given). A resumed run keeps
-    what it was started with: nothing is sized."""
+                 resume: bool, why: dict[str, str] | None = None) -> None:
+    """Say, in one line at start, which defaults the rule sized to the data (those not given), each with the
+    reason `why` gives for it. A resumed run keeps what it was started with: nothing is sized."""
     if resume:
         return
     chosen = {k: v for k, v in {**sized_model, **sized_training}.items() if k not in given}
+    said = [f"{k} {v}" + (f" ({why[k]})" if why and k in why else "") for k, v in chosen.items()]
     make_console(process_state().is_main_process).print(
-        "defaults sized to the data: " + (", ".join(f"{k} {v}" for k, v in chosen.items()) or "none (all given)"))
+        "defaults sized to the data: " + (", ".join(said) or "none (all given)"))
