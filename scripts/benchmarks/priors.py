@@ -1,0 +1,149 @@
+"""Priors side by side on the same codes: train each variant on one stage-1 run, then score its samples.
+
+    python scripts/benchmarks/priors.py --run bench/runs/shapes --judge bench/judges/shapes --out bench/priors/shapes \
+        --variant transformer=--prior,transformer --variant masked=--prior,masked --steps 4,8,12,16,32 --inpaint
+
+Each --variant NAME=ARGS (ARGS: options of `vqgen train prior`, comma-separated) trains a prior into
+OUT/NAME/ (a copy of RUN's vqvae/ and codes/), and records its wall-clock and best held-out number. Then, for
+each variant, --samples samples are scored by the dataset's judge (kept in --judge and shared by every variant,
+so all are judged alike) at the default sampling settings; a masked prior once per --steps value. Sampling time
+per image is timed on --time-samples samples, after one untimed batch, with one thread. With --inpaint, each
+variant also redraws a centre box of half the test images' area (the central ceil(side/sqrt(2)) code rows and
+columns) and the inpainted images are scored against the test split, beside the reconstructions (the ceiling).
+Results: OUT/priors.json (and a sample grid per variant and setting).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from stage2_prior.config import SamplingConfig
+from vqgen.cli import main as vqgen
+from vqgen.core.evaluate import quality
+from vqgen.core.store.imageio import save_grid
+from vqgen.core.store.jsonl import JsonlLog
+from vqgen.core.store.layout import RunLayout
+from vqgen.run import Run, judging_images, sample_seeds
+
+
+def train(run: Path, out: Path, name: str, args: list[str], seed: int) -> dict:
+    """A copy of the run's stage 1 and codes, a prior trained into it; wall-clock and its best test metric."""
+    target = out / name
+    if not (target / "prior" / "model.safetensors").is_file():
+        shutil.rmtree(target, ignore_errors=True)
+        for part in ("vqvae", "codes"):
+            shutil.copytree(run / part, target / part, ignore=shutil.ignore_patterns("state", ".lock"))
+        start = time.perf_counter()
+        if vqgen(["train", "prior", "--run", str(target), "--seed", str(seed), "--no-report", *args]) != 0:
+            sys.exit(f"error: training {name} failed")
+        (target / "train_seconds.txt").write_text(f"{time.perf_counter() - start:.1f}\n")
+    tests = [r for r in JsonlLog(RunLayout(target).prior.metrics).read() if r.get("split") == "test"]
+    best = tests[-1]
+    metric = next(k[5:] for k in best if k.startswith("best_") and k != "best_step")
+    return {"name": name, "args": args, "train_seconds": float((target / "train_seconds.txt").read_text()),
+            "steps": tests[-1]["step"], "best_step": best["best_step"], metric: best[f"best_{metric}"]}
+
+
+def time_sampling(run: Run, sampling: SamplingConfig, n: int) -> float:
+    """Seconds per image to draw and decode n samples in one batch, after one untimed batch."""
+    accelerator = Accelerator(cpu=True)
+    labels = run.label_plan(None, n)
+    run.sample(accelerator, min(n, 8), labels, sampling, seed=99, batch_size=n)
+    start = time.perf_counter()
+    run.sample(accelerator, n, labels, sampling, seed=1, batch_size=n)
+    return (time.perf_counter() - start) / n
+
+
+def centre_box(h: int, w: int) -> torch.Tensor:
+    """(h, w) bool: the central box of about half the grid's area, ceil(side / sqrt 2) codes a side."""
+    bh, bw = math.ceil(h / math.sqrt(2)), math.ceil(w / math.sqrt(2))
+    mask = torch.zeros(h, w, dtype=torch.bool)
+    mask[(h - bh) // 2:(h - bh) // 2 + bh, (w - bw) // 2:(w - bw) // 2 + bw] = True
+    return mask
+
+
+def inpaint_scores(run: Run, n: int, sampling: SamplingConfig, seed: int) -> dict:
+    """Redraw the centre box of n test images; the in-domain FID of the results and of the reconstructions."""
+    data = run.data()
+    judge = run.judge(data)
+    test_images, test_labels = judging_images(data.test, seed=seed)
+    reference = quality.reference_of(judge, test_images, test_labels)
+    images = data.test.take(range(min(n, len(data.test))))
+    labels = None if data.test.labels is None or run.source.pseudo_labels else data.test.labels[:len(images)]
+    recon, _, codes = run.reconstruct(images)
+    hole = centre_box(*codes.shape[1:])
+    keep = (~hole).expand(codes.shape).clone()
+    filled = run.fill(len(codes), labels if run.prior.config.num_classes else None,
+                      sample_seeds(seed, torch.arange(len(codes))), sampling, codes, keep)
+    inpainted = run.decode(filled)
+    return {"hole_share": float(hole.float().mean()),
+            "inpainted": quality.sample_quality(judge, inpainted, labels, reference),
+            "reconstructed": quality.sample_quality(judge, recon, labels, reference)}, inpainted
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", type=Path, required=True, help="a run with a trained stage 1 and its codes")
+    p.add_argument("--out", type=Path, required=True, help="where the variants' runs and priors.json go")
+    p.add_argument("--judge", type=Path, required=True, help="the dataset's judge folder (trained once if missing)")
+    p.add_argument("--variant", action="append", required=True,
+                   help="NAME=ARGS: a prior trained with `vqgen train prior ARGS` (ARGS comma-separated)")
+    p.add_argument("--samples", type=int, default=1000, help="samples scored per setting (default: 1000)")
+    p.add_argument("--steps", default="8", help="decoding steps of a masked prior, comma list (default: 8)")
+    p.add_argument("--time-samples", type=int, default=64, help="samples timed per setting (default: 64)")
+    p.add_argument("--inpaint", action="store_true", help="also score inpainting a centre box of half the area")
+    p.add_argument("--seed", type=int, default=0, help="training and sampling seed (default: 0)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+                         + (torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"),
+              "torch": torch.__version__, "run": str(args.run), "samples": args.samples, "variants": []}
+    steps = [int(s) for s in args.steps.split(",")]
+    for spec in args.variant:
+        name, _, options = spec.partition("=")
+        record = train(args.run, args.out, name, [o for o in options.split(",") if o], args.seed)
+        target = args.out / name
+        if (args.judge / "model.safetensors").is_file() and not RunLayout(target).judge.trained:
+            shutil.copytree(args.judge, RunLayout(target).judge.path)
+        run = Run.load(target)
+        settings = [SamplingConfig()] if run.kind.raster else [SamplingConfig(steps=s) for s in steps]
+        record["settings"] = []
+        for sampling in settings:
+            start = time.perf_counter()
+            scores = run.sample_quality(Accelerator(cpu=True), args.samples, sampling=sampling, seed=args.seed)
+            seconds = time.perf_counter() - start
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            per_image = time_sampling(run, sampling, args.time_samples)
+            torch.set_num_threads(threads)
+            record["settings"].append({"steps": sampling.steps, "cfg": sampling.cfg_scale, "score_seconds": seconds,
+                                       "seconds_per_image": per_image, **scores})
+            _, images = run.sample(Accelerator(cpu=True), 64, run.label_plan(None, 64), sampling, seed=args.seed)
+            save_grid(images, args.out / f"{name}-steps{sampling.steps or 0}.png", nrow=8)
+            print(json.dumps({"variant": name, **record["settings"][-1]}), flush=True)
+        if args.inpaint:
+            record["inpaint"], inpainted = inpaint_scores(run, min(args.samples, 1000), settings[0], args.seed)
+            save_grid(inpainted[:64], args.out / f"{name}-inpainted.png", nrow=8)
+        if not (args.judge / "model.safetensors").is_file():
+            shutil.copytree(RunLayout(target).judge.path, args.judge, dirs_exist_ok=True)
+        result["variants"].append(record)
+        (args.out / "priors.json").write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
