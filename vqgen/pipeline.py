@@ -31,7 +31,8 @@ from vqgen.core.errors import VQGenError
 from vqgen.core.export import locate_run
 from vqgen.core.layout import RunLayout
 from vqgen.core.metrics import bits, code_usage, psnr
-from vqgen.core import quality
+from vqgen.core import quality, sample_metrics
+from vqgen.core.imageio import save_png
 
 
 @dataclass
@@ -332,7 +333,8 @@ def judge_of(run: Run, data: ImageData, retrain: bool = False, device: torch.dev
 
 def sample_quality(run: Run, accelerator: Accelerator, n: int, data: ImageData | None = None, seed: int = 0,
                    batch_size: int = 1000, retrain_judge: bool = False, inception: bool = False,
-                   judge_steps: int = 600, **sampling: float | int | None) -> dict[str, dict[str, float]]:
+                   judge_steps: int = 600, closest_pairs: str | Path | None = None,
+                   **sampling: float | int | None) -> dict[str, dict[str, float]]:
     """How good n samples are against the test split, beside what n real training images score.
 
     -> {"samples": {fid, class_accuracy, coverage, ...}, "reconstructed": {...}, "real": {...}}: in-domain
@@ -340,7 +342,10 @@ def sample_quality(run: Run, accelerator: Accelerator, n: int, data: ImageData |
     drawn for, and the normalised entropy of its predicted classes; `inception` adds the standard
     Inception FID. "reconstructed" scores the VQ-VAE's reconstructions of the same n training images
     that "real" scores: what samples would reach with a perfect prior, so the gap between the three says
-    which stage holds the samples back.
+    which stage holds the samples back. KID, precision/recall and density/coverage_nn come with each;
+    near_copies* (samples and reconstructions) are the shares of near-copies of a training image, in the
+    judge's features and in pixels, beside near_copies_heldout* (what new test images score, ~5 %).
+    closest_pairs: a PNG path for the samples nearest to a training image (pixels), each beside it.
     """
     if run.prior is None:
         raise VQGenError(f"judging samples needs a trained prior; {run.layout.prior.path} has none")
@@ -362,7 +367,18 @@ def sample_quality(run: Run, accelerator: Accelerator, n: int, data: ImageData |
     floor = partial(quality.reference_floor, judge, train_images.to(device), reference,
                     n=min(n, len(train_images)), seed=seed, train_labels=train_labels)
     real = floor()
-    reconstructed = floor(transform=lambda x: reconstruct(run, x)[0])
+    made = []  # the reconstructions the floor scores, kept for their near-copies
+    reconstructed = floor(transform=lambda x: made.append(reconstruct(run, x)[0]) or made[-1])
+    # --- near-copies of training images (vqgen.core.sample_metrics) ---
+    if len(test_images) >= 4:  # two held-out halves of >= 2: one sets the threshold, one checks it
+        copies, found = quality.memorisation_scores(judge, images.to(device), train_images.to(device),
+                                                    test_images.to(device), seed=seed)
+        scores.update(copies)
+        reconstructed.update(quality.memorisation_scores(judge, made[0].to(device), train_images.to(device),
+                                                         test_images.to(device), seed=seed)[0])
+        if closest_pairs is not None and accelerator.is_main_process:
+            save_png(sample_metrics.closest_pairs_grid(images, train_images, found["pixels"]), closest_pairs)
+    # --- end near-copies ---
     if inception:
         scores["inception_fid"] = quality.inception_fid(images, test_images)
     return {"samples": scores, "reconstructed": reconstructed, "real": real}
