@@ -217,11 +217,11 @@ def decoded_like(images: torch.Tensor) -> torch.Tensor:
 
 def test_a_sampler_returning_training_images_is_all_near_copies_and_new_images_about_the_quantile(judge, shapes):
     (x, _), (xt, _), (xf, _) = shapes["train"], shapes["test"], shapes["fresh"]
-    copies, found = memorisation_scores(judge, x[:100], x, xt, seed=0)
+    (copies, found), (new, _), (blurred, _) = memorisation_scores(judge, [x[:100], xf, decoded_like(x[:100])],
+                                                                   x, xt, seed=0)
     assert copies["near_copies"] == 1.0 and copies["near_copies_pixels"] == 1.0, copies
     assert torch.equal(found["pixels"].nearest_index, torch.arange(100))
     assert float(found["pixels"].distance.max()) < 1e-5
-    new, _ = memorisation_scores(judge, xf, x, xt, seed=0)
     print(f"\ncopies {copies}\nnew {new}")
     # 120 test images set the threshold and 120 check it: their shares scatter by ~0.04 around 0.05 (0 to
     # 0.17 over seeds 0-5), and new images follow the held-out half, the thing to compare them with
@@ -229,7 +229,6 @@ def test_a_sampler_returning_training_images_is_all_near_copies_and_new_images_a
         share, heldout = new[f"near_copies{suffix}"], new[f"near_copies_heldout{suffix}"]
         assert share < 0.2 and heldout < 0.2 and abs(share - heldout) < 0.1, (suffix, share, heldout)
         assert new[f"near_copy_threshold{suffix}"] == copies[f"near_copy_threshold{suffix}"] > 0
-    blurred, _ = memorisation_scores(judge, decoded_like(x[:100]), x, xt, seed=0)
     assert blurred["near_copies_pixels"] > 0.8, blurred  # copies through a decoder are still caught in pixels
 
 
@@ -317,6 +316,25 @@ def test_aggregate_seeds_and_compare_settings():
     one = sm.aggregate_seeds(runs_a[:1])
     assert one["samples"]["fid"] == {"mean": 1.0, "std": None, "n": 1}
     assert sm.compare_settings(one, b)["samples"]["fid"]["exceeds"] is None
+
+
+def test_compare_paired_is_scipys_paired_t_test():
+    """Two settings drawn with the same seeds share each seed's luck: the per-seed differences are steady
+    though each side scatters, so the paired test sees what Welch's cannot."""
+    luck = [0.0, 0.5, -0.4, 0.9]
+    a = [{"samples": {"fid": 1.0 + u}, "seed": s} for s, u in enumerate(luck)]
+    b = [{"samples": {"fid": 1.1 + u + 0.01 * (-1) ** s}, "seed": s} for s, u in enumerate(luck)]
+    got = sm.compare_paired(a, b)["samples"]["fid"]
+    fa, fb = [r["samples"]["fid"] for r in a], [r["samples"]["fid"] for r in b]
+    assert got["difference"] == pytest.approx(0.1)
+    assert got["exceeds"] is True and scipy.stats.ttest_rel(fb, fa).pvalue < 0.05
+    sd = np.std(np.subtract(fb, fa), ddof=1)
+    assert got["spread"] == pytest.approx(scipy.stats.t.ppf(0.975, 3) * sd / 2, rel=1e-6)
+    assert sm.compare_settings(sm.aggregate_seeds(a), sm.aggregate_seeds(b))["samples"]["fid"]["exceeds"] is False
+    assert sm.compare_paired(a, a)["seed"] == {"difference": 0.0, "spread": 0.0, "exceeds": False}
+    assert sm.compare_paired(a[:1], b[:1])["samples"]["fid"]["exceeds"] is None
+    with pytest.raises(VQGenError, match="same seeds on both sides, got 4 and 3 runs"):
+        sm.compare_paired(a, b[:3])
 
 
 def test_welch_spread_matches_scipy_at_integer_degrees_of_freedom():

@@ -371,11 +371,10 @@ def sample_quality(run: Run, accelerator: Accelerator, n: int, data: ImageData |
     reconstructed = floor(transform=lambda x: made.append(reconstruct(run, x)[0]) or made[-1])
     # --- near-copies of training images (vqgen.core.sample_metrics) ---
     if len(test_images) >= 4:  # two held-out halves of >= 2: one sets the threshold, one checks it
-        copies, found = quality.memorisation_scores(judge, images.to(device), train_images.to(device),
-                                                    test_images.to(device), seed=seed)
+        (copies, found), (copied, _) = quality.memorisation_scores(
+            judge, [images.to(device), made[0].to(device)], train_images.to(device), test_images.to(device), seed)
         scores.update(copies)
-        reconstructed.update(quality.memorisation_scores(judge, made[0].to(device), train_images.to(device),
-                                                         test_images.to(device), seed=seed)[0])
+        reconstructed.update(copied)
         if closest_pairs is not None and accelerator.is_main_process:
             save_png(sample_metrics.closest_pairs_grid(images, train_images, found["pixels"]), closest_pairs)
     # --- end near-copies ---

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -390,25 +390,27 @@ def distribution_scores(features: Tensor, reference: Reference) -> dict[str, flo
     return result
 
 
-def memorisation_scores(judge: Judge, samples: Tensor, train_images: Tensor, heldout_images: Tensor,
-                        seed: int = 0, batch_size: int = 256
-                        ) -> tuple[dict[str, float], dict[str, sample_metrics.Memorisation]]:
-    """Near-copies of training images among uint8 samples, in the judge's features and in pixels,
-    calibrated on held-out images (>= 4) -> (near_copies, near_copies_heldout, near_copy_threshold, the
-    same with _pixels, and heldout_duplicates: the share of held-out images identical to a training image,
-    left out of the calibration; {"features": Memorisation, "pixels": Memorisation})."""
-    for images, what in ((samples, "samples"), (train_images, "training images"), (heldout_images, "held-out images")):
+def memorisation_scores(judge: Judge, sample_sets: Sequence[Tensor], train_images: Tensor,
+                        heldout_images: Tensor, seed: int = 0, batch_size: int = 256
+                        ) -> list[tuple[dict[str, float], dict[str, sample_metrics.Memorisation]]]:
+    """Near-copies of training images in each set of uint8 samples, in the judge's features and in pixels,
+    by thresholds learnt once on held-out images (>= 4) -> per set (near_copies, near_copies_heldout,
+    near_copy_threshold, the same with _pixels, and heldout_duplicates: the share of held-out images
+    identical to a training image, left out of the calibration; {"features": ..., "pixels": Memorisation})."""
+    for images, what in ((train_images, "training images"), (heldout_images, "held-out images"),
+                         *((x, "samples") for x in sample_sets)):
         _check_images(images, what, judge.config)
     device = next(judge.parameters()).device
-    found = {
-        "features": sample_metrics.memorisation(
-            *(judge_features(judge, x, batch_size).to(device) for x in (samples, train_images, heldout_images)),
-            seed=seed),
-        "pixels": sample_metrics.memorisation(
-            *(sample_metrics.pixels(x).to(device) for x in (samples, train_images, heldout_images)), seed=seed),
-    }
-    return {**found["features"].scores(), **found["pixels"].scores("_pixels"),
-            "heldout_duplicates": found["pixels"].heldout_duplicates}, found
+    spaces = {"features": lambda x: judge_features(judge, x, batch_size).to(device),
+              "pixels": lambda x: sample_metrics.pixels(x).to(device)}
+    found = [{} for _ in sample_sets]
+    for space, embed in spaces.items():
+        train = embed(train_images)
+        threshold = sample_metrics.copy_threshold(train, embed(heldout_images), seed=seed)
+        for i, samples in enumerate(sample_sets):
+            found[i][space] = sample_metrics.near_copies(embed(samples), train, threshold)
+    return [({**f["features"].scores(), **f["pixels"].scores("_pixels"),
+              "heldout_duplicates": f["pixels"].heldout_duplicates}, f) for f in found]
 
 
 # --- Inception FID (optional library) ----------------------------------------------------

@@ -2,7 +2,7 @@
 
 `kid` (Binkowski et al. 2018), `precision_recall` (Kynkäänniemi et al. 2019), `density_coverage` (Naeem
 et al. 2020), `nearest` neighbours in L2, `memorisation` (the share of samples that are near-copies of a
-training image), `aggregate_seeds` and `compare_settings` (the spread over seeds), and
+training image; `copy_threshold` and `near_copies` are its two steps), `aggregate_seeds`, `compare_settings` and `compare_paired` (the spread over seeds), and
 `closest_pairs_grid` (the nearest (sample, training image) pairs as one picture). Distances and kernels
 are computed in float64, in blocks of at most BLOCK entries, so 50k x 50k stays within ~100 MB.
 
@@ -279,18 +279,24 @@ def density_coverage(real_features: Tensor, fake_features: Tensor, k: int = 5,
 
 
 @dataclass(frozen=True)
-class Memorisation:
-    """Near-copies of training images among n samples, with a threshold learnt on held-out images."""
+class CopyThreshold:
+    """What counts as a near-copy of a training set, learnt on held-out items (`copy_threshold`)."""
 
-    threshold: float     # on `score`: a sample with score <= threshold is a near-copy
-    quantile: float      # of the calibration half's scores that set the threshold
-    share: float         # of the samples that are near-copies
-    heldout_share: float  # of the other held-out half: what genuinely new images give (~ quantile)
+    threshold: float      # on the score: a sample with score <= threshold is a near-copy
+    quantile: float       # of the calibration half's scores that set the threshold
+    heldout_share: float  # of the other held-out half at or under it: what new images give (~ quantile)
     heldout_duplicates: float  # of the held-out items equal to a training item: left out of both halves
-    nearest_index: Tensor  # (n,) int64: each sample's nearest training image
+    relative: bool        # the score is the distance over the training item's own spacing
+
+
+@dataclass(frozen=True)
+class Memorisation(CopyThreshold):
+    """Near-copies of training images among n samples, with the threshold they were judged by."""
+
+    share: float           # of the samples that are near-copies
+    nearest_index: Tensor  # (n,) int64: each sample's nearest training item
     distance: Tensor       # (n,) float64: the L2 distance to it
-    score: Tensor          # (n,) float64: distance, over the training image's own spacing when relative
-    relative: bool
+    score: Tensor          # (n,) float64: what the threshold applies to
 
     def closest(self, k: int) -> Tensor:
         """Indices (min(k, n),) of the samples with the lowest scores, lowest first."""
@@ -302,48 +308,62 @@ class Memorisation:
                 f"near_copy_threshold{suffix}": self.threshold}
 
 
-def memorisation(sample_features: Tensor, train_features: Tensor, heldout_features: Tensor,
-                 quantile: float = 0.05, seed: int = 0, relative: bool = True,
-                 max_heldout: int = 2000) -> Memorisation:
-    """Which of n samples (n, d) are near-copies of a training item (N, d), calibrated on held-out real
-    items (h, d) that are by definition no copies: a seeded half of (at most max_heldout of) them sets the
-    threshold at its `quantile`, the other half measures what new images score (module docstring)."""
-    s = _features(sample_features, "sample features")
+def _copy_scores(queries: Tensor, train: Tensor, relative: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(m, d) queries against (N, d) training items -> the distance (m,) to the nearest, its index (m,), and
+    the score (m,): the distance, or over that item's distance to its nearest unequal training item."""
+    distance, index = nearest(queries.to(train.device, train.dtype), train)
+    if not relative:
+        return distance, index, distance
+    used, where = index.unique(return_inverse=True)
+    spacing = _smallest(train[used], train, 1, skip_identical=True)[0][:, 0].sqrt()[where]
+    # a training set of identical items has no spacing: then the plain distance
+    return distance, index, distance / torch.where(spacing.isfinite() & (spacing > 0), spacing,
+                                                   torch.ones_like(spacing))
+
+
+def copy_threshold(train_features: Tensor, heldout_features: Tensor, quantile: float = 0.05, seed: int = 0,
+                   relative: bool = True, max_heldout: int = 2000) -> CopyThreshold:
+    """The near-copy threshold of a training set (N, d), from held-out real items (h, d), by definition no
+    copies: a seeded half of (at most max_heldout of) those unequal to every training item sets it at its
+    `quantile`, the other half measures what new images score (module docstring)."""
     t = _features(train_features, "training features", 2 if relative else 1)
     h = _features(heldout_features, "held-out features", 4)
-    _same_width(s, t, "memorisation")
     _same_width(h, t, "memorisation")
     if not 0 < quantile < 1:
         raise VQGenError(f"memorisation quantile must be in (0, 1), got {quantile!r}")
     if max_heldout < 4:
         raise VQGenError(f"memorisation max_heldout must be >= 4, got {max_heldout!r}")
-
-    def scored(queries: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Each query's distance to its nearest training item, that item, and the score; one set at a time,
-        so that the threshold does not depend on the samples, to the last bit."""
-        distance, index = nearest(queries.to(t.device, t.dtype), t)
-        if not relative:
-            return distance, index, distance
-        used, where = index.unique(return_inverse=True)
-        spacing = _smallest(t[used], t, 1, skip_identical=True)[0][:, 0].sqrt()[where]
-        # a training set of identical items has no spacing: then the plain distance
-        return distance, index, distance / torch.where(spacing.isfinite() & (spacing > 0), spacing,
-                                                       torch.ones_like(spacing))
-
     order = torch.randperm(len(h), generator=torch.Generator().manual_seed(seed))[:max_heldout].to(h.device)
-    heldout_distance, _, heldout_score = scored(h[order])
-    new = heldout_distance > 0  # a held-out item equal to a training item is a leak, not a new image
+    distance, _, score = _copy_scores(h[order], t, relative)
+    new = distance > 0  # a held-out item equal to a training item is a leak, not a new image
     if int(new.sum()) < 4:
         raise VQGenError(f"memorisation needs at least 4 held-out items unequal to every training item, got "
                          f"{int(new.sum())} of {len(order)}")
-    heldout_score = heldout_score[new]
-    half = len(heldout_score) // 2
-    threshold = float(torch.quantile(heldout_score[:half].cpu(), quantile))
-    distance, index, score = scored(s)
-    return Memorisation(threshold=threshold, quantile=quantile, share=float((score <= threshold).double().mean()),
-                        heldout_share=float((heldout_score[half:] <= threshold).double().mean()),
-                        heldout_duplicates=float((~new).double().mean()), nearest_index=index.cpu(),
-                        distance=distance.cpu(), score=score.cpu(), relative=relative)
+    score = score[new].cpu()
+    half = len(score) // 2
+    threshold = float(torch.quantile(score[:half], quantile))
+    return CopyThreshold(threshold=threshold, quantile=quantile,
+                         heldout_share=float((score[half:] <= threshold).double().mean()),
+                         heldout_duplicates=float((~new).double().mean()), relative=relative)
+
+
+def near_copies(sample_features: Tensor, train_features: Tensor, threshold: CopyThreshold) -> Memorisation:
+    """Which of n samples (n, d) are near-copies of a training item (N, d), by a `copy_threshold` of it."""
+    s = _features(sample_features, "sample features")
+    t = _features(train_features, "training features", 2 if threshold.relative else 1)
+    _same_width(s, t, "memorisation")
+    distance, index, score = _copy_scores(s, t, threshold.relative)
+    return Memorisation(**vars(threshold), share=float((score <= threshold.threshold).double().mean()),
+                        nearest_index=index.cpu(), distance=distance.cpu(), score=score.cpu())
+
+
+def memorisation(sample_features: Tensor, train_features: Tensor, heldout_features: Tensor,
+                 quantile: float = 0.05, seed: int = 0, relative: bool = True,
+                 max_heldout: int = 2000) -> Memorisation:
+    """`near_copies` of samples (n, d) among training items (N, d) by the `copy_threshold` that held-out
+    items (h, d) give; to judge several sample sets by one training set, compute the threshold once."""
+    return near_copies(sample_features, train_features, copy_threshold(
+        train_features, heldout_features, quantile, seed, relative, max_heldout))
 
 
 def closest_pairs_grid(samples: Tensor, train_images: Tensor, found: Memorisation, k: int = 8,
@@ -420,6 +440,34 @@ def compare_settings(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, An
             out[key] = _difference(x, y)
         elif isinstance(x, Mapping) and isinstance(y, Mapping) and not (_is_summary(x) or _is_summary(y)):
             out[key] = compare_settings(x, y)
+    return out
+
+
+def compare_paired(runs_a: Sequence[Mapping[str, Any]], runs_b: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Per-seed metric dicts of two settings drawn with the same seeds, in the same order -> for each number
+    in all of them: {"difference" (mean of b - a), "spread" (t975(n-1) std / sqrt(n) of the per-seed
+    differences), "exceeds"}. The same seed draws the same random numbers under both settings, so the
+    pairs share much of their noise and this sees smaller differences than `compare_settings`."""
+    if len(runs_a) != len(runs_b) or not runs_a:
+        raise VQGenError(f"a paired comparison needs the same seeds on both sides, got {len(runs_a)} and "
+                         f"{len(runs_b)} runs")
+    return _paired(runs_a, runs_b)
+
+
+def _paired(runs_a: Sequence[Mapping[str, Any]], runs_b: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in runs_a[0]:
+        xs, ys = [r.get(key) for r in runs_a], [r.get(key) for r in runs_b]
+        if all(isinstance(v, Mapping) for v in xs + ys):
+            out[key] = _paired(xs, ys)
+        elif all(_is_number(v) for v in xs + ys):
+            d = aggregate_seeds([{"d": float(y) - float(x)} for x, y in zip(xs, ys)])["d"]
+            if d["std"] is None:
+                out[key] = {"difference": d["mean"], "spread": None, "exceeds": None}
+            else:
+                spread = t975(d["n"] - 1) * d["std"] / math.sqrt(d["n"])
+                out[key] = {"difference": d["mean"], "spread": spread,
+                            "exceeds": abs(d["mean"]) > spread if spread > 0 else d["mean"] != 0}
     return out
 
 
