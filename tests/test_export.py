@@ -104,7 +104,8 @@ def test_eval_and_info_read_an_exported_model(tiny_run, exported, tmp_path, monk
                  ["eval", "--samples", "4", "--judge-steps", "2", "--batch-size", "4"], ["report"]):
         assert main([*argv, "--run", str(exported)]) == 0
     made = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
-    assert made == ["outputs/tiny/completions.png", "outputs/tiny/evaluations.jsonl", "outputs/tiny/judge/config.json",
+    assert made == ["outputs/tiny/closest_pairs.png", "outputs/tiny/completions.png", "outputs/tiny/evaluations.jsonl",
+                    "outputs/tiny/judge/config.json",
                     "outputs/tiny/judge/model.safetensors", "outputs/tiny/reconstructions.png",
                     "outputs/tiny/report.html"]
     assert tree_hashes(exported) == before

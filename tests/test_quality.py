@@ -171,7 +171,8 @@ def test_unlabelled_data_trains_the_rotation_task(shapes):
     real = sample_quality(rot, xf, None, rotations)
     bad = sample_quality(rot, noise(300, 1), None, rotations)
     print(f"\nrotation real {real}\nrotation noise {bad}")
-    assert set(real) == {"n_samples", "fid", "judge_test_accuracy", "judge_chance"}
+    assert set(real) == {"n_samples", "fid", "judge_test_accuracy", "judge_chance",
+                         "kid", "kid_std_error", "precision", "recall", "density", "coverage_nn"}
     assert bad["fid"] > 10 * real["fid"]
     # 5 of the 6 shapes look the same turned by 90 degrees: on them rotation is barely learnable,
     # so the check says so; on triangles alone it is learnt and the judge counts as reliable

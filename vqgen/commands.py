@@ -356,7 +356,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
         return
     scores = run.sample_quality(accelerator, args.samples, data, sampling, seed=args.seed, batch_size=args.batch_size,
                                 retrain_judge=args.retrain_judge, inception=args.inception,
-                                judge_steps=args.judge_steps)
+                                judge_steps=args.judge_steps,
+                                closest_pairs=run.outputs.closest_pairs)
     n_real = min(args.samples, len(data.train))
     table = Table(title=f"{args.samples} samples against the {len(data.test)} test images, beside {n_real} real "
                         "training images and their reconstructions",
@@ -367,6 +368,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
         others = (scores[part].get(k) for part in ("reconstructed", "real"))
         table.add_row(k, f"{v:.4g}", *("" if x is None else f"{x:.4g}" for x in others))
     console.print(table)
+    if "near_copies_pixels" in scores["samples"]:  # the samples nearest to a training image, each beside it
+        console.print(f"closest (sample, training image) pairs: {run.outputs.closest_pairs}")
     accuracy, chance = scores["samples"].get("judge_test_accuracy"), scores["samples"].get("judge_chance")
     if accuracy is not None and chance is not None and accuracy < min(2 * chance, (1 + chance) / 2):
         console.print(f"[bold yellow]warning:[/] the judge scores only {accuracy:.2f} on the test images (chance "

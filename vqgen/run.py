@@ -27,12 +27,13 @@ from stage2_prior.registry import PriorKind, PriorSource, kind_of, load_prior
 from stage2_prior.sampling import check_sampling, inverse_cdf, sample_codes
 from vqgen.core.data.config import DataConfig
 from vqgen.core.data.images import ImageData, ImageSplit, load_image_data, to_model_range, to_uint8
-from vqgen.core.evaluate import quality
+from vqgen.core.evaluate import quality, sample_metrics
 from vqgen.core.evaluate.measures import code_usage, psnr
 from vqgen.core.runtime.errors import VQGenError
 from vqgen.core.share.export import RunLocation, locate_run
 from vqgen.core.store.codes import CodeSplit, load_codes
 from vqgen.core.store.configs import load_config
+from vqgen.core.store.imageio import save_png
 from vqgen.core.store.layout import RunLayout
 from vqgen.core.store.weights import load_model, weights_fingerprint
 
@@ -354,8 +355,8 @@ class Run:
 
     def sample_quality(self, accelerator: Accelerator, n: int, data: ImageData | None = None,
                        sampling: SamplingConfig = SamplingConfig(), seed: int = 0, batch_size: int = 1000,
-                       retrain_judge: bool = False, inception: bool = False,
-                       judge_steps: int = 600) -> dict[str, dict[str, float]]:
+                       retrain_judge: bool = False, inception: bool = False, judge_steps: int = 600,
+                       closest_pairs: str | Path | None = None) -> dict[str, dict[str, float]]:
         """How good n samples are against the test split, beside what n real training images score.
 
         -> {"samples": {fid, class_accuracy, coverage, ...}, "reconstructed": {...}, "real": {...}}: in-domain
@@ -363,7 +364,10 @@ class Run:
         drawn for, and the normalised entropy of its predicted classes; `inception` adds the standard
         Inception FID. "reconstructed" scores the VQ-VAE's reconstructions of the same n training images
         that "real" scores: what samples would reach with a perfect prior, so the gap between the three says
-        which stage holds the samples back.
+        which stage holds the samples back. KID, precision/recall and density/coverage_nn come with each;
+        near_copies* (samples and reconstructions) are the shares of near-copies of a training image, in the
+        judge's features and in pixels, beside near_copies_heldout* (what new test images score, ~5 %).
+        closest_pairs: a PNG path for the samples nearest to a training image (pixels), each beside it.
         """
         self.need_prior()
         data = data or self.data()
@@ -385,7 +389,16 @@ class Run:
         floor = partial(quality.reference_floor, judge, train_images.to(self.device), reference,
                         n=min(n, len(train_images)), seed=seed, train_labels=train_labels)
         real = floor()
-        reconstructed = floor(transform=lambda x: self.reconstruct(x)[0])
+        made = []  # the reconstructions the floor scores, kept for their near-copies
+        reconstructed = floor(transform=lambda x: made.append(self.reconstruct(x)[0]) or made[-1])
+        if len(test_images) >= 4:  # two held-out halves of >= 2: one sets the threshold, one checks it
+            (copies, found), (copied, _) = quality.memorisation_scores(
+                judge, [images.to(self.device), made[0].to(self.device)], train_images.to(self.device),
+                test_images.to(self.device), seed)
+            scores.update(copies)
+            reconstructed.update(copied)
+            if closest_pairs is not None and accelerator.is_main_process:
+                save_png(sample_metrics.closest_pairs_grid(images, train_images, found["pixels"]), closest_pairs)
         if inception:
             scores["inception_fid"] = quality.inception_fid(images, test_images)
         return {"samples": scores, "reconstructed": reconstructed, "real": real}

@@ -4,8 +4,9 @@ Works for any uint8 image data (n, c, h, w) without downloads: `train_judge` lea
 for unlabelled data, the rotation of each image), `sample_quality` reports the Fréchet distance of
 samples to the real test images in the judge's features, class accuracy and class coverage, and
 `reference_floor` what real training images score in the same measures; both compare with a
-`Reference`, the test images' statistics computed once. `inception_fid` is the
-standard Inception FID through torch-fidelity, when that is installed.
+`Reference`, the test images' statistics computed once. `distribution_scores` adds KID, precision/recall
+and density/coverage, `memorisation_scores` the share of near-copies of training images (both from
+vqgen.core.sample_metrics). `inception_fid` is the standard Inception FID through torch-fidelity.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vqgen.core.evaluate import sample_metrics
 from vqgen.core.store.weights import load_model, save_model
 from vqgen.core.runtime.errors import VQGenError, one_line
 
@@ -306,6 +308,8 @@ class Reference:
     mean: Tensor
     cov: Tensor
     judge_test_accuracy: float | None
+    features: Tensor | None = None  # (n, f) float64, for KID and the k-NN measures (None: FID only)
+    radii: dict[int, Tensor] | None = None  # k -> (n,) distance of each to its k-th nearest other
 
 
 def reference_of(judge: Judge, images: Tensor, labels: Tensor | None, batch_size: int = 256) -> Reference:
@@ -314,21 +318,25 @@ def reference_of(judge: Judge, images: Tensor, labels: Tensor | None, batch_size
     accuracy = None
     if judge.config.task == "rotation" or labels is not None:
         accuracy = judge_accuracy(judge, images, labels, batch_size)
-    return Reference(*feature_stats(judge_features(judge, images, batch_size)), accuracy)
+    features = judge_features(judge, images, batch_size)
+    radii = {k: sample_metrics.knn_radii(features, k) for k in (PR_K, DC_K) if k < len(features)}
+    return Reference(*feature_stats(features), accuracy, features, radii)
 
 
 def sample_quality(judge: Judge, samples: Tensor, sample_labels: Tensor | None, reference: Reference,
                    batch_size: int = 256) -> dict[str, float]:
     """fid (judge features of samples vs the reference's), class_accuracy and coverage (labels task),
-    judge_test_accuracy.
+    judge_test_accuracy; with the reference's features, `distribution_scores` too.
 
     Compare with `reference_floor` at the same number of samples: FID is biased by n.
     """
     cfg = judge.config
     _check_images(samples, "samples", cfg)
+    features = judge_features(judge, samples, batch_size)
     result = {"n_samples": float(len(samples)),
-              "fid": frechet_distance(*feature_stats(judge_features(judge, samples, batch_size)),
-                                      reference.mean, reference.cov)}
+              "fid": frechet_distance(*feature_stats(features), reference.mean, reference.cov)}
+    if reference.features is not None:
+        result.update(distribution_scores(features, reference))
     if reference.judge_test_accuracy is not None:
         result["judge_test_accuracy"] = reference.judge_test_accuracy
         result["judge_chance"] = 1.0 / cfg.outputs
@@ -361,6 +369,48 @@ def reference_floor(judge: Judge, train_images: Tensor, reference: Reference, n:
     if transform is not None:
         picked = transform(picked).to(train_images.device)
     return sample_quality(judge, picked, labels, reference)
+
+
+# --- beyond the FID: KID, k-NN manifolds, memorisation (vqgen.core.sample_metrics) -------------
+
+PR_K, DC_K = 3, 5  # neighbours of precision/recall (Kynkäänniemi et al.) and density/coverage (Naeem et al.)
+
+
+def distribution_scores(features: Tensor, reference: Reference) -> dict[str, float]:
+    """kid and kid_std_error, precision and recall (k=3), density and coverage_nn (k=5; not the class
+    `coverage`) of sample features (n, f) against the reference's; a k-NN measure needs n > k."""
+    assert reference.features is not None and reference.radii is not None
+    kid, kid_std_error = sample_metrics.kid(reference.features, features)
+    result = {"kid": kid, "kid_std_error": kid_std_error}
+    if PR_K in reference.radii and len(features) > PR_K:
+        result.update(sample_metrics.precision_recall(reference.features, features, PR_K, reference.radii[PR_K]))
+    if DC_K in reference.radii and len(features) > DC_K:
+        dc = sample_metrics.density_coverage(reference.features, features, DC_K, reference.radii[DC_K])
+        result.update(density=dc["density"], coverage_nn=dc["coverage"])
+    return result
+
+
+def memorisation_scores(judge: Judge, sample_sets: Sequence[Tensor], train_images: Tensor,
+                        heldout_images: Tensor, seed: int = 0, batch_size: int = 256
+                        ) -> list[tuple[dict[str, float], dict[str, sample_metrics.Memorisation]]]:
+    """Near-copies of training images in each set of uint8 samples, in the judge's features and in pixels,
+    by thresholds learnt once on held-out images (>= 4) -> per set (near_copies, near_copies_heldout,
+    near_copy_threshold, the same with _pixels, and heldout_duplicates: the share of held-out images
+    identical to a training image, left out of the calibration; {"features": ..., "pixels": Memorisation})."""
+    for images, what in ((train_images, "training images"), (heldout_images, "held-out images"),
+                         *((x, "samples") for x in sample_sets)):
+        _check_images(images, what, judge.config)
+    device = next(judge.parameters()).device
+    spaces = {"features": lambda x: judge_features(judge, x, batch_size).to(device),
+              "pixels": lambda x: sample_metrics.pixels(x).to(device)}
+    found = [{} for _ in sample_sets]
+    for space, embed in spaces.items():
+        train = embed(train_images)
+        threshold = sample_metrics.copy_threshold(train, embed(heldout_images), seed=seed)
+        for i, samples in enumerate(sample_sets):
+            found[i][space] = sample_metrics.near_copies(embed(samples), train, threshold)
+    return [({**f["features"].scores(), **f["pixels"].scores("_pixels"),
+              "heldout_duplicates": f["pixels"].heldout_duplicates}, f) for f in found]
 
 
 # --- Inception FID (optional library) ----------------------------------------------------

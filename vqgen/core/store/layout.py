@@ -13,6 +13,7 @@
                  settings.json
       judge/     config.json, model.safetensors: the classifier that scores samples (`vqgen eval --samples`)
       evaluations.jsonl   the sample-quality scores of each `vqgen eval --samples`
+      closest_pairs.png   the newest `vqgen eval --samples`' samples nearest to a training image, beside it
       report.html         `vqgen report` (and training, at each evaluation): curves, codes, images, configs
 
 An exported model (`vqgen export`, the folder a Hugging Face Hub repo holds) keeps the same names for the
@@ -187,6 +188,11 @@ class RunLayout:
     def evaluations(self) -> Path:
         """One JSON line per `vqgen eval --samples`: settings and scores."""
         return self.root / "evaluations.jsonl"
+
+    @property
+    def closest_pairs(self) -> Path:
+        """The samples of the newest `vqgen eval --samples` nearest to a training image, each beside it."""
+        return self.root / "closest_pairs.png"
 
     @property
     def samples(self) -> Path:
