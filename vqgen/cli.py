@@ -7,6 +7,7 @@ Argument parsing only: `vqgen.commands` does the work (importing torch only then
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from stage2_prior.config import SamplingConfig
@@ -42,6 +43,10 @@ EXAMPLES = {
 }
 
 
+# the module of vqgen.commands that does each command's work
+COMMAND_MODULES = {"train": "train", "sample": "sampling", "complete": "sampling", "reconstruct": "sampling",
+                   "encode": "sampling", "inpaint": "edit", "outpaint": "edit", "info": "evaluate", "eval": "evaluate",
+                   "report": "evaluate", "export": "share", "push": "share"}
 RUN_HELP = ("run directory, exported model folder, or Hugging Face Hub repo id owner/name[@revision] (downloaded "
             "into the Hub's cache; outputs then go to outputs/NAME/) (default: runs/default)")
 
@@ -168,9 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from vqgen import commands  # torch and the models, only once there is work to do
+    module = importlib.import_module(f"vqgen.commands.{COMMAND_MODULES[args.command]}")  # torch: only now
 
-    return exit_code(lambda: getattr(commands, f"cmd_{args.command}")(args))
+    return exit_code(lambda: getattr(module, f"cmd_{args.command}")(args))
 
 
 if __name__ == "__main__":

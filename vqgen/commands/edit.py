@@ -1,0 +1,115 @@
+"""`vqgen inpaint` and `vqgen outpaint`: redraw a hole anywhere, or extend images past their borders."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from vqgen.core.runtime.console import make_console
+from vqgen.core.runtime.errors import VQGenError
+from vqgen.core.store.imageio import save_grid
+from vqgen.core.store.weights import ensure_writable
+from vqgen.edit import (blind_kept, box_mask, check_canvas, check_hole, code_mask, extend, fill_canvas,
+                        load_images, load_mask, parse_box)
+from vqgen.commands.common import at_least, sampling_options
+from vqgen.run import LabelPlan, Run, sample_seeds
+
+
+def _edited(args: argparse.Namespace, run: Run) -> tuple[Tensor, Tensor | None]:
+    """The images an edit starts from, (n, c, H, W) uint8, and their labels: --images, or the first --n test
+    images (with their own labels unless --label names others)."""
+    cfg = run.vqvae.config
+    if args.images:
+        images, labels = load_images(args.images, cfg.in_channels, cfg.image_height, cfg.image_width), None
+    else:
+        at_least(args, 1, "n")
+        test = run.data().test
+        images = test.take(range(min(args.n, len(test))))
+        labels = test.labels[: len(images)] if test.labels is not None and not run.source.pseudo_labels else None
+    if args.label or not run.prior.config.num_classes:
+        labels = run.label_plan(args.label, len(images)).of(torch.arange(len(images)))
+    elif labels is None:  # a conditional prior, images without labels: every class in turn
+        labels = run.label_plan(None, len(images), seed=args.seed).of(torch.arange(len(images)))
+    return images, labels
+
+
+def _say_raster(run: Run, keep: Tensor, console) -> None:
+    """One line when a raster prior cannot see some kept codes (those after the first drawn one)."""
+    blind = blind_kept(keep)
+    if blind and run.kind.raster:
+        console.print(f"[bold yellow]note:[/] a {run.kind.name} prior draws in raster order: the {blind} kept codes "
+                      "after the first redrawn one are kept but do not condition it (a masked prior, "
+                      "`vqgen train prior --prior masked`, sees them all)")
+
+
+def cmd_inpaint(args: argparse.Namespace) -> None:
+    sampling = sampling_options(args)
+    console = make_console()
+    run = Run.load(args.run, allow_vqvae_mismatch=args.allow_vqvae_mismatch)
+    out = Path(args.out) if args.out else run.outputs.inpainted
+    ensure_writable(out.parent)
+    cfg = run.vqvae.config
+    pixels = (box_mask(parse_box(args.box), cfg.image_height, cfg.image_width) if args.box
+              else load_mask(args.mask, cfg.image_height, cfg.image_width))
+    drawn = code_mask(pixels, cfg.downsample)
+    check_hole(drawn)
+    run.check_sampling(1, LabelPlan(), sampling)
+    images, labels = _edited(args, run)
+    _, _, codes = run.reconstruct(images)
+    keep = (~drawn).expand(codes.shape).clone()
+    _say_raster(run, keep[0], console)
+    filled = run.fill(len(codes), labels, sample_seeds(args.seed, torch.arange(len(codes))), sampling, codes, keep)
+    holed = images.clone()
+    holed[:, :, pixels] = 128  # the pixels the hole covers, in grey
+    save_grid(torch.cat([images, holed, run.decode(filled)]), out, nrow=len(images))
+    console.print(f"{len(images)} images, {int(drawn.sum())} of {drawn.numel()} codes redrawn (rows: originals, "
+                  f"the hole, inpainted) -> {out}")
+
+
+def cmd_outpaint(args: argparse.Namespace) -> None:
+    sampling = sampling_options(args)
+    console = make_console()
+    run = Run.load(args.run, allow_vqvae_mismatch=args.allow_vqvae_mismatch)
+    out = Path(args.out) if args.out else run.outputs.outpainted
+    ensure_writable(out.parent)
+    grid = run.vqvae.config.grid_shape
+    sides = [getattr(args, side) for side in ("top", "bottom", "left", "right")]
+    if any(k < 0 for k in sides):
+        raise VQGenError(f"--top/--bottom/--left/--right must be >= 0, got {','.join(map(str, sides))}")
+    run.check_sampling(1, LabelPlan(), sampling)
+    if args.canvas:
+        if any(sides) or args.images:
+            raise VQGenError("--canvas draws from nothing: give it without --images or --top/--bottom/--left/--right")
+        width, height = _canvas(args.canvas)
+        check_canvas(height, width, grid)
+        at_least(args, 1, "n")
+        labels = run.label_plan(args.label, args.n, seed=args.seed).of(torch.arange(args.n))
+        canvas = torch.zeros(args.n, height, width, dtype=torch.long)
+        keep = torch.zeros(height, width, dtype=torch.bool)
+        rows = []
+    else:
+        if not any(sides):
+            raise VQGenError("nothing to outpaint: give --top, --bottom, --left or --right (code rows/columns), "
+                             "or --canvas W,H")
+        check_canvas(grid[0] + sides[0] + sides[1], grid[1] + sides[2] + sides[3], grid)
+        images, labels = _edited(args, run)
+        _, _, codes = run.reconstruct(images)
+        canvas, keep = extend(codes, *sides)
+        _say_raster(run, keep, console)
+        rows = [run.decode(torch.where(keep, canvas, 0))]  # the originals on the canvas (the rest: code 0)
+    filled = fill_canvas(run, canvas, keep, labels, args.seed, sampling)
+    save_grid(torch.cat([*rows, run.decode(filled)]), out, nrow=len(filled))
+    console.print(f"{len(filled)} canvases of {filled.shape[2]}x{filled.shape[1]} codes "
+                  f"({'drawn from nothing' if args.canvas else 'rows: originals, outpainted'}) -> {out}")
+
+
+def _canvas(text: str) -> tuple[int, int]:
+    """--canvas "W,H" -> (W, H)."""
+    try:
+        width, height = (int(part) for part in text.split(","))
+    except ValueError:
+        raise VQGenError(f"--canvas must be W,H in codes, got {text!r}") from None
+    return width, height
