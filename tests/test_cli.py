@@ -163,8 +163,18 @@ BAD_INPUTS = [
     (["eval", "--run", "{missing}"], "run not found"),
     (["encode", "--run", "{missing}"], "run not found"),
     (["encode", "--data", "/no/such/folder"], "/no/such/folder"),
-    (["eval", "--samples", "1"], "--samples must be 0 (none) or >= 2, got 1"),
-    (["eval", "--samples", "-5"], "--samples must be 0 (none) or >= 2, got -5"),
+    (["eval", "--samples", "1"], "--samples must be 0 (none) or at least 6 (the k-NN measures need more than 5), got 1"),
+    (["eval", "--samples", "4"], "--samples must be 0 (none) or at least 6"),
+    (["eval", "--samples", "-5"], "--samples must be 0 (none) or at least 6 (the k-NN measures need more than 5), got -5"),
+    (["eval", "--samples", "8", "--seeds", "0"], "--seeds must be >= 1, got 0"),
+    (["eval", "--seeds", "3"], "--seeds scores samples: give --samples N as well"),
+    (["eval", "--sweep", "cfg=1,2"], "--sweep scores samples: give --samples N as well"),
+    (["eval", "--samples", "8", "--sweep", "colour=1,2"], "unknown setting 'colour'; expected one of temperature, top-k, top-p, cfg, steps"),
+    (["eval", "--samples", "8", "--sweep", "cfg=1,x"], "--sweep 'cfg=1,x': cfg takes float values, got '1,x'"),
+    (["eval", "--samples", "8", "--sweep", "cfg"], "expected SETTING=V1,V2"),
+    (["eval", "--samples", "8", "--sweep", "cfg=1", "cfg=2"], "names a setting twice"),
+    (["eval", "--samples", "8", "--sweep", "temperature=1,0"], "temperature must be > 0, got 0.0"),
+    (["eval", "--samples", "8", "--sweep", "top-k=5,99"], "top_k must be in [1, 16], got 99"),
     (["eval", "--samples", "8", "--judge-steps", "0"], "--judge-steps must be >= 1, got 0"),
     (["eval", "--inception"], "give --samples N as well"),
     (["eval", "--samples", "8", "--inception"], "needs torch-fidelity"),
@@ -201,6 +211,28 @@ def unconditional_run(tiny_run: Path, tmp_path: Path) -> Path:
         shutil.copytree(tiny_run, run)
         train_prior(run, "transformer", tiny_train(max_steps=2), TINY_TRANSFORMER, labels="no", overwrite=True)
     return run
+
+
+def test_eval_seeds_give_a_spread_and_a_sweep_scores_every_setting_with_the_same_seeds(tiny_run, tmp_path, capsys,
+                                                                                      monkeypatch):
+    monkeypatch.setenv("COLUMNS", "300")  # the tables unwrapped
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    assert main(["eval", "--run", str(run), "--samples", "8", "--judge-steps", "10", "--seed", "4"]) == 0
+    one = json.loads((run / "evaluations.jsonl").read_text().splitlines()[-1])
+    assert main(["eval", "--run", str(run), "--samples", "8", "--seeds", "2", "--seed", "4"]) == 0
+    two = json.loads((run / "evaluations.jsonl").read_text().splitlines()[-1])
+    assert two["seeds"] == [4, 5] and two["per_seed"][0]["samples"] == one["samples"]  # seed 4 reproduces exactly
+    assert two["samples"]["fid"] == pytest.approx((two["per_seed"][0]["samples"]["fid"]
+                                                   + two["per_seed"][1]["samples"]["fid"]) / 2)
+    assert two["spread"]["samples"]["fid"] > 0 and "± " in capsys.readouterr().out
+    assert main(["eval", "--run", str(run), "--samples", "8", "--seeds", "2", "--sweep", "cfg=1,3",
+                 "temperature=1,0.5"]) == 0
+    records = [json.loads(line) for line in (run / "evaluations.jsonl").read_text().splitlines()[-4:]]
+    assert [(r["cfg_scale"], r["temperature"]) for r in records] == [(1, 1), (1, 0.5), (3, 1), (3, 0.5)]
+    assert len({r["sweep_id"] for r in records}) == 1 and [r["baseline"] for r in records] == [None, 0, 0, 0]
+    out = " ".join(capsys.readouterr().out.split())
+    assert "sweep over temperature, cfg: 2 seed(s) each" in out and "temperature 0.5, cfg 3.0" in out
 
 
 def test_eval_scores_samples_beside_real_images(tiny_run, tmp_path, capsys):

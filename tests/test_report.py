@@ -218,3 +218,24 @@ def test_refreshes_take_at_most_a_twentieth_of_the_time_and_the_last_evaluation_
     train_vqvae(tmp_path / "run2", TINY_DATA, tiny_train(max_steps=4, eval_every=1, report=True), TINY_VQVAE,
                 encode=False)
     assert len(steps) == 4
+
+
+def test_evaluations_show_as_a_table_and_the_newest_sweep_as_fidelity_against_variety(reported_run, tmp_path):
+    run = tmp_path / "run"
+    import shutil
+
+    shutil.copytree(reported_run, run)
+    log = JsonlLog(RunLayout(run).evaluations)
+    log.write({"time": 1, "n": 100, "cfg_scale": 1.5, "temperature": 1.0, "steps": None, "seeds": [0],
+               "samples": {"fid": 2.5, "precision": 0.7, "recall": 0.4}, "real": {"fid": 0.3}})  # a plain one
+    for cfg, precision, recall, copies in ((1.0, 0.6, 0.6, 0.04), (2.0, 0.8, 0.3, 0.09)):
+        log.write({"time": 2, "n": 100, "cfg_scale": cfg, "temperature": 1.0, "steps": None, "seeds": [0, 1],
+                   "samples": {"fid": 2.0, "precision": precision, "recall": recall, "near_copies_pixels": copies},
+                   "spread": {"samples": {"fid": 0.1}}, "sweep_id": "7", "baseline": None if cfg == 1.0 else 0})
+    collected = report.collect(run)
+    assert len(collected.evaluations) == 3
+    assert report.sweep_points(collected.evaluations) == [report.SweepPoint("cfg 1.0", 0.6, 0.6, 0.04),
+                                                         report.SweepPoint("cfg 2.0", 0.8, 0.3, 0.09)]
+    page = report.render_html(collected)
+    assert 'id="quality"' in page and "2 ± 0.1" in page and "fidelity against variety" in page
+    assert report.sweep_points(collected.evaluations[:1]) == []  # no sweep: no plot

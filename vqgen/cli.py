@@ -34,7 +34,8 @@ EXAMPLES = {
                 "  vqgen outpaint --canvas 24,8 --n 4 --label circle      # a canvas 3 grids wide, from nothing",
     "info": "vqgen info --run runs/mine",
     "report": "vqgen report\n  vqgen report --run runs/mine --out ~/mine.html",
-    "eval": "vqgen eval --run runs/mine\n  vqgen eval --run runs/mine --samples 1000 --cfg 2.0",
+    "eval": "vqgen eval --run runs/mine\n  vqgen eval --run runs/mine --samples 1000 --cfg 2.0\n"
+            "  vqgen eval --run runs/mine --samples 1000 --seeds 3 --sweep cfg=1,1.5,2 temperature=0.9,1",
     "export": "vqgen export --run runs/mine --to exported/mine\n"
               "  vqgen export --run runs/mine --to exported/mine --repo-id me/shapes-vqgen --overwrite\n"
               "  vqgen sample --run exported/mine --n 16",
@@ -146,8 +147,16 @@ def build_parser() -> argparse.ArgumentParser:
                                                "model outputs/NAME/report.html)")
     p = command("eval", "recompute the test metrics of both stages; with --samples, how good samples are")
     p.add_argument("--samples", type=int, default=0,
-                   help="draw this many samples and score them against the test split: in-domain FID, class "
-                        "accuracy and coverage, beside real training images (default: 0, no samples)")
+                   help="draw this many samples and score them against the test split: in-domain FID and KID, "
+                        "precision/recall, density/coverage, class accuracy, and the share of near-copies of "
+                        "training images, beside real training images and their reconstructions (default: 0, no "
+                        "samples)")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="draw the samples this many times (seeds --seed, --seed + 1, ...) and report each measure's "
+                        "mean and standard deviation (default: 1)")
+    p.add_argument("--sweep", nargs="+", default=None, metavar="SETTING=V1,V2",
+                   help="score every combination of these sampling settings (cfg, temperature, top-k, top-p, steps), "
+                        "each with the same seeds, in one table of fidelity, variety and near-copies")
     p.add_argument("--inception", action="store_true",
                    help="with --samples: also the standard Inception FID (needs torch-fidelity and its weights)")
     p.add_argument("--retrain-judge", action="store_true", help="train the run's judge again instead of reusing it")

@@ -16,7 +16,10 @@ from vqgen.core.share.export import locate_run
 from vqgen.core.store.configs import read_json
 from vqgen.core.store.jsonl import JsonlLog
 from vqgen.commands.common import at_least, sampling_options
-from vqgen.run import Run
+from vqgen.core.evaluate.sample_metrics import aggregate_seeds, compare_paired
+from vqgen.run import LabelPlan, Run
+from vqgen.sweep import (MIN_SAMPLES, SWEPT_MEASURES, option_names, parse_sweep, setting_label, shown,
+                         varied_settings)
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -60,16 +63,20 @@ def _test_summary(tests: list[dict]) -> str:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    if args.samples < 0 or args.samples == 1:
-        raise VQGenError(f"--samples must be 0 (none) or >= 2, got {args.samples}")
-    at_least(args, 1, "judge_steps", "batch_size")
-    if args.inception and not args.samples:
-        raise VQGenError("--inception scores samples: give --samples N as well")
-    sampling = sampling_options(args)
+    if args.samples < 0 or 0 < args.samples < MIN_SAMPLES:
+        raise VQGenError(f"--samples must be 0 (none) or at least {MIN_SAMPLES} (the k-NN measures need more than "
+                         f"5), got {args.samples}")
+    at_least(args, 1, "judge_steps", "batch_size", "seeds")
+    for option, given in (("--inception", args.inception), ("--seeds", args.seeds > 1), ("--sweep", args.sweep)):
+        if given and not args.samples:
+            raise VQGenError(f"{option} scores samples: give --samples N as well")
+    settings = parse_sweep(args.sweep, sampling_options(args)) if args.sweep else [sampling_options(args)]
     console = make_console()
     accelerator = Accelerator()
     run = Run.load(args.run, need_prior=bool(args.samples), allow_vqvae_mismatch=args.allow_vqvae_mismatch,
                    device=accelerator.device)
+    for sampling in settings:
+        run.check_sampling(args.samples or 1, LabelPlan(), sampling)  # every setting, before any is drawn
     data = run.data()
     metrics = run.evaluate(data)
     table = Table(title=f"test metrics of {run.path}")
@@ -80,31 +87,76 @@ def cmd_eval(args: argparse.Namespace) -> None:
     console.print(table)
     if not args.samples:
         return
-    scores = run.sample_quality(accelerator, args.samples, data, sampling, seed=args.seed, batch_size=args.batch_size,
-                                retrain_judge=args.retrain_judge, inception=args.inception,
-                                judge_steps=args.judge_steps,
-                                closest_pairs=run.outputs.closest_pairs)
-    n_real = min(args.samples, len(data.train))
-    table = Table(title=f"{args.samples} samples against the {len(data.test)} test images, beside {n_real} real "
-                        "training images and their reconstructions",
-                  caption="reconstructed: what samples would reach with a perfect prior (the VQ-VAE's ceiling)")
-    for column in ("measure", "samples", "reconstructed", "real"):
-        table.add_column(column, justify="left" if column == "measure" else "right")
-    for k, v in scores["samples"].items():
-        others = (scores[part].get(k) for part in ("reconstructed", "real"))
-        table.add_row(k, f"{v:.4g}", *("" if x is None else f"{x:.4g}" for x in others))
-    console.print(table)
-    if "near_copies_pixels" in scores["samples"]:  # the samples nearest to a training image, each beside it
+    seeds = [args.seed + i for i in range(args.seeds)]
+    results = []  # per setting: the per-seed scores
+    for i, sampling in enumerate(settings):
+        results.append([run.sample_quality(accelerator, args.samples, data, sampling, seed=seed,
+                                           batch_size=args.batch_size, retrain_judge=args.retrain_judge and not
+                                           (i or j), inception=args.inception, judge_steps=args.judge_steps,
+                                           closest_pairs=run.outputs.closest_pairs if not (i or j) else None)
+                        for j, seed in enumerate(seeds)])
+    summaries = [aggregate_seeds(runs) for runs in results]
+    if len(settings) == 1:
+        _measure_table(console, args.samples, len(data.test), min(args.samples, len(data.train)), seeds,
+                       summaries[0])
+    else:
+        _sweep_table(console, settings, results, summaries, seeds)
+    first = results[0][0]["samples"]
+    if "near_copies_pixels" in first:
         console.print(f"closest (sample, training image) pairs: {run.outputs.closest_pairs}")
-    accuracy, chance = scores["samples"].get("judge_test_accuracy"), scores["samples"].get("judge_chance")
+    accuracy, chance = first.get("judge_test_accuracy"), first.get("judge_chance")
     if accuracy is not None and chance is not None and accuracy < min(2 * chance, (1 + chance) / 2):
         console.print(f"[bold yellow]warning:[/] the judge scores only {accuracy:.2f} on the test images (chance "
                       f"{chance:.2f}): its features say little about these images; trust the FID less")
-    record = {"time": time.time(), "samples": args.samples, **dataclasses.asdict(sampling), "seed": args.seed,
-              **scores}
+    sweep_id = f"{time.time():.0f}" if len(settings) > 1 else None
     run.outputs.evaluations.parent.mkdir(parents=True, exist_ok=True)
     with run.outputs.evaluations.open("a") as f:
-        f.write(json.dumps(record) + "\n")
+        for i, (sampling, runs, summary) in enumerate(zip(settings, results, summaries)):
+            means = {part: {k: v["mean"] for k, v in summary[part].items()} for part in ("samples", "reconstructed",
+                                                                                         "real")}
+            record = {"time": time.time(), "n": args.samples, **dataclasses.asdict(sampling),
+                      "seed": seeds[0], "seeds": seeds, **means,
+                      "spread": {part: {k: v["std"] for k, v in summary[part].items()} for part in means},
+                      "per_seed": runs if len(seeds) > 1 else None,
+                      "sweep_id": sweep_id, "baseline": None if sweep_id is None or i == 0 else 0}
+            f.write(json.dumps(record) + "\n")
+
+
+def _measure_table(console, n: int, n_test: int, n_real: int, seeds: list[int], summary: dict) -> None:
+    """One setting: each measure of the samples beside the reconstructions and real images, mean ± std."""
+    over = f" over {len(seeds)} seeds (mean ± standard deviation)" if len(seeds) > 1 else ""
+    table = Table(title=f"{n} samples against the {n_test} test images, beside {n_real} real training images and "
+                        f"their reconstructions{over}",
+                  caption="reconstructed: what samples would reach with a perfect prior (the VQ-VAE's ceiling); "
+                          "near_copies*: shares of samples nearer a training image than 95 % of held-out images are")
+    for column in ("measure", "samples", "reconstructed", "real"):
+        table.add_column(column, justify="left" if column == "measure" else "right")
+    for k, v in summary["samples"].items():
+        table.add_row(k, shown(v), *(shown(summary[part].get(k)) for part in ("reconstructed", "real")))
+    console.print(table)
+
+
+def _sweep_table(console, settings: list, results: list, summaries: list, seeds: list[int]) -> None:
+    """A sweep: one row per setting, fidelity (FID, precision), variety (recall) and memorisation side by side;
+    a * marks a difference from the first setting larger than its paired 95 % spread over the seeds."""
+    varied = varied_settings(settings)
+    table = Table(title=f"sweep over {option_names(varied)}: {len(seeds)} seed(s) each, the same for every setting; "
+                        "copies: samples nearer a training image than 95 % of held-out images are (pixels)",
+                  caption="* differs from the first row by more than the paired 95 % spread of the seeds"
+                          if len(seeds) > 1 else "one seed: differences are not tested (give --seeds 3 or more)")
+    table.add_column("setting")
+    for _, header in SWEPT_MEASURES:
+        table.add_column(header, justify="right")
+    table.add_column("held-out copies", justify="right")
+    for i, (sampling, summary) in enumerate(zip(settings, summaries)):
+        differs = compare_paired(results[0], results[i])["samples"] if i and len(seeds) > 1 else {}
+        cells = []
+        for name, _ in SWEPT_MEASURES:
+            mark = "*" if differs.get(name, {}).get("exceeds") else ""
+            cells.append(shown(summary["samples"].get(name)) + mark)
+        table.add_row(setting_label(sampling, varied), *cells,
+                      shown(summary["samples"].get("near_copies_heldout_pixels")))
+    console.print(table)
 
 
 def cmd_report(args: argparse.Namespace) -> None:

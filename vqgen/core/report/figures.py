@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from vqgen.core.report.page import Curves, Histogram
+    from vqgen.core.report.page import Curves, Histogram, SweepPoint
 
 DPI = 100
 COLUMNS = 3
@@ -93,4 +93,22 @@ def histogram_figure(histogram: Histogram) -> Figure:
     ax.tick_params(labelsize=8)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3, axis="y")
+    return fig
+
+
+def sweep_figure(points: list[SweepPoint]) -> Figure:
+    """Fidelity (precision) against variety (recall), one labelled point per setting of a sweep, each with its
+    share of near-copies of training images."""
+    fig = _figure(6.0, 4.2)
+    ax = fig.subplots(gridspec_kw=dict(left=0.12, right=0.97, bottom=0.13, top=0.92))
+    ax.plot([p.precision for p in points], [p.recall for p in points], "o", color=TEST)
+    for p in points:
+        copies = f" ({p.copies:.0%} copies)" if p.copies is not None else ""
+        ax.annotate(p.label + copies, (p.precision, p.recall), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    ax.margins(0.25)  # room for the labels
+    ax.set_xlabel("precision (fidelity)", fontsize=8)
+    ax.set_ylabel("recall (variety)", fontsize=8)
+    ax.set_title("sampling settings: fidelity against variety", fontsize=10)
+    ax.tick_params(labelsize=8)
+    ax.grid(alpha=0.3)
     return fig

@@ -14,6 +14,7 @@ import html
 import json
 import math
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,11 @@ from vqgen.core.evaluate.measures import code_usage
 from vqgen.core.store.atomic import temporary_file, writing
 
 NEWEST_SAMPLE_SETS = 3
+NEWEST_EVALUATIONS = 12
+# the sample-quality columns: (key of the record's "samples", header); FID beside its ceiling and floor
+EVALUATION_COLUMNS = (("fid", "FID"), ("kid", "KID"), ("precision", "precision"), ("recall", "recall"),
+                      ("class_accuracy", "class acc."), ("near_copies_pixels", "near-copies"),
+                      ("near_copies_heldout_pixels", "held-out near-copies"))
 SKIP = {"split", "step", "time", "best_step"}  # and every best_* key: not curves
 
 
@@ -169,6 +175,18 @@ class Report:
     histogram: Histogram | None
     codes: dict[str, Any]
     samples: list[SampleSet]
+    evaluations: list[dict[str, Any]] = field(default_factory=list)  # evaluations.jsonl, newest last
+    closest_pairs: Path | None = None
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """One setting of a sweep: fidelity (precision), variety (recall) and near-copy share of its samples."""
+
+    label: str
+    precision: float
+    recall: float
+    copies: float | None
 
 
 def _config(path: Path) -> dict[str, Any] | None:
@@ -229,7 +247,26 @@ def collect(run_dir: str | os.PathLike) -> Report:
                 samples.append(SampleSet(folder, sample_set.grid, _config(sample_set.settings) or {}))
             if len(samples) == NEWEST_SAMPLE_SETS:
                 break
-    return Report(run.root, stages, histogram, codes, samples)
+    evaluations = [r for r in JsonlLog(run.evaluations).read() if isinstance(r.get("samples"), dict)]
+    return Report(run.root, stages, histogram, codes, samples, evaluations[-NEWEST_EVALUATIONS:],
+                  run.closest_pairs if run.closest_pairs.is_file() else None)
+
+
+def sweep_points(evaluations: list[dict[str, Any]]) -> list[SweepPoint]:
+    """The settings of the newest sweep (records sharing its sweep_id), as points of fidelity against variety."""
+    sweeps = [r for r in evaluations if r.get("sweep_id")]
+    if not sweeps:
+        return []
+    newest = [r for r in sweeps if r["sweep_id"] == sweeps[-1]["sweep_id"]]
+    varied = [k for k in ("cfg_scale", "temperature", "top_k", "top_p", "steps")
+              if len({r.get(k) for r in newest}) > 1]
+    points = []
+    for r in newest:
+        s = r["samples"]
+        if _number(s.get("precision")) and _number(s.get("recall")):
+            label = ", ".join(f"{k.replace('_scale', '')} {r.get(k)}" for k in varied) or "default"
+            points.append(SweepPoint(label, s["precision"], s["recall"], s.get("near_copies_pixels")))
+    return points
 
 
 # -- HTML ------------------------------------------------------------------------------------------
@@ -322,6 +359,20 @@ def render_html(report: Report) -> str:
         body.append('<div class="tables">' + "".join(_table(c, f) for c, f in stage.configs.items())
                     + (_table("code grids (codes/meta.json)", report.codes) if stage.name == "vqvae" and report.codes
                        else "") + "</div>")
+    if report.evaluations:
+        body.append('<h2 id="quality">Sample quality</h2>')
+        body.append(_evaluations_table(report.evaluations))
+        points = sweep_points(report.evaluations)
+        if points:
+            body.append(f"<figure>{_img(figures.png(figures.sweep_figure(points)), 'sweep: fidelity against variety')}"
+                        "<figcaption>The newest sweep (<code>vqgen eval --sweep</code>): precision (fidelity) "
+                        "against recall (variety) of each setting's samples; the number beside a point is its "
+                        "share of near-copies of training images.</figcaption></figure>")
+        if report.closest_pairs is not None:
+            caption = ("the newest evaluation's samples nearest to a training image (pixels), each beside that "
+                       "training image, nearest first")
+            body.append(f"<figure>{_img(report.closest_pairs.read_bytes(), caption, _scaled_width(report.closest_pairs, 800), pixels=True)}"
+                        f"<figcaption>{_e(caption)}</figcaption></figure>")
     if report.samples:
         body.append('<h2 id="samples">Samples</h2>')
         for sample_set in report.samples:
@@ -333,6 +384,32 @@ def render_html(report: Report) -> str:
             f"<title>vqgen report: {_e(report.run.name)}</title>"
             '<link rel="icon" href="data:,">'
             f"<style>{STYLE}</style></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n")
+
+
+def _evaluations_table(evaluations: list[dict[str, Any]]) -> str:
+    """`vqgen eval --samples` records, newest first: the settings, then each measure (mean ± std over seeds)."""
+    head = ["when", "samples", "seeds", "cfg", "temperature", "steps", *(h for _, h in EVALUATION_COLUMNS),
+            "FID of reconstructions", "FID of real images"]
+    rows = []
+    for r in reversed(evaluations):
+        spread = (r.get("spread") or {}).get("samples") or {}
+
+        def cell(part: dict, key: str, std: float | None = None) -> str:
+            value = part.get(key)
+            return "" if not _number(value) else f"{value:.4g}" + (f" ± {std:.2g}" if _number(std) else "")
+
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(r.get("time", 0)))
+        seeds = r.get("seeds") or [r.get("seed")]
+        rows.append([when, r.get("n") or r["samples"].get("n_samples"), len(seeds), r.get("cfg_scale"),
+                     r.get("temperature"), r.get("steps") or "",
+                     *(cell(r["samples"], k, spread.get(k)) for k, _ in EVALUATION_COLUMNS),
+                     cell(r.get("reconstructed") or {}, "fid"), cell(r.get("real") or {}, "fid")])
+    header = "".join(f"<th>{_e(h)}</th>" for h in head)
+    body = "".join("<tr>" + "".join(f"<td>{_e('' if v is None else v)}</td>" for v in row) + "</tr>" for row in rows)
+    return (f"<table><tr>{header}</tr>{body}</table>"
+            '<p class="note">In the features of the run\'s judge (<code>vqgen eval</code>), against the test split. '
+            "near-copies: the share of samples nearer a training image than 95 % of held-out test images are "
+            "(pixels); held-out near-copies: the same share for the other held-out images (about 5 %).</p>")
 
 
 def check_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
