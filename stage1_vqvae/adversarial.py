@@ -23,10 +23,6 @@ from stage1_vqvae.model import VQVAE, Decoder
 from stage1_vqvae.trunk import ResnetDecoder
 from vqgen.core.runtime.errors import VQGenError
 
-
-
-
-
 # -- the GAN losses -----------------------------------------------------------------------------
 # Hinge is the default: VQGAN's choice and that of BigGAN and the LeCam paper, whose small-data results
 # the regularisers here come from. Its discriminator loss stops pushing on patches it already classifies

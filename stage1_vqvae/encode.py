@@ -12,15 +12,15 @@ from rich.console import Console
 from torch import nn
 
 from stage1_vqvae.quantizer import kmeans, nearest_codes
-from vqgen.core.runtime.processes import raise_together
-from vqgen.core.data.loaders import make_loader
-from vqgen.core.store.weights import weights_fingerprint
-from vqgen.core.store.codes import CodesMeta, CodesWriter
 from vqgen.core.data.augment import with_augmented_copies
 from vqgen.core.data.config import DataConfig, parse_augment
 from vqgen.core.data.images import ImageData, ImageDataset, ImageSplit
+from vqgen.core.data.loaders import make_loader
 from vqgen.core.runtime.errors import VQGenError
+from vqgen.core.runtime.processes import raise_together
+from vqgen.core.store.codes import CodesMeta, CodesWriter
 from vqgen.core.store.layout import RunLayout
+from vqgen.core.store.weights import weights_fingerprint
 
 # Clusters of an unlabelled folder, by its size (README, "Unlabelled images"): more clusters carry more of
 # what labels would, but each needs enough images for the prior to learn what sets it apart. Measured

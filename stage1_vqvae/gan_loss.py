@@ -14,12 +14,18 @@ import torch
 from accelerate import Accelerator
 from torch import Tensor, nn
 
-from stage1_vqvae.adversarial import (LeCam, adaptive_weight, d_accuracy, decoder_last_layer, frozen, gan_losses,
-                                      r1_from_logits)
-from stage1_vqvae.config import GANConfig
+from stage1_vqvae.adversarial import (
+    LeCam,
+    adaptive_weight,
+    d_accuracy,
+    decoder_last_layer,
+    frozen,
+    gan_losses,
+    r1_from_logits,
+)
+from stage1_vqvae.config import GANConfig, VQVAEConfig
 from stage1_vqvae.diffaugment import apply_augment, augment_pair, draw_augment
 from stage1_vqvae.discriminator import PatchDiscriminator
-from stage1_vqvae.config import VQVAEConfig
 from stage1_vqvae.model import VQVAEOutput
 from stage1_vqvae.perceptual import perceptual_loss
 

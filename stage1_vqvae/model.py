@@ -12,15 +12,10 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from stage1_vqvae.config import VQVAEConfig
 from stage1_vqvae.quantizer import QuantizerOutput, VectorQuantizer
 from stage1_vqvae.trunk import ResnetDecoder, ResnetEncoder
-from stage1_vqvae.config import VQVAEConfig
 from vqgen.core.runtime.errors import VQGenError
-
-
-
-
-
 
 
 def kmeans_sample_note(cfg: VQVAEConfig, batch_size: int) -> str | None:

@@ -12,28 +12,27 @@ from accelerate import Accelerator
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from stage1_vqvae.config import GANConfig
+from stage1_vqvae.config import TRAIN_DEFAULTS, GANConfig, VQVAEConfig, check_side_options, preset_options
 from stage1_vqvae.encode import encode_splits
 from stage1_vqvae.gan_loss import GANLoss
 from stage1_vqvae.model import VQVAE, kmeans_sample_note, reconstruction_errors
-from stage1_vqvae.config import TRAIN_DEFAULTS, VQVAEConfig, check_side_options, preset_options
-from vqgen.core.data.loaders import make_loader
-from vqgen.core.store.weights import check_stage_dir
-from vqgen.core.store.configs import resumed_config
-from vqgen.core.runtime.console import make_console
 from vqgen.core.data.augment import augment
 from vqgen.core.data.config import DataConfig, parse_augment
 from vqgen.core.data.images import ImageData, ImageDataset, load_image_data, to_model_range, to_uint8
-from vqgen.core.runtime.errors import VQGenError
-from vqgen.core.store.imageio import grid, save_png
-from vqgen.core.store.layout import RunLayout, ModelDir
-from vqgen.core.runtime.processes import process_state
-from vqgen.core.store.lock import holds_stage_lock
+from vqgen.core.data.loaders import make_loader
 from vqgen.core.evaluate.measures import code_usage, psnr
-from vqgen.core.training.setup import as_options, check_batch_size, start, train_config, write_stage_files
-from vqgen.core.training.sizing import report_sized, sized_batch, sized_schedule
+from vqgen.core.runtime.console import make_console
+from vqgen.core.runtime.errors import VQGenError
+from vqgen.core.runtime.processes import process_state
+from vqgen.core.store.configs import resumed_config
+from vqgen.core.store.imageio import grid, save_png
+from vqgen.core.store.layout import ModelDir, RunLayout
+from vqgen.core.store.lock import holds_stage_lock
+from vqgen.core.store.weights import check_stage_dir
 from vqgen.core.training.config import TrainConfig
 from vqgen.core.training.loop import fit, make_optimizer, refresh_report
+from vqgen.core.training.setup import as_options, check_batch_size, start, train_config, write_stage_files
+from vqgen.core.training.sizing import report_sized, sized_batch, sized_schedule
 
 
 @dataclass

@@ -21,8 +21,6 @@ from stage2_prior.config import PriorConfig
 from vqgen.core.runtime.errors import VQGenError
 
 
-
-
 class ARPrior(Protocol):
     """What `sample_codes` needs from a prior (both `TransformerPrior` and `PixelCNNPrior`)."""
 

@@ -19,8 +19,8 @@ from torch import Tensor, nn
 from stage2_prior.config import MaskedConfig, PriorConfig
 from stage2_prior.contract import check_code_shape, drop_labels, resolve_labels
 from stage2_prior.transformer import Block, _init_weights
-from vqgen.core.runtime.errors import VQGenError
 from vqgen.core.evaluate.measures import bits
+from vqgen.core.runtime.errors import VQGenError
 
 # Masks per test grid in the held-out number. One costs what the autoregressive priors' evaluation costs
 # (one forward pass per grid); the masks are the same at every evaluation, so two checkpoints are compared

@@ -20,8 +20,6 @@ from stage2_prior.contract import check_code_shape, drop_labels, resolve_labels
 from vqgen.core.runtime.errors import VQGenError
 
 
-
-
 @dataclass
 class PixelCNNState:
     """What decoding has computed before position `pos`, one tensor per layer; `step` updates it in place.

@@ -17,7 +17,6 @@ from vqgen.core.store.configs import load_config, option, read_json
 from vqgen.core.store.layout import ModelDir
 from vqgen.core.store.weights import load_weights
 
-
 # (model, codes (b, h, w), labels (b,) or None) -> (loss, detached scalars for the training log); the model
 # may be wrapped (DDP), so the function calls nothing but its `forward`.
 LossFn = Callable[[nn.Module, Tensor, Tensor | None], tuple[Tensor, dict[str, Tensor]]]

@@ -17,6 +17,7 @@ from torch import Tensor
 from stage2_prior.contract import ARPrior, check_codes, check_labels
 from vqgen.core.runtime.errors import VQGenError
 
+
 def _check_filters(k: int, top_k: int | None, top_p: float | None) -> None:
     if top_k is not None and not 1 <= top_k <= k:
         raise VQGenError(f"top_k must be in [1, {k}], got {top_k}")

@@ -14,16 +14,15 @@ from torch.utils.data import DataLoader
 from stage2_prior.config import TRAIN_DEFAULTS, PriorConfig
 from stage2_prior.registry import PriorKind, PriorSource, kind_of, load_prior_config, prior_kind
 from vqgen.core.data.loaders import BatchDataset, make_loader
-from vqgen.core.store.weights import check_stage_dir, weights_fingerprint
-from vqgen.core.store.codes import CodeSplit, CodesMeta, load_codes, load_codes_meta
 from vqgen.core.runtime.errors import VQGenError
-from vqgen.core.store.layout import RunLayout, ModelDir
+from vqgen.core.store.codes import CodesMeta, CodeSplit, load_codes, load_codes_meta
+from vqgen.core.store.layout import ModelDir, RunLayout
 from vqgen.core.store.lock import holds_stage_lock
-from vqgen.core.training.setup import as_options, check_batch_size, start, train_config, write_stage_files
-from vqgen.core.training.sizing import report_sized, sized_batch, sized_schedule, steps_for_passes
+from vqgen.core.store.weights import check_stage_dir, weights_fingerprint
 from vqgen.core.training.config import TrainConfig
 from vqgen.core.training.loop import fit, make_optimizer
-
+from vqgen.core.training.setup import as_options, check_batch_size, start, train_config, write_stage_files
+from vqgen.core.training.sizing import report_sized, sized_batch, sized_schedule, steps_for_passes
 
 
 class CodesDataset(BatchDataset):

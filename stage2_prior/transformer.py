@@ -19,7 +19,6 @@ from stage2_prior.config import TransformerConfig
 from stage2_prior.contract import check_code_shape, drop_labels, resolve_labels
 from vqgen.core.runtime.errors import VQGenError
 
-
 # The cached step's key length grows by one per code. cuDNN's fused attention, which PyTorch prefers on
 # Hopper for fp16/bf16, builds a plan for every new shape: on an H200 that cost 53 ms per step against
 # 0.2 ms for the flash / memory-efficient kernels (`scripts/benchmarks/speed.py --only attention`).

@@ -12,17 +12,32 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from stage1_vqvae.config import DiscriminatorConfig, GANConfig, discriminator_layers, logits_side, receptive_field
-from stage1_vqvae.adversarial import (LeCam, adaptive_weight, d_accuracy, d_hinge_loss,
-                                      d_non_saturating_loss, decoder_last_layer, frozen, g_hinge_loss,
-                                      g_non_saturating_loss, gan_losses, r1_penalty)
+from stage1_vqvae.adversarial import (
+    LeCam,
+    adaptive_weight,
+    d_accuracy,
+    d_hinge_loss,
+    d_non_saturating_loss,
+    decoder_last_layer,
+    frozen,
+    g_hinge_loss,
+    g_non_saturating_loss,
+    gan_losses,
+    r1_penalty,
+)
+from stage1_vqvae.config import (
+    DiscriminatorConfig,
+    GANConfig,
+    VQVAEConfig,
+    discriminator_layers,
+    logits_side,
+    parse_disc_augment,
+    receptive_field,
+)
 from stage1_vqvae.diffaugment import AugmentDraw, apply_augment, augment_pair, draw_augment
-from stage1_vqvae.config import parse_disc_augment
 from stage1_vqvae.discriminator import PatchDiscriminator
 from stage1_vqvae.model import VQVAE
-from stage1_vqvae.config import VQVAEConfig
-from stage1_vqvae.perceptual import (LPIPS_HELP, feature_matching_loss, ms_ssim, ms_ssim_scales, perceptual_loss,
-                                     ssim)
+from stage1_vqvae.perceptual import LPIPS_HELP, feature_matching_loss, ms_ssim, ms_ssim_scales, perceptual_loss, ssim
 from vqgen.core.runtime.errors import VQGenError
 
 TINY_AE = dict(in_channels=3, image_height=16, image_width=16, hidden_channels=8, res_channels=4, num_res_blocks=1,
@@ -457,9 +472,10 @@ def test_gan_off_writes_no_gan_files_and_cannot_be_switched_on_at_resume(tmp_pat
 
 def test_adversarial_steps_do_not_wait_for_the_device(tmp_path):
     """As tests/test_structure.py checks for plain training: 5 steps with the discriminator sync as often as 3."""
+    from test_structure import SyncCounter
+
     from conftest import TINY_DATA, TINY_VQVAE, tiny_train
     from stage1_vqvae.train import train_vqvae
-    from test_structure import SyncCounter
 
     def syncs(steps):
         counter = SyncCounter()

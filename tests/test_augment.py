@@ -73,8 +73,8 @@ def test_unlabelled_data_gets_clusters_that_the_prior_conditions_on(tmp_path):
     from conftest import TINY_TRANSFORMER
     from stage1_vqvae.train import train_vqvae
     from stage2_prior.train import train_prior
-    from vqgen.run import Run
     from vqgen.core.store.codes import load_codes
+    from vqgen.run import Run
 
     data = DataConfig(**{**TINY_DATA.__dict__, "label_column": "none", "pseudo_classes": 5})
     run = tmp_path / "run"
@@ -111,9 +111,9 @@ def test_clustering_features_see_where_codes_lie():
     the grid: the quarter averages the clustering once used cannot tell them apart, the whole-grid
     features must, and k-means on them must split the kinds exactly. The features stay FEATURE_DIM
     numbers, and the projection bounded, for any grid."""
+    from stage1_vqvae.config import VQVAEConfig
     from stage1_vqvae.encode import FEATURE_DIM, MAX_FEATURE_INPUT, GridFeatures, cluster_features
     from stage1_vqvae.model import VQVAE
-    from stage1_vqvae.config import VQVAEConfig
 
     torch.manual_seed(0)
     cfg = VQVAEConfig(**{**TINY_VQVAE, "image_height": 64, "image_width": 64})  # 16x16 grid, 8 x 256 numbers

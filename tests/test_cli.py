@@ -13,11 +13,11 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import TINY_TRANSFORMER, tiny_train, tree_hashes
-from stage2_prior.train import train_prior
 from stage2_prior.config import SamplingConfig
-from vqgen.run import Run
+from stage2_prior.train import train_prior
 from vqgen.cli import main
 from vqgen.core.store.codes import load_codes
+from vqgen.run import Run
 
 ROOT = Path(__file__).resolve().parents[1]
 

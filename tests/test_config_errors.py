@@ -5,14 +5,14 @@ import shutil
 
 import pytest
 
-from stage1_vqvae.model import VQVAE
 from stage1_vqvae.config import VQVAEConfig
+from stage1_vqvae.model import VQVAE
 from stage2_prior.registry import PRIORS
 from vqgen.cli import main
-from vqgen.core.store.weights import save_model
+from vqgen.core.runtime.errors import VQGenError
 from vqgen.core.store.codes import CodesMeta
 from vqgen.core.store.configs import config_to_dict, load_config, save_config
-from vqgen.core.runtime.errors import VQGenError
+from vqgen.core.store.weights import save_model
 from vqgen.core.training.config import TrainConfig
 
 CASES = [

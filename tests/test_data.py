@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from vqgen.core.data.images import DataConfig, ImageDataset, ImageSplit, load_image_data, to_model_range, to_uint8
-from vqgen.core.runtime.errors import VQGenError
 from vqgen.core.data.shapes import SHAPE_NAMES, make_shapes
+from vqgen.core.runtime.errors import VQGenError
 
 RED, BLUE = (255, 0, 0), (0, 0, 255)
 

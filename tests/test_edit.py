@@ -13,8 +13,17 @@ from conftest import tree_hashes
 from stage2_prior.config import SamplingConfig
 from vqgen.cli import main
 from vqgen.core.runtime.errors import VQGenError
-from vqgen.edit import (blind_kept, box_mask, check_canvas, code_mask, extend, fill_canvas, load_mask, parse_box,
-                        window_plan)
+from vqgen.edit import (
+    blind_kept,
+    box_mask,
+    check_canvas,
+    code_mask,
+    extend,
+    fill_canvas,
+    load_mask,
+    parse_box,
+    window_plan,
+)
 from vqgen.run import Run, sample_seeds
 
 

@@ -12,13 +12,13 @@ from huggingface_hub.errors import LocalEntryNotFoundError
 from safetensors.torch import load_file
 
 from conftest import tree_hashes
-from vqgen.run import Run
 from vqgen.cli import main
 from vqgen.core.share import hub
 from vqgen.core.share.export import locate_run
+from vqgen.core.share.modelcard import model_card
 from vqgen.core.store.layout import RunLayout
 from vqgen.core.store.manifest import manifest_damage
-from vqgen.core.share.modelcard import model_card
+from vqgen.run import Run
 
 EXPORTED = ["README.md", "codes/meta.json", "manifest.json", "prior/config.json", "prior/metrics.jsonl",
             "prior/model.safetensors", "prior/source.json", "prior/train_config.json", "samples.png",

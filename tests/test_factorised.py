@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 
 import stage1_vqvae.quantizer as quantizer
-from stage1_vqvae.model import VQVAE, kmeans_sample_note
+from conftest import load_script
 from stage1_vqvae.config import VQVAEConfig
+from stage1_vqvae.model import VQVAE, kmeans_sample_note
 from stage1_vqvae.quantizer import (
     VectorQuantizer,
     ema_update,
@@ -17,11 +18,9 @@ from stage1_vqvae.quantizer import (
     squared_distances,
     unflatten_vectors,
 )
-from vqgen.core.store.weights import load_model, save_model
-from vqgen.core.store.configs import FORMAT_VERSION, config_from_dict, config_to_dict
 from vqgen.core.runtime.errors import VQGenError
-
-from conftest import load_script
+from vqgen.core.store.configs import FORMAT_VERSION, config_from_dict, config_to_dict
+from vqgen.core.store.weights import load_model, save_model
 
 # --- chunked distances -----------------------------------------------------------------
 

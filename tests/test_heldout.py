@@ -11,10 +11,10 @@ from conftest import TINY_TRANSFORMER, tiny_train
 from stage2_prior.contract import grid_nll
 from stage2_prior.registry import load_prior
 from stage2_prior.train import train_prior
-from vqgen.core.store.codes import load_codes
-from vqgen.core.training.best import HeldOut
-from vqgen.core.store.layout import RunLayout
 from vqgen.core.evaluate.measures import bits
+from vqgen.core.store.codes import load_codes
+from vqgen.core.store.layout import RunLayout
+from vqgen.core.training.best import HeldOut
 
 
 def test_held_out_tracks_the_best_stops_and_warns():

@@ -13,16 +13,25 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from conftest import TINY_MASKED, load_script, tiny_train
-from stage2_prior.masked import (MaskedConfig, MaskedPrior, draw_masks, held_out_masks, mask_counts,
-                                 masked_cross_entropy, masked_held_out, masked_loss, masks_from)
+from stage2_prior.config import TransformerConfig
+from stage2_prior.masked import (
+    MaskedConfig,
+    MaskedPrior,
+    draw_masks,
+    held_out_masks,
+    mask_counts,
+    masked_cross_entropy,
+    masked_held_out,
+    masked_loss,
+    masks_from,
+)
 from stage2_prior.parallel import fill_masked, masked_after_steps
 from stage2_prior.registry import load_prior
 from stage2_prior.sampling import sample_codes
 from stage2_prior.train import train_prior
-from stage2_prior.config import TransformerConfig
 from stage2_prior.transformer import TransformerPrior
-from vqgen.core.store.codes import load_codes
 from vqgen.core.runtime.errors import VQGenError
+from vqgen.core.store.codes import load_codes
 from vqgen.core.store.layout import RunLayout
 
 

@@ -9,13 +9,12 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from stage2_prior.config import PixelCNNConfig, TransformerConfig
 from stage2_prior.contract import check_codes, check_labels
-from stage2_prior.config import PixelCNNConfig
 from stage2_prior.pixelcnn import PixelCNNPrior
 from stage2_prior.registry import PRIORS
 from stage2_prior.sampling import sample_codes
 from stage2_prior.transformer import KVCache, TransformerPrior, one_query_attention
-from stage2_prior.config import TransformerConfig
 from vqgen.core.runtime.errors import VQGenError
 
 KINDS = ["transformer", "pixelcnn"]

@@ -9,11 +9,24 @@ import scipy.linalg
 import torch
 
 from vqgen.core.data.shapes import make_shapes
-from vqgen.core.runtime.errors import VQGenError
 from vqgen.core.evaluate.quality import (
-    Judge, JudgeConfig, feature_stats, frechet_distance, frechet_distance_of, inception_fid, judge_accuracy,
-    judge_features, judge_is_reliable, load_judge, reference_floor, reference_of, sample_quality, save_judge,
-    train_judge)
+    Judge,
+    JudgeConfig,
+    feature_stats,
+    frechet_distance,
+    frechet_distance_of,
+    inception_fid,
+    judge_accuracy,
+    judge_features,
+    judge_is_reliable,
+    load_judge,
+    reference_floor,
+    reference_of,
+    sample_quality,
+    save_judge,
+    train_judge,
+)
+from vqgen.core.runtime.errors import VQGenError
 
 SIZE = 16
 TINY = dict(width=16, steps=120, batch_size=32, learning_rate=3e-3, seed=5)

@@ -14,14 +14,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import TINY_DATA, TINY_VQVAE, tiny_train
-from stage1_vqvae.model import VQVAE
 from stage1_vqvae.config import VQVAEConfig
+from stage1_vqvae.model import VQVAE
 from stage1_vqvae.train import train_vqvae
-from vqgen.run import Run
-from vqgen.core.store.weights import latest_state_dir, load_model, save_model, state_dirs
-from vqgen.core.store.configs import FORMAT_VERSION, config_to_dict, load_config
 from vqgen.core.runtime.errors import VQGenError
+from vqgen.core.store.configs import FORMAT_VERSION, config_to_dict, load_config
 from vqgen.core.store.layout import RunLayout
+from vqgen.core.store.weights import latest_state_dir, load_model, save_model, state_dirs
+from vqgen.run import Run
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT_ARGS = ["--builtin-train-size", "96", "--builtin-test-size", "40", "--batch-size", "16",

@@ -14,15 +14,15 @@ from conftest import TINY_DATA, TINY_TRANSFORMER, TINY_VQVAE, tiny_train, tree_h
 from stage1_vqvae.train import train_vqvae
 from stage2_prior.train import train_prior
 from vqgen.cli import main
+from vqgen.core.evaluate.measures import code_usage
 from vqgen.core.report import figures
 from vqgen.core.report import page as report
-from vqgen.core.training import loop as trainer
-from vqgen.core.store.configs import config_from_dict, config_to_dict
 from vqgen.core.runtime.errors import VQGenError
+from vqgen.core.store.configs import config_from_dict, config_to_dict
 from vqgen.core.store.imageio import save_grid
-from vqgen.core.store.layout import RunLayout, SampleSetDir
 from vqgen.core.store.jsonl import JsonlLog
-from vqgen.core.evaluate.measures import code_usage
+from vqgen.core.store.layout import RunLayout, SampleSetDir
+from vqgen.core.training import loop as trainer
 from vqgen.core.training.config import TrainConfig
 
 pytest.importorskip("matplotlib")

@@ -11,12 +11,18 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
-from vqgen.core.evaluate import sample_metrics as sm
 from vqgen.core.data.shapes import make_shapes
-from vqgen.core.runtime.errors import VQGenError
+from vqgen.core.evaluate import sample_metrics as sm
 from vqgen.core.evaluate.quality import (
-    JudgeConfig, frechet_distance_of, memorisation_scores, reference_floor, reference_of, sample_quality,
-    train_judge)
+    JudgeConfig,
+    frechet_distance_of,
+    memorisation_scores,
+    reference_floor,
+    reference_of,
+    sample_quality,
+    train_judge,
+)
+from vqgen.core.runtime.errors import VQGenError
 
 SIZE = 16
 

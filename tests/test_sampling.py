@@ -9,10 +9,9 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from stage2_prior.config import PixelCNNConfig
+from stage2_prior.config import PixelCNNConfig, TransformerConfig
 from stage2_prior.pixelcnn import PixelCNNPrior
 from stage2_prior.sampling import filter_logits, inverse_cdf, sample_codes
-from stage2_prior.config import TransformerConfig
 from stage2_prior.transformer import TransformerPrior
 from vqgen.core.runtime.errors import VQGenError
 

@@ -19,10 +19,10 @@ from safetensors.torch import load_file
 
 from conftest import tree_hashes
 from test_reliability import ROOT, SCRIPT_ARGS, same_weights
-from vqgen.core.store.weights import state_dirs
 from vqgen.core.runtime.signals import STOP_CHECK_EVERY, StopSignals, signals_deferred
 from vqgen.core.store.layout import RunLayout
 from vqgen.core.store.manifest import state_damage
+from vqgen.core.store.weights import state_dirs
 
 DRIVER = """
 import os, runpy, sys, time
@@ -332,10 +332,10 @@ def test_sampling_started_with_sigint_ignored_ignores_it(spawn, tiny_run, tmp_pa
 
 def test_progress_json_holds_the_stop_step(tmp_path):
     """The loop's view: a stop request ends `fit` after the step with TrainingStopped and a state."""
+    import vqgen.core.training.loop as trainer
     from conftest import TINY_DATA, TINY_VQVAE, tiny_train
     from stage1_vqvae.train import train_vqvae
     from vqgen.core.runtime.errors import TrainingStopped
-    import vqgen.core.training.loop as trainer
 
     real = trainer.learning_rate_at
 

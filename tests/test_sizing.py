@@ -8,8 +8,8 @@ import torch
 from stage1_vqvae.encode import default_pseudo_classes
 from stage1_vqvae.train import sized_defaults as stage1_defaults
 from stage2_prior.train import sized_defaults as stage2_defaults
-from vqgen.core.store.codes import CodesMeta
 from vqgen.core.data.images import ImageData, ImageSplit
+from vqgen.core.store.codes import CodesMeta
 
 
 def images(n: int, c: int, side: int) -> ImageData:

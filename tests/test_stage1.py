@@ -10,14 +10,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import TINY_DATA, tiny_train
+from conftest import TINY_VQVAE as TINY_MODEL
 from stage1_vqvae.train import train_vqvae
-from vqgen.core.store.codes import load_codes
 from vqgen.core.data.images import DataConfig
 from vqgen.core.runtime.errors import VQGenError
+from vqgen.core.store.codes import load_codes
 from vqgen.core.training.config import TrainConfig
 from vqgen.core.training.loop import learning_rate_at
-
-from conftest import TINY_DATA, TINY_VQVAE as TINY_MODEL, tiny_train
 
 ROOT = Path(__file__).resolve().parents[1]
 def records(path: Path, split: str):
@@ -48,10 +48,10 @@ def test_training_lowers_the_loss_and_writes_every_file(tmp_path):
 
 
 def test_codes_match_the_saved_model(tmp_path):
-    from stage1_vqvae.model import VQVAE
     from stage1_vqvae.config import VQVAEConfig
-    from vqgen.core.store.weights import load_model
+    from stage1_vqvae.model import VQVAE
     from vqgen.core.data.images import load_image_data, to_model_range
+    from vqgen.core.store.weights import load_model
 
     run = tmp_path / "run"
     train_vqvae(run, TINY_DATA, tiny_train(max_steps=3), TINY_MODEL)
@@ -113,10 +113,10 @@ def test_two_process_training_and_encoding(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     splits, meta = load_codes(run / "codes")
     assert splits["test"].codes.shape[0] == 41  # 41 is odd: padding must not leak in
-    from stage1_vqvae.model import VQVAE
     from stage1_vqvae.config import VQVAEConfig
-    from vqgen.core.store.weights import load_model
+    from stage1_vqvae.model import VQVAE
     from vqgen.core.data.images import load_image_data, to_model_range
+    from vqgen.core.store.weights import load_model
 
     model = load_model(VQVAE, VQVAEConfig, run / "vqvae").eval()
     data = load_image_data(DataConfig(builtin_train_size=96, builtin_test_size=41))
@@ -139,8 +139,8 @@ def test_bf16_mixed_precision_training_keeps_the_codebook_fp32(tmp_path):
 def test_reconstruct_decodes_once_and_equals_decode_of_encode(tiny_run):
     """`vqgen reconstruct` and `vqgen eval` run the evaluation forward pass once per image, and the
     codes they report decode to exactly that reconstruction."""
-    from vqgen.run import Run
     from vqgen.core.data.images import to_model_range, to_uint8
+    from vqgen.run import Run
 
     run = Run.load(tiny_run, need_prior=False)
     images = run.data().test.images[:8]

@@ -10,9 +10,9 @@ from safetensors.torch import load_file, save_file
 from conftest import TINY_MASKED, TINY_PIXELCNN, TINY_TRANSFORMER, tiny_train
 from stage2_prior.registry import load_prior
 from stage2_prior.train import train_prior
+from vqgen.core.runtime.errors import VQGenError
 from vqgen.core.store.codes import CodesMeta, load_codes, save_codes
 from vqgen.core.store.configs import load_config
-from vqgen.core.runtime.errors import VQGenError
 from vqgen.core.store.layout import RunLayout
 
 SIZES = {"transformer": TINY_TRANSFORMER, "pixelcnn": TINY_PIXELCNN, "masked": TINY_MASKED}

@@ -11,10 +11,10 @@ from safetensors.torch import load_file
 
 from conftest import TINY_DATA, TINY_VQVAE, load_script, tiny_train
 from stage1_vqvae.train import train_vqvae
-from vqgen.core.store.weights import state_dirs
 from vqgen.core.runtime.errors import VQGenError
 from vqgen.core.store.layout import MANIFEST, RunLayout
 from vqgen.core.store.manifest import state_damage
+from vqgen.core.store.weights import state_dirs
 
 CFG = dict(save_every=5, keep=3)
 

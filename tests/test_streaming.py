@@ -18,15 +18,15 @@ from safetensors.torch import load_file
 
 from conftest import TINY_TRANSFORMER, TINY_VQVAE, tiny_train
 from stage1_vqvae.train import train_vqvae
-from vqgen.core.store import codes as codes_module
-from vqgen.core.data.loaders import make_loader
-from vqgen.core.store.codes import CodesMeta, CodeSplit, load_codes
-from vqgen.core.store.configs import save_config
 from vqgen.core.data import arrow
 from vqgen.core.data.config import DataConfig
 from vqgen.core.data.images import ImageDataset, load_image_data, to_model_range
+from vqgen.core.data.loaders import make_loader
 from vqgen.core.data.shapes import make_shapes
 from vqgen.core.runtime.errors import VQGenError
+from vqgen.core.store import codes as codes_module
+from vqgen.core.store.codes import CodesMeta, CodeSplit, load_codes
+from vqgen.core.store.configs import save_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -148,8 +148,8 @@ def test_code_dump_shards_hold_every_image_once_in_order(parquet, tmp_path, monk
     parts = [load_file(str(run / "codes" / f))["codes"] for f in shards["train"]]
     assert all(len(p) == 7 for p in parts[:-1]) and sum(len(p) for p in parts) == n_train
     assert parts[0].dtype == torch.int16
-    from stage1_vqvae.model import VQVAE
     from stage1_vqvae.config import VQVAEConfig
+    from stage1_vqvae.model import VQVAE
     from vqgen.core.store.weights import load_model
 
     model = load_model(VQVAE, VQVAEConfig, run / "vqvae").eval()
@@ -302,8 +302,8 @@ def test_two_processes_dump_every_streamed_image_once_in_order(parquet, tmp_path
     env = {**os.environ, "ACCELERATE_USE_CPU": "true"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    from stage1_vqvae.model import VQVAE
     from stage1_vqvae.config import VQVAEConfig
+    from stage1_vqvae.model import VQVAE
     from vqgen.core.store.weights import load_model
 
     model = load_model(VQVAE, VQVAEConfig, run / "vqvae").eval()

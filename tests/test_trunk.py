@@ -10,13 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stage1_vqvae.model import VQVAE
-from stage1_vqvae.config import VQVAEConfig
-from stage1_vqvae.trunk import AttnBlock, ResnetDecoder, ResnetEncoder
-from vqgen.core.store.weights import load_model, save_model
-from vqgen.core.store.configs import config_to_dict, load_config, save_config
-from vqgen.core.runtime.errors import VQGenError
 from conftest import load_script
+from stage1_vqvae.config import VQVAEConfig
+from stage1_vqvae.model import VQVAE
+from stage1_vqvae.trunk import AttnBlock, ResnetDecoder, ResnetEncoder
+from vqgen.core.runtime.errors import VQGenError
+from vqgen.core.store.configs import config_to_dict, load_config, save_config
+from vqgen.core.store.weights import load_model, save_model
 
 
 def tiny(**kw) -> VQVAEConfig:

@@ -15,14 +15,14 @@ import pytest
 import torch
 
 from conftest import TINY_DATA, TINY_VQVAE, load_script, tiny_train, tree_hashes
-from stage1_vqvae.model import VQVAE
 from stage1_vqvae.config import VQVAEConfig
+from stage1_vqvae.model import VQVAE
 from stage1_vqvae.train import train_vqvae
 from vqgen.cli import main
-from vqgen.core.store.weights import save_model, state_dirs
 from vqgen.core.runtime.errors import VQGenError
 from vqgen.core.store.layout import RunLayout
 from vqgen.core.store.manifest import state_damage
+from vqgen.core.store.weights import save_model, state_dirs
 
 FULL = "No space left on device"
 

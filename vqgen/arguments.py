@@ -8,8 +8,8 @@ line" can be told apart from "the config's default": on --resume only the given 
 from __future__ import annotations
 
 import argparse
-import datetime
 import dataclasses
+import datetime
 import os
 import shlex
 import signal
@@ -24,8 +24,8 @@ from stage2_prior.config import PRIOR_CONFIGS, PriorConfig
 from stage2_prior.config import TRAIN_DEFAULTS as PRIOR_TRAIN_DEFAULTS
 from vqgen.core.data.config import DataConfig
 from vqgen.core.runtime.console import print_error
-from vqgen.core.training.config import TrainConfig
 from vqgen.core.runtime.errors import TrainingStopped, VQGenError
+from vqgen.core.training.config import TrainConfig
 
 
 def flag(f: dataclasses.Field) -> str:

@@ -11,7 +11,13 @@ import importlib
 import sys
 
 from stage2_prior.config import SamplingConfig
-from vqgen.arguments import Parser, add_config_options, add_prior_training_options, add_vqvae_training_options, exit_code
+from vqgen.arguments import (
+    Parser,
+    add_config_options,
+    add_prior_training_options,
+    add_vqvae_training_options,
+    exit_code,
+)
 from vqgen.core.data.config import DataConfig
 
 EXAMPLES = {

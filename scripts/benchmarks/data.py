@@ -27,12 +27,11 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from stage2_prior.config import SamplingConfig
-from vqgen.run import Run
-from stage2_prior.config import DEFAULT_CFG
+from stage2_prior.config import DEFAULT_CFG, SamplingConfig
 from vqgen.core.store.imageio import save_grid
-from vqgen.core.store.layout import RunLayout
 from vqgen.core.store.jsonl import JsonlLog
+from vqgen.core.store.layout import RunLayout
+from vqgen.run import Run
 
 ROOT = Path(__file__).resolve().parents[2]
 

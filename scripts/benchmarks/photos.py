@@ -43,12 +43,11 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from PIL import Image
 
+from stage1_vqvae.config import PRESETS, VQVAEConfig, trunk_levels
 from stage1_vqvae.model import VQVAE, reconstruction_errors
-from stage1_vqvae.config import VQVAEConfig, trunk_levels
-from stage1_vqvae.config import PRESETS
 from vqgen.arguments import exit_code
-from vqgen.core.runtime.errors import VQGenError
 from vqgen.core.evaluate.measures import psnr
+from vqgen.core.runtime.errors import VQGenError
 from vqgen.core.training.config import TrainConfig
 from vqgen.core.training.loop import make_optimizer
 

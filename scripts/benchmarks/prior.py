@@ -21,15 +21,14 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
+from stage2_prior.config import TRAIN_DEFAULTS, SamplingConfig
 from stage2_prior.registry import PRIORS
 from stage2_prior.sampling import sample_codes
-from stage2_prior.config import TRAIN_DEFAULTS
 from stage2_prior.train import train_prior
-from stage2_prior.config import SamplingConfig
-from vqgen.run import Run
 from vqgen.core.store.codes import load_codes
 from vqgen.core.store.jsonl import JsonlLog
 from vqgen.core.training.config import TrainConfig
+from vqgen.run import Run
 
 
 def steps_per_second(kind: str, codes: torch.Tensor, labels: torch.Tensor | None, batch_size: int,

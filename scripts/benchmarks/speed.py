@@ -37,9 +37,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from stage1_vqvae.config import PRESETS, VQVAEConfig
 from stage1_vqvae.model import VQVAE
-from stage1_vqvae.config import VQVAEConfig
-from stage1_vqvae.config import PRESETS
 from stage2_prior.registry import PRIORS
 from stage2_prior.sampling import sample_codes
 from stage2_prior.transformer import one_query_attention

@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 
 from stage1_vqvae.train import train_vqvae
-from vqgen.run import Run
 from vqgen.core.data.images import DataConfig, to_model_range
-from vqgen.core.store.jsonl import JsonlLog
 from vqgen.core.evaluate.measures import code_usage, psnr
+from vqgen.core.store.jsonl import JsonlLog
 from vqgen.core.training.config import TrainConfig
+from vqgen.run import Run
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-
 from stage2_prior.config import SamplingConfig
 from vqgen.arguments import flag, given_options
 from vqgen.core.runtime.errors import VQGenError

@@ -8,13 +8,23 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from vqgen.commands.common import at_least, sampling_options
 from vqgen.core.runtime.console import make_console
 from vqgen.core.runtime.errors import VQGenError
 from vqgen.core.store.imageio import save_grid
 from vqgen.core.store.weights import ensure_writable
-from vqgen.edit import (blind_kept, box_mask, check_canvas, check_hole, code_mask, extend, fill_canvas,
-                        load_images, load_mask, parse_box)
-from vqgen.commands.common import at_least, sampling_options
+from vqgen.edit import (
+    blind_kept,
+    box_mask,
+    check_canvas,
+    check_hole,
+    code_mask,
+    extend,
+    fill_canvas,
+    load_images,
+    load_mask,
+    parse_box,
+)
 from vqgen.run import LabelPlan, Run, sample_seeds
 
 

@@ -10,16 +10,15 @@ import time
 from accelerate import Accelerator
 from rich.table import Table
 
+from vqgen.commands.common import at_least, sampling_options
+from vqgen.core.evaluate.sample_metrics import aggregate_seeds, compare_paired
 from vqgen.core.runtime.console import make_console
 from vqgen.core.runtime.errors import VQGenError
 from vqgen.core.share.export import locate_run
 from vqgen.core.store.configs import read_json
 from vqgen.core.store.jsonl import JsonlLog
-from vqgen.commands.common import at_least, sampling_options
-from vqgen.core.evaluate.sample_metrics import aggregate_seeds, compare_paired
 from vqgen.run import LabelPlan, Run
-from vqgen.sweep import (MIN_SAMPLES, SWEPT_MEASURES, option_names, parse_sweep, setting_label, shown,
-                         varied_settings)
+from vqgen.sweep import MIN_SAMPLES, SWEPT_MEASURES, option_names, parse_sweep, setting_label, shown, varied_settings
 
 
 def cmd_info(args: argparse.Namespace) -> None:

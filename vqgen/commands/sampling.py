@@ -12,6 +12,7 @@ from accelerate import Accelerator
 
 from stage1_vqvae.encode import encode_splits
 from vqgen.arguments import given_options
+from vqgen.commands.common import as_flags, at_least, sampling_options
 from vqgen.core.data.config import DataConfig
 from vqgen.core.evaluate.measures import psnr
 from vqgen.core.runtime.console import make_console, make_progress
@@ -24,7 +25,6 @@ from vqgen.core.store.imageio import png_size, save_grid
 from vqgen.core.store.lock import stage_lock
 from vqgen.core.store.sample_set import sample_set
 from vqgen.core.store.weights import ensure_writable
-from vqgen.commands.common import as_flags, at_least, sampling_options
 from vqgen.run import LabelPlan, Run
 
 

@@ -20,7 +20,6 @@ from vqgen.core.store.layout import SAMPLE_GRID, RunLayout
 from vqgen.core.store.weights import ensure_writable
 from vqgen.run import Run
 
-
 EXPORT_SAMPLES = 64  # drawn for the model card when the run has no sample grid
 
 

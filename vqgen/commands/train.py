@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-
 from stage1_vqvae.config import GANConfig, VQVAEConfig
 from stage1_vqvae.train import train_vqvae
 from stage2_prior.train import train_prior

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vqgen.core.store.configs import option
 from vqgen.core.runtime.errors import VQGenError
+from vqgen.core.store.configs import option
 
 BUILTIN = "builtin"
 NO_LABELS = "none"  # label_column value that ignores the source's labels

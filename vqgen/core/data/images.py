@@ -18,11 +18,11 @@ from torch import Tensor
 
 from vqgen.core.data.arrow import ArrowRefs, cached_table, file_stamps, fingerprint
 from vqgen.core.data.config import BUILTIN, STREAM_ABOVE, DataConfig
-from vqgen.core.data.decode import pixels, decode_one, decode_split, size_error
+from vqgen.core.data.decode import decode_one, decode_split, pixels, size_error
+from vqgen.core.data.loaders import BatchDataset
 from vqgen.core.data.shapes import MIN_SIZE, make_shapes
 from vqgen.core.data.sources import RawSplit, find_source
 from vqgen.core.runtime.errors import VQGenError
-from vqgen.core.data.loaders import BatchDataset
 
 
 @dataclass

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vqgen.core.evaluate import sample_metrics
-from vqgen.core.store.weights import load_model, save_model
 from vqgen.core.runtime.errors import VQGenError, one_line
+from vqgen.core.store.weights import load_model, save_model
 
 TASKS = ("labels", "rotation")
 ROTATIONS = 4  # 0, 90, 180, 270 degrees

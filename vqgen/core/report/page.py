@@ -22,14 +22,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from vqgen.core.store.weights import weights_fingerprint
+from vqgen.core.evaluate.measures import code_usage
+from vqgen.core.runtime.errors import VQGenError
+from vqgen.core.store.atomic import temporary_file, writing
 from vqgen.core.store.codes import load_codes
 from vqgen.core.store.configs import read_json
-from vqgen.core.runtime.errors import VQGenError
-from vqgen.core.store.layout import RunLayout, SampleSetDir, ModelDir
 from vqgen.core.store.jsonl import JsonlLog
-from vqgen.core.evaluate.measures import code_usage
-from vqgen.core.store.atomic import temporary_file, writing
+from vqgen.core.store.layout import ModelDir, RunLayout, SampleSetDir
+from vqgen.core.store.weights import weights_fingerprint
 
 NEWEST_SAMPLE_SETS = 3
 NEWEST_EVALUATIONS = 12

@@ -10,11 +10,11 @@ import importlib.util
 
 from torch import Tensor
 
-from vqgen.core.store.configs import read_json
 from vqgen.core.runtime.errors import VQGenError, one_line
+from vqgen.core.store.configs import read_json
 from vqgen.core.store.imageio import to_pil
-from vqgen.core.store.layout import ModelDir
 from vqgen.core.store.jsonl import JsonlLog
+from vqgen.core.store.layout import ModelDir
 
 
 def trained_with(stage: ModelDir) -> str:

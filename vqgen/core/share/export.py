@@ -15,13 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from vqgen.core.share import hub
 from vqgen.core.runtime.errors import VQGenError
 from vqgen.core.runtime.signals import signals_deferred
-from vqgen.core.store.layout import MANIFEST, MODEL_CARD, SAMPLE_GRID, RunLayout, model_outputs
-from vqgen.core.store.manifest import manifest_damage, write_manifest
+from vqgen.core.share import hub
 from vqgen.core.share.modelcard import LIBRARY
 from vqgen.core.store.atomic import ordinary_mode, remove, writing
+from vqgen.core.store.layout import MANIFEST, MODEL_CARD, SAMPLE_GRID, RunLayout, model_outputs
+from vqgen.core.store.manifest import manifest_damage, write_manifest
 
 
 @dataclass(frozen=True)

@@ -77,8 +77,12 @@ def download(repo: RepoId, allow_patterns: list[str]) -> Path:
     Offline (HF_HUB_OFFLINE=1 or no network) with no cached copy: one line saying so.
     """
     import huggingface_hub
-    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
-    from huggingface_hub.errors import RevisionNotFoundError
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     try:
         folder = huggingface_hub.snapshot_download(repo.repo_id, revision=repo.revision, repo_type="model",

@@ -12,11 +12,11 @@ from typing import Any
 
 from safetensors import safe_open
 
-from vqgen.core.store.configs import read_json
 from vqgen.core.data.config import BUILTIN
 from vqgen.core.share.hub import parse_repo_id
-from vqgen.core.store.layout import RunLayout
+from vqgen.core.store.configs import read_json
 from vqgen.core.store.jsonl import JsonlLog
+from vqgen.core.store.layout import RunLayout
 
 LIBRARY = "vqgen"  # the Hub's library_name, and how `vqgen` knows its own cards
 PRIOR_NAMES = {"TransformerConfig": "Transformer (GPT-style, decoder-only)", "PixelCNNConfig": "gated PixelCNN"}

@@ -19,12 +19,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from vqgen.core.store.configs import load_config, option, save_config
 from vqgen.core.runtime.errors import VQGenError
 from vqgen.core.runtime.signals import signals_deferred
+from vqgen.core.store.atomic import writing
+from vqgen.core.store.configs import load_config, option, save_config
 from vqgen.core.store.layout import CODES_META as META
 from vqgen.core.store.layout import codes_labels, codes_shard
-from vqgen.core.store.atomic import writing
 
 SHARD_SIZE = 8192  # grids per shard file: 8 MB of int16 32x32 grids
 

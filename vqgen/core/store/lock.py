@@ -19,10 +19,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
-from vqgen.core.runtime.processes import process_state, raise_together
 from vqgen.core.runtime.console import make_console
 from vqgen.core.runtime.errors import VQGenError
-from vqgen.core.store.layout import RunLayout, ModelDir
+from vqgen.core.runtime.processes import process_state, raise_together
+from vqgen.core.store.layout import ModelDir, RunLayout
 
 F = TypeVar("F", bound=Callable[..., Any])
 

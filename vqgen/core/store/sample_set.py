@@ -20,14 +20,14 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor
 
-from vqgen.core.store.configs import write_json_atomic
 from vqgen.core.runtime.errors import VQGenError
-from vqgen.core.store.imageio import load_png, save_grid, to_pil
 from vqgen.core.runtime.processes import from_main, raise_together
 from vqgen.core.runtime.signals import signals_deferred, terminate_interrupts
+from vqgen.core.store.atomic import ordinary_mode, remove, writing
+from vqgen.core.store.configs import write_json_atomic
+from vqgen.core.store.imageio import load_png, save_grid, to_pil
 from vqgen.core.store.layout import SampleSetDir
 from vqgen.core.store.tensorfile import TensorFileRows, create_tensor_file
-from vqgen.core.store.atomic import ordinary_mode, remove, writing
 
 PNG_MARGIN = 1.25  # the PNG size is estimated from one image; samples vary
 

@@ -18,12 +18,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from vqgen.core.store.configs import load_config, save_config
 from vqgen.core.runtime.errors import VQGenError
 from vqgen.core.runtime.signals import signals_deferred
+from vqgen.core.store.atomic import ordinary_mode, temporary_file, writing
+from vqgen.core.store.configs import load_config, save_config
 from vqgen.core.store.layout import CONFIG, LOCK, PROGRESS, WEIGHTS, ModelDir
 from vqgen.core.store.manifest import state_damage
-from vqgen.core.store.atomic import ordinary_mode, temporary_file, writing
 
 T = TypeVar("T")
 

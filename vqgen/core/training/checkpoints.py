@@ -19,13 +19,13 @@ from accelerate import Accelerator
 from rich.console import Console
 from torch import nn
 
-from vqgen.core.runtime.processes import first_error, from_main, raise_together
-from vqgen.core.store.weights import commit_state_dir, newest_intact_state, save_model
-from vqgen.core.store.configs import write_json_atomic
 from vqgen.core.runtime.errors import VQGenError, one_line
+from vqgen.core.runtime.processes import first_error, from_main, raise_together
+from vqgen.core.store.atomic import remove, writing
+from vqgen.core.store.configs import write_json_atomic
 from vqgen.core.store.layout import PROGRESS, ModelDir
 from vqgen.core.store.manifest import write_manifest
-from vqgen.core.store.atomic import remove, writing
+from vqgen.core.store.weights import commit_state_dir, newest_intact_state, save_model
 
 
 @dataclass

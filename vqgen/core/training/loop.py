@@ -21,19 +21,19 @@ from rich.console import Console
 from torch import Tensor, nn
 
 from vqgen.core.data.loaders import stop_workers
-from vqgen.core.store.weights import latest_state_dir, load_weights
-from vqgen.core.store.configs import save_config
-from vqgen.core.runtime.console import make_console, make_progress
 from vqgen.core.report import figures
-from vqgen.core.runtime.errors import TrainingStopped, VQGenError, one_line
-from vqgen.core.training.best import HeldOut
-from vqgen.core.store.imageio import to_pil
-from vqgen.core.runtime.signals import StopSignals
-from vqgen.core.store.layout import ModelDir
-from vqgen.core.store.jsonl import JsonlLog
 from vqgen.core.report.page import write_report
-from vqgen.core.training.config import TrainConfig
+from vqgen.core.runtime.console import make_console, make_progress
+from vqgen.core.runtime.errors import TrainingStopped, VQGenError, one_line
+from vqgen.core.runtime.signals import StopSignals
+from vqgen.core.store.configs import save_config
+from vqgen.core.store.imageio import to_pil
+from vqgen.core.store.jsonl import JsonlLog
+from vqgen.core.store.layout import ModelDir
+from vqgen.core.store.weights import latest_state_dir, load_weights
+from vqgen.core.training.best import HeldOut
 from vqgen.core.training.checkpoints import Progress, export_weights, resume_state, save_state
+from vqgen.core.training.config import TrainConfig
 
 REPORT_SHARE = 0.05  # at most this share of the training time goes to refreshing the report (the last: always)
 

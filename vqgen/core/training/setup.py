@@ -16,11 +16,11 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from rich.console import Console
 
-from vqgen.core.store.weights import clear_stage_dir
-from vqgen.core.store.configs import resumed_config, save_config
 from vqgen.core.runtime.console import make_console
 from vqgen.core.runtime.errors import VQGenError
+from vqgen.core.store.configs import resumed_config, save_config
 from vqgen.core.store.layout import ModelDir
+from vqgen.core.store.weights import clear_stage_dir
 from vqgen.core.training.config import TrainConfig
 from vqgen.core.training.loop import make_accelerator
 
