@@ -90,25 +90,40 @@ def default_stop_signals() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-@pytest.fixture
-def spawn():
-    """`spawn(cmd, **popen_options)`: a child process for the test to signal or watch. It starts with the default
-    dispositions of the stop signals, in a process group of its own, and when the test ends, passed or failed,
-    the group is killed if anything in it still runs (torchrun's workers too)."""
-    children = []
+class Children:
+    """The child processes of one test: each starts with the default dispositions of the stop signals, in a
+    process group of its own; `end` kills every group that still runs (torchrun's workers too)."""
 
-    def start(cmd: list[str], **options) -> subprocess.Popen:
+    def __init__(self):
+        self.procs: list[subprocess.Popen] = []
+
+    def __call__(self, cmd: list[str], **options) -> subprocess.Popen:
         proc = subprocess.Popen(cmd, preexec_fn=default_stop_signals, start_new_session=True, **options)
-        children.append(proc)
+        self.procs.append(proc)
         return proc
 
-    yield start
-    for proc in children:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # the group outlives its leader: a worker may still be there
-        except ProcessLookupError:
-            pass
-        proc.wait(timeout=60)
+    def run(self, cmd: list[str], timeout: float, **options) -> subprocess.CompletedProcess:
+        """Like `subprocess.run(capture_output=True, text=True)`; on a timeout the whole group is ended."""
+        proc = self(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **options)
+        out, err = proc.communicate(timeout=timeout)
+        return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+    def end(self) -> None:
+        for proc in self.procs:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # the group outlives its leader: a worker may still be there
+            except ProcessLookupError:
+                pass
+            proc.wait(timeout=60)
+
+
+@pytest.fixture
+def spawn():
+    """`spawn(cmd, **popen_options)` starts a child for the test to signal or watch; `spawn.run(cmd, timeout)`
+    runs one to its end. Whatever still runs when the test ends, passed or failed, is killed."""
+    children = Children()
+    yield children
+    children.end()
 
 
 def tree_hashes(folder: Path) -> dict[str, str]:

@@ -524,11 +524,10 @@ save_file(weights, {run!r} + f"/critic-{{rank}}.safetensors")
 
 
 @pytest.mark.slow
-def test_two_processes_keep_one_discriminator(tmp_path):
+def test_two_processes_keep_one_discriminator(spawn, tmp_path):
     """DDP on 2 CPU processes (gloo): the adaptive weight's autograd.grad, R1's double backward and LeCam's
     averages work across processes and leave both copies of the discriminator identical."""
     import os
-    import subprocess
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
@@ -536,8 +535,7 @@ def test_two_processes_keep_one_discriminator(tmp_path):
     script = tmp_path / "train_two.py"
     script.write_text(TWO_PROCESS_SCRIPT.format(root=str(root), tests=str(root / "tests"), run=str(run), gan=GAN_ON))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240,
-                          env={**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"})
+    proc = spawn.run(cmd, timeout=240, env={**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = load_file(run / "critic-0.safetensors"), load_file(run / "critic-1.safetensors")
     assert int(a["lecam.updates"]) == 4

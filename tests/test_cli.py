@@ -59,7 +59,7 @@ def test_a_sample_does_not_depend_on_batch_size(tiny_run, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("prior", ["transformer", "masked"])
-def test_two_process_sampling_equals_one_process(tiny_run, tiny_masked_run, tmp_path, prior):
+def test_two_process_sampling_equals_one_process(spawn, tiny_run, tiny_masked_run, tmp_path, prior):
     """Each process writes its own samples into the shared temporary folder: the same files as one process."""
     run = tiny_run if prior == "transformer" else tiny_masked_run
     assert main(["sample", "--run", str(run), "--n", "7", "--seed", "3", "--batch-size", "2",
@@ -67,7 +67,7 @@ def test_two_process_sampling_equals_one_process(tiny_run, tiny_masked_run, tmp_
     env = {**os.environ, "ACCELERATE_USE_CPU": "true"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "--", "vqgen", "sample",
            "--run", str(run), "--n", "7", "--seed", "3", "--batch-size", "2", "--out", str(tmp_path / "two")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=ROOT)
+    proc = spawn.run(cmd, timeout=240, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((tmp_path / "two/settings.json").read_text())["processes"] == 2
     assert torch.equal(sample_codes_of(tmp_path / "one"), sample_codes_of(tmp_path / "two"))

@@ -101,7 +101,7 @@ def test_eval_and_info_read_an_exported_model(tiny_run, exported, tmp_path, monk
     # what the other read-only commands make (the judge included) goes under outputs/tiny/, none into the export
     before = tree_hashes(exported)
     for argv in (["reconstruct", "--n", "3"], ["complete", "--n", "2"],
-                 ["eval", "--samples", "4", "--judge-steps", "2", "--batch-size", "4"], ["report"]):
+                 ["eval", "--samples", "6", "--judge-steps", "2", "--batch-size", "4"], ["report"]):
         assert main([*argv, "--run", str(exported)]) == 0
     made = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
     assert made == ["outputs/tiny/closest_pairs.png", "outputs/tiny/completions.png", "outputs/tiny/evaluations.jsonl",

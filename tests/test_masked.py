@@ -439,4 +439,4 @@ def test_the_script_trains_a_masked_prior(tiny_run, tmp_path):
     assert load_script("train_prior").main(args) == 0
     config = json.loads((run / "prior" / "config.json").read_text())
     assert config["kind"] == "MaskedConfig" and config["d_model"] == 32
-    assert config["dropout"] == 0.3  # sized to the codes as for every prior: few training codes, much dropout
+    assert config["dropout"] == 0.0  # sized as for every prior: 3 steps of 16 are 0.5 passes, too few to memorise

@@ -163,8 +163,7 @@ def test_two_processes_stop_at_the_same_step_and_resume_bit_identically(spawn, t
     sparse = ["--max-steps", "20", "--log-every", "100", "--save-every", "0"]  # checks at steps 10 and 20 only
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--"]
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    done = subprocess.run([*torchrun, *vqvae_command(straight, *sparse)], capture_output=True, text=True,
-                          timeout=400, cwd=ROOT, env=env)
+    done = spawn.run([*torchrun, *vqvae_command(straight, *sparse)], timeout=400, cwd=ROOT, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     proc, marker = start(spawn, tmp_path, ["torchrun", *vqvae_command(stopped, *sparse)], at_step=4, env=env)
     wait_for(marker, proc)
@@ -173,8 +172,7 @@ def test_two_processes_stop_at_the_same_step_and_resume_bit_identically(spawn, t
     assert proc.returncode != 0
     assert state_steps(stopped / "vqvae") == [STOP_CHECK_EVERY], stderr[-3000:]  # the first check step after 4
     assert stderr.count("resume with: accelerate launch --num_processes 2") == 1    # the main process says it
-    resumed = subprocess.run([*torchrun, *vqvae_command(stopped, *sparse, "--resume")], capture_output=True,
-                             text=True, timeout=400, cwd=ROOT, env=env)
+    resumed = spawn.run([*torchrun, *vqvae_command(stopped, *sparse, "--resume")], timeout=400, cwd=ROOT, env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert same_weights(straight, stopped)
 

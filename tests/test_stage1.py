@@ -2,7 +2,6 @@
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -100,7 +99,7 @@ def test_learning_rate_schedule():
 
 
 @pytest.mark.slow
-def test_two_process_training_and_encoding(tmp_path):
+def test_two_process_training_and_encoding(spawn, tmp_path):
     """accelerate launch with 2 CPU processes: identical codebooks, codes neither dropped nor duplicated."""
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--",
@@ -109,7 +108,7 @@ def test_two_process_training_and_encoding(tmp_path):
            "--res-channels", "8", "--codebook-size", "16", "--code-dim", "8", "--restart-after", "2",
            "--eval-every", "3", "--save-every", "3", "--log-every", "1"]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true"}  # Accelerate's multi-CPU mode: gloo
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    proc = spawn.run(cmd, timeout=240, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     splits, meta = load_codes(run / "codes")
     assert splits["test"].codes.shape[0] == 41  # 41 is odd: padding must not leak in

@@ -287,11 +287,10 @@ def test_stop_workers_ends_a_training_loaders_processes(parquet):
 
 
 @pytest.mark.slow
-def test_two_processes_dump_every_streamed_image_once_in_order(parquet, tmp_path):
+def test_two_processes_dump_every_streamed_image_once_in_order(spawn, parquet, tmp_path):
     """torch.distributed.run with 2 CPU processes, streamed images with 2 workers each: the dump's grids
     are the images' codes in dataset order, none lost or doubled (the held-out test split is odd: 6)."""
     import os
-    import subprocess
 
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--",
@@ -300,7 +299,7 @@ def test_two_processes_dump_every_streamed_image_once_in_order(parquet, tmp_path
            "--res-channels", "8", "--codebook-size", "16", "--code-dim", "8", "--restart-after", "2",
            "--eval-every", "0", "--save-every", "0", "--log-every", "1"]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    proc = spawn.run(cmd, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     from stage1_vqvae.config import VQVAEConfig
     from stage1_vqvae.model import VQVAE
