@@ -1,4 +1,5 @@
-"""One sampler for both priors: temperature, top-k, top-p, classifier-free guidance, per-sample seeds.
+"""One raster sampler for the autoregressive priors (Transformer, PixelCNN; the masked prior has
+`stage2_prior.parallel`): temperature, top-k, top-p, classifier-free guidance, per-sample seeds.
 
 A prior is sampled through `state = prior.start(labels, b)` then, for every raster position,
 `logits, state = prior.step(state, codes, pos)` (`stage2_prior.contract.ARPrior`).

@@ -15,6 +15,7 @@ from stage2_prior.config import TRAIN_DEFAULTS, PriorConfig
 from stage2_prior.registry import PriorKind, PriorSource, kind_of, load_prior_config, prior_kind
 from vqgen.core.data.loaders import BatchDataset, make_loader
 from vqgen.core.runtime.errors import VQGenError
+from vqgen.core.runtime.processes import process_state
 from vqgen.core.store.codes import CodesMeta, CodeSplit, load_codes, load_codes_meta
 from vqgen.core.store.layout import ModelDir, RunLayout
 from vqgen.core.store.lock import holds_stage_lock
@@ -130,13 +131,14 @@ def sized_dropout(codes: int, passes: float) -> float:
     return 0.3 if codes < 500_000 else 0.1 if codes < 5_000_000 else 0.0
 
 
-def sized_defaults(meta: CodesMeta, given_training: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+def sized_defaults(meta: CodesMeta, given_training: dict[str, Any],
+                   processes: int = 1) -> tuple[dict[str, Any], dict[str, Any]]:
     """Stage-2 defaults from the codes (docs/defaults.md): model options, training options.
 
     Length: 40 passes over the grids, 2,000 to 8,000 steps, evaluated 20 times, so that early stopping
     (patience 5) ends a run that has started to memorise. Batch: all the training grids when they are fewer
     than the default batch. Regularisation by the number of training codes and the passes the run plans over
-    them, given length and batch included (`sized_dropout`).
+    them, given length and batch included, each of the `processes` drawing its own batch (`sized_dropout`).
     """
     grids = dict(meta.split_sizes).get("train", 0)
     codes = grids * meta.grid_height * meta.grid_width
@@ -145,7 +147,8 @@ def sized_defaults(meta: CodesMeta, given_training: dict[str, Any]) -> tuple[dic
     steps = steps_for_passes(grids, batch, passes=40, lowest=2000, highest=8000)
     training = {**sized_schedule(given_training, steps, evaluations=20), **small}
     planned = training["max_steps"]  # 0: --epochs passes
-    passes = planned * batch / max(grids, 1) if planned else given_training.get("epochs", TrainConfig().epochs)
+    passes = planned * batch * processes / max(grids, 1) if planned else given_training.get("epochs",
+                                                                                             TrainConfig().epochs)
     return {"dropout": sized_dropout(codes, passes)}, training
 
 
@@ -185,10 +188,12 @@ def train_prior(
             raise VQGenError(f"the codes have no {name!r} grids ({codes_dir})")
     check_stage_dir(stage, "prior", resume, overwrite)
     given_training, given_model = as_options(training), as_options(model)
-    sized_model, sized_training = ({}, {}) if resume else sized_defaults(meta, given_training)
+    processes = process_state().num_processes
+    sized_model, sized_training = ({}, {}) if resume else sized_defaults(meta, given_training, processes)
     train_cfg = train_config(stage, given_training, {**TRAIN_DEFAULTS, **sized_training}, resume)
     cfg = resolve_prior_config(kind, meta, conditional, {**sized_model, **given_model}, stage, resume)
-    passes = train_cfg.max_steps * train_cfg.batch_size / sizes["train"] if train_cfg.max_steps else train_cfg.epochs
+    passes = (train_cfg.max_steps * train_cfg.batch_size * processes / sizes["train"] if train_cfg.max_steps
+              else train_cfg.epochs)
     report_sized(sized_model, sized_training, {**given_model, **given_training}, resume,
                  why={"dropout": f"{passes:.1f} planned passes over {sizes['train']} training grids, "
                                  f"{'fewer than' if passes < FEW_PASSES else 'at least'} {FEW_PASSES}"})

@@ -64,6 +64,11 @@ def test_dropout_follows_the_planned_passes(grids, given, dropout):
     assert model == {"dropout": dropout}
 
 
+def test_every_process_draws_its_own_batch_so_passes_count_them_all():
+    assert stage2_defaults(codes(60_000, 8), {})[0] == {"dropout": 0.0}                 # 4.3 passes on one
+    assert stage2_defaults(codes(60_000, 8), {}, processes=4)[0] == {"dropout": 0.1}    # 17 passes on four
+
+
 def test_given_options_win_and_set_the_evaluation_interval():
     _, training = stage1_defaults(images(2_221, 3, 32), {"max_steps": 1000, "batch_size": 16})
     assert training == {"max_steps": 1000, "eval_every": 100, "save_every": 100}

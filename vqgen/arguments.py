@@ -159,6 +159,8 @@ def given_options(args: argparse.Namespace, cls: type, skip: tuple[str, ...] = (
             if f.name not in skip and getattr(args, _dest(f), None) is not None}
 
 
+# training options a fresh run sizes from its data (docs/defaults.md), shown so in --help
+SIZED_TRAINING = {name: "sized to the data" for name in ("max_steps", "eval_every", "save_every")}
 VQVAE_FROM_DATA = ("in_channels", "image_height", "image_width")  # model fields the data sets
 PRIOR_FROM_CODES = ("codebook_size", "grid_height", "grid_width", "num_classes")  # prior fields the codes set
 
@@ -172,7 +174,7 @@ def add_vqvae_training_options(parser: argparse.ArgumentParser) -> None:
                         help=f"model options for an image side ({' | '.join(PRESETS)}), filling only the model "
                              "options not given (default: none, the sized defaults)")
     add_config_options(parser, DataConfig, title="data")
-    add_config_options(parser, TrainConfig, title="training", defaults=VQVAE_TRAIN_DEFAULTS)
+    add_config_options(parser, TrainConfig, title="training", defaults={**VQVAE_TRAIN_DEFAULTS, **SIZED_TRAINING})
     add_config_options(parser, VQVAEConfig, skip=VQVAE_FROM_DATA, title="model")
     add_config_options(parser, GANConfig, title="adversarial and perceptual terms (off by default)")
 
@@ -192,8 +194,9 @@ def add_prior_training_options(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(labels="auto")
     parser.add_argument("--allow-vqvae-mismatch", action="store_true",
                         help="train even if the codes came from another VQ-VAE than the run's")
-    add_config_options(parser, TrainConfig, title="training", defaults=PRIOR_TRAIN_DEFAULTS)
-    add_config_options(parser, PriorConfig, skip=PRIOR_FROM_CODES, title="every prior")
+    add_config_options(parser, TrainConfig, title="training", defaults={**PRIOR_TRAIN_DEFAULTS, **SIZED_TRAINING})
+    add_config_options(parser, PriorConfig, skip=PRIOR_FROM_CODES, title="every prior",
+                       defaults={"dropout": "sized to the codes and the planned passes"})
     seen = {f.name for f in dataclasses.fields(PriorConfig)}
     for name, config in PRIOR_CONFIGS.items():
         new = {f.name for f in dataclasses.fields(config)} - seen

@@ -1,5 +1,5 @@
-"""`vqgen`: train both stages, sample, reconstruct, encode, complete, info and eval on a trained run; export
-and push it.
+"""`vqgen`: train both stages; sample, complete, inpaint, outpaint, reconstruct, encode, info, eval and report on
+a trained run; export and push it.
 
 Argument parsing only: `vqgen.commands` does the work (importing torch only then).
 """
@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     for stage, help_text, add_options in (
             ("vqvae", "stage 1: train a VQ-VAE on images and dump the dataset's code grids",
              add_vqvae_training_options),
-            ("prior", "stage 2: fit a prior (GPT Transformer or gated PixelCNN) over a run's code grids",
+            ("prior", "stage 2: fit a prior over a run's code grids: raster (GPT Transformer, gated PixelCNN) or "
+             "masked (MaskGIT, decoded in parallel)",
              add_prior_training_options)):
         add_options(stages.add_parser(stage, help=help_text, description=help_text,
                                       epilog="examples:\n  " + EXAMPLES[stage],

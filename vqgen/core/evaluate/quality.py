@@ -6,7 +6,7 @@ samples to the real test images in the judge's features, class accuracy and clas
 `reference_floor` what real training images score in the same measures; both compare with a
 `Reference`, the test images' statistics computed once. `distribution_scores` adds KID, precision/recall
 and density/coverage, `memorisation_scores` the share of near-copies of training images (both from
-vqgen.core.sample_metrics). `inception_fid` is the standard Inception FID through torch-fidelity.
+vqgen.core.evaluate.sample_metrics). `inception_fid` is the standard Inception FID through torch-fidelity.
 """
 
 from __future__ import annotations
@@ -371,7 +371,7 @@ def reference_floor(judge: Judge, train_images: Tensor, reference: Reference, n:
     return sample_quality(judge, picked, labels, reference)
 
 
-# --- beyond the FID: KID, k-NN manifolds, memorisation (vqgen.core.sample_metrics) -------------
+# --- beyond the FID: KID, k-NN manifolds, memorisation (vqgen.core.evaluate.sample_metrics) -------------
 
 PR_K, DC_K = 3, 5  # neighbours of precision/recall (Kynkäänniemi et al.) and density/coverage (Naeem et al.)
 
