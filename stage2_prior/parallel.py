@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from stage2_prior.contract import check_code_shape, check_codes, check_labels
+from stage2_prior.contract import check_code_shape, check_codes
 from stage2_prior.masked import MaskedConfig
-from stage2_prior.sampling import _check_filters, filter_logits, guide, inverse_cdf
+from stage2_prior.sampling import check_draw, filter_logits, guide, inverse_cdf
 from vqgen.core.runtime.errors import VQGenError
 
 DEFAULT_STEPS = 8  # MaskGIT decodes 16x16 grids in 8 steps; fewer for a sample with fewer codes to fill
@@ -53,21 +53,11 @@ def _check_fill_args(prior: nn.Module, n: int, codes: Tensor | None, keep: Tenso
     if not isinstance(cfg, MaskedConfig):
         raise VQGenError(f"parallel decoding needs a masked prior, got a {type(cfg).__name__}")
     h, w = cfg.grid_height, cfg.grid_width
-    if n < 1:
-        raise VQGenError(f"n must be >= 1, got {n}")
+    check_draw(cfg, n, labels, temperature, top_k, top_p, cfg_scale, seeds)
     if steps is not None and steps < 1:
         raise VQGenError(f"steps must be >= 1, got {steps}")
-    if not temperature > 0:
-        raise VQGenError(f"temperature must be > 0, got {temperature}")
-    _check_filters(cfg.codebook_size, top_k, top_p)
-    if not cfg_scale >= 0:
-        raise VQGenError(f"cfg_scale must be >= 0, got {cfg_scale}")
     if not (confidence_noise >= 0 and math.isfinite(confidence_noise)):
         raise VQGenError(f"confidence_noise must be a number >= 0, got {confidence_noise}")
-    if labels is not None:
-        check_labels(labels, n, cfg)
-    if seeds is not None and (seeds.shape != (n,) or seeds.dtype.is_floating_point):
-        raise VQGenError(f"seeds must be an integer tensor of shape ({n},), got {seeds.dtype} {tuple(seeds.shape)}")
     if batch_size is not None and batch_size < 1:
         raise VQGenError(f"batch_size must be >= 1, got {batch_size}")
     if (codes is None) != (keep is None):

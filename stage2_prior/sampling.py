@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
+from stage2_prior.config import PriorConfig
 from stage2_prior.contract import ARPrior, check_codes, check_labels
 from vqgen.core.runtime.errors import VQGenError
 
@@ -72,14 +73,10 @@ def guide(logits: Tensor, cfg_scale: float) -> Tensor:
     return uncond + cfg_scale * (cond - uncond)
 
 
-def _check_sample_args(prior: ARPrior, n: int, labels: Tensor | None, temperature: float, top_k: int | None,
-                       top_p: float | None, cfg_scale: float, seeds: Tensor | None, prefix: Tensor | None,
-                       prefix_len: int, batch_size: int | None, keep: Tensor | None = None) -> None:
-    cfg = prior.config
-    h, w, t = cfg.grid_height, cfg.grid_width, cfg.seq_len
-    if not callable(getattr(prior, "start", None)):  # the masked prior: no raster order to sample in
-        raise VQGenError(f"raster sampling needs an autoregressive prior, got a {type(cfg).__name__} "
-                         "(decode it with stage2_prior.parallel.fill_masked)")
+def check_draw(cfg: PriorConfig, n: int, labels: Tensor | None, temperature: float, top_k: int | None,
+               top_p: float | None, cfg_scale: float, seeds: Tensor | None) -> None:
+    """The checks every prior's sampler makes (raster and parallel): n, temperature, filters, guidance, labels
+    and per-sample seeds, each refused in one line naming the value."""
     if n < 1:
         raise VQGenError(f"n must be >= 1, got {n}")
     if not temperature > 0:
@@ -90,8 +87,18 @@ def _check_sample_args(prior: ARPrior, n: int, labels: Tensor | None, temperatur
     if labels is not None:
         check_labels(labels, n, cfg)
     if seeds is not None and (seeds.shape != (n,) or seeds.dtype.is_floating_point):
-        got = f"{seeds.dtype} {tuple(seeds.shape)}"
-        raise VQGenError(f"seeds must be an integer tensor of shape ({n},), got {got}")
+        raise VQGenError(f"seeds must be an integer tensor of shape ({n},), got {seeds.dtype} {tuple(seeds.shape)}")
+
+
+def _check_sample_args(prior: ARPrior, n: int, labels: Tensor | None, temperature: float, top_k: int | None,
+                       top_p: float | None, cfg_scale: float, seeds: Tensor | None, prefix: Tensor | None,
+                       prefix_len: int, batch_size: int | None, keep: Tensor | None = None) -> None:
+    cfg = prior.config
+    h, w, t = cfg.grid_height, cfg.grid_width, cfg.seq_len
+    if not callable(getattr(prior, "start", None)):  # the masked prior: no raster order to sample in
+        raise VQGenError(f"raster sampling needs an autoregressive prior, got a {type(cfg).__name__} "
+                         "(decode it with stage2_prior.parallel.fill_masked)")
+    check_draw(cfg, n, labels, temperature, top_k, top_p, cfg_scale, seeds)
     if not 0 <= prefix_len <= t:
         raise VQGenError(f"prefix_len must be in [0, {t}], got {prefix_len}")
     if prefix_len > 0 and prefix is None:

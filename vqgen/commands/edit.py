@@ -6,8 +6,10 @@ import argparse
 from pathlib import Path
 
 import torch
+from rich.console import Console
 from torch import Tensor
 
+from stage2_prior.config import SamplingConfig
 from vqgen.commands.common import at_least, sampling_options
 from vqgen.core.runtime.console import make_console
 from vqgen.core.runtime.errors import VQGenError
@@ -55,12 +57,18 @@ def _say_raster(run: Run, keep: Tensor, console) -> None:
                       "`vqgen train prior --prior masked`, sees them all)")
 
 
-def cmd_inpaint(args: argparse.Namespace) -> None:
+def _start(args: argparse.Namespace, default_out: str) -> tuple[SamplingConfig, Console, Run, Path]:
+    """What both edits start with: the sampling options checked, the run, the output file (`default_out`: the
+    run's outputs attribute) writable."""
     sampling = sampling_options(args)
-    console = make_console()
     run = Run.load(args.run, allow_vqvae_mismatch=args.allow_vqvae_mismatch)
-    out = Path(args.out) if args.out else run.outputs.inpainted
+    out = Path(args.out) if args.out else getattr(run.outputs, default_out)
     ensure_writable(out.parent)
+    return sampling, make_console(), run, out
+
+
+def cmd_inpaint(args: argparse.Namespace) -> None:
+    sampling, console, run, out = _start(args, "inpainted")
     cfg = run.vqvae.config
     pixels = (box_mask(parse_box(args.box), cfg.image_height, cfg.image_width) if args.box
               else load_mask(args.mask, cfg.image_height, cfg.image_width))
@@ -80,11 +88,7 @@ def cmd_inpaint(args: argparse.Namespace) -> None:
 
 
 def cmd_outpaint(args: argparse.Namespace) -> None:
-    sampling = sampling_options(args)
-    console = make_console()
-    run = Run.load(args.run, allow_vqvae_mismatch=args.allow_vqvae_mismatch)
-    out = Path(args.out) if args.out else run.outputs.outpainted
-    ensure_writable(out.parent)
+    sampling, console, run, out = _start(args, "outpainted")
     grid = run.vqvae.config.grid_shape
     sides = [getattr(args, side) for side in ("top", "bottom", "left", "right")]
     if any(k < 0 for k in sides):
