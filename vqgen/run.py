@@ -57,10 +57,6 @@ class LabelPlan:
     frequencies: tuple[float, ...] = ()      # drawn: sample i's class from these weights
     seed: int = 0
 
-    @property
-    def conditional(self) -> bool:
-        return bool(self.ids or self.cycle or self.frequencies)
-
     def of(self, indices: Tensor) -> Tensor | None:
         """(b,) sample indices -> (b,) int64 labels, or None for unconditional samples."""
         if self.ids:
