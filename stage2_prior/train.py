@@ -25,6 +25,8 @@ from vqgen.core.training.loop import fit, make_optimizer
 from vqgen.core.training.setup import as_options, check_batch_size, start, train_config, write_stage_files
 from vqgen.core.training.sizing import report_sized, sized_batch, sized_schedule, steps_for_passes
 
+DEFAULT_KIND = "transformer"  # a fresh prior's kind when none is given
+
 
 class CodesDataset(BatchDataset):
     """Items {"codes": (h, w) int64, "label": int64 (-1 when unlabelled), "index": int64}; the split's
@@ -94,21 +96,23 @@ def check_codes_source(run: RunLayout, meta: CodesMeta, allow_mismatch: bool) ->
         )
 
 
-def resolve_prior_config(kind: str, meta: CodesMeta, conditional: bool, overrides: dict[str, Any],
+def resolve_prior_config(kind: str | None, meta: CodesMeta, conditional: bool, overrides: dict[str, Any],
                          stage: ModelDir, resume: bool) -> PriorConfig:
-    """The prior config from the codes and options; on resume the saved one, checked against the codes."""
+    """The prior config from the codes and options; on resume the saved one, checked against the codes (and
+    against `kind` when given). A fresh prior of no given kind is a Transformer."""
     num_classes = meta.num_classes if conditional else 0
     from_codes = {"codebook_size": meta.codebook_size, "grid_height": meta.grid_height,
                   "grid_width": meta.grid_width, "num_classes": num_classes}
     if resume and stage.config.is_file():
         cfg = load_prior_config(stage)
-        if kind_of(cfg).name != kind:
+        if kind is not None and kind_of(cfg).name != kind:
             raise VQGenError(f"cannot resume: {stage.path} holds a {kind_of(cfg).name} prior, not a {kind} prior")
         for name, value in {**from_codes, **overrides}.items():
             if getattr(cfg, name) != value:
                 raise VQGenError(f"cannot resume: {name} is {value} here but the saved prior has "
                                  f"{getattr(cfg, name)} ({stage.config})")
         return cfg
+    kind = kind or DEFAULT_KIND
     config_cls = prior_kind(kind).config
     known = {f.name for f in fields(config_cls)}
     unknown = sorted(set(overrides) - known)
@@ -155,7 +159,7 @@ def sized_defaults(meta: CodesMeta, given_training: dict[str, Any],
 @holds_stage_lock("prior")  # one writer per stage folder: a second run is refused
 def train_prior(
     run_dir: str | Path,
-    kind: str = "transformer",
+    kind: str | None = None,
     training: TrainConfig | dict[str, Any] | None = None,
     model: dict[str, Any] | None = None,
     *,
@@ -166,14 +170,16 @@ def train_prior(
     overwrite: bool = False,
 ) -> dict[str, float]:
     """Stage 2's one entry point (`vqgen train prior`, scripts/train_prior.py, the tests): fit a `kind` prior on
-    the run's code grids (or `codes_dir`) into RUN/prior. Returns the best evaluation's metrics.
+    the run's code grids (or `codes_dir`) into RUN/prior. Returns the best evaluation's metrics. kind: None
+    for the saved prior's kind on resume, a Transformer otherwise.
 
     `training`, `model`: the options given, as a dict of config fields or a whole config (all of whose fields
     count as given). A fresh prior fills the others with the defaults sized to the codes; a resumed one takes
     them from its saved configs and refuses a model option that differs. labels: "auto" (conditional when
     the codes have labels), "yes" (require them) or "no". Everything is checked before the grids are read.
     """
-    prior_kind(kind)
+    if kind is not None:
+        prior_kind(kind)
     run = RunLayout(run_dir)
     stage = run.prior
     codes_dir = Path(codes_dir) if codes_dir else run.codes
@@ -201,6 +207,7 @@ def train_prior(
     splits, _ = load_codes(codes_dir)
 
     accelerator, console = start(stage, train_cfg)
+    kind = kind_of(cfg).name
     prior = prior_kind(kind).model(cfg)
     n_params = sum(p.numel() for p in prior.parameters())
     console.print(f"prior: {kind}, {n_params / 1e6:.2f}M parameters, K={cfg.codebook_size}, grid "

@@ -51,7 +51,10 @@ def test_prior_resume_continues_exactly(tiny_run, tmp_path, kind):
     cfg = {**SIZES[kind], "dropout": 0.1}  # dropout and label dropout draw random numbers
     train_prior(a, kind, tiny_train(max_steps=8, save_every=4), cfg)
     train_prior(b, kind, tiny_train(max_steps=4, save_every=4), cfg)
-    train_prior(b, kind, tiny_train(max_steps=8, save_every=4), cfg, resume=True)
+    other = "masked" if kind == "transformer" else "transformer"
+    with pytest.raises(VQGenError, match=f"cannot resume: .* holds a {kind} prior, not a {other} prior"):
+        train_prior(b, other, tiny_train(max_steps=8, save_every=4), resume=True)
+    train_prior(b, None, tiny_train(max_steps=8, save_every=4), cfg, resume=True)  # no kind: the saved one
     wa, wb = load_file(a / "prior/model.safetensors"), load_file(b / "prior/model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 

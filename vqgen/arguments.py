@@ -183,8 +183,9 @@ def add_prior_training_options(parser: argparse.ArgumentParser) -> None:
     """`vqgen train prior` (and scripts/train_prior.py): the run, the prior kind, labels, resume/overwrite, then
     the training options and every prior kind's model options."""
     _add_run_options(parser, "prior")
-    parser.add_argument("--prior", default="transformer", choices=sorted(PRIOR_CONFIGS),
-                        help=f"which prior ({' | '.join(sorted(PRIOR_CONFIGS))}; default: transformer)")
+    parser.add_argument("--prior", default=None, choices=sorted(PRIOR_CONFIGS),
+                        help=f"which prior ({' | '.join(sorted(PRIOR_CONFIGS))}; default: transformer, "
+                             "or the saved prior's kind on --resume)")
     parser.add_argument("--codes", default=None, help="codes folder (default: RUN/codes)")
     labels = parser.add_mutually_exclusive_group()
     labels.add_argument("--conditional", dest="labels", action="store_const", const="yes",
