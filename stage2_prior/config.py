@@ -4,6 +4,7 @@ prior kind's architecture (saved beside its weights as config.json), and the tra
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from vqgen.core.runtime.errors import VQGenError
@@ -96,6 +97,7 @@ PRIOR_CONFIGS: dict[str, type[PriorConfig]] = {"transformer": TransformerConfig,
 # Sampling: in-domain FID and class accuracy on four datasets (docs/benchmarks.md, "Sampling defaults"), for the
 # clusters of an unlabelled folder too (docs/unlabelled.md).
 DEFAULT_CFG = 1.5
+DEFAULT_CHOICE_NOISE = 30.0  # MaskGIT uses 4.5; measured: docs/benchmarks.md, "Priors side by side"
 
 
 @dataclass(frozen=True)
@@ -112,12 +114,18 @@ class SamplingConfig:
                                            "datasets; 1.0 gives more varied samples)", flag="cfg")
     steps: int | None = option(None, "masked prior: parallel decoding steps (default: 8, or fewer where fewer codes "
                                      "are to be drawn); raster priors draw one code per step")
+    choice_noise: float | None = option(None, "masked prior: scale of the Gumbel noise on the confidences that "
+                                              "choose which drawn codes to keep at each step, fading to 0 by the "
+                                              "last step (0: the most probable first; larger: a more random "
+                                              f"order; default: {DEFAULT_CHOICE_NOISE:g})")
 
     def __post_init__(self) -> None:
         if self.steps is not None and self.steps < 1:
             raise VQGenError(f"steps must be >= 1, got {self.steps}")
         if not self.temperature > 0:
             raise VQGenError(f"temperature must be > 0, got {self.temperature}")
+        if self.choice_noise is not None and not (self.choice_noise >= 0 and math.isfinite(self.choice_noise)):
+            raise VQGenError(f"choice_noise must be a number >= 0, got {self.choice_noise}")
         if self.top_k is not None and self.top_k < 1:
             raise VQGenError(f"top_k must be >= 1, got {self.top_k}")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:

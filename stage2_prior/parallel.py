@@ -17,13 +17,13 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from stage2_prior.config import DEFAULT_CHOICE_NOISE
 from stage2_prior.contract import check_code_shape, check_codes
 from stage2_prior.masked import MaskedConfig
 from stage2_prior.sampling import check_draw, filter_logits, guide, inverse_cdf
 from vqgen.core.runtime.errors import VQGenError
 
 DEFAULT_STEPS = 8  # MaskGIT decodes 16x16 grids in 8 steps; fewer for a sample with fewer codes to fill
-CONFIDENCE_NOISE = 4.5  # MaskGIT's "choice temperature": the Gumbel noise's scale at the first step
 
 
 def masked_after_steps(n_masked: int, steps: int) -> list[int]:
@@ -48,7 +48,8 @@ def gumbel(uniforms: Tensor) -> Tensor:
 
 def _check_fill_args(prior: nn.Module, n: int, codes: Tensor | None, keep: Tensor | None, labels: Tensor | None,
                      seeds: Tensor | None, steps: int | None, temperature: float, top_k: int | None,
-                     top_p: float | None, cfg_scale: float, confidence_noise: float, batch_size: int | None) -> None:
+                     top_p: float | None, cfg_scale: float, choice_noise: float | None,
+                     batch_size: int | None) -> None:
     cfg = getattr(prior, "config", None)
     if not isinstance(cfg, MaskedConfig):
         raise VQGenError(f"parallel decoding needs a masked prior, got a {type(cfg).__name__}")
@@ -56,8 +57,8 @@ def _check_fill_args(prior: nn.Module, n: int, codes: Tensor | None, keep: Tenso
     check_draw(cfg, n, labels, temperature, top_k, top_p, cfg_scale, seeds)
     if steps is not None and steps < 1:
         raise VQGenError(f"steps must be >= 1, got {steps}")
-    if not (confidence_noise >= 0 and math.isfinite(confidence_noise)):
-        raise VQGenError(f"confidence_noise must be a number >= 0, got {confidence_noise}")
+    if choice_noise is not None and not (choice_noise >= 0 and math.isfinite(choice_noise)):
+        raise VQGenError(f"choice_noise must be a number >= 0, got {choice_noise}")
     if batch_size is not None and batch_size < 1:
         raise VQGenError(f"batch_size must be >= 1, got {batch_size}")
     if (codes is None) != (keep is None):
@@ -84,10 +85,10 @@ def _check_fill_args(prior: nn.Module, n: int, codes: Tensor | None, keep: Tenso
 
 def check_filling(prior: nn.Module, n: int, labels: Tensor | None = None, temperature: float = 1.0,
                   top_k: int | None = None, top_p: float | None = None, cfg_scale: float = 1.0,
-                  steps: int | None = None) -> None:
+                  steps: int | None = None, choice_noise: float | None = None) -> None:
     """Refuse bad sampling options before anything is drawn (or written), as `fill_masked` would."""
     _check_fill_args(prior, n, None, None, labels, None, steps, temperature, top_k, top_p, cfg_scale,
-                     CONFIDENCE_NOISE, None)
+                     choice_noise, None)
 
 
 def _fill_chunk(prior: nn.Module, codes: Tensor, masked: Tensor, labels: Tensor | None, uniforms: Tensor,
@@ -125,18 +126,20 @@ def _fill_chunk(prior: nn.Module, codes: Tensor, masked: Tensor, labels: Tensor 
 def fill_masked(prior: nn.Module, n: int, *, codes: Tensor | None = None, keep: Tensor | None = None,
                 labels: Tensor | None = None, seeds: Tensor | None = None, steps: int | None = None,
                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                cfg_scale: float = 1.0, confidence_noise: float = CONFIDENCE_NOISE, batch_size: int | None = None,
+                cfg_scale: float = 1.0, choice_noise: float | None = None, batch_size: int | None = None,
                 progress: Callable[[int], None] | None = None) -> Tensor:
     """Fill n grids (n, h, w) by parallel decoding; codes where `keep` (n, h, w) is True are kept as given
     (no keep: every code is drawn). Sample i depends only on `seeds[i]` (default i) and its own inputs.
 
     `steps` (default: 8, or the codes to fill when fewer) decoding steps per sample; `temperature`, `top_k`
     (1: greedy), `top_p` shape each code's distribution; `cfg_scale != 1` with labels applies classifier-free
-    guidance; `confidence_noise` scales the Gumbel noise on the confidences (0: always the most probable
-    first). `progress(m)` is called after each chunk of m = `batch_size` (default n) samples.
+    guidance; `choice_noise` (default `DEFAULT_CHOICE_NOISE`) scales the Gumbel noise on the confidences
+    (0: always the most probable first; larger: a more random order). `progress(m)` is called after each
+    chunk of m = `batch_size` (default n) samples.
     """
     _check_fill_args(prior, n, codes, keep, labels, seeds, steps, temperature, top_k, top_p, cfg_scale,
-                     confidence_noise, batch_size)
+                     choice_noise, batch_size)
+    choice_noise = DEFAULT_CHOICE_NOISE if choice_noise is None else choice_noise
     cfg = prior.config
     t = cfg.seq_len
     device = next(prior.parameters()).device
@@ -164,7 +167,7 @@ def fill_masked(prior: nn.Module, n: int, *, codes: Tensor | None = None, keep: 
                 for row, i in enumerate(range(lo, hi)):
                     s_i = per_sample[i]
                     left[row, :s_i] = torch.tensor(masked_after_steps(int(to_fill[i]), s_i))
-                    noise[row, :s_i] = confidence_noise * (1 - torch.arange(1, s_i + 1) / s_i)
+                    noise[row, :s_i] = choice_noise * (1 - torch.arange(1, s_i + 1) / s_i)
                     gen = torch.Generator().manual_seed(int(seeds[i]))
                     uniforms[row, :, :s_i] = torch.rand(2, s_i, t, generator=gen)
                 chunks.append(_fill_chunk(

@@ -152,6 +152,8 @@ BAD_EDITS = [
     (["inpaint", "--box", "0,0,8,8", "--n", "0"], "--n must be >= 1, got 0"),
     (["sample", "--steps", "0", "--run", "{masked}"], "steps must be >= 1, got 0"),
     (["sample", "--steps", "65", "--run", "{masked}"], "--steps 65 is more than the 64 codes"),
+    (["sample", "--choice-noise", "-1", "--run", "{masked}"], "choice_noise must be a number >= 0, got -1.0"),
+    (["sample", "--choice-noise", "2"], "--choice-noise 2.0 applies to a masked prior"),
     (["outpaint", "--left", "70"], "more than 8 times the trained grid"),
     (["outpaint"], "nothing to outpaint"),
     (["outpaint", "--top", "-1"], "must be >= 0"),

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from conftest import TINY_MASKED, load_script, tiny_train
-from stage2_prior.config import TransformerConfig
+from stage2_prior.config import DEFAULT_CHOICE_NOISE, SamplingConfig, TransformerConfig
 from stage2_prior.masked import (
     MaskedConfig,
     MaskedPrior,
@@ -33,6 +33,7 @@ from stage2_prior.transformer import TransformerPrior
 from vqgen.core.runtime.errors import VQGenError
 from vqgen.core.store.codes import load_codes
 from vqgen.core.store.layout import RunLayout
+from vqgen.sweep import parse_sweep
 
 
 def make_prior(**fields) -> MaskedPrior:
@@ -289,11 +290,24 @@ def test_sample_depends_only_on_its_seed():
     assert torch.equal(again, whole) and not torch.equal(other, whole)
 
 
-def test_greedy_without_confidence_noise_ignores_the_seed():
+def test_greedy_without_choice_noise_ignores_the_seed():
     prior = make_prior()
-    a = fill_masked(prior, 3, seeds=torch.tensor([1, 2, 3]), top_k=1, confidence_noise=0.0)
-    assert torch.equal(a, fill_masked(prior, 3, seeds=torch.tensor([7, 8, 9]), top_k=1, confidence_noise=0.0))
+    a = fill_masked(prior, 3, seeds=torch.tensor([1, 2, 3]), top_k=1, choice_noise=0.0)
+    assert torch.equal(a, fill_masked(prior, 3, seeds=torch.tensor([7, 8, 9]), top_k=1, choice_noise=0.0))
     assert bool((a == a[:1]).all())  # the same (null) label, no randomness: three equal grids
+
+
+def test_choice_noise_defaults_and_sets_the_order():
+    prior = make_prior()
+    seeds = torch.arange(4)
+    default = fill_masked(prior, 4, seeds=seeds, steps=3)
+    assert torch.equal(default, fill_masked(prior, 4, seeds=seeds, steps=3, choice_noise=DEFAULT_CHOICE_NOISE))
+    # the same draws per position, kept in another order (the most confident first): other grids
+    assert not torch.equal(default, fill_masked(prior, 4, seeds=seeds, steps=3, choice_noise=0.0))
+    settings = parse_sweep(["choice-noise=0,1000"], SamplingConfig())
+    assert [s.choice_noise for s in settings] == [0.0, 1000.0]
+    with pytest.raises(VQGenError, match="choice_noise must be a number >= 0, got inf"):
+        SamplingConfig(choice_noise=math.inf)
 
 
 def test_classifier_free_guidance(monkeypatch):
@@ -341,7 +355,7 @@ GOOD = dict(codes=torch.zeros(2, 3, 4, dtype=torch.long), keep=keep_mask(2, [2, 
     (dict(top_k=9), r"top_k must be in \[1, 8\], got 9"),
     (dict(top_p=0.0), r"top_p must be in \(0, 1\], got 0.0"),
     (dict(cfg_scale=-1.0), "cfg_scale must be >= 0, got -1.0"),
-    (dict(confidence_noise=-1.0), "confidence_noise must be a number >= 0, got -1.0"),
+    (dict(choice_noise=-1.0), "choice_noise must be a number >= 0, got -1.0"),
     (dict(batch_size=0), "batch_size must be >= 1, got 0"),
 ])
 def test_bad_arguments_name_the_value(kwargs, message):

@@ -162,8 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="draw the samples this many times (seeds --seed, --seed + 1, ...) and report each measure's "
                         "mean and standard deviation (default: 1)")
     p.add_argument("--sweep", nargs="+", default=None, metavar="SETTING=V1,V2",
-                   help="score every combination of these sampling settings (cfg, temperature, top-k, top-p, steps), "
-                        "each with the same seeds, in one table of fidelity, variety and near-copies")
+                   help="score every combination of these sampling settings (cfg, temperature, top-k, top-p, steps, "
+                        "choice-noise), each with the same seeds, in one table of fidelity, variety and near-copies")
     p.add_argument("--inception", action="store_true",
                    help="with --samples: also the standard Inception FID (needs torch-fidelity and its weights)")
     p.add_argument("--retrain-judge", action="store_true", help="train the run's judge again instead of reusing it")

@@ -225,6 +225,9 @@ class Run:
         if sampling.steps is not None and self.kind.raster:
             raise VQGenError(f"--steps {sampling.steps} applies to a masked prior; {self.layout.prior.path} holds a "
                              f"{self.kind.name} prior, which draws one code per step")
+        if sampling.choice_noise is not None and self.kind.raster:
+            raise VQGenError(f"--choice-noise {sampling.choice_noise} applies to a masked prior; "
+                             f"{self.layout.prior.path} holds a {self.kind.name} prior, which draws in raster order")
         if sampling.steps is not None and sampling.steps > self.prior.config.seq_len:
             cfg = self.prior.config
             raise VQGenError(f"--steps {sampling.steps} is more than the {cfg.seq_len} codes of a "
@@ -409,8 +412,8 @@ def share(n: int, processes: int, index: int) -> tuple[int, int]:
 
 
 def _raster(sampling: SamplingConfig) -> dict:
-    """The options a raster prior's sampler takes (all but the masked prior's steps)."""
-    return {k: v for k, v in asdict(sampling).items() if k != "steps"}
+    """The options a raster prior's sampler takes (all but the masked prior's steps and choice noise)."""
+    return {k: v for k, v in asdict(sampling).items() if k not in ("steps", "choice_noise")}
 
 
 def autocast(accelerator: Accelerator):

@@ -6,8 +6,9 @@
 Each --variant NAME=ARGS (ARGS: options of `vqgen train prior`, comma-separated) trains a prior into
 OUT/NAME/ (a copy of RUN's vqvae/ and codes/), and records its wall-clock and best held-out number. Then, for
 each variant, --samples samples are scored by the dataset's judge (kept in --judge and shared by every variant,
-so all are judged alike) at the default sampling settings; a masked prior once per --steps value. Sampling time
-per image is timed on --time-samples samples, after one untimed batch, with one thread. With --inpaint, each
+so all are judged alike) at the default sampling settings; a masked prior once per --steps value (--samples 0:
+timing only). Sampling time per image is timed with one thread, after one untimed batch: in one batch of
+--time-samples samples (throughput), and drawing --latency-samples images one at a time (latency). With --inpaint, each
 variant also redraws a centre box of half the test images' area (the central ceil(side/sqrt(2)) code rows and
 columns) and the inpainted images are scored against the test split, beside the reconstructions (the ceiling).
 Results: OUT/priors.json (and a sample grid per variant and setting).
@@ -50,17 +51,20 @@ def train(run: Path, out: Path, name: str, args: list[str], seed: int) -> dict:
     tests = [r for r in JsonlLog(RunLayout(target).prior.metrics).read() if r.get("split") == "test"]
     best = tests[-1]
     metric = next(k[5:] for k in best if k.startswith("best_") and k != "best_step")
-    return {"name": name, "args": args, "train_seconds": float((target / "train_seconds.txt").read_text()),
+    seconds = target / "train_seconds.txt"  # absent for a prior trained elsewhere
+    return {"name": name, "args": args, "train_seconds": float(seconds.read_text()) if seconds.is_file() else None,
             "steps": tests[-1]["step"], "best_step": best["best_step"], metric: best[f"best_{metric}"]}
 
 
-def time_sampling(run: Run, sampling: SamplingConfig, n: int) -> float:
-    """Seconds per image to draw and decode n samples in one batch, after one untimed batch."""
+def time_sampling(run: Run, sampling: SamplingConfig, n: int, batch_size: int | None = None) -> float:
+    """Seconds per image to draw and decode n samples in batches of batch_size (default: one batch of n), after
+    one untimed batch."""
+    batch_size = batch_size or n
     accelerator = Accelerator(cpu=True)
     labels = run.label_plan(None, n)
-    run.sample(accelerator, min(n, 8), labels, sampling, seed=99, batch_size=n)
+    run.sample(accelerator, min(n, batch_size, 8), labels, sampling, seed=99, batch_size=batch_size)
     start = time.perf_counter()
-    run.sample(accelerator, n, labels, sampling, seed=1, batch_size=n)
+    run.sample(accelerator, n, labels, sampling, seed=1, batch_size=batch_size)
     return (time.perf_counter() - start) / n
 
 
@@ -98,9 +102,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--judge", type=Path, required=True, help="the dataset's judge folder (trained once if missing)")
     p.add_argument("--variant", action="append", required=True,
                    help="NAME=ARGS: a prior trained with `vqgen train prior ARGS` (ARGS comma-separated)")
-    p.add_argument("--samples", type=int, default=1000, help="samples scored per setting (default: 1000)")
+    p.add_argument("--samples", type=int, default=1000,
+                   help="samples scored per setting; 0: timing only (default: 1000)")
     p.add_argument("--steps", default="8", help="decoding steps of a masked prior, comma list (default: 8)")
-    p.add_argument("--time-samples", type=int, default=64, help="samples timed per setting (default: 64)")
+    p.add_argument("--time-samples", type=int, default=64, help="samples timed in one batch per setting (default: 64)")
+    p.add_argument("--latency-samples", type=int, default=8,
+                   help="samples timed one at a time per setting (default: 8; 0: none)")
     p.add_argument("--inpaint", action="store_true", help="also score inpainting a centre box of half the area")
     p.add_argument("--seed", type=int, default=0, help="training and sampling seed (default: 0)")
     return p.parse_args(argv)
@@ -124,21 +131,25 @@ def main(argv: list[str] | None = None) -> int:
         record["settings"] = []
         for sampling in settings:
             start = time.perf_counter()
-            scores = run.sample_quality(Accelerator(cpu=True), args.samples, sampling=sampling, seed=args.seed)
+            scores = {}
+            if args.samples:
+                scores = run.sample_quality(Accelerator(cpu=True), args.samples, sampling=sampling, seed=args.seed)
             seconds = time.perf_counter() - start
             threads = torch.get_num_threads()
             torch.set_num_threads(1)
             per_image = time_sampling(run, sampling, args.time_samples)
+            latency = time_sampling(run, sampling, args.latency_samples, 1) if args.latency_samples else None
             torch.set_num_threads(threads)
             record["settings"].append({"steps": sampling.steps, "cfg": sampling.cfg_scale, "score_seconds": seconds,
-                                       "seconds_per_image": per_image, **scores})
+                                       "seconds_per_image": per_image, "seconds_per_image_one_at_a_time": latency,
+                                       **scores})
             _, images = run.sample(Accelerator(cpu=True), 64, run.label_plan(None, 64), sampling, seed=args.seed)
             save_grid(images, args.out / f"{name}-steps{sampling.steps or 0}.png", nrow=8)
             print(json.dumps({"variant": name, **record["settings"][-1]}), flush=True)
-        if args.inpaint:
+        if args.inpaint and args.samples:
             record["inpaint"], inpainted = inpaint_scores(run, min(args.samples, 1000), settings[0], args.seed)
             save_grid(inpainted[:64], args.out / f"{name}-inpainted.png", nrow=8)
-        if not (args.judge / "model.safetensors").is_file():
+        if not (args.judge / "model.safetensors").is_file() and RunLayout(target).judge.trained:
             shutil.copytree(RunLayout(target).judge.path, args.judge, dirs_exist_ok=True)
         result["variants"].append(record)
         (args.out / "priors.json").write_text(json.dumps(result, indent=2) + "\n")
