@@ -15,7 +15,7 @@ from vqgen.core.evaluate.quality import (
     feature_stats,
     frechet_distance,
     frechet_distance_of,
-    inception_fid,
+    inception_scores,
     judge_accuracy,
     judge_features,
     judge_is_reliable,
@@ -285,7 +285,7 @@ def test_bad_judge_config(change, message):
 def test_inception_fid_without_the_package(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch_fidelity", None)  # makes `import torch_fidelity` fail
     with pytest.raises(VQGenError, match="needs torch-fidelity.*pip install torch-fidelity") as err:
-        inception_fid(noise(4, 0), noise(4, 1))
+        inception_scores(noise(4, 0), noise(4, 1))
     assert "\n" not in str(err.value)
 
 
@@ -298,17 +298,20 @@ def test_inception_fid_without_weights_and_its_call_path(monkeypatch):
     fake.calculate_metrics = offline
     monkeypatch.setitem(sys.modules, "torch_fidelity", fake)
     with pytest.raises(VQGenError, match="name resolution.*network access") as err:
-        inception_fid(noise(4, 0), noise(4, 1))
+        inception_scores(noise(4, 0), noise(4, 1))
     assert "\n" not in str(err.value)
 
     seen = {}
 
-    def ok(input1, input2, fid, **kwargs):
-        seen.update(first=input1[0], n=(len(input1), len(input2)), fid=fid)
-        return {"frechet_inception_distance": 12.5}
+    def ok(input1, input2, fid, kid, prc, **kwargs):
+        seen.update(first=input1[0], n=(len(input1), len(input2)), asked=(fid, kid, prc), **kwargs)
+        return {"frechet_inception_distance": 12.5, "kernel_inception_distance_mean": 0.25,
+                "kernel_inception_distance_std": 0.01, "precision": 0.5, "recall": 0.75, "f_score": 0.6}
 
     fake.calculate_metrics = ok
     grey = torch.zeros(5, 1, 8, 8, dtype=torch.uint8)
-    assert inception_fid(grey, noise(3, 0)) == 12.5
+    assert inception_scores(grey, noise(3, 0)) == {"fid": 12.5, "kid": 0.25, "kid_subset_std": 0.01,
+                                                   "precision": 0.5, "recall": 0.75}
     assert seen["first"].shape == (3, 8, 8) and seen["first"].dtype == torch.uint8
-    assert seen["n"] == (5, 3) and seen["fid"] is True
+    assert seen["n"] == (5, 3) and seen["asked"] == (True, True, True)
+    assert seen["kid_subset_size"] == 3 and seen["prc_neighborhood"] == 3  # KID's subsets fit the smaller set

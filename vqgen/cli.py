@@ -165,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score every combination of these sampling settings (cfg, temperature, top-k, top-p, steps, "
                         "choice-noise), each with the same seeds, in one table of fidelity, variety and near-copies")
     p.add_argument("--inception", action="store_true",
-                   help="with --samples: also the standard Inception FID (needs torch-fidelity and its weights)")
+                   help="with --samples: also the standard Inception FID, KID and precision/recall (needs "
+                        "torch-fidelity and its weights)")
     p.add_argument("--retrain-judge", action="store_true", help="train the run's judge again instead of reusing it")
     p.add_argument("--judge-steps", type=int, default=600,
                    help="training steps of the judge, when it is trained (default: 600)")

@@ -399,7 +399,7 @@ class Run:
             if closest_pairs is not None and accelerator.is_main_process:
                 save_png(sample_metrics.closest_pairs_grid(images, train_images, found["pixels"]), closest_pairs)
         if inception:
-            scores["inception_fid"] = quality.inception_fid(images, test_images)
+            scores.update({f"inception_{k}": v for k, v in quality.inception_scores(images, test_images).items()})
         return {"samples": scores, "reconstructed": reconstructed, "real": real}
 
 

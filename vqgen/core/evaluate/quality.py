@@ -6,7 +6,8 @@ samples to the real test images in the judge's features, class accuracy and clas
 `reference_floor` what real training images score in the same measures; both compare with a
 `Reference`, the test images' statistics computed once. `distribution_scores` adds KID, precision/recall
 and density/coverage, `memorisation_scores` the share of near-copies of training images (both from
-vqgen.core.evaluate.sample_metrics). `inception_fid` is the standard Inception FID through torch-fidelity.
+vqgen.core.evaluate.sample_metrics). `inception_scores` are the standard Inception FID, KID and
+precision/recall through torch-fidelity.
 """
 
 from __future__ import annotations
@@ -431,8 +432,15 @@ class _UInt8Images(torch.utils.data.Dataset):
         return x.expand(3, -1, -1).contiguous() if x.shape[0] == 1 else x  # Inception wants RGB
 
 
-def inception_fid(samples: Tensor, reference: Tensor) -> float:
-    """The standard Inception FID of uint8 (n, c, h, w) samples against reference images, via torch-fidelity."""
+# torch-fidelity's result keys -> ours (KID's spread there is over its subsets, not a standard error)
+_INCEPTION_KEYS = {"frechet_inception_distance": "fid", "kernel_inception_distance_mean": "kid",
+                   "kernel_inception_distance_std": "kid_subset_std", "precision": "precision", "recall": "recall"}
+
+
+def inception_scores(samples: Tensor, reference: Tensor) -> dict[str, float]:
+    """The standard Inception FID, KID and precision/recall (k = 3) of uint8 (n, c, h, w) samples against
+    reference images, all computed by torch-fidelity in its Inception features: {fid, kid, kid_subset_std,
+    precision, recall}."""
     _check_images(samples, "samples")
     _check_images(reference, "reference images")
     try:
@@ -441,8 +449,9 @@ def inception_fid(samples: Tensor, reference: Tensor) -> float:
         raise VQGenError(f"the Inception FID needs torch-fidelity and its weights: {_INCEPTION_HELP}") from None
     try:
         metrics = torch_fidelity.calculate_metrics(
-            input1=_UInt8Images(samples), input2=_UInt8Images(reference), fid=True,
+            input1=_UInt8Images(samples), input2=_UInt8Images(reference), fid=True, kid=True, prc=True,
+            kid_subset_size=min(1000, len(samples), len(reference)), prc_neighborhood=3,
             cuda=torch.cuda.is_available(), cache=False, verbose=False)
     except Exception as err:  # most often: no network to download the weights on first use
         raise VQGenError(f"the Inception FID failed ({one_line(err)}): {_INCEPTION_HELP}") from None
-    return float(metrics[getattr(torch_fidelity, "KEY_METRIC_FID", "frechet_inception_distance")])
+    return {ours: float(metrics[theirs]) for theirs, ours in _INCEPTION_KEYS.items() if theirs in metrics}
