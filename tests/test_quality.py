@@ -9,13 +9,13 @@ import scipy.linalg
 import torch
 
 from vqgen.core.data.shapes import make_shapes
+from vqgen.core.evaluate.inception import inception_scores
 from vqgen.core.evaluate.quality import (
     Judge,
     JudgeConfig,
     feature_stats,
     frechet_distance,
     frechet_distance_of,
-    inception_scores,
     judge_accuracy,
     judge_features,
     judge_is_reliable,

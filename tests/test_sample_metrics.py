@@ -13,6 +13,7 @@ from accelerate import Accelerator
 
 from vqgen.core.data.shapes import make_shapes
 from vqgen.core.evaluate import sample_metrics as sm
+from vqgen.core.evaluate import seeds
 from vqgen.core.evaluate.quality import (
     JudgeConfig,
     frechet_distance_of,
@@ -296,9 +297,10 @@ def test_closest_pairs_grid_puts_each_sample_beside_its_training_image(shapes):
 
 def test_t975_table_is_scipys_and_rounds_down():
     for df in [*range(1, 31), 40, 60, 120]:
-        assert sm.t975(df) == pytest.approx(scipy.stats.t.ppf(0.975, df), abs=1e-5)
-    assert sm.t975(math.inf) == pytest.approx(scipy.stats.norm.ppf(0.975), abs=1e-5)
-    assert sm.t975(2.7) == sm.t975(2) and sm.t975(45.0) == sm.t975(40) and sm.t975(1e6) == sm.t975(120)
+        assert seeds.t975(df) == pytest.approx(scipy.stats.t.ppf(0.975, df), abs=1e-5)
+    assert seeds.t975(math.inf) == pytest.approx(scipy.stats.norm.ppf(0.975), abs=1e-5)
+    assert seeds.t975(2.7) == seeds.t975(2) and seeds.t975(45.0) == seeds.t975(40)
+    assert seeds.t975(1e6) == seeds.t975(120)
 
 
 def test_aggregate_seeds_and_compare_settings():
@@ -308,20 +310,20 @@ def test_aggregate_seeds_and_compare_settings():
               for s, (f, k) in enumerate(zip(fids_a, rng.normal(size=3)))]
     runs_b = [{"samples": {"fid": f, "kid": float(k), "n_samples": 100.0}, "seed": s}
               for s, (f, k) in enumerate(zip(fids_b, rng.normal(size=3)))]
-    a, b = sm.aggregate_seeds(runs_a), sm.aggregate_seeds(runs_b)
+    a, b = seeds.aggregate_seeds(runs_a), seeds.aggregate_seeds(runs_b)
     assert a["samples"]["fid"]["mean"] == pytest.approx(np.mean(fids_a))
     assert a["samples"]["fid"]["std"] == pytest.approx(np.std(fids_a, ddof=1)) and a["samples"]["fid"]["n"] == 3
     assert a["samples"]["n_samples"] == {"mean": 100.0, "std": 0.0, "n": 3} and "note" not in a
-    diff = sm.compare_settings(a, b)
+    diff = seeds.compare_settings(a, b)
     welch = scipy.stats.ttest_ind(fids_b, fids_a, equal_var=False)
     assert diff["samples"]["fid"]["difference"] == pytest.approx(np.mean(fids_b) - np.mean(fids_a))
     assert diff["samples"]["fid"]["exceeds"] is True and welch.pvalue < 0.05
     kid_a, kid_b = [r["samples"]["kid"] for r in runs_a], [r["samples"]["kid"] for r in runs_b]
     assert diff["samples"]["kid"]["exceeds"] == (scipy.stats.ttest_ind(kid_b, kid_a, equal_var=False).pvalue < 0.05)
     assert diff["samples"]["n_samples"] == {"difference": 0.0, "spread": 0.0, "exceeds": False}
-    one = sm.aggregate_seeds(runs_a[:1])
+    one = seeds.aggregate_seeds(runs_a[:1])
     assert one["samples"]["fid"] == {"mean": 1.0, "std": None, "n": 1}
-    assert sm.compare_settings(one, b)["samples"]["fid"]["exceeds"] is None
+    assert seeds.compare_settings(one, b)["samples"]["fid"]["exceeds"] is None
 
 
 def test_compare_paired_is_scipys_paired_t_test():
@@ -330,27 +332,28 @@ def test_compare_paired_is_scipys_paired_t_test():
     luck = [0.0, 0.5, -0.4, 0.9]
     a = [{"samples": {"fid": 1.0 + u}, "seed": s} for s, u in enumerate(luck)]
     b = [{"samples": {"fid": 1.1 + u + 0.01 * (-1) ** s}, "seed": s} for s, u in enumerate(luck)]
-    got = sm.compare_paired(a, b)["samples"]["fid"]
+    got = seeds.compare_paired(a, b)["samples"]["fid"]
     fa, fb = [r["samples"]["fid"] for r in a], [r["samples"]["fid"] for r in b]
     assert got["difference"] == pytest.approx(0.1)
     assert got["exceeds"] is True and scipy.stats.ttest_rel(fb, fa).pvalue < 0.05
     sd = np.std(np.subtract(fb, fa), ddof=1)
     assert got["spread"] == pytest.approx(scipy.stats.t.ppf(0.975, 3) * sd / 2, rel=1e-6)
-    assert sm.compare_settings(sm.aggregate_seeds(a), sm.aggregate_seeds(b))["samples"]["fid"]["exceeds"] is False
-    assert sm.compare_paired(a, a)["seed"] == {"difference": 0.0, "spread": 0.0, "exceeds": False}
-    assert sm.compare_paired(a[:1], b[:1])["samples"]["fid"]["exceeds"] is None
+    welch = seeds.compare_settings(seeds.aggregate_seeds(a), seeds.aggregate_seeds(b))
+    assert welch["samples"]["fid"]["exceeds"] is False
+    assert seeds.compare_paired(a, a)["seed"] == {"difference": 0.0, "spread": 0.0, "exceeds": False}
+    assert seeds.compare_paired(a[:1], b[:1])["samples"]["fid"]["exceeds"] is None
     with pytest.raises(VQGenError, match="same seeds on both sides, got 4 and 3 runs"):
-        sm.compare_paired(a, b[:3])
+        seeds.compare_paired(a, b[:3])
 
 
 def test_welch_spread_matches_scipy_at_integer_degrees_of_freedom():
     """Equal n and std on both sides: df = 2 (n - 1) exactly, so the spread is scipy's interval."""
     a = {"mean": 0.0, "std": 1.0, "n": 4}
     b = {"mean": 3.0, "std": 1.0, "n": 4}
-    got = sm.compare_settings({"x": a}, {"x": b})["x"]
+    got = seeds.compare_settings({"x": a}, {"x": b})["x"]
     assert got["spread"] == pytest.approx(scipy.stats.t.ppf(0.975, 6) * math.sqrt(0.5), rel=1e-6)
     assert got["exceeds"] is True
-    assert sm.compare_settings({"x": a}, {"x": {**b, "mean": 1.0}})["x"]["exceeds"] is False
+    assert seeds.compare_settings({"x": a}, {"x": {**b, "mean": 1.0}})["x"]["exceeds"] is False
 
 
 # --- in the judge's evaluation -----------------------------------------------------------------
@@ -413,7 +416,7 @@ def test_eval_writes_the_new_scores_and_the_closest_pairs(tiny_run, tmp_path):
     (lambda: sm.memorisation(gaussian(4, 3, 0), gaussian(9, 3, 1), gaussian(8, 3, 2), quantile=1.5),
      "quantile must be in .*1.5"),
     (lambda: sm.kid(torch.full((4, 2), math.nan), gaussian(4, 2, 0)), "NaN"),
-    (lambda: sm.aggregate_seeds([]), "got none"),
+    (lambda: seeds.aggregate_seeds([]), "got none"),
     (lambda: sm.pixels(torch.zeros(2, 3, 4, 4)), "uint8"),
 ])
 def test_bad_input_is_refused_in_one_line_naming_the_value(call, message):

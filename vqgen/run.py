@@ -28,6 +28,7 @@ from stage2_prior.sampling import check_sampling, inverse_cdf, sample_codes
 from vqgen.core.data.config import DataConfig
 from vqgen.core.data.images import ImageData, ImageSplit, load_image_data, to_model_range, to_uint8
 from vqgen.core.evaluate import quality, sample_metrics
+from vqgen.core.evaluate.inception import inception_scores
 from vqgen.core.evaluate.measures import code_usage, psnr
 from vqgen.core.runtime.errors import VQGenError
 from vqgen.core.share.export import RunLocation, locate_run
@@ -222,12 +223,11 @@ class Run:
         if batch_size < 1:
             raise VQGenError(f"batch_size must be >= 1, got {batch_size}")
         first = labels.of(torch.arange(min(n, max(len(labels.ids), labels.cycle, len(labels.frequencies), 1))))
-        if sampling.steps is not None and self.kind.raster:
-            raise VQGenError(f"--steps {sampling.steps} applies to a masked prior; {self.layout.prior.path} holds a "
-                             f"{self.kind.name} prior, which draws one code per step")
-        if sampling.choice_noise is not None and self.kind.raster:
-            raise VQGenError(f"--choice-noise {sampling.choice_noise} applies to a masked prior; "
-                             f"{self.layout.prior.path} holds a {self.kind.name} prior, which draws in raster order")
+        for name in _MASKED_ONLY if self.kind.raster else ():
+            if getattr(sampling, name) is not None:
+                raise VQGenError(f"--{name.replace('_', '-')} {getattr(sampling, name)} applies to a masked prior; "
+                                 f"{self.layout.prior.path} holds a {self.kind.name} prior, which draws one code per "
+                                 "step in raster order")
         if sampling.steps is not None and sampling.steps > self.prior.config.seq_len:
             cfg = self.prior.config
             raise VQGenError(f"--steps {sampling.steps} is more than the {cfg.seq_len} codes of a "
@@ -399,7 +399,7 @@ class Run:
             if closest_pairs is not None and accelerator.is_main_process:
                 save_png(sample_metrics.closest_pairs_grid(images, train_images, found["pixels"]), closest_pairs)
         if inception:
-            scores.update({f"inception_{k}": v for k, v in quality.inception_scores(images, test_images).items()})
+            scores.update({f"inception_{k}": v for k, v in inception_scores(images, test_images).items()})
         return {"samples": scores, "reconstructed": reconstructed, "real": real}
 
 
@@ -411,9 +411,12 @@ def share(n: int, processes: int, index: int) -> tuple[int, int]:
     return first, first + size + (index < extra)
 
 
+_MASKED_ONLY = ("steps", "choice_noise")  # sampling options of parallel decoding, refused for a raster prior
+
+
 def _raster(sampling: SamplingConfig) -> dict:
-    """The options a raster prior's sampler takes (all but the masked prior's steps and choice noise)."""
-    return {k: v for k, v in asdict(sampling).items() if k not in ("steps", "choice_noise")}
+    """The options a raster prior's sampler takes (all but the masked prior's own)."""
+    return {k: v for k, v in asdict(sampling).items() if k not in _MASKED_ONLY}
 
 
 def autocast(accelerator: Accelerator):

@@ -1,6 +1,6 @@
 """Sample quality you can compare: the same measures over several sampling seeds (mean and spread), and a
 sweep over sampling settings, each setting scored with the same seeds so that two settings share their
-luck and are compared pair by pair (`sample_metrics.compare_paired`).
+luck and are compared pair by pair (`vqgen.core.evaluate.seeds.compare_paired`).
 
     --seeds 3 --sweep cfg=1,1.5,2 temperature=0.9,1   -> 6 settings x 3 seeds; the first setting is the baseline
 """

@@ -11,7 +11,7 @@ from accelerate import Accelerator
 from rich.table import Table
 
 from vqgen.commands.common import at_least, sampling_options
-from vqgen.core.evaluate.sample_metrics import aggregate_seeds, compare_paired
+from vqgen.core.evaluate.seeds import aggregate_seeds, compare_paired
 from vqgen.core.runtime.console import make_console
 from vqgen.core.runtime.errors import VQGenError
 from vqgen.core.share.export import locate_run

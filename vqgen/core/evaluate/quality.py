@@ -6,8 +6,8 @@ samples to the real test images in the judge's features, class accuracy and clas
 `reference_floor` what real training images score in the same measures; both compare with a
 `Reference`, the test images' statistics computed once. `distribution_scores` adds KID, precision/recall
 and density/coverage, `memorisation_scores` the share of near-copies of training images (both from
-vqgen.core.evaluate.sample_metrics). `inception_scores` are the standard Inception FID, KID and
-precision/recall through torch-fidelity.
+vqgen.core.evaluate.sample_metrics). The standard Inception measures are in
+vqgen.core.evaluate.inception.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vqgen.core.evaluate import sample_metrics
-from vqgen.core.runtime.errors import VQGenError, one_line
+from vqgen.core.runtime.errors import VQGenError
 from vqgen.core.store.weights import load_model, save_model
 
 TASKS = ("labels", "rotation")
@@ -119,7 +119,7 @@ class JudgeConfig:
     def for_data(cls, images: Tensor, labels: Tensor | None, num_classes: int | None = None,
                  **changes) -> JudgeConfig:
         """The config that fits uint8 (n, c, h, w) images: the labels task when labels are given."""
-        _check_images(images, "judge training images")
+        check_images(images, "judge training images")
         if labels is not None and num_classes is None:
             num_classes = int(labels.max()) + 1 if labels.numel() else 0
         return cls(in_channels=images.shape[1], image_height=images.shape[2], image_width=images.shape[3],
@@ -154,7 +154,7 @@ class Judge(nn.Module):
         return self.head(self.features(x))
 
 
-def _check_images(images: Tensor, what: str, config: JudgeConfig | None = None) -> None:
+def check_images(images: Tensor, what: str, config: JudgeConfig | None = None) -> None:
     """Refuse anything but uint8 (n, c, h, w), and (c, h, w) other than the judge's."""
     ok = (isinstance(images, Tensor) and images.dtype == torch.uint8 and images.ndim == 4
           and images.shape[1] in (1, 3) and min(images.shape[2:]) >= 8 and images.shape[0] >= 1)
@@ -215,7 +215,7 @@ def train_judge(images: Tensor, labels: Tensor | None, config: JudgeConfig,
     """
     if labels is None and config.task == "labels":
         config = dataclasses.replace(config, task="rotation", num_classes=0)  # unlabelled: learn rotations
-    _check_images(images, "judge training images", config)
+    check_images(images, "judge training images", config)
     n = len(images)
     if labels is not None:
         _check_labels(labels, n, config.num_classes if config.task == "labels" else 0, "judge training labels")
@@ -275,14 +275,14 @@ def _predict(judge: Judge, images: Tensor, batch_size: int) -> Tensor:
 
 def judge_features(judge: Judge, images: Tensor, batch_size: int = 256) -> Tensor:
     """uint8 (n, c, h, w) -> float64 features (n, 4 * width)."""
-    _check_images(images, "images", judge.config)
+    check_images(images, "images", judge.config)
     return _apply(judge, images, judge.features, batch_size).double()
 
 
 def judge_accuracy(judge: Judge, images: Tensor, labels: Tensor | None, batch_size: int = 256) -> float:
     """Share of correct predictions: of the labels, or (rotation task) of each image's rotation, 4 ways."""
     cfg = judge.config
-    _check_images(images, "images", cfg)
+    check_images(images, "images", cfg)
     if cfg.task == "rotation":
         sq = _square(images)
         turns = torch.arange(ROTATIONS).repeat_interleave(len(images))
@@ -315,7 +315,7 @@ class Reference:
 
 def reference_of(judge: Judge, images: Tensor, labels: Tensor | None, batch_size: int = 256) -> Reference:
     """The `Reference` of uint8 (n, c, h, w) test images (and their labels, if any)."""
-    _check_images(images, "reference images", judge.config)
+    check_images(images, "reference images", judge.config)
     accuracy = None
     if judge.config.task == "rotation" or labels is not None:
         accuracy = judge_accuracy(judge, images, labels, batch_size)
@@ -332,7 +332,7 @@ def sample_quality(judge: Judge, samples: Tensor, sample_labels: Tensor | None, 
     Compare with `reference_floor` at the same number of samples: FID is biased by n.
     """
     cfg = judge.config
-    _check_images(samples, "samples", cfg)
+    check_images(samples, "samples", cfg)
     features = judge_features(judge, samples, batch_size)
     result = {"n_samples": float(len(samples)),
               "fid": frechet_distance(*feature_stats(features), reference.mean, reference.cov)}
@@ -359,7 +359,7 @@ def reference_floor(judge: Judge, train_images: Tensor, reference: Reference, n:
 
     transform: applied to the n picked images first (say, the VQ-VAE's reconstruction of them: the
     best a prior's samples can score through that decoder)."""
-    _check_images(train_images, "training images", judge.config)
+    check_images(train_images, "training images", judge.config)
     if not 2 <= n <= len(train_images):
         raise VQGenError(f"reference floor: n must be in [2, {len(train_images)}] (the training images), got {n}")
     if train_labels is not None:
@@ -400,7 +400,7 @@ def memorisation_scores(judge: Judge, sample_sets: Sequence[Tensor], train_image
     identical to a training image, left out of the calibration; {"features": ..., "pixels": Memorisation})."""
     for images, what in ((train_images, "training images"), (heldout_images, "held-out images"),
                          *((x, "samples") for x in sample_sets)):
-        _check_images(images, what, judge.config)
+        check_images(images, what, judge.config)
     device = next(judge.parameters()).device
     spaces = {"features": lambda x: judge_features(judge, x, batch_size).to(device),
               "pixels": lambda x: sample_metrics.pixels(x).to(device)}
@@ -412,46 +412,3 @@ def memorisation_scores(judge: Judge, sample_sets: Sequence[Tensor], train_image
             found[i][space] = sample_metrics.near_copies(embed(samples), train, threshold)
     return [({**f["features"].scores(), **f["pixels"].scores("_pixels"),
               "heldout_duplicates": f["pixels"].heldout_duplicates}, f) for f in found]
-
-
-# --- Inception FID (optional library) ----------------------------------------------------
-
-_INCEPTION_HELP = "pip install torch-fidelity, with network access once for its Inception weights"
-
-
-class _UInt8Images(torch.utils.data.Dataset):
-    """What torch-fidelity reads: one uint8 (3, h, w) tensor per item."""
-    def __init__(self, images: Tensor):
-        self.images = images.cpu()
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> Tensor:
-        x = self.images[i]
-        return x.expand(3, -1, -1).contiguous() if x.shape[0] == 1 else x  # Inception wants RGB
-
-
-# torch-fidelity's result keys -> ours (KID's spread there is over its subsets, not a standard error)
-_INCEPTION_KEYS = {"frechet_inception_distance": "fid", "kernel_inception_distance_mean": "kid",
-                   "kernel_inception_distance_std": "kid_subset_std", "precision": "precision", "recall": "recall"}
-
-
-def inception_scores(samples: Tensor, reference: Tensor) -> dict[str, float]:
-    """The standard Inception FID, KID and precision/recall (k = 3) of uint8 (n, c, h, w) samples against
-    reference images, all computed by torch-fidelity in its Inception features: {fid, kid, kid_subset_std,
-    precision, recall}."""
-    _check_images(samples, "samples")
-    _check_images(reference, "reference images")
-    try:
-        import torch_fidelity
-    except ImportError:
-        raise VQGenError(f"the Inception FID needs torch-fidelity and its weights: {_INCEPTION_HELP}") from None
-    try:
-        metrics = torch_fidelity.calculate_metrics(
-            input1=_UInt8Images(samples), input2=_UInt8Images(reference), fid=True, kid=True, prc=True,
-            kid_subset_size=min(1000, len(samples), len(reference)), prc_neighborhood=3,
-            cuda=torch.cuda.is_available(), cache=False, verbose=False)
-    except Exception as err:  # most often: no network to download the weights on first use
-        raise VQGenError(f"the Inception FID failed ({one_line(err)}): {_INCEPTION_HELP}") from None
-    return {ours: float(metrics[theirs]) for theirs, ours in _INCEPTION_KEYS.items() if theirs in metrics}
