@@ -5,17 +5,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
+import torch
 from torch import Tensor, nn
 
 from stage2_prior.config import PRIOR_CONFIGS, PriorConfig
 from stage2_prior.masked import MaskedPrior, masked_held_out, masked_loss
 from stage2_prior.pixelcnn import PixelCNNPrior
 from stage2_prior.raster import raster_held_out, raster_loss
+from stage2_prior.sampling import inverse_cdf, seeded_uniforms
 from stage2_prior.transformer import TransformerPrior
 from vqgen.core.runtime.errors import VQGenError
 from vqgen.core.store.configs import load_config, option, read_json
 from vqgen.core.store.layout import ModelDir
 from vqgen.core.store.weights import load_weights
+
+CLUSTER_STREAM = 3 << 60  # a cluster within a class drawn for a sample: its own generator, apart from the codes'
 
 # (model, codes (b, h, w), labels (b,) or None) -> (loss, detached scalars for the training log); the model
 # may be wrapped (DDP), so the function calls nothing but its `forward`.
@@ -64,6 +68,28 @@ class PriorSource:
     class_names: tuple[str, ...]
     class_frequencies: tuple[float, ...] = option((), "share of the training grids in each class", since=2)
     pseudo_labels: bool = option(False, "the classes are clusters of the codes (unlabelled data)", since=2)
+    condition_classes: tuple[int, ...] = option(
+        (), "the prior conditions on clusters within classes: the class of each (none: on the classes)", since=6)
+    condition_frequencies: tuple[float, ...] = option(
+        (), "each cluster within a class: its share of its class's training grids", since=6)
+
+    def conditions(self, labels: Tensor | None, seeds: Tensor) -> Tensor | None:
+        """(b,) class ids (the null class `len(class_names)` allowed), (b,) sample seeds -> (b,) what the prior
+        conditions on: the classes themselves, or for each sample a cluster within its class, drawn with the
+        clusters' shares of that class from its seed alone (the null class stays null)."""
+        if labels is None or not self.condition_classes:
+            return labels
+        classes = len(self.class_names)
+        bad = labels[(labels < 0) | (labels > classes)]
+        if len(bad):
+            raise VQGenError(f"labels must be in [0, {classes}] ({classes} = null class), got {int(bad[0])}")
+        owners = torch.tensor(self.condition_classes, device=labels.device)
+        mine = (owners[None, :] == labels[:, None]).double()  # (b, conditions): the clusters of each label's class
+        weights = mine * torch.tensor(self.condition_frequencies, dtype=torch.double, device=labels.device)
+        weights = torch.where(weights.sum(1, keepdim=True) > 0, weights, mine)  # a class no training grid had
+        uniforms = seeded_uniforms(seeds.cpu() + CLUSTER_STREAM, 1)[:, 0].double().to(labels.device)
+        drawn = inverse_cdf(weights, uniforms)
+        return torch.where(labels == classes, len(owners), drawn)
 
 
 def prior_kind(name: str) -> PriorKind:

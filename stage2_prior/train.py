@@ -34,6 +34,8 @@ class CodesDataset(BatchDataset):
 
     def __init__(self, split: CodeSplit, use_labels: bool):
         self.split, self.use_labels = split, use_labels
+        # what the prior conditions on: each grid's cluster within its class where the dump has them
+        self.conditions = split.labels if split.conditions is None else split.conditions
 
     def __len__(self) -> int:
         return len(self.split)
@@ -41,7 +43,7 @@ class CodesDataset(BatchDataset):
     def batch(self, indices: list[int]) -> dict[str, Tensor]:
         """A whole batch by one indexing op."""
         idx = torch.as_tensor(indices, dtype=torch.int64)
-        labels = self.split.labels[idx] if self.use_labels else torch.full_like(idx, -1)
+        labels = self.conditions[idx] if self.use_labels else torch.full_like(idx, -1)
         return {"codes": self.split.codes[idx].long(), "label": labels, "index": idx}
 
 
@@ -100,7 +102,7 @@ def resolve_prior_config(kind: str | None, meta: CodesMeta, conditional: bool, o
                          stage: ModelDir, resume: bool) -> PriorConfig:
     """The prior config from the codes and options; on resume the saved one, checked against the codes (and
     against `kind` when given). A fresh prior of no given kind is a Transformer."""
-    num_classes = meta.num_classes if conditional else 0
+    num_classes = meta.num_conditions if conditional else 0
     from_codes = {"codebook_size": meta.codebook_size, "grid_height": meta.grid_height,
                   "grid_width": meta.grid_width, "num_classes": num_classes}
     if resume and stage.config.is_file():
@@ -154,6 +156,24 @@ def sized_defaults(meta: CodesMeta, given_training: dict[str, Any],
     passes = planned * batch * processes / max(grids, 1) if planned else given_training.get("epochs",
                                                                                              TrainConfig().epochs)
     return {"dropout": sized_dropout(codes, passes)}, training
+
+
+def conditioned_on(meta: CodesMeta) -> str:
+    if meta.condition_classes:
+        return f"conditional on {len(meta.condition_classes)} clusters within {meta.num_classes} classes"
+    return f"conditional on {meta.num_classes} {'clusters' if meta.pseudo_labels else 'classes'}"
+
+
+def condition_shares(train: CodeSplit, meta: CodesMeta) -> dict[str, tuple]:
+    """PriorSource's record of what the prior conditions on: each class's share of the training grids and,
+    for clusters within classes, each cluster's class and its share of that class's grids."""
+    counts = torch.bincount(train.labels, minlength=meta.num_classes).double()
+    shares = {"class_frequencies": tuple((counts / counts.sum()).tolist())}
+    if meta.condition_classes:
+        owners = torch.tensor(meta.condition_classes)
+        within = torch.bincount(train.conditions, minlength=len(owners)).double() / counts[owners].clamp_min(1)
+        shares.update(condition_classes=meta.condition_classes, condition_frequencies=tuple(within.tolist()))
+    return shares
 
 
 @holds_stage_lock("prior")  # one writer per stage folder: a second run is refused
@@ -212,14 +232,11 @@ def train_prior(
     n_params = sum(p.numel() for p in prior.parameters())
     console.print(f"prior: {kind}, {n_params / 1e6:.2f}M parameters, K={cfg.codebook_size}, grid "
                   f"{cfg.grid_height}x{cfg.grid_width}, "
-                  f"{'conditional on ' + str(cfg.num_classes) + ' classes' if conditional else 'unconditional'}")
-    frequencies = ()
-    if conditional:
-        counts = torch.bincount(splits["train"].labels, minlength=meta.num_classes).double()
-        frequencies = tuple((counts / counts.sum()).tolist())
+                  f"{conditioned_on(meta) if conditional else 'unconditional'}")
     source = PriorSource(prior=kind, vqvae_fingerprint=meta.vqvae_fingerprint, codes_dir=str(codes_dir.resolve()),
-                         class_names=meta.class_names if conditional else (), class_frequencies=frequencies,
-                         pseudo_labels=conditional and meta.pseudo_labels)
+                         class_names=meta.class_names if conditional else (),
+                         pseudo_labels=conditional and meta.pseudo_labels,
+                         **(condition_shares(splits["train"], meta) if conditional else {}))
     write_stage_files(accelerator, stage, {stage.config: cfg, stage.source: source}, fresh=overwrite and not resume)
     optimizer = make_optimizer(prior, train_cfg)
     train_loader = make_loader(CodesDataset(splits["train"], conditional), train_cfg.batch_size, train=True,

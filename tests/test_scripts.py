@@ -199,3 +199,21 @@ def test_a_folder_smaller_than_the_default_batch_trains_both_stages_at_its_size(
     assert train_prior.main(["--run", str(run), "--max-steps", "2", "--d-model", "16", "--n-layers", "1",
                              "--n-heads", "2"]) == 0
     assert json.loads((run / "prior" / "train_config.json").read_text())["batch_size"] == 11
+
+
+def test_the_conditions_benchmark_scores_each_condition_on_one_stage_1(tiny_run, tmp_path, capsys):
+    """Two dumps of the tiny run's codes (its classes; clusters with the labels hidden), a prior on each,
+    one judge for both; the table has a row per condition and the clusters get no class accuracy."""
+    bench = load_script("benchmarks/conditions")
+    out = tmp_path / "conditions"
+    bench.main(["--run", str(tiny_run), "--out", str(out), "--condition", "labels=--class-clusters,0",
+                "--condition", "clusters=--label-column,none,--pseudo-classes,3", "--prior-steps", "2",
+                "--prior-args=--d-model,16,--n-layers,1,--n-heads,2", "--samples", "8", "--seeds", "1",
+                "--judge-steps", "5"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| labels") or
+            line.startswith("| clusters")]
+    assert len(rows) == 2 and "| — |" in rows[1] and "| — |" not in rows[0]
+    result = json.loads((out / "conditions.json").read_text())["results"]
+    assert set(result) == {"labels", "clusters"} and len(result["labels"]["fid_per_seed"]) == 1
+    judges = [(out / name / "judge" / "model.safetensors").read_bytes() for name in ("labels", "clusters")]
+    assert judges[0] == judges[1]  # trained once, shared

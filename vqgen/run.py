@@ -181,7 +181,7 @@ class Run:
             if len(ids) not in (1, n):
                 raise VQGenError(f"got {len(ids)} labels for {n} samples: give one label or n of them")
             return LabelPlan(ids=ids)
-        classes = self.need_prior().config.num_classes
+        classes = len(self.class_names) if self.need_prior().config.num_classes else 0  # not clusters within them
         if unconditional or not classes:
             return LabelPlan()
         if self.source.pseudo_labels and self.source.class_frequencies:
@@ -233,6 +233,7 @@ class Run:
             raise VQGenError(f"--steps {sampling.steps} is more than the {cfg.seq_len} codes of a "
                              f"{cfg.grid_height}x{cfg.grid_width} grid")
         count = len(first) if first is not None else 1
+        first = self.source.conditions(first, torch.zeros(count, dtype=torch.long))
         if self.kind.raster:
             check_sampling(self.prior, count, first, **_raster(sampling))
         else:
@@ -264,7 +265,7 @@ class Run:
         kept codes before it in raster order (not those after); a masked prior sees every kept code. Sample i
         depends only on seeds[i] (and its own kept codes and label)."""
         prior = self.need_prior()
-        labels = None if labels is None else labels.to(self.device)
+        labels = None if labels is None else self.source.conditions(labels.to(self.device), seeds)
         if self.kind.raster:
             out = sample_codes(prior, n, labels=labels, seeds=seeds, prefix=codes, keep=keep, **_raster(sampling))
         else:
@@ -325,12 +326,16 @@ class Run:
         test = None
         if self.prior is not None and not self.read_only:
             test = load_codes(self.layout.codes)[0]["test"]
-        elif self.prior is not None and not self.source.pseudo_labels:  # an exported model carries no code grids:
-            test = CodeSplit(codes, data.test.labels)                    # the test images' codes, just encoded
+        elif self.prior is not None and not (self.source.pseudo_labels or self.source.condition_classes):
+            test = CodeSplit(codes, data.test.labels)  # an exported model carries no code grids: encoded now
         if test is not None and len(test):
             conditional = self.prior.config.num_classes > 0
+            given = test.labels if test.conditions is None else test.conditions
+            if conditional and (test.conditions is None) != (not self.source.condition_classes):
+                raise VQGenError(f"the prior in {self.layout.prior.path} and the codes in {self.layout.codes} "
+                                 "disagree on clusters within classes (re-run `vqgen encode`, then train the prior)")
             batches = ((test.codes[i:i + batch_size].to(self.device).long(),
-                        test.labels[i:i + batch_size].to(self.device) if conditional else None,
+                        given[i:i + batch_size].to(self.device) if conditional else None,
                         torch.arange(i, min(i + batch_size, len(test)), device=self.device))
                        for i in range(0, len(test), batch_size))
             metrics.update(self.kind.held_out(self.prior, self.prior.config, batches, lambda x: x))

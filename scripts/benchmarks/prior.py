@@ -56,7 +56,7 @@ def time_sampling(run_dir: Path, n: int, repeats: int = 2) -> dict[str, float]:
     accelerator = Accelerator(cpu=True)
     labels = None
     if run.prior.config.num_classes:
-        labels = torch.arange(n) % run.prior.config.num_classes
+        labels = torch.arange(n) % len(run.class_names)
     best_codes, best_total = float("inf"), float("inf")
     for _ in range(repeats):
         start = time.perf_counter()

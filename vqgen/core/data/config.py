@@ -57,6 +57,10 @@ class DataConfig:
                                               "of their codes, which the prior then conditions on like classes "
                                               "(0: off; default when the data has no labels: one per 1,000 training "
                                               "images, 10 to 50)", since=2)
+    class_clusters: int | None = option(None, "labelled data: split each class's training images into up to this "
+                                              "many clusters of their codes (one per 50 of its images), which the "
+                                              "prior conditions on while --label still picks the class (default: "
+                                              "off, the classes alone)", since=6)
     code_copies: int = option(0, "augmented copies of each training image added to the code dump, so the prior "
                                  "sees more grids (uses --augment)", since=2)
     stream: str = option("auto", "decode images per batch from a memory-mapped Arrow copy instead of holding "
@@ -83,6 +87,8 @@ class DataConfig:
         parse_augment(self.augment)
         if self.pseudo_classes is not None and (self.pseudo_classes < 0 or self.pseudo_classes == 1):
             raise VQGenError(f"pseudo_classes must be 0 (off) or >= 2, got {self.pseudo_classes}")
+        if self.class_clusters is not None and self.class_clusters < 0:
+            raise VQGenError(f"class_clusters must be >= 0 (0: off), got {self.class_clusters}")
         if self.code_copies < 0:
             raise VQGenError(f"code_copies must be >= 0, got {self.code_copies}")
         if self.code_copies and not parse_augment(self.augment):

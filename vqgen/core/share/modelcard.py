@@ -106,6 +106,9 @@ def _conditioning(prior: dict, source: dict) -> str:
         return "unconditional"
     if source.get("pseudo_labels"):
         return f"conditioned on {n} clusters of the training codes (the data had no labels)"
+    if source.get("condition_classes"):
+        return (f"conditioned on {n} clusters of the training codes within {len(source.get('class_names', []))} "
+                "classes (a class's clusters drawn by their shares of it; with classifier-free guidance)")
     return f"conditioned on {n} classes (with classifier-free guidance)"
 
 

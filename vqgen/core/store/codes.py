@@ -48,6 +48,9 @@ class CodesMeta:
     pseudo_labels: bool = option(False, "the labels are clusters of the codes, not classes of the data", since=2)
     shards: tuple[tuple[str, tuple[str, ...]], ...] = option(
         (), "each split's shard files, in order (none: the codes are a datasets folder, as format 2 wrote)", since=3)
+    condition_classes: tuple[int, ...] = option(
+        (), "labelled data clustered within each class: the class of each cluster, in order (the prior conditions "
+            "on the clusters; none: on the classes)", since=6)
 
     def __post_init__(self):
         if self.codebook_size < 2 or self.grid_height < 1 or self.grid_width < 1:
@@ -60,12 +63,22 @@ class CodesMeta:
                                  f"got {getattr(self, name)}")
         if any(size < 0 for _, size in self.split_sizes):
             raise VQGenError(f"split sizes must be >= 0, got {list(self.split_sizes)}")
+        bad = [c for c in self.condition_classes if not 0 <= c < self.num_classes]
+        if bad or list(self.condition_classes) != sorted(self.condition_classes):
+            raise VQGenError(f"condition_classes must be sorted class ids in [0, {self.num_classes}), "
+                             f"got {list(self.condition_classes)}")
+
+    @property
+    def num_conditions(self) -> int:
+        """What a conditional prior of these codes conditions on: the clusters within classes, else the classes."""
+        return len(self.condition_classes) or self.num_classes
 
 
 @dataclass
 class CodeSplit:
     codes: Tensor            # int16 (n, h, w) as stored (a quarter of int64's memory); index, then .long()
     labels: Tensor | None    # int64 (n,)
+    conditions: Tensor | None = None  # int64 (n,): each grid's cluster within its class, when the dump has them
 
     def __len__(self) -> int:
         return self.codes.shape[0]
@@ -107,8 +120,10 @@ class CodesWriter:
             save_file({"codes": rows.contiguous()}, str(path))
         self.shards[split].append(str(path.relative_to(self.tmp)))
 
-    def finish(self, meta: CodesMeta, labels: dict[str, Tensor | None]) -> None:
-        """Flush the last shards, write each split's labels and meta.json (with the shard list), swap in."""
+    def finish(self, meta: CodesMeta, labels: dict[str, Tensor | None],
+               conditions: dict[str, Tensor] | None = None) -> None:
+        """Flush the last shards, write each split's labels (and clusters within classes, when
+        `meta.condition_classes` has them) and meta.json (with the shard list), swap in."""
         from safetensors.torch import save_file
 
         for split, pending in self._pending.items():
@@ -123,8 +138,10 @@ class CodesWriter:
                                      f"{meta.num_classes} classes")
                 if split_labels is not None and meta.num_classes:
                     assert len(split_labels) == size, f"{len(split_labels)} labels for {size} grids of {split}"
-                    save_file({"labels": split_labels.to(torch.int64).contiguous()},
-                              str(codes_labels(self.tmp, split)))
+                    tensors = {"labels": split_labels.to(torch.int64).contiguous()}
+                    if meta.condition_classes:
+                        tensors["conditions"] = _checked_conditions(conditions[split], split_labels, meta)
+                    save_file(tensors, str(codes_labels(self.tmp, split)))
             meta = dataclasses.replace(meta, split_sizes=tuple(self.sizes.items()),
                                        shards=tuple((k, tuple(v)) for k, v in self.shards.items()))
             save_config(meta, self.tmp / META)
@@ -140,13 +157,25 @@ class CodesWriter:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
+def _checked_conditions(conditions: Tensor, labels: Tensor, meta: CodesMeta) -> Tensor:
+    """(n,) cluster ids, each one of its grid's class: what a prior conditions on must never contradict the label."""
+    conditions = conditions.to(torch.int64).contiguous()
+    assert len(conditions) == len(labels), f"{len(conditions)} clusters for {len(labels)} labels"
+    if len(conditions):
+        assert 0 <= int(conditions.min()) and int(conditions.max()) < len(meta.condition_classes)
+        owner = torch.tensor(meta.condition_classes, dtype=torch.int64)[conditions]
+        assert torch.equal(owner, labels.to(torch.int64)), "a cluster within a class holds a grid of another class"
+    return conditions
+
+
 def save_codes(folder: str | os.PathLike, splits: dict[str, CodeSplit], meta: CodesMeta) -> None:
     """Write every split (in shards) and meta.json into a temporary folder, then swap it into place."""
     writer = CodesWriter(folder)
     try:
         for name, split in splits.items():
             writer.add(name, split.codes)
-        writer.finish(meta, {name: split.labels for name, split in splits.items()})
+        writer.finish(meta, {name: split.labels for name, split in splits.items()},
+                      {name: split.conditions for name, split in splits.items()})
     except BaseException:
         writer.abandon()
         raise
@@ -184,12 +213,23 @@ def _load_shards(folder: Path, meta: CodesMeta) -> dict[str, CodeSplit]:
             if at != len(codes):
                 raise VQGenError(f"{folder}/{name} holds {at} code grids but meta.json says {len(codes)}")
             labels_file = codes_labels(folder, name)
-            labels = load_file(str(labels_file))["labels"] if labels_file.is_file() else None
+            stored = load_file(str(labels_file)) if labels_file.is_file() else {}
+            labels, conditions = (stored["labels"], stored.get("conditions")) if stored else (None, None)
         except (OSError, KeyError, SafetensorError) as err:
             raise VQGenError(f"cannot read code grids in {folder}/{name}: {err}") from None
-        if labels is not None and len(labels) != len(codes):
-            raise VQGenError(f"{folder}/{name} has {len(labels)} labels for {len(codes)} code grids")
-        splits[name] = CodeSplit(codes=codes, labels=labels)
+        if meta.condition_classes and labels is not None and conditions is None:
+            raise VQGenError(f"{labels_file} holds no clusters within classes, but {folder / META} names "
+                             f"{len(meta.condition_classes)} (re-run `vqgen encode`)")
+        for what, values in (("labels", labels), ("clusters within classes", conditions)):
+            if values is not None and len(values) != len(codes):
+                raise VQGenError(f"{folder}/{name} has {len(values)} {what} for {len(codes)} code grids")
+        if meta.condition_classes and conditions is not None and len(conditions):
+            owners = torch.tensor(meta.condition_classes)
+            if (int(conditions.min()) < 0 or int(conditions.max()) >= len(owners)
+                    or not torch.equal(owners[conditions], labels)):
+                raise VQGenError(f"{labels_file}: its clusters within classes do not match {folder / META} and the "
+                                 "labels (re-run `vqgen encode`)")
+        splits[name] = CodeSplit(codes=codes, labels=labels, conditions=conditions if meta.condition_classes else None)
     return splits
 
 
