@@ -12,7 +12,7 @@ from stage2_prior.config import PRIOR_CONFIGS, PriorConfig
 from stage2_prior.masked import MaskedPrior, masked_held_out, masked_loss
 from stage2_prior.pixelcnn import PixelCNNPrior
 from stage2_prior.raster import raster_held_out, raster_loss
-from stage2_prior.sampling import inverse_cdf, seeded_uniforms
+from stage2_prior.sampling import seeded_choice
 from stage2_prior.transformer import TransformerPrior
 from vqgen.core.runtime.errors import VQGenError
 from vqgen.core.store.configs import load_config, option, read_json
@@ -87,8 +87,7 @@ class PriorSource:
         mine = (owners[None, :] == labels[:, None]).double()  # (b, conditions): the clusters of each label's class
         weights = mine * torch.tensor(self.condition_frequencies, dtype=torch.double, device=labels.device)
         weights = torch.where(weights.sum(1, keepdim=True) > 0, weights, mine)  # a class no training grid had
-        uniforms = seeded_uniforms(seeds.cpu() + CLUSTER_STREAM, 1)[:, 0].double().to(labels.device)
-        drawn = inverse_cdf(weights, uniforms)
+        drawn = seeded_choice(weights, seeds + CLUSTER_STREAM)
         return torch.where(labels == classes, len(owners), drawn)
 
 

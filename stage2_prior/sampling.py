@@ -58,6 +58,13 @@ def seeded_uniforms(seeds: Tensor, t: int) -> Tensor:
     return torch.stack(rows)  # (n, t)
 
 
+def seeded_choice(weights: Tensor, seeds: Tensor) -> Tensor:
+    """(n, k) unnormalised weights, (n,) int64 seeds -> (n,) indices drawn with those weights, row i from
+    `seeds[i]` alone (a label or a cluster for sample i); zero-weight indices never come out."""
+    uniforms = seeded_uniforms(seeds.cpu(), 1)[:, 0].double().to(weights.device)
+    return inverse_cdf(weights.double(), uniforms)
+
+
 def choose_codes(logits: Tensor, uniforms: Tensor, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None) -> Tensor:
     """(b, k) logits, (b,) uniforms -> (b,) codes: argmax for top_k=1, else the filtered softmax's inverse CDF."""

@@ -24,7 +24,7 @@ from stage1_vqvae.model import VQVAE, reconstruction_errors
 from stage2_prior.config import SamplingConfig
 from stage2_prior.parallel import check_filling, fill_masked
 from stage2_prior.registry import PriorKind, PriorSource, kind_of, load_prior
-from stage2_prior.sampling import check_sampling, inverse_cdf, sample_codes
+from stage2_prior.sampling import check_sampling, sample_codes, seeded_choice
 from vqgen.core.data.config import DataConfig
 from vqgen.core.data.images import ImageData, ImageSplit, load_image_data, to_model_range, to_uint8
 from vqgen.core.evaluate import quality, sample_metrics
@@ -66,10 +66,8 @@ class LabelPlan:
         if self.cycle:
             return indices.long() % self.cycle
         if self.frequencies:
-            uniforms = torch.stack([torch.rand(1, generator=torch.Generator().manual_seed(int(s) + LABEL_STREAM))
-                                    for s in sample_seeds(self.seed, indices).tolist()])[:, 0]
             weights = torch.tensor(self.frequencies, dtype=torch.double).expand(len(indices), -1)
-            return inverse_cdf(weights, uniforms.double())
+            return seeded_choice(weights, sample_seeds(self.seed, indices) + LABEL_STREAM)
         return None
 
 
@@ -331,7 +329,7 @@ class Run:
         if test is not None and len(test):
             conditional = self.prior.config.num_classes > 0
             given = test.labels if test.conditions is None else test.conditions
-            if conditional and (test.conditions is None) != (not self.source.condition_classes):
+            if conditional and (test.conditions is not None) != bool(self.source.condition_classes):
                 raise VQGenError(f"the prior in {self.layout.prior.path} and the codes in {self.layout.codes} "
                                  "disagree on clusters within classes (re-run `vqgen encode`, then train the prior)")
             batches = ((test.codes[i:i + batch_size].to(self.device).long(),

@@ -6,12 +6,12 @@ within each class, clusters of the codes alone (the labels hidden).
         --condition clusters=--label-column,none
 
 Each --condition NAME=ARGS (ARGS: options of `vqgen encode`, comma-separated) copies RUN's vqvae/ into
-OUT/NAME/, dumps the codes with those options, trains a prior there (`scripts/train_prior.py`, defaults plus
---prior-steps), and scores --samples samples over --seeds sampling seeds with `vqgen eval` at the default
-sampling settings. Every condition is judged by one judge (trained for the first and copied to the others),
-so all are judged alike. Prints a markdown table (in-domain FID per seed and against the reconstructions,
-class accuracy for the requested class, coverage, near-copy shares beside held-out images', test bits per
-code, wall-clock of encoding and training) and writes it to OUT/conditions.json.
+OUT/NAME/, dumps the codes with those options, trains a prior there (`vqgen train prior`, defaults plus
+--prior-steps and --prior-args), and scores --samples samples over --seeds sampling seeds with `vqgen eval`
+at the default sampling settings. Every condition is judged by one judge (trained for the first and copied
+to the others), so all are judged alike. Prints a markdown table (in-domain FID per seed and against the
+reconstructions, class accuracy for the requested class, coverage, near-copy shares beside held-out
+images', test bits per code, wall-clock of encoding and training) and writes it to OUT/conditions.json.
 """
 
 from __future__ import annotations
@@ -20,39 +20,31 @@ import argparse
 import json
 import platform
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from vqgen.cli import main as vqgen
 from vqgen.core.store.jsonl import JsonlLog
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def step(command: list[str], log: Path) -> float:
-    """Run one command as a user would, its output appended to `log`; wall-clock seconds."""
-    start = time.perf_counter()
-    with log.open("a") as f:
-        done = subprocess.run(command, stdout=f, stderr=f)
-    if done.returncode:
-        sys.exit(f"error: {' '.join(command)} failed ({done.returncode}); see {log}")
-    return time.perf_counter() - start
 
 
 def condition(run: Path, out: Path, args: list[str], prior_args: list[str], judge: Path | None,
               samples: int, seeds: int, judge_steps: int) -> dict:
     """Encode, train and score one condition in `out`; its row of the table."""
     shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    shutil.copytree(run / "vqvae", out / "vqvae", ignore=shutil.ignore_patterns(".lock"))
-    log, vqgen = out / "log.txt", [sys.executable, "-m", "vqgen"]
-    seconds = step([*vqgen, "encode", "--run", str(out), *args], log)
-    seconds += step([sys.executable, str(ROOT / "scripts" / "train_prior.py"), "--run", str(out), *prior_args], log)
+    shutil.copytree(run / "vqvae", out / "vqvae", ignore=shutil.ignore_patterns("state", ".lock"))
+    start = time.perf_counter()
+    for command in (["encode", "--run", str(out), *args],
+                    ["train", "prior", "--run", str(out), "--no-report", *prior_args]):
+        if vqgen(command) != 0:
+            sys.exit(f"error: vqgen {' '.join(command)} failed")
+    seconds = time.perf_counter() - start
     if judge is not None:
         shutil.copytree(judge, out / "judge")
-    step([*vqgen, "eval", "--run", str(out), "--samples", str(samples), "--seeds", str(seeds),
-          "--judge-steps", str(judge_steps)], log)
+    scoring = ["eval", "--run", str(out), "--samples", str(samples), "--seeds", str(seeds), "--judge-steps",
+               str(judge_steps)]
+    if vqgen(scoring) != 0:
+        sys.exit(f"error: vqgen {' '.join(scoring)} failed")
     record = JsonlLog(out / "evaluations.jsonl").read()[-1]
     tests = [r for r in JsonlLog(out / "prior" / "metrics.jsonl").read() if r.get("split") == "test"]
     fids = [r["samples"]["fid"] for r in record["per_seed"] or [record]]
@@ -78,7 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="a name and `vqgen encode` options, comma-separated (repeat)")
     p.add_argument("--prior-steps", type=int, default=None, help="the priors' --max-steps (default: sized)")
     p.add_argument("--prior-args", default="",
-                   help="more options for train_prior.py, comma-separated (--prior-args=--dropout,0.1)")
+                   help="more options for `vqgen train prior`, comma-separated (--prior-args=--dropout,0.1)")
     p.add_argument("--samples", type=int, default=1000)
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--judge-steps", type=int, default=600)

@@ -140,7 +140,9 @@ class CodesWriter:
                     assert len(split_labels) == size, f"{len(split_labels)} labels for {size} grids of {split}"
                     tensors = {"labels": split_labels.to(torch.int64).contiguous()}
                     if meta.condition_classes:
-                        tensors["conditions"] = _checked_conditions(conditions[split], split_labels, meta)
+                        tensors["conditions"] = conditions[split].to(torch.int64).contiguous()
+                        assert _clusters_fit(tensors["conditions"], tensors["labels"], meta), \
+                            f"a cluster within a class of {split} holds a grid of another class"
                     save_file(tensors, str(codes_labels(self.tmp, split)))
             meta = dataclasses.replace(meta, split_sizes=tuple(self.sizes.items()),
                                        shards=tuple((k, tuple(v)) for k, v in self.shards.items()))
@@ -157,15 +159,16 @@ class CodesWriter:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def _checked_conditions(conditions: Tensor, labels: Tensor, meta: CodesMeta) -> Tensor:
-    """(n,) cluster ids, each one of its grid's class: what a prior conditions on must never contradict the label."""
-    conditions = conditions.to(torch.int64).contiguous()
-    assert len(conditions) == len(labels), f"{len(conditions)} clusters for {len(labels)} labels"
-    if len(conditions):
-        assert 0 <= int(conditions.min()) and int(conditions.max()) < len(meta.condition_classes)
-        owner = torch.tensor(meta.condition_classes, dtype=torch.int64)[conditions]
-        assert torch.equal(owner, labels.to(torch.int64)), "a cluster within a class holds a grid of another class"
-    return conditions
+def _clusters_fit(conditions: Tensor, labels: Tensor, meta: CodesMeta) -> bool:
+    """Whether (n,) cluster ids are clusters of the metadata, each one of its grid's class (labels (n,)): what a
+    prior conditions on must never contradict the label."""
+    if len(conditions) != len(labels):
+        return False
+    if not len(conditions):
+        return True
+    owners = torch.tensor(meta.condition_classes, dtype=torch.int64)
+    return (0 <= int(conditions.min()) and int(conditions.max()) < len(owners)
+            and torch.equal(owners[conditions.long()], labels.long()))
 
 
 def save_codes(folder: str | os.PathLike, splits: dict[str, CodeSplit], meta: CodesMeta) -> None:
@@ -223,12 +226,9 @@ def _load_shards(folder: Path, meta: CodesMeta) -> dict[str, CodeSplit]:
         for what, values in (("labels", labels), ("clusters within classes", conditions)):
             if values is not None and len(values) != len(codes):
                 raise VQGenError(f"{folder}/{name} has {len(values)} {what} for {len(codes)} code grids")
-        if meta.condition_classes and conditions is not None and len(conditions):
-            owners = torch.tensor(meta.condition_classes)
-            if (int(conditions.min()) < 0 or int(conditions.max()) >= len(owners)
-                    or not torch.equal(owners[conditions], labels)):
-                raise VQGenError(f"{labels_file}: its clusters within classes do not match {folder / META} and the "
-                                 "labels (re-run `vqgen encode`)")
+        if meta.condition_classes and conditions is not None and not _clusters_fit(conditions, labels, meta):
+            raise VQGenError(f"{labels_file}: its clusters within classes do not match {folder / META} and the "
+                             "labels (re-run `vqgen encode`)")
         splits[name] = CodeSplit(codes=codes, labels=labels, conditions=conditions if meta.condition_classes else None)
     return splits
 
