@@ -32,7 +32,7 @@ from vqgen.core.store.weights import check_stage_dir
 from vqgen.core.training.config import TrainConfig
 from vqgen.core.training.loop import fit, make_optimizer, refresh_report
 from vqgen.core.training.setup import as_options, check_batch_size, start, train_config, write_stage_files
-from vqgen.core.training.sizing import report_sized, sized_batch, sized_schedule
+from vqgen.core.training.sizing import EVAL_SHARE, report_sized, sized_batch, sized_schedule
 
 
 @dataclass
@@ -144,18 +144,22 @@ def gan_config(stage: ModelDir, given: dict[str, Any], resume: bool) -> GANConfi
 STAGE1_STEPS = 6000
 
 
-def sized_defaults(data: ImageData, given_training: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+def sized_defaults(data: ImageData, given_training: dict[str, Any],
+                   processes: int = 1) -> tuple[dict[str, Any], dict[str, Any]]:
     """Stage-1 defaults from the data (docs/defaults.md): model options, training options.
 
     Width: 128 channels for colour images or sides of 64 px and more (more to reconstruct per code),
     64 for small grey images. Length: STAGE1_STEPS whatever the number of images, evaluated 10 times
-    (the best evaluation's weights are kept; early stopping ends a stalled run sooner). Batch: all the
-    training images when they are fewer than the default batch.
+    (the best evaluation's weights are kept; early stopping ends a stalled run sooner), or fewer times where
+    evaluating the test images that often would cost more than EVAL_SHARE of the training (`sized_schedule`).
+    Batch: all the training images when they are fewer than the default batch.
     """
     wide = data.channels == 3 or max(data.height, data.width) >= 64
     model = {"hidden_channels": 128, "res_channels": 64} if wide else {"hidden_channels": 64, "res_channels": 32}
-    training = {**sized_schedule(given_training, STAGE1_STEPS, evaluations=10),
-                **sized_batch(given_training, TRAIN_DEFAULTS["batch_size"], len(data.train))}
+    small = sized_batch(given_training, TRAIN_DEFAULTS["batch_size"], len(data.train))
+    batch = {**TRAIN_DEFAULTS, **small, **given_training}["batch_size"]
+    training = {**sized_schedule(given_training, STAGE1_STEPS, evaluations=10, batch=batch * processes,
+                                 held_out=len(data.test)), **small}
     return model, training
 
 
@@ -197,11 +201,15 @@ def train_vqvae(
     state = process_state()
     with state.main_process_first():
         images = load_image_data(data_cfg, make_console(state.is_main_process))
-    sized_model, sized_training = ({}, {}) if resume else sized_defaults(images, given_training)
-    if "batch_size" in sized_training:  # fewer training images than the default batch
-        train_cfg = dataclasses.replace(train_cfg, batch_size=sized_training["batch_size"])
+    sized_model, sized_training = ({}, {}) if resume else sized_defaults(images, given_training, state.num_processes)
+    # known once the images are: a batch of all of them where they are fewer than the default, and the
+    # evaluation cadence that the test split affords
+    fitted = {k: v for k, v in sized_training.items() if k in ("batch_size", "eval_every", "save_every")
+              and k not in given_training}
+    train_cfg = dataclasses.replace(train_cfg, **fitted)
     cfg = model_config(stage, given_model, sized_model, images, resume)
-    report_sized(sized_model, sized_training, {**given_model, **given_training}, resume)
+    report_sized(sized_model, sized_training, {**given_model, **given_training}, resume,
+                 why={"eval_every": f"{len(images.test)} test images, at most {EVAL_SHARE:.0%} of the training"})
     check_batch_size(train_cfg.batch_size, len(images.train), "training images")
 
     accelerator, console = start(stage, train_cfg)

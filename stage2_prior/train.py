@@ -23,7 +23,7 @@ from vqgen.core.store.weights import check_stage_dir, weights_fingerprint
 from vqgen.core.training.config import TrainConfig
 from vqgen.core.training.loop import fit, make_optimizer
 from vqgen.core.training.setup import as_options, check_batch_size, start, train_config, write_stage_files
-from vqgen.core.training.sizing import report_sized, sized_batch, sized_schedule, steps_for_passes
+from vqgen.core.training.sizing import EVAL_SHARE, report_sized, sized_batch, sized_schedule, steps_for_passes
 
 DEFAULT_KIND = "transformer"  # a fresh prior's kind when none is given
 
@@ -142,16 +142,19 @@ def sized_defaults(meta: CodesMeta, given_training: dict[str, Any],
     """Stage-2 defaults from the codes (docs/defaults.md): model options, training options.
 
     Length: 40 passes over the grids, 2,000 to 8,000 steps, evaluated 20 times, so that early stopping
-    (patience 5) ends a run that has started to memorise. Batch: all the training grids when they are fewer
-    than the default batch. Regularisation by the number of training codes and the passes the run plans over
-    them, given length and batch included, each of the `processes` drawing its own batch (`sized_dropout`).
+    (patience 5) ends a run that has started to memorise, or fewer times where evaluating the test grids
+    that often would cost more than EVAL_SHARE of the training (`sized_schedule`). Batch: all the training
+    grids when they are fewer than the default batch. Regularisation by the number of training codes and the
+    passes the run plans over them, given length and batch included, each of the `processes` drawing its own
+    batch (`sized_dropout`).
     """
     grids = dict(meta.split_sizes).get("train", 0)
     codes = grids * meta.grid_height * meta.grid_width
     small = sized_batch(given_training, TRAIN_DEFAULTS["batch_size"], grids)
     batch = {**TRAIN_DEFAULTS, **small, **given_training}["batch_size"]  # the batch the run will use
     steps = steps_for_passes(grids, batch, passes=40, lowest=2000, highest=8000)
-    training = {**sized_schedule(given_training, steps, evaluations=20), **small}
+    training = {**sized_schedule(given_training, steps, evaluations=20, batch=batch * processes,
+                                 held_out=dict(meta.split_sizes).get("test", 0)), **small}
     planned = training["max_steps"]  # 0: --epochs passes
     passes = planned * batch * processes / max(grids, 1) if planned else given_training.get("epochs",
                                                                                              TrainConfig().epochs)
@@ -222,7 +225,8 @@ def train_prior(
               else train_cfg.epochs)
     report_sized(sized_model, sized_training, {**given_model, **given_training}, resume,
                  why={"dropout": f"{passes:.1f} planned passes over {sizes['train']} training grids, "
-                                 f"{'fewer than' if passes < FEW_PASSES else 'at least'} {FEW_PASSES}"})
+                                 f"{'fewer than' if passes < FEW_PASSES else 'at least'} {FEW_PASSES}",
+                      "eval_every": f"{sizes['test']} test grids, at most {EVAL_SHARE:.0%} of the training"})
     check_batch_size(train_cfg.batch_size, sizes["train"], "training grids")
     splits, _ = load_codes(codes_dir)
 

@@ -10,6 +10,7 @@ from stage1_vqvae.train import sized_defaults as stage1_defaults
 from stage2_prior.train import sized_defaults as stage2_defaults
 from vqgen.core.data.images import ImageData, ImageSplit
 from vqgen.core.store.codes import CodesMeta
+from vqgen.core.training.sizing import EVAL_ITEM_COST, EVAL_SHARE, FEWEST_EVALUATIONS
 
 
 def images(n: int, c: int, side: int) -> ImageData:
@@ -17,10 +18,10 @@ def images(n: int, c: int, side: int) -> ImageData:
     return ImageData(split, ImageSplit(split.images[:2], None), None, "test")
 
 
-def codes(grids: int, side: int) -> CodesMeta:
+def codes(grids: int, side: int, test: int = 10) -> CodesMeta:
     return CodesMeta(codebook_size=512, grid_height=side, grid_width=side, num_classes=0, class_names=(),
                      vqvae_fingerprint="x", vqvae_dir="x", data_source="x", image_channels=3, image_height=32,
-                     image_width=32, split_sizes=(("train", grids), ("test", 10)))
+                     image_width=32, split_sizes=(("train", grids), ("test", test)))
 
 
 @pytest.mark.parametrize("n,c,side,width,steps,every", [
@@ -74,6 +75,37 @@ def test_given_options_win_and_set_the_evaluation_interval():
     assert training == {"max_steps": 1000, "eval_every": 100, "save_every": 100}
     _, training = stage2_defaults(codes(2_221, 8), {"batch_size": 8})  # smaller batches: more steps
     assert training["max_steps"] == 8000
+
+
+@pytest.mark.parametrize("grids,test,given,processes,every", [
+    (10_000, 2_000, {"max_steps": 1800}, 1, 400),  # the quickstart: 5 evaluations, not 18 (18 cost 24 % of the run)
+    (60_000, 10_000, {}, 1, 1600),                 # MNIST: 5 of its 10k test grids, not 20
+    (60_000, 10_000, {}, 4, 400),                  # four processes train on 4x the grids per step
+    (10_000, 2_000, {}, 1, 400),                   # the shapes' default length affords all 20
+    (2_221, 243, {}, 1, 150),                      # OpenMoji: a small test split costs little
+    (10_000, 1_000_000, {"max_steps": 1800}, 1, 450),  # never fewer than 4
+])
+def test_evaluations_cost_at_most_their_share_of_the_training(grids, test, given, processes, every):
+    _, training = stage2_defaults(codes(grids, 8, test), given, processes)
+    assert training["eval_every"] == training["save_every"] == every
+    evaluations = -(-training["max_steps"] // every)  # the last step evaluates too
+    work = training["max_steps"] * 32 * processes
+    assert evaluations == FEWEST_EVALUATIONS or evaluations * test * EVAL_ITEM_COST <= EVAL_SHARE * work
+
+
+@pytest.mark.parametrize("n,test,given,processes,every", [
+    (10_000, 2_000, {"max_steps": 1000}, 1, 200),  # the quickstart's stage 1: 5 evaluations, not 10
+    (60_000, 10_000, {}, 1, 900),                  # MNIST: 7 of its 10k test images
+    (60_000, 10_000, {}, 2, 600),                  # two processes: twice the images per step
+    (10_000, 2_000, {}, 1, 600),                   # the shapes' default length affords all 10
+])
+def test_stage1_evaluations_cost_at_most_their_share(n, test, given, processes, every):
+    data = images(n, 1, 32)
+    data = ImageData(data.train, ImageSplit(torch.zeros(test, 1, 32, 32, dtype=torch.uint8), None), None, "test")
+    _, training = stage1_defaults(data, given, processes)
+    assert training["eval_every"] == training["save_every"] == every
+    evaluations = -(-training["max_steps"] // every)
+    assert evaluations * test * EVAL_ITEM_COST <= EVAL_SHARE * training["max_steps"] * 64 * processes
 
 
 def test_a_set_smaller_than_the_default_batch_gets_one_batch_of_all_of_it():

@@ -4,17 +4,38 @@ the model options a fresh run gets; said in one line at start.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from vqgen.core.runtime.console import make_console
 from vqgen.core.runtime.processes import process_state
 
+# Evaluations cost at most this share of a run's training work. An evaluation passes every held-out item forward
+# once; an item costs about EVAL_ITEM_COST of a training item's forward, backward and update (the quickstart's
+# prior: ~6 s for 2,000 test grids against 0.23 s for a step of 32, docs/benchmarks.md "The training loop
+# against the bare model"). Never fewer than FEWEST_EVALUATIONS, so that the kept weights are still chosen.
+EVAL_SHARE = 0.08
+EVAL_ITEM_COST = 0.4
+FEWEST_EVALUATIONS = 4
 
-def sized_schedule(given: dict[str, Any], steps: int, evaluations: int) -> dict[str, int]:
+
+def affordable_evaluations(wanted: int, steps: int, batch: int, held_out: int) -> int:
+    """`wanted` evaluations of `held_out` items over `steps` training steps of `batch` items (all processes
+    together), or fewer where they would cost more than EVAL_SHARE of the training work."""
+    affordable = int(EVAL_SHARE * steps * batch / (EVAL_ITEM_COST * max(held_out, 1)))
+    return max(FEWEST_EVALUATIONS, min(wanted, affordable))
+
+
+def sized_schedule(given: dict[str, Any], steps: int, evaluations: int, batch: int = 0,
+                   held_out: int = 0) -> dict[str, int]:
     """The training length the data calls for, `steps`, with `evaluations` evaluations (and saves) over
-    the run. Options the user gave win."""
+    the run, fewer where evaluating `held_out` items that often would cost more than EVAL_SHARE of training
+    at `batch` (0: not counted). Options the user gave win."""
     chosen = given.get("max_steps", steps)
-    every = max(50, round((chosen or steps) / evaluations / 50) * 50)
+    planned = chosen or steps
+    if batch and held_out:
+        evaluations = affordable_evaluations(evaluations, planned, batch, held_out)
+    every = max(50, math.ceil(planned / evaluations / 50) * 50)  # at most `evaluations`, the last included
     return {"max_steps": chosen, "eval_every": every, "save_every": every}
 
 
