@@ -34,8 +34,7 @@ class CodesDataset(BatchDataset):
 
     def __init__(self, split: CodeSplit, use_labels: bool):
         self.split, self.use_labels = split, use_labels
-        # what the prior conditions on: each grid's cluster within its class where the dump has them
-        self.conditions = split.labels if split.conditions is None else split.conditions
+        self.conditions = split.condition_ids
 
     def __len__(self) -> int:
         return len(self.split)

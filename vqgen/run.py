@@ -328,12 +328,11 @@ class Run:
             test = CodeSplit(codes, data.test.labels)  # an exported model carries no code grids: encoded now
         if test is not None and len(test):
             conditional = self.prior.config.num_classes > 0
-            given = test.labels if test.conditions is None else test.conditions
             if conditional and (test.conditions is not None) != bool(self.source.condition_classes):
                 raise VQGenError(f"the prior in {self.layout.prior.path} and the codes in {self.layout.codes} "
                                  "disagree on clusters within classes (re-run `vqgen encode`, then train the prior)")
             batches = ((test.codes[i:i + batch_size].to(self.device).long(),
-                        given[i:i + batch_size].to(self.device) if conditional else None,
+                        test.condition_ids[i:i + batch_size].to(self.device) if conditional else None,
                         torch.arange(i, min(i + batch_size, len(test)), device=self.device))
                        for i in range(0, len(test), batch_size))
             metrics.update(self.kind.held_out(self.prior, self.prior.config, batches, lambda x: x))

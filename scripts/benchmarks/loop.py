@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -40,8 +41,8 @@ from vqgen.core.store.layout import RunLayout
 from vqgen.core.training.config import TrainConfig
 from vqgen.core.training.loop import make_optimizer
 
-QUICKSTART = {1: {"steps": 1000, "batch": 64, "model": ["--hidden-channels", "64", "--res-channels", "32"]},
-              2: {"steps": 1800, "batch": 32, "model": []}}
+QUICKSTART = {1: {"steps": 1000, "batch": 64}, 2: {"steps": 1800, "batch": 32}}
+QUICKSTART_VQVAE = {"hidden_channels": 64, "res_channels": 32}  # the README's stage-1 model options
 
 
 def timed_steps(step: Callable[[dict], None], loader, steps: int) -> float:
@@ -63,7 +64,7 @@ def bare_steps_per_second(stage: int, run: Path, batch: int, steps: int) -> floa
     if stage == 1:
         images = load_image_data(DataConfig())  # the built-in shapes
         model = VQVAE(VQVAEConfig(in_channels=images.channels, image_height=images.height,
-                                  image_width=images.width, hidden_channels=64, res_channels=32))
+                                  image_width=images.width, **QUICKSTART_VQVAE))
         model = model.to(memory_format=torch.channels_last).train()
         optimizer = make_optimizer(model, TrainConfig(**{**STAGE1_TRAINING, "batch_size": batch}))
         loader = make_loader(ImageDataset(images.train), batch, train=True)
@@ -94,7 +95,8 @@ def trainer_run(stage: int, run: Path, steps: int, batch: int, eval_every: int |
     with tempfile.TemporaryDirectory(prefix="vqgen-loop-") as tmp:
         copy = Path(tmp) / "run"
         if stage == 1:
-            command = ["train", "vqvae", "--run", str(copy), "--no-encode", *QUICKSTART[1]["model"]]
+            model = [a for k, v in QUICKSTART_VQVAE.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+            command = ["train", "vqvae", "--run", str(copy), "--no-encode", *model]
         else:
             for part in ("vqvae", "codes"):
                 shutil.copytree(run / part, copy / part, ignore=shutil.ignore_patterns("state", ".lock"))
@@ -108,16 +110,11 @@ def trainer_run(stage: int, run: Path, steps: int, batch: int, eval_every: int |
         records = JsonlLog((layout.vqvae if stage == 1 else layout.prior).metrics).read()
     train = [r for r in records if r["split"] == "train"]
     tests = [r for r in records if r["split"] == "test"]
-    window = statistics_median([r["samples_per_s"] for r in train]) / batch  # steps/s inside logging windows
+    window = statistics.median_high([r["samples_per_s"] for r in train]) / batch  # steps/s inside logging windows
     logged = {r["step"]: r["time"] for r in train}  # an evaluation is written right after its step's train record
     evaluating = sum(r["time"] - logged[r["step"]] for r in tests if r["step"] in logged)
     return {"wall_s": wall, "steps_per_s_overall": steps / wall, "steps_per_s_in_windows": window,
             "evaluations": len(tests), "evaluation_s": evaluating, "evaluation_share": evaluating / wall}
-
-
-def statistics_median(values: list[float]) -> float:
-    values = sorted(values)
-    return values[len(values) // 2]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -83,6 +83,12 @@ class CodeSplit:
     def __len__(self) -> int:
         return self.codes.shape[0]
 
+    @property
+    def condition_ids(self) -> Tensor | None:
+        """What a conditional prior of these grids conditions on: each grid's cluster within its class where
+        the dump has them, else its label."""
+        return self.labels if self.conditions is None else self.conditions
+
 
 class CodesWriter:
     """Writes code grids as they are produced: `add` rows of a split in dataset order, each full shard
