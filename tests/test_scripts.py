@@ -1,10 +1,12 @@
 """Every bad input the training scripts can get: exit 2, one line naming the value, nothing changed."""
 
 import json
+import math
 import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from conftest import load_script, tree_hashes
@@ -187,7 +189,7 @@ def test_the_speed_benchmark_measures_as_the_trainers_run(tmp_path):
 
 
 def test_a_folder_smaller_than_the_default_batch_trains_both_stages_at_its_size(tmp_path):
-    # 12 images: 11 train / 1 test at the default 0.1 held out; the default batches are 64 and 32
+    # 12 images: 11 train / 1 test at the default 0.1 held out; the default batches are 32 and 32
     (tmp_path / "few").mkdir()
     for i in range(12):
         Image.new("RGB", (16, 16), (i * 20, 40, 200 - i * 10)).save(tmp_path / "few" / f"{i}.png")
@@ -199,6 +201,21 @@ def test_a_folder_smaller_than_the_default_batch_trains_both_stages_at_its_size(
     assert train_prior.main(["--run", str(run), "--max-steps", "2", "--d-model", "16", "--n-layers", "1",
                              "--n-heads", "2"]) == 0
     assert json.loads((run / "prior" / "train_config.json").read_text())["batch_size"] == 11
+
+
+def test_stage_1_trains_at_the_default_recipe_unless_told_otherwise(tmp_path):
+    # batch 32 at lr 2e-3 (docs/defaults.md): what a run given neither option saves and trains with
+    (tmp_path / "imgs").mkdir()
+    for i in range(40):
+        Image.new("RGB", (16, 16), (i * 6, 40, 200 - i * 4)).save(tmp_path / "imgs" / f"{i}.png")
+    small = ["--data", str(tmp_path / "imgs"), "--hidden-channels", "16", "--res-channels", "8", "--codebook-size",
+             "16", "--code-dim", "8", "--max-steps", "2", "--no-encode"]
+    assert train_vqvae.main([*small, "--run", str(tmp_path / "default")]) == 0
+    saved = json.loads((tmp_path / "default" / "vqvae" / "train_config.json").read_text())
+    assert (saved["batch_size"], saved["learning_rate"]) == (32, 2e-3)
+    assert train_vqvae.main([*small, "--run", str(tmp_path / "given"), "--batch-size", "8", "--lr", "1e-3"]) == 0
+    saved = json.loads((tmp_path / "given" / "vqvae" / "train_config.json").read_text())
+    assert (saved["batch_size"], saved["learning_rate"]) == (8, 1e-3)
 
 
 def test_the_conditions_benchmark_scores_each_condition_on_one_stage_1(tiny_run, tmp_path, capsys):
@@ -217,3 +234,39 @@ def test_the_conditions_benchmark_scores_each_condition_on_one_stage_1(tiny_run,
     assert set(result) == {"labels", "clusters"} and len(result["labels"]["fid_per_seed"]) == 1
     judges = [(out / name / "judge" / "model.safetensors").read_bytes() for name in ("labels", "clusters")]
     assert judges[0] == judges[1]  # trained once, shared
+
+
+def test_the_speed_benchmarks_vqgan_trunk_is_the_f16_tokenizer_of_vqgan():
+    speed = load_script("benchmarks/speed")
+    cfg = speed.stage1_config(256, "vqgan")
+    assert (cfg.architecture, cfg.hidden_channels, cfg.num_res_blocks, cfg.attention) == ("resnet", 128, 2, True)
+    assert (cfg.downsample, cfg.level_mults, cfg.grid_shape) == (16, (1, 1, 2, 2, 4), (16, 16))
+    small = speed.stage1_config(64, "vqgan")
+    assert (small.downsample, small.level_mults) == (8, (1, 2, 2, 4))
+    assert speed.stage1_config(256).hidden_channels == 32  # the preset's
+
+
+def test_the_speed_benchmark_counts_a_steps_flops_and_its_utilisation():
+    speed = load_script("benchmarks/speed")
+    layer, x = torch.nn.Linear(8, 4), torch.randn(16, 8)
+    # forward: 2*16*8*4 multiply-adds counted as FLOPs; backward: the weight's gradient, as many (x needs none)
+    assert speed.step_flops(lambda: layer(x).sum().backward()) == 2 * (2 * 16 * 8 * 4)
+    q, k, v = torch.randn(3, 1, 2, 8, 4).unbind(0)  # attention counted on the CPU too: q k^T and (.) v
+    attend = torch.nn.functional.scaled_dot_product_attention
+    assert speed.step_flops(lambda: attend(q, k, v)) == 2 * (2 * 2 * 8 * 8 * 4)
+    args = speed.parse_args(["--peak-tflops", "10"])
+    assert speed.utilisation(4e12, 2.0, args, torch.device("cpu")) == {
+        "tflop_per_step": 4.0, "achieved_tflops": 2.0, "mfu": 0.2}
+    assert speed.utilisation(4e12, 2.0, speed.parse_args([]), torch.device("cpu"))["mfu"] is None  # no peak known
+
+
+def test_the_pipeline_benchmark_streams_a_jpeg_folder_and_sizes_the_workers(tmp_path, capsys):
+    pytest.importorskip("skimage")
+    pipeline = load_script("benchmarks/pipeline")
+    pipeline.main(["--out", str(tmp_path), "--images", "12", "--source-size", "96x64", "--size", "32",
+                   "--batch-size", "4", "--workers", "0,1", "--card-img-s", "1e9"])
+    files = sorted((tmp_path / "jpegs_96x64_q90_12").iterdir())
+    assert len(files) == 12 and Image.open(files[0]).size == (96, 64)
+    result = json.loads((tmp_path / "pipeline.json").read_text())
+    assert result["one_worker_img_s"] > 0 and set(result["loader_img_s_by_workers"]) == {"0", "1"}
+    assert result["workers_needed"]["1000000000.0"] == math.ceil(1e9 / result["one_worker_img_s"])

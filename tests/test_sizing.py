@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from stage1_vqvae.config import TRAIN_DEFAULTS
 from stage1_vqvae.encode import default_pseudo_classes
 from stage1_vqvae.train import sized_defaults as stage1_defaults
 from stage2_prior.train import sized_defaults as stage2_defaults
@@ -25,12 +26,12 @@ def codes(grids: int, side: int, test: int = 10) -> CodesMeta:
 
 
 @pytest.mark.parametrize("n,c,side,width,steps,every", [
-    (10_000, 3, 32, 128, 6000, 600),   # the built-in shapes
-    (60_000, 1, 32, 64, 6000, 600),    # MNIST
-    (2_221, 3, 32, 128, 6000, 600),    # OpenMoji: as long as the rest (60 passes left it improving)
-    (2_221, 1, 64, 128, 6000, 600),    # grey but large
-    (500, 1, 28, 64, 6000, 600),       # tiny
-    (200_000, 3, 32, 128, 6000, 600),  # large
+    (10_000, 3, 32, 128, 12000, 1200),   # the built-in shapes
+    (60_000, 1, 32, 64, 12000, 1200),    # MNIST
+    (2_221, 3, 32, 128, 12000, 1200),    # OpenMoji: as long as the rest (60 passes left it improving)
+    (2_221, 1, 64, 128, 12000, 1200),    # grey but large
+    (500, 1, 28, 64, 12000, 1200),       # tiny
+    (200_000, 3, 32, 128, 12000, 1200),  # large
 ])
 def test_stage1_rule(n, c, side, width, steps, every):
     model, training = stage1_defaults(images(n, c, side), {})
@@ -94,10 +95,10 @@ def test_evaluations_cost_at_most_their_share_of_the_training(grids, test, given
 
 
 @pytest.mark.parametrize("n,test,given,processes,every", [
-    (10_000, 2_000, {"max_steps": 1000}, 1, 200),  # the quickstart's stage 1: 5 evaluations, not 10
-    (60_000, 10_000, {}, 1, 900),                  # MNIST: 7 of its 10k test images
-    (60_000, 10_000, {}, 2, 600),                  # two processes: twice the images per step
-    (10_000, 2_000, {}, 1, 600),                   # the shapes' default length affords all 10
+    (10_000, 2_000, {"max_steps": 1000}, 1, 250),  # the quickstart's stage 1: 4 evaluations, not 10
+    (60_000, 10_000, {}, 1, 1750),                 # MNIST: 7 of its 10k test images
+    (60_000, 10_000, {}, 2, 1200),                 # two processes: twice the images per step, all 10
+    (10_000, 2_000, {}, 1, 1200),                  # the shapes' default length affords all 10
 ])
 def test_stage1_evaluations_cost_at_most_their_share(n, test, given, processes, every):
     data = images(n, 1, 32)
@@ -105,13 +106,14 @@ def test_stage1_evaluations_cost_at_most_their_share(n, test, given, processes, 
     _, training = stage1_defaults(data, given, processes)
     assert training["eval_every"] == training["save_every"] == every
     evaluations = -(-training["max_steps"] // every)
-    assert evaluations * test * EVAL_ITEM_COST <= EVAL_SHARE * training["max_steps"] * 64 * processes
+    work = training["max_steps"] * TRAIN_DEFAULTS["batch_size"] * processes
+    assert evaluations == FEWEST_EVALUATIONS or evaluations * test * EVAL_ITEM_COST <= EVAL_SHARE * work
 
 
 def test_a_set_smaller_than_the_default_batch_gets_one_batch_of_all_of_it():
-    assert stage1_defaults(images(40, 3, 32), {})[1]["batch_size"] == 40  # default 64
-    assert "batch_size" not in stage1_defaults(images(64, 3, 32), {})[1]
-    assert "batch_size" not in stage1_defaults(images(40, 3, 32), {"batch_size": 50})[1]  # given: refused later
+    assert stage1_defaults(images(20, 3, 32), {})[1]["batch_size"] == 20  # default 32
+    assert "batch_size" not in stage1_defaults(images(32, 3, 32), {})[1]
+    assert "batch_size" not in stage1_defaults(images(20, 3, 32), {"batch_size": 50})[1]  # given: refused later
     _, training = stage2_defaults(codes(20, 8), {})  # default 32
     assert training["batch_size"] == 20 and training["max_steps"] == 2000
     assert "batch_size" not in stage2_defaults(codes(32, 8), {})[1]

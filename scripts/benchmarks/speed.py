@@ -3,10 +3,12 @@
     python scripts/benchmarks/speed.py                         # everything, on CUDA when present
     python scripts/benchmarks/speed.py --mixed-precision bf16 --compile
     python scripts/benchmarks/speed.py --only stage1 --sizes 32 64 --steps 5     # a quick CPU look
+    python scripts/benchmarks/speed.py --trunk vqgan --sizes 256 --grids 16 32 --only stage1 prior sampling \
+        --mixed-precision bf16 --compile        # a VQGAN-class tokenizer and the priors' MFU, on a GPU
 
 Stage 1: optimizer steps per second of the VQ-VAE at each image size (the paper's convnet at 32 px,
 the scalable trunk of the size's preset above), reported as images/s, on random batches that already
-sit on the device (model throughput; data loading is measured by scripts/benchmarks/data.py). Stage 2: codes/s
+sit on the device (model throughput; data loading is measured by scripts/benchmarks/pipeline.py). Stage 2: codes/s
 of a training step of each prior at 8x8, 16x16 and 32x32 grids. Sampling: seconds to draw N code grids
 with the KV cache (transformer) or row cache (PixelCNN), then to decode them. Attention: the cached
 step's one-query attention over a key length growing by one per step (N grids at --cfg-scale: 2N rows,
@@ -15,12 +17,14 @@ their per-shape plans exist, with cuDNN's excluded, as two matmuls and a softmax
 ms per step over one pass of 256 lengths. Training figures time --steps steps run back to back after
 --warmup untimed ones, synchronised once at each end (as a training loop runs); peak memory is the
 CUDA allocator's peak (or the process's peak RSS on the CPU). Results are printed as a table and
-written to --out as JSON.
+written to --out as JSON. Training rows also give the FLOPs of one forward and backward pass
+(torch.utils.flop_counter: matmuls and convolutions), the achieved TFLOP/s, and on a card of known peak
+(or --peak-tflops) the model FLOPs utilisation, achieved over the dense peak.
 
 As the trainers run: TF32 on, cuDNN's per-shape autotuning (torch.backends.cudnn.benchmark) off. On an
 H100 autotuning made the 256 px step slower, 271 against 291 img/s (README, "GPU path"), so the trainers
 leave it off; --cudnn-benchmark measures it. The stage-1 batch is by size (128/64/32/16 at 32/64/128/256
-px) unless --stage1-batch sets one; the trainer's default is 64 at every size.
+px) unless --stage1-batch sets one; the trainer's default is 32 at every size.
 """
 
 from __future__ import annotations
@@ -46,6 +50,12 @@ from vqgen.core.training.loop import compile_model
 
 STAGE1_BATCH = {32: 128, 64: 64, 128: 32, 256: 16}
 GRIDS = (8, 16, 32)
+# --trunk vqgan: the tokenizer of VQGAN's f=16 models (Esser et al. 2021), in this project's trunk: width
+# 128, two residual blocks per level, self-attention at the lowest resolution, one level per halving.
+VQGAN_TRUNK = dict(architecture="resnet", hidden_channels=128, num_res_blocks=2, attention=True)
+# Dense bf16/fp16 tensor-core peaks in TFLOP/s (the vendors' figures without sparsity), by a substring of
+# torch.cuda.get_device_name; --peak-tflops gives any other card's.
+PEAK_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "L4": 121.0, "A10": 125.0}
 
 
 def device_name(device: torch.device) -> str:
@@ -94,21 +104,61 @@ def timed(step, warmup: int, repeats: int, device: torch.device) -> float:
     return (time.perf_counter() - start) / repeats
 
 
-def stage1_config(size: int, channels: int = 3) -> VQVAEConfig:
-    """The model of `--preset SIZE` (`stage1_vqvae.train.PRESETS`): the paper's convnet at 32 px, the
-    scalable trunk above; the paper net at the sized width for colour images (128)."""
-    options = {"hidden_channels": 128, "res_channels": 64, **PRESETS[str(size)]}
+def stage1_config(size: int, trunk: str = "preset", channels: int = 3) -> VQVAEConfig:
+    """trunk "preset": the model of `--preset SIZE` (`stage1_vqvae.train.PRESETS`): the paper's convnet at
+    32 px, the scalable trunk above; the paper net at the sized width for colour images (128). trunk "vqgan":
+    `VQGAN_TRUNK` at downsample 16 (8 below 128 px), widths 1,1,2,2,4 as in VQGAN (fewer levels: the
+    preset's multipliers' pattern)."""
+    if trunk == "vqgan":
+        downsample = 16 if size >= 128 else 8
+        levels = downsample.bit_length()
+        options = {**VQGAN_TRUNK, "downsample": downsample, "channel_mult": (1, 1, 2, 2, 4)[-levels:]}
+    else:
+        options = {"hidden_channels": 128, "res_channels": 64, **PRESETS[str(size)]}
     return VQVAEConfig(in_channels=channels, image_height=size, image_width=size, **options)
 
 
+def peak_tflops(args, device: torch.device) -> float | None:
+    """The card's dense half-precision peak: --peak-tflops, else by its name; None on the CPU or unknown."""
+    if args.peak_tflops:
+        return args.peak_tflops
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_TFLOPS.items() if key in name), None)
+
+
+def step_flops(forward_backward) -> float:
+    """FLOPs of one forward and backward pass, counted by torch.utils.flop_counter (matmuls and
+    convolutions: the work MFU is measured against; the optimizer's elementwise update is not counted).
+    Attention is counted through its math path, as two matmuls over the whole key length: the counter
+    knows no fused CPU kernel, so the same model counts the same on every device."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        forward_backward()
+    return float(counter.get_total_flops())
+
+
+def utilisation(flops: float, seconds: float, args, device: torch.device) -> dict:
+    """Achieved TFLOP/s and, where the card's peak is known, model FLOPs utilisation."""
+    achieved = flops / seconds / 1e12
+    peak = peak_tflops(args, device)
+    return {"tflop_per_step": round(flops / 1e12, 4), "achieved_tflops": round(achieved, 2),
+            "mfu": round(achieved / peak, 3) if peak else None}
+
+
 def bench_stage1(size: int, batch: int, args, device: torch.device) -> dict:
-    cfg = stage1_config(size)
+    cfg = stage1_config(size, args.trunk)
     model = VQVAE(cfg).to(device, memory_format=torch.channels_last)
+    images = (torch.rand(batch, 3, size, size, device=device) * 2 - 1).contiguous(memory_format=torch.channels_last)
+    flops = step_flops(lambda: model(images).loss.backward())  # before compiling: the counter needs eager ops
+    model.zero_grad(set_to_none=True)
     if args.compile:
         compile_model(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     scaler = torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16")
-    images = (torch.rand(batch, 3, size, size, device=device) * 2 - 1).contiguous(memory_format=torch.channels_last)
     reset_peak(device)
 
     def step():
@@ -121,9 +171,10 @@ def bench_stage1(size: int, batch: int, args, device: torch.device) -> dict:
 
     seconds = timed(step, args.warmup, args.steps, device)
     params = sum(p.numel() for p in model.parameters()) / 1e6
-    return {"size": size, "architecture": cfg.architecture, "grid": f"{cfg.grid_shape[0]}x{cfg.grid_shape[1]}",
-            "batch": batch, "params_m": round(params, 2), "img_per_s": round(batch / seconds, 1),
-            "peak_gib": round(peak_gib(device), 2)}
+    return {"size": size, "trunk": args.trunk, "architecture": cfg.architecture,
+            "grid": f"{cfg.grid_shape[0]}x{cfg.grid_shape[1]}", "batch": batch, "params_m": round(params, 2),
+            "img_per_s": round(batch / seconds, 1), "peak_gib": round(peak_gib(device), 2),
+            **utilisation(flops, seconds, args, device)}
 
 
 def make_prior(kind: str, grid: int, codebook_size: int, device: torch.device):
@@ -134,12 +185,14 @@ def make_prior(kind: str, grid: int, codebook_size: int, device: torch.device):
 
 def bench_prior_training(kind: str, grid: int, args, device: torch.device) -> dict:
     model = make_prior(kind, grid, args.codebook_size, device)
-    if args.compile:
-        compile_model(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     batch = args.prior_batch
     codes = torch.randint(args.codebook_size, (batch, grid, grid), device=device)
     labels = torch.randint(10, (batch,), device=device)
+    flops = step_flops(lambda: F.cross_entropy(model(codes, labels).flatten(0, 2), codes.flatten()).backward())
+    model.zero_grad(set_to_none=True)
+    if args.compile:
+        compile_model(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     reset_peak(device)
 
     def step():
@@ -152,7 +205,8 @@ def bench_prior_training(kind: str, grid: int, args, device: torch.device) -> di
 
     seconds = timed(step, args.warmup, args.steps, device)
     return {"prior": kind, "grid": f"{grid}x{grid}", "batch": batch,
-            "codes_per_s": round(batch * grid * grid / seconds), "peak_gib": round(peak_gib(device), 2)}
+            "codes_per_s": round(batch * grid * grid / seconds), "peak_gib": round(peak_gib(device), 2),
+            **utilisation(flops, seconds, args, device)}
 
 
 def bench_sampling(kind: str, grid: int, args, device: torch.device) -> dict:
@@ -223,6 +277,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--only", choices=("stage1", "prior", "sampling", "attention"), nargs="*", default=None,
                    help="parts to run (default: all)")
     p.add_argument("--sizes", type=int, nargs="*", default=[32, 64, 128, 256], help="stage-1 image sizes")
+    p.add_argument("--trunk", choices=("preset", "vqgan"), default="preset",
+                   help="stage-1 model: each size's preset, or a VQGAN-class trunk (width 128, two residual "
+                        "blocks per level, attention at the lowest resolution, downsample 16 from 128 px)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="the card's dense peak in TFLOP/s at the measured precision, for MFU (default: "
+                        "known cards' bf16 peak by name; none on the CPU)")
     p.add_argument("--grids", type=int, nargs="*", default=list(GRIDS), help="prior grid sides")
     p.add_argument("--priors", nargs="*", default=["transformer", "pixelcnn"], help="priors to measure")
     p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no")
@@ -233,7 +293,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     p.add_argument("--stage1-batch", type=int, default=None,
-                   help="batch for every size (default: 128/64/32/16 by size; the trainer's default is 64)")
+                   help="batch for every size (default: 128/64/32/16 by size; the trainer's default is 32)")
     p.add_argument("--prior-batch", type=int, default=32)
     p.add_argument("--codebook-size", type=int, default=512)
     p.add_argument("--samples", type=int, default=1000, help="code grids to sample")
