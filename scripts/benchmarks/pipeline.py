@@ -117,8 +117,9 @@ def main(argv: list[str] | None = None) -> None:
     cards = [float(v) for v in args.card_img_s.split(",") if v]
     result = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
-        "files": f"{len(dataset)} JPEGs of {width}x{height}, quality {args.quality}, "
-                 f"{sum(f.stat().st_size for f in folder.iterdir()) / args.images / 1024:.0f} KiB each",
+        "files": f"{args.images} JPEGs of {width}x{height}, quality {args.quality}, "
+                 f"{sum(f.stat().st_size for f in folder.iterdir()) / args.images / 1024:.0f} KiB each; "
+                 f"the {len(dataset)} of the training split timed",
         "to": f"{args.size}x{args.size} by {args.resize_mode}",
         "one_worker_img_s": one,
         "loader_img_s_by_workers": loader,
