@@ -260,7 +260,7 @@ def test_the_speed_benchmark_counts_a_steps_flops_and_its_utilisation():
     assert speed.utilisation(4e12, 2.0, speed.parse_args([]), torch.device("cpu"))["mfu"] is None  # no peak known
 
 
-def test_the_pipeline_benchmark_streams_a_jpeg_folder_and_sizes_the_workers(tmp_path, capsys):
+def test_the_pipeline_benchmark_streams_a_jpeg_folder_and_sizes_the_workers(tmp_path):
     pytest.importorskip("skimage")
     pipeline = load_script("benchmarks/pipeline")
     pipeline.main(["--out", str(tmp_path), "--images", "12", "--source-size", "96x64", "--size", "32",

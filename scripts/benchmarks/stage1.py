@@ -46,10 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="test evaluations every N steps: the first step at which the target MSE is reached")
     p.add_argument("--target-mse", type=float, default=0.0032,
                    help="the 28x28 test MSE to report the first evaluation at or under (default: the reference's)")
-    p.add_argument("--warmup-steps", type=int, default=100)
-    p.add_argument("--min-lr-ratio", type=float, default=0.1)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="a further training option (a TrainConfig field), repeatable")
+    p.add_argument("--warmup-steps", type=int, default=TRAIN_DEFAULTS["warmup_steps"])
+    p.add_argument("--seed", type=int, default=0, help="seed of initialisation and data order")
     p.add_argument("--skip-training", action="store_true", help="only evaluate an existing run")
     return p.parse_args(argv)
 
@@ -60,10 +58,9 @@ def main() -> None:
     data_cfg = DataConfig(source=args.data, image_size=32, resize_mode="pad")
     model = dict(hidden_channels=128, res_channels=32, num_res_blocks=2, downsample=4, codebook_size=512,
                  code_dim=64, codebook_update=args.codebook_update)
-    extra = {k: type(getattr(TrainConfig(), k))(v) for k, v in (kv.split("=", 1) for kv in args.set)}
     train_cfg = TrainConfig(batch_size=args.batch_size, learning_rate=args.lr, max_steps=args.steps,
-                            warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio,
-                            eval_every=args.eval_every, save_every=args.eval_every, log_every=50, **extra)
+                            warmup_steps=args.warmup_steps, seed=args.seed, eval_every=args.eval_every,
+                            save_every=args.eval_every, log_every=50)
     start, cpu_start, started = time.perf_counter(), time.process_time(), time.time()
     if not args.skip_training:
         train_vqvae(args.run, data_cfg, train_cfg, model, encode=False)
