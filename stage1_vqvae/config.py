@@ -278,6 +278,8 @@ PERCEPTUAL_KINDS = ("lpips", "ssim", "ms_ssim", "feature_matching")
 
 GAN_LOSSES = ("hinge", "non_saturating")
 
+SHARPNESS = ("auto", "on", "off")
+
 
 @dataclass(frozen=True)
 class GANConfig:
@@ -312,9 +314,16 @@ class GANConfig:
                              "ssim, ms_ssim (no download) or feature_matching (the discriminator's features, "
                              "from adversarial_start)", choices=PERCEPTUAL_KINDS)
     perceptual_weight: float = option(0.0, "weight of the perceptual term in the autoencoder's loss (0: off)")
+    sharpness: str = option("auto", "judge sharpness: each test evaluation also scores the reconstructions' "
+                            "in-domain FID in the features of the run's judge, and the kept weights are the lowest "
+                            "FID within psnr_slack dB of the best test PSNR; off: test MSE alone; auto: on with an "
+                            "adversarial or perceptual term", choices=SHARPNESS, since=7, legacy="off")
+    psnr_slack: float = option(1.0, "with sharpness: how many dB of test PSNR below the best seen a kept "
+                               "evaluation may give up for a lower FID", since=7)
 
     def __post_init__(self):
-        for name in ("adversarial_weight", "disc_learning_rate", "lecam_weight", "r1_weight", "perceptual_weight"):
+        for name in ("adversarial_weight", "disc_learning_rate", "lecam_weight", "r1_weight", "perceptual_weight",
+                     "psnr_slack"):
             value = getattr(self, name)
             if not (value >= 0 and value < float("inf")):
                 raise VQGenError(f"{name} must be a finite number >= 0, got {value}")
@@ -328,6 +337,8 @@ class GANConfig:
             raise VQGenError(f"lecam_decay must be in (0, 1), got {self.lecam_decay}")
         if self.perceptual not in PERCEPTUAL_KINDS:
             raise VQGenError(f"perceptual must be one of {', '.join(PERCEPTUAL_KINDS)}, got {self.perceptual!r}")
+        if self.sharpness not in SHARPNESS:
+            raise VQGenError(f"sharpness must be one of {', '.join(SHARPNESS)}, got {self.sharpness!r}")
         if not self.adversarial_weight:
             needs_d = [f"{name} {getattr(self, name)}" for name in ("lecam_weight", "r1_weight") if getattr(self, name)]
             if self.perceptual == "feature_matching" and self.perceptual_weight:
@@ -338,6 +349,16 @@ class GANConfig:
     @property
     def adversarial(self) -> bool:
         return self.adversarial_weight > 0
+
+    @property
+    def terms(self) -> bool:
+        """Whether the autoencoder's loss has an adversarial or a perceptual term."""
+        return self.adversarial or self.perceptual_weight > 0
+
+    @property
+    def judged(self) -> bool:
+        """Whether stage 1's evaluations score sharpness and keep weights by it (`sharpness`)."""
+        return self.sharpness == "on" or (self.sharpness == "auto" and self.terms)
 
     @property
     def augment_names(self) -> tuple[str, ...]:

@@ -21,11 +21,14 @@ from vqgen.core.data.config import DataConfig, parse_augment
 from vqgen.core.data.images import ImageData, ImageDataset, load_image_data, to_model_range, to_uint8
 from vqgen.core.data.loaders import make_loader
 from vqgen.core.evaluate.measures import code_usage, psnr
+from vqgen.core.evaluate import quality
+from vqgen.core.evaluate.quality import Judge, frechet_distance_of, judge_features, run_judge
 from vqgen.core.runtime.console import make_console
 from vqgen.core.runtime.errors import VQGenError
 from vqgen.core.runtime.processes import process_state
 from vqgen.core.store.configs import resumed_config
 from vqgen.core.store.imageio import grid, save_png
+from vqgen.core.store.jsonl import JsonlLog
 from vqgen.core.store.layout import ModelDir, RunLayout
 from vqgen.core.store.lock import holds_stage_lock
 from vqgen.core.store.weights import check_stage_dir
@@ -48,10 +51,15 @@ class VQVAETask:
     name: str = "vqvae"
     held_out: tuple[str, str] = ("mse", "recon_mse")
     gan: GANLoss | None = None     # adversarial and perceptual terms, and the discriminator (None: off)
+    judge: Judge | None = None     # sharpness: the run's judge scores the test reconstructions (None: MSE alone)
+    psnr_slack: float = 1.0        # sharpness: the PSNR (dB) below the best a kept evaluation may give up
 
     def __post_init__(self):
         self._counts = torch.zeros(self.config.codebook_size, dtype=torch.long, device=self.accelerator.device)
         self._images: dict[str, Tensor] = {}  # the last evaluation's, for the trackers
+        self.held_out_within = None
+        if self.judge is not None:  # the lowest reconstruction FID, within psnr_slack of the best PSNR
+            self.held_out, self.held_out_within = ("recon_fid", "recon_mse"), ("psnr", self.psnr_slack)
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         images = augment(batch["image"], self.augment) if self.augment else batch["image"]
@@ -89,24 +97,37 @@ class VQVAETask:
     @torch.no_grad()
     def evaluate(self, model: nn.Module, step: int) -> dict[str, float]:
         model.eval()
-        errors, counts = [], torch.zeros(self.config.codebook_size, dtype=torch.long)
+        errors, counts, features = [], torch.zeros(self.config.codebook_size, dtype=torch.long), []
         for batch in self.test_loader:
-            mse, _, indices = reconstruction_errors(model, batch["image"])
-            mse, indices = self.accelerator.gather_for_metrics((mse, indices))
+            mse, recon, indices = reconstruction_errors(model, batch["image"])
+            pair = () if self.judge is None else sharpness_features(self.judge, batch["image"], recon)
+            mse, indices, *pair = self.accelerator.gather_for_metrics((mse, indices, *pair))
             errors.append(mse.cpu())
+            features.append([f.cpu() for f in pair])
             # counted per batch: a large test split's codes are never held together
             counts += torch.bincount(indices.cpu().flatten(), minlength=self.config.codebook_size)
         mse = torch.cat(errors).mean().item()
+        sharpness = {}
+        if self.judge is not None:
+            real, made = (torch.cat(side) for side in zip(*features))
+            sharpness = {"recon_fid": frechet_distance_of(real, made)}
         if self.accelerator.is_main_process:
             recon = self.accelerator.unwrap_model(model)(self.preview.to(self.accelerator.device)).recon
             pair = torch.cat([to_uint8(self.preview), to_uint8(recon.float().cpu())])
             self._images = {"reconstructions": grid(pair, nrow=len(self.preview))}
             save_png(self._images["reconstructions"], self.stage_dir.reconstructions / f"step-{step:07d}.png")
-        return {"mse": mse, "psnr": psnr(mse), **code_usage(counts)}
+        return {"mse": mse, "psnr": psnr(mse), **sharpness, **code_usage(counts)}
 
     def eval_images(self) -> dict[str, Tensor]:
         """The last evaluation's test originals over their reconstructions, (c, H, W) uint8 (main process)."""
         return self._images
+
+
+def sharpness_features(judge: Judge, images: Tensor, recon: Tensor) -> tuple[Tensor, Tensor]:
+    """The judge's features of test images and of their reconstructions, both (b, c, H, W) in [-1, 1], scored as
+    saved images are (uint8), as `vqgen eval` scores them: the two sides of the reconstructions' FID."""
+    both = to_uint8(torch.cat([images, recon]))
+    return judge_features(judge, both, batch_size=len(both)).chunk(2)
 
 
 def model_config(stage: ModelDir, given: dict[str, Any], sized: dict[str, Any], data: ImageData,
@@ -131,10 +152,30 @@ def gan_config(stage: ModelDir, given: dict[str, Any], resume: bool) -> GANConfi
     if resume and stage.gan_config.is_file():
         return resumed_config(GANConfig, stage.gan_config, given, strict=True, what="adversarial options")
     cfg = GANConfig(**given)
-    if resume and stage.config.is_file() and (cfg.adversarial or cfg.perceptual_weight):
-        raise VQGenError(f"{stage.path} was trained without adversarial or perceptual terms; they cannot be "
-                         "switched on when resuming it (train a new run)")
+    if resume and stage.config.is_file() and (cfg.terms or cfg.judged):
+        what = "adversarial or perceptual terms" if cfg.terms else "sharpness (its best weights followed the MSE)"
+        raise VQGenError(f"{stage.path} was trained without {what}; they cannot be switched on when resuming it "
+                         "(train a new run)")
     return cfg
+
+
+def adversarial_verdict(records: list[dict[str, Any]], gan: GANConfig, best_step: int) -> str | None:
+    """One line when the adversarial phase did not give the kept weights: `records` are metrics.jsonl's, whose
+    test lines carry recon_fid and psnr; None when a step after `adversarial_start` was kept or none was tested."""
+    tests = [r for r in records if r.get("split") == "test" and "recon_fid" in r]
+    kept = next((r for r in tests if r["step"] == best_step), None)
+    after = [r for r in tests if r["step"] > gan.adversarial_start]
+    if kept is None or best_step > gan.adversarial_start or not after:
+        return None
+    sharpest = min(after, key=lambda r: r["recon_fid"])
+    top = max(r["psnr"] for r in tests)
+    why = (f"its lowest reconstruction FID ({sharpest['recon_fid']:.4g} at step {sharpest['step']}) cost "
+           f"{top - sharpest['psnr']:.2f} dB of test PSNR, more than psnr_slack {gan.psnr_slack:g}"
+           if sharpest["recon_fid"] < kept["recon_fid"] else
+           f"its lowest reconstruction FID was {sharpest['recon_fid']:.4g} (step {sharpest['step']})")
+    return (f"the adversarial phase (from step {gan.adversarial_start}) did not beat step {best_step}'s "
+            f"reconstructions (FID {kept['recon_fid']:.4g}, {kept['psnr']:.2f} dB): {why}; the run keeps step "
+            f"{best_step}'s weights")
 
 
 # Steps, not passes, decide how sharp a VQ-VAE gets: it does not memorise a small dataset the way a prior
@@ -223,13 +264,28 @@ def train_vqvae(
         console.print(f"[bold yellow]warning:[/] {note}")
     files = {stage.config: cfg, stage.data_config: data_cfg}
     gan_loss = None
-    if gan_cfg.adversarial or gan_cfg.perceptual_weight:
+    if gan_cfg.terms:
         # before any write (LPIPS may be refused); the discriminator draws from an RNG of its own
         gan_loss = GANLoss(gan_cfg, cfg, accelerator, train_cfg.learning_rate, train_cfg.seed)
         console.print(f"adversarial: weight {gan_cfg.adversarial_weight} from step {gan_cfg.adversarial_start} "
                       f"({gan_cfg.adversarial_loss}), perceptual {gan_cfg.perceptual} x {gan_cfg.perceptual_weight}")
+    if gan_cfg.adversarial and train_cfg.max_steps and gan_cfg.adversarial_start >= train_cfg.max_steps:
+        raise VQGenError(f"adversarial_start {gan_cfg.adversarial_start} is not before max_steps "
+                         f"{train_cfg.max_steps}: the discriminator would never train (lower --adversarial-start "
+                         "or raise --max-steps)")
+    if gan_cfg.terms or gan_cfg.judged:
+        if gan_cfg.judged and len(images.test) < 2:
+            raise VQGenError(f"sharpness needs a test split of at least 2 images to score an FID, {images.source} "
+                             f"has {len(images.test)} (train with --sharpness off)")
         files[stage.gan_config] = gan_cfg
     write_stage_files(accelerator, stage, files, fresh=overwrite and not resume)
+    judge = None
+    if gan_cfg.judged:  # a fresh stage 1 trains the run's judge anew: the images may differ from the last run's
+        with accelerator.main_process_first():
+            judge = run_judge(run.judge, images, accelerator.device, retrain=not resume and accelerator.is_main_process,
+                              steps=quality.JUDGE_STEPS)
+        console.print(f"sharpness: the test reconstructions' in-domain FID in the judge's features ({run.judge.path}); "
+                      f"kept weights: the lowest FID within {gan_cfg.psnr_slack:g} dB of the best test PSNR")
 
     model = VQVAE(cfg).to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, train_cfg)
@@ -238,8 +294,13 @@ def train_vqvae(
     test_loader = accelerator.prepare(make_loader(ImageDataset(images.test), train_cfg.batch_size,
                                                   num_workers=train_cfg.num_workers))
     preview = to_model_range(images.test.take(range(min(16, len(images.test)))))
-    task = VQVAETask(accelerator, cfg, test_loader, stage, preview, parse_augment(data_cfg.augment), gan=gan_loss)
+    task = VQVAETask(accelerator, cfg, test_loader, stage, preview, parse_augment(data_cfg.augment), gan=gan_loss,
+                     judge=judge, psnr_slack=gan_cfg.psnr_slack)
     metrics = fit(accelerator, train_cfg, task, model, optimizer, train_loader, stage, resume, console)
+    if judge is not None and gan_cfg.adversarial:
+        verdict = adversarial_verdict(JsonlLog(stage.metrics).read(), gan_cfg, metrics["best_step"])
+        if verdict:
+            console.print(f"[bold yellow]warning:[/] {verdict}")
     if encode:
         encode_splits(accelerator, accelerator.unwrap_model(model), images, data_cfg, run, train_cfg.batch_size,
                       console, train_cfg.num_workers)

@@ -40,6 +40,18 @@ def one_thread():
 
 
 @pytest.fixture(autouse=True, scope="session")
+def quick_judge():
+    """Stage 1's sharpness evaluation trains the run's judge for 600 steps (a minute of CPU); 20 score the tiny
+    runs' reconstructions just as well for what the tests check (tests/test_sharpness.py sets its own)."""
+    from vqgen.core.evaluate import quality
+
+    before = quality.JUDGE_STEPS
+    quality.JUDGE_STEPS = 20
+    yield
+    quality.JUDGE_STEPS = before
+
+
+@pytest.fixture(autouse=True, scope="session")
 def arrow_cache(tmp_path_factory):
     """Arrow copies of the tests' parquet and image folders go to a temporary cache, not ~/.cache/vqgen."""
     import os

@@ -507,6 +507,9 @@ import torch
 from safetensors.torch import save_file
 import stage1_vqvae.train as train
 from conftest import TINY_DATA, TINY_VQVAE, tiny_train
+from vqgen.core.evaluate import quality
+
+quality.JUDGE_STEPS = 20  # as tests/conftest.py sets it
 
 made = []
 class Recorded(train.GANLoss):
@@ -550,12 +553,25 @@ def test_before_the_start_the_autoencoder_trains_exactly_as_without_the_discrimi
     from stage1_vqvae.train import train_vqvae
 
     plain, gan = tmp_path / "plain", tmp_path / "gan"
-    train_vqvae(plain, TINY_DATA, tiny_train(max_steps=3), TINY_VQVAE, encode=False)
-    train_vqvae(gan, TINY_DATA, tiny_train(max_steps=3), TINY_VQVAE, encode=False,
-                gan=dict(adversarial_weight=0.5, adversarial_start=100, disc_width=8))
-    a, b = load_file(plain / "vqvae/model.safetensors"), load_file(gan / "vqvae/model.safetensors")
+    train_vqvae(plain, TINY_DATA, tiny_train(max_steps=4, save_every=3), TINY_VQVAE, encode=False)
+    train_vqvae(gan, TINY_DATA, tiny_train(max_steps=4, save_every=3), TINY_VQVAE, encode=False,
+                gan=dict(adversarial_weight=0.5, adversarial_start=3, disc_width=8))
+    a, b = (load_file(run / "vqvae/state/step-00000003/model.safetensors") for run in (plain, gan))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert [r["loss"] for r in train_records(plain)] == [r["loss"] for r in train_records(gan)]
+    assert [r["loss"] for r in train_records(plain)][:3] == [r["loss"] for r in train_records(gan)][:3]
+    assert "g_adv" not in train_records(gan)[2] and "g_adv" in train_records(gan)[3]
+
+
+def test_a_start_step_at_or_beyond_the_last_step_is_refused_before_anything_is_written(tmp_path):
+    from conftest import TINY_DATA, TINY_VQVAE, tiny_train
+    from stage1_vqvae.train import train_vqvae
+
+    run = tmp_path / "run"
+    with pytest.raises(VQGenError, match="adversarial_start 100 is not before max_steps 3: the discriminator "
+                                         "would never train") as err:
+        train_vqvae(run, TINY_DATA, tiny_train(max_steps=3), TINY_VQVAE, encode=False,
+                    gan=dict(adversarial_weight=0.5, adversarial_start=100))
+    assert "\n" not in str(err.value) and not (run / "vqvae" / "config.json").exists()
 
 
 @pytest.mark.parametrize("variant", [

@@ -340,7 +340,7 @@ def test_evaluation_and_sample_scores_never_decode_a_whole_streamed_split(parque
     scores_streamed = loaded.sample_quality(Accelerator(cpu=True), 8, streamed, judge_steps=5)
     assert all(scores_streamed[k] == pytest.approx(scores_memory[k]) for k in ("samples", "reconstructed", "real"))
     monkeypatch.setattr(type(streamed.test), "images", property(whole_split))
-    monkeypatch.setattr("vqgen.run.JUDGING_IMAGES", 20)  # a larger one: a seeded subset of 20, in dataset order
+    monkeypatch.setattr("vqgen.core.evaluate.quality.JUDGING_IMAGES", 20)  # a larger one: a seeded subset of 20, in dataset order
     images, labels = judging_images(streamed.train, seed=3)
     rows = [i for i in range(len(in_memory.train)) if any(torch.equal(in_memory.train.images[i], x) for x in images)]
     assert len(images) == 20 and len(rows) >= 20

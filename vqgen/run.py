@@ -26,10 +26,16 @@ from stage2_prior.parallel import check_filling, fill_masked
 from stage2_prior.registry import PriorKind, PriorSource, kind_of, load_prior
 from stage2_prior.sampling import check_sampling, sample_codes, seeded_choice
 from vqgen.core.data.config import DataConfig
-from vqgen.core.data.images import ImageData, ImageSplit, load_image_data, to_model_range, to_uint8
+from vqgen.core.data.images import (
+    ImageData,
+    load_image_data,
+    to_model_range,
+    to_uint8,
+)
 from vqgen.core.evaluate import quality, sample_metrics
 from vqgen.core.evaluate.inception import inception_scores
 from vqgen.core.evaluate.measures import code_usage, psnr
+from vqgen.core.evaluate.quality import judging_images
 from vqgen.core.runtime.errors import VQGenError
 from vqgen.core.share.export import RunLocation, locate_run
 from vqgen.core.store.codes import CodeSplit, load_codes
@@ -40,7 +46,6 @@ from vqgen.core.store.weights import load_model, weights_fingerprint
 
 SEED_STRIDE = 1_000_003  # sample i of seed s is seeded by s * SEED_STRIDE + i
 LABEL_STREAM = 1 << 62   # a label drawn for sample i uses its own generator, apart from the codes'
-JUDGING_IMAGES = 20_000  # of a streamed split, for the judge and the FID references
 
 
 def sample_seeds(seed: int, indices: Tensor) -> Tensor:
@@ -341,18 +346,7 @@ class Run:
     def judge(self, data: ImageData, retrain: bool = False, steps: int = 600) -> quality.Judge:
         """The run's judge: trained once on its training images (their labels, or rotations when unlabelled),
         then cached in the run directory (or, for a model that is only read, in its outputs folder)."""
-        folder = self.outputs.judge
-        if folder.trained and not retrain:
-            judge = quality.load_judge(folder.path)
-            if (judge.config.in_channels, judge.config.image_height, judge.config.image_width) == (
-                    data.channels, data.height, data.width):
-                return judge.to(self.device)
-        images, labels = judging_images(data.train, seed=0)
-        images, labels = images.to(self.device), None if labels is None else labels.to(self.device)
-        config = quality.JudgeConfig.for_data(images, labels, data.num_classes or None, steps=steps)
-        judge = quality.train_judge(images, labels, config)
-        quality.save_judge(judge, folder.path)
-        return judge
+        return quality.run_judge(self.outputs.judge, data, self.device, retrain, steps)
 
     def sample_quality(self, accelerator: Accelerator, n: int, data: ImageData | None = None,
                        sampling: SamplingConfig = SamplingConfig(), seed: int = 0, batch_size: int = 1000,
@@ -436,12 +430,3 @@ def _gather_shares(accelerator: Accelerator, *parts: Tensor, sizes: list[int]) -
         gathered = gathered.reshape(accelerator.num_processes, largest, *part.shape[1:])
         out.append(torch.cat([gathered[i, :size] for i, size in enumerate(sizes)]))
     return out
-
-
-def judging_images(split: ImageSplit, seed: int) -> tuple[Tensor, Tensor | None]:
-    """A split's images and labels for training the judge and as FID references: all of an in-memory
-    split; of a streamed one (larger than memory), a seeded random JUDGING_IMAGES of them, in order."""
-    if not split.streamed or len(split) <= JUDGING_IMAGES:
-        return split.images, split.labels
-    idx = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))[:JUDGING_IMAGES].sort().values
-    return split.take(idx), None if split.labels is None else split.labels[idx]

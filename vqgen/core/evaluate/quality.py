@@ -23,13 +23,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vqgen.core.data.images import ImageData, ImageSplit
 from vqgen.core.evaluate import sample_metrics
 from vqgen.core.runtime.errors import VQGenError
+from vqgen.core.store.layout import ModelDir
 from vqgen.core.store.weights import load_model, save_model
 
 TASKS = ("labels", "rotation")
 ROTATIONS = 4  # 0, 90, 180, 270 degrees
 SHIFT = 2  # pixels of random translation in training
+JUDGING_IMAGES = 20_000  # of a streamed split, for the judge and the FID references
+JUDGE_STEPS = 600  # the judge's training steps, as stage 1's sharpness evaluation trains it
 
 
 # --- Fréchet distance ----------------------------------------------------------------
@@ -254,6 +258,33 @@ def save_judge(judge: Judge, folder: str | os.PathLike) -> str:
 
 def load_judge(folder: str | os.PathLike) -> Judge:
     return load_model(Judge, JudgeConfig, folder).eval()
+
+
+def judging_images(split: ImageSplit, seed: int) -> tuple[Tensor, Tensor | None]:
+    """A split's images and labels for training the judge and as FID references: all of an in-memory
+    split; of a streamed one (larger than memory), a seeded random JUDGING_IMAGES of them, in order."""
+    if not split.streamed or len(split) <= JUDGING_IMAGES:
+        return split.images, split.labels
+    idx = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))[:JUDGING_IMAGES].sort().values
+    return split.take(idx), None if split.labels is None else split.labels[idx]
+
+
+def run_judge(folder: ModelDir, data: ImageData, device: torch.device | str = "cpu", retrain: bool = False,
+              steps: int = 600) -> Judge:
+    """A run's judge: the one saved in `folder` where it fits the images' shape (unless `retrain`), else one
+    trained on the training images (their labels, or rotations when unlabelled) and saved there. Stage 1's
+    sharpness evaluation and `vqgen eval` share it, so both score in the same features."""
+    if folder.trained and not retrain:
+        judge = load_judge(folder.path)
+        if (judge.config.in_channels, judge.config.image_height, judge.config.image_width) == (
+                data.channels, data.height, data.width):
+            return judge.to(device)
+    images, labels = judging_images(data.train, seed=0)
+    images, labels = images.to(device), None if labels is None else labels.to(device)
+    config = JudgeConfig.for_data(images, labels, data.num_classes or None, steps=steps)
+    judge = train_judge(images, labels, config)
+    save_judge(judge, folder.path)
+    return judge
 
 
 # --- measures ------------------------------------------------------------------------

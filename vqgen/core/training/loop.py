@@ -136,6 +136,8 @@ class TrainingTask(Protocol):
     def evaluate(self, model: nn.Module, step: int) -> dict[str, float]:
         """Test metrics; runs on every process, gathers across them."""
 
+    # optional: held_out_within: (a higher-is-better test metric, slack) | None: keep the best held-out metric
+    #   only among evaluations within the slack of that metric's best (`vqgen.core.training.best.HeldOut`)
     # optional: def eval_images(self) -> dict[str, Tensor]: the last evaluation's pictures for the trackers,
     # name -> (c, H, W) uint8, on the main process (stage 1: its reconstructions)
     # optional: def at_step(self, step: int) -> None: the optimizer steps done, told before each micro-batch
@@ -235,7 +237,8 @@ def fit(
         accelerator.init_trackers(f"vqgen-{task.name}", config=asdict(cfg),
                                   init_kwargs={"wandb": {"dir": str(stage_dir.logs)}})
 
-    held = HeldOut(*task.held_out, patience=cfg.patience, **progress.held_out)
+    held = HeldOut(*task.held_out, patience=cfg.patience, within=getattr(task, "held_out_within", None),
+                   **progress.held_out)
     best: dict[str, float] = {}
     last_train: dict[str, float] = {}
     stop = False
