@@ -405,7 +405,8 @@ def test_learns_a_toy_distribution_and_fills_it_in():
     assert torch.equal(grids(conditional), PATTERNS[torch.arange(8) % 4])
     drawn = grids(fill_masked(prior, 400, steps=6))
     match = (drawn[:, None] == PATTERNS[None]).all(-1)  # (400, 4)
-    assert float(match.any(1).float().mean()) > 0.85 and bool(match.any(0).all())
+    # whole patterns: 0.845-0.9 by machine (float paths differ); an unlearned prior hits one in ~1,000
+    assert float(match.any(1).float().mean()) > 0.8 and bool(match.any(0).all())
     keep = torch.zeros(4, 2, 3, dtype=torch.bool)
     keep[:, 0, 1] = True  # code 3 at position 1: only pattern 2 has it
     filled = fill_masked(prior, 4, codes=torch.full((4, 2, 3), 3), keep=keep)
