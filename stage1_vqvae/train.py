@@ -20,8 +20,8 @@ from vqgen.core.data.augment import augment
 from vqgen.core.data.config import DataConfig, parse_augment
 from vqgen.core.data.images import ImageData, ImageDataset, load_image_data, to_model_range, to_uint8
 from vqgen.core.data.loaders import make_loader
-from vqgen.core.evaluate.measures import code_usage, psnr
 from vqgen.core.evaluate import quality
+from vqgen.core.evaluate.measures import code_usage, psnr
 from vqgen.core.evaluate.quality import Judge, frechet_distance_of, judge_features, run_judge
 from vqgen.core.runtime.console import make_console
 from vqgen.core.runtime.errors import VQGenError
@@ -103,7 +103,8 @@ class VQVAETask:
             pair = () if self.judge is None else sharpness_features(self.judge, batch["image"], recon)
             mse, indices, *pair = self.accelerator.gather_for_metrics((mse, indices, *pair))
             errors.append(mse.cpu())
-            features.append([f.cpu() for f in pair])
+            if pair:
+                features.append([f.cpu() for f in pair])
             # counted per batch: a large test split's codes are never held together
             counts += torch.bincount(indices.cpu().flatten(), minlength=self.config.codebook_size)
         mse = torch.cat(errors).mean().item()

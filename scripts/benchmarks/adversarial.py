@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from stage1_vqvae.config import VQVAEConfig
-from stage1_vqvae.model import VQVAE
+from stage1_vqvae.model import VQVAE, reconstruction_errors
 from stage1_vqvae.train import sharpness_features
 from vqgen.arguments import exit_code
 from vqgen.core.data.config import DataConfig
@@ -111,10 +111,9 @@ def score_run(run: Path, judge: quality.Judge, batch_size: int) -> dict:
     counts = torch.zeros(model.config.codebook_size, dtype=torch.long)
     for start in range(0, len(data.test), batch_size):
         images = to_model_range(data.test.take(range(start, min(start + batch_size, len(data.test)))))
-        out = model(images)
-        recon = out.recon.float().clamp(-1, 1)
-        errors.append(((recon - images) / 2).pow(2).flatten(1).mean(1))
-        counts += torch.bincount(out.quant.indices.flatten(), minlength=model.config.codebook_size)
+        mse, recon, indices = reconstruction_errors(model, images)
+        errors.append(mse)
+        counts += torch.bincount(indices.flatten(), minlength=model.config.codebook_size)
         r, m = sharpness_features(judge, images, recon)
         real.append(r)
         made.append(m)

@@ -270,7 +270,7 @@ def judging_images(split: ImageSplit, seed: int) -> tuple[Tensor, Tensor | None]
 
 
 def run_judge(folder: ModelDir, data: ImageData, device: torch.device | str = "cpu", retrain: bool = False,
-              steps: int = 600) -> Judge:
+              steps: int = JUDGE_STEPS) -> Judge:
     """A run's judge: the one saved in `folder` where it fits the images' shape (unless `retrain`), else one
     trained on the training images (their labels, or rotations when unlabelled) and saved there. Stage 1's
     sharpness evaluation and `vqgen eval` share it, so both score in the same features."""
