@@ -52,6 +52,23 @@ def same_weights(a: Path, b: Path) -> bool:
     return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def divergence(a: Path, b: Path, stage: str = "vqvae") -> str:
+    """Where two runs that should match first differ: the first training record of metrics.jsonl whose
+    numbers differ, as a failed test's message (a resume that drifts tells at which step it began)."""
+    def records(run: Path) -> dict[int, dict]:
+        lines = (run / stage / "metrics.jsonl").read_text().splitlines()
+        out = {}
+        for line in map(json.loads, lines):
+            if line.get("split") == "train":
+                out[line["step"]] = {k: v for k, v in line.items() if k not in ("time", "samples_per_s")}
+        return out
+    ra, rb = records(a), records(b)
+    for step in sorted(set(ra) & set(rb)):
+        if ra[step] != rb[step]:
+            return f"training first differs at step {step}: {ra[step]} != {rb[step]}"
+    return f"the weights differ, the training records agree (steps {sorted(ra)} and {sorted(rb)})"
+
+
 @pytest.mark.slow
 def test_sigkill_mid_training_then_resume_matches_an_uninterrupted_run(spawn, tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
@@ -72,7 +89,7 @@ def test_sigkill_mid_training_then_resume_matches_an_uninterrupted_run(spawn, tm
     assert reached - saved_step < 5 + 1, "more than one save interval was lost"
     resumed = run_script(killed, "--max-steps", "30", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert same_weights(straight, killed)
+    assert same_weights(straight, killed), divergence(straight, killed)
 
 
 DIE_DURING_SAVE = """
@@ -108,7 +125,7 @@ def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_
     assert [step for step, _ in state_dirs(RunLayout(killed).vqvae)] == [5]      # but never listed as a checkpoint
     resumed = run_script(killed, "--max-steps", "15", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert same_weights(straight, killed)
+    assert same_weights(straight, killed), divergence(straight, killed)
     assert not list((killed / "vqvae" / "state").glob(".tmp-*"))  # leftovers cleaned up
 
 

@@ -18,7 +18,7 @@ import pytest
 from safetensors.torch import load_file
 
 from conftest import tree_hashes
-from test_reliability import ROOT, SCRIPT_ARGS, same_weights
+from test_reliability import ROOT, SCRIPT_ARGS, divergence, same_weights
 from vqgen.core.runtime.signals import STOP_CHECK_EVERY, StopSignals, signals_deferred
 from vqgen.core.store.layout import RunLayout
 from vqgen.core.store.manifest import state_damage
@@ -129,7 +129,7 @@ def test_a_signal_stops_after_the_step_with_a_state_that_resumes_bit_identically
     assert not (stopped / "vqvae" / ".lock").exists()                  # the lock went with the process
     resumed = run_resume_command(stderr)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert same_weights(straight, stopped)
+    assert same_weights(straight, stopped), divergence(straight, stopped)
 
 
 @pytest.mark.slow
@@ -152,7 +152,7 @@ def test_a_second_signal_during_the_save_exits_at_once_leaving_only_temporary_fi
                              capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "took over" in resumed.stdout                                 # the dead run's lock file
-    assert same_weights(straight, stopped)
+    assert same_weights(straight, stopped), divergence(straight, stopped)
     assert not list((stopped / "vqvae" / "state").glob(".tmp-*"))
 
 
@@ -174,7 +174,7 @@ def test_two_processes_stop_at_the_same_step_and_resume_bit_identically(spawn, t
     assert stderr.count("resume with: accelerate launch --num_processes 2") == 1    # the main process says it
     resumed = spawn.run([*torchrun, *vqvae_command(stopped, *sparse, "--resume")], timeout=400, cwd=ROOT, env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert same_weights(straight, stopped)
+    assert same_weights(straight, stopped), divergence(straight, stopped)
 
 
 @pytest.mark.slow

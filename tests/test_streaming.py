@@ -118,6 +118,9 @@ def test_streamed_loader_defaults_to_workers_and_memory_to_none(parquet):
     evaluation = make_loader(ImageDataset(streamed.test), 4)  # its workers end with each pass
     assert evaluation.num_workers >= 1 and not evaluation.persistent_workers
     assert make_loader(ImageDataset(streamed.train), 4, num_workers=0).num_workers == 0
+    # workers come from the fork server, never forked from the (threaded) training process itself
+    assert loader.multiprocessing_context.get_start_method() == "forkserver"
+    assert evaluation.multiprocessing_context.get_start_method() == "forkserver"
 
 
 def test_streamed_training_resumes_exactly_mid_epoch(parquet, tmp_path):
@@ -340,7 +343,8 @@ def test_evaluation_and_sample_scores_never_decode_a_whole_streamed_split(parque
     scores_streamed = loaded.sample_quality(Accelerator(cpu=True), 8, streamed, judge_steps=5)
     assert all(scores_streamed[k] == pytest.approx(scores_memory[k]) for k in ("samples", "reconstructed", "real"))
     monkeypatch.setattr(type(streamed.test), "images", property(whole_split))
-    monkeypatch.setattr("vqgen.core.evaluate.quality.JUDGING_IMAGES", 20)  # a larger one: a seeded subset of 20, in dataset order
+    # a larger split: a seeded subset of 20, in dataset order
+    monkeypatch.setattr("vqgen.core.evaluate.quality.JUDGING_IMAGES", 20)
     images, labels = judging_images(streamed.train, seed=3)
     rows = [i for i in range(len(in_memory.train)) if any(torch.equal(in_memory.train.images[i], x) for x in images)]
     assert len(images) == 20 and len(rows) >= 20

@@ -10,6 +10,7 @@ are the same for any number of workers.
 from __future__ import annotations
 
 import ctypes
+import multiprocessing
 import os
 
 import torch
@@ -81,7 +82,29 @@ def make_loader(dataset: Dataset, batch_size: int, train: bool = False, seed: in
                       generator=torch.Generator().manual_seed(seed), collate_fn=_collate,
                       num_workers=workers, persistent_workers=train and workers > 0,
                       pin_memory=torch.cuda.is_available(),
-                      worker_init_fn=_mmap_large_buffers if workers > 0 else None)
+                      worker_init_fn=_mmap_large_buffers if workers > 0 else None,
+                      multiprocessing_context=worker_context() if workers > 0 else None)
+
+
+# Modules the fork server imports once, so that each worker it forks starts with them loaded
+WORKER_PRELOAD = ("torch", "vqgen.core.data.images")
+
+
+def worker_context() -> multiprocessing.context.BaseContext | None:
+    """Where loader workers come from: a fork server, which forks them from a process that never ran a thread.
+
+    A worker forked from the training process itself (Linux's default) can deadlock before it runs a line: CPython
+    3.11's child clears the other threads' states under a lock that one of them may have held at the fork (a thread
+    entering Python from C, say), and nothing ever releases it. That hung 1 in a few two-process streamed runs on
+    a busy 2-core machine, at an evaluation's fork. A fork server is started once per process (about a second
+    for its imports) and its forks are as fast as today's. None (the platform's default) where there is no fork
+    server (Windows, which spawns).
+    """
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return None
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(list(WORKER_PRELOAD))
+    return context
 
 
 def stop_workers(loader: DataLoader) -> None:
