@@ -53,6 +53,26 @@ def test_a_lower_fid_is_kept_only_within_the_slack_of_the_best_psnr():
     assert not resumed.update(8, {"psnr": 20.3, "recon_fid": 3.45}, {}).improved
 
 
+def test_early_stopping_under_the_slack_rule_waits_for_both_measures_to_stall():
+    """A noisy FID that stalls while the PSNR still rises is progress (it stopped runs before their adversarial
+    phase began); `patience` evaluations with neither a kept evaluation nor a new best PSNR stop the run."""
+    held = HeldOut(*SHARP, patience=2, within=("psnr", 1.0))
+    verdicts = [held.update(step, {"psnr": p, "recon_fid": f}, {}) for step, p, f in [
+        (1, 20.0, 2.0),   # kept
+        (2, 20.3, 2.5),   # blurrier, PSNR up 0.3 dB: progress, not kept
+        (3, 20.6, 2.6),   # again
+        (4, 20.8, 2.7),   # again: three evaluations without a kept one, and no stop
+        (5, 20.7, 2.8),   # neither improves: 1
+        (6, 20.5, 2.9),   # 2 = patience: stop
+    ]]
+    assert [v.improved for v in verdicts] == [True, False, False, False, False, False]
+    assert [v.stop for v in verdicts] == [False] * 5 + [True]
+    assert held.stalled() == "neither test recon_fid nor psnr has improved for 2 evaluations"
+    plain = HeldOut("mse", "recon_mse", patience=2)
+    assert [plain.update(s, {"mse": m}, {}).stop for s, m in [(1, 1.0), (2, 1.1), (3, 1.2)]] == [False, False, True]
+    assert plain.stalled() == "test mse has not improved for 2 evaluations"
+
+
 def test_a_state_saved_before_the_rule_existed_still_resumes():
     old = {"best_step": 4, "best_value": 0.01, "best_train": 0.02, "evals_since_best": 0}
     held = HeldOut("mse", "recon_mse", **old)

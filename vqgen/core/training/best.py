@@ -32,18 +32,23 @@ class HeldOut:
     best_step: int = 0
     best_value: float | None = None
     best_train: float | None = None      # the training metric when the best was seen
-    evals_since_best: int = 0
+    evals_since_best: int = 0            # evaluations since the last improvement (under `within`: of either)
     top: float | None = None             # `within`: its metric's best value so far ...
     best_top: float | None = None        # ... and the kept evaluation's
 
     def update(self, step: int, test: dict[str, float], train: dict[str, float]) -> Verdict:
         value, train_now = test[self.metric], train.get(self.train_metric)
+        top_before = self.top
         if self._better(value, test):
             self.best_step, self.best_value, self.best_train = step, value, train_now
             self.best_top = test[self.within[0]] if self.within else None
             self.evals_since_best = 0
             return Verdict(improved=True, stop=False, warning=None)
-        self.evals_since_best += 1
+        # under `within`, a new best of the bounding metric is progress too: early stopping waits for neither to
+        # improve (a noisy FID that stalls while the PSNR still rises must not end the run, as it did before an
+        # adversarial phase had even begun)
+        rose = top_before is not None and self.top is not None and self.top > top_before
+        self.evals_since_best = 0 if rose else self.evals_since_best + 1
         warning = None  # under `within` the metric is not one of generalisation (stage 1's FID): no memorising
         if (self.within is None and self.evals_since_best == 2 and train_now is not None and self.best_train is not None
                 and train_now < self.best_train):
@@ -68,6 +73,12 @@ class HeldOut:
             return False
         kept_behind = self.best_top is None or self.best_top < self.top - slack
         return self.best_value is None or kept_behind or value < self.best_value
+
+    def stalled(self) -> str:
+        """What has not improved, for the early-stopping message."""
+        if self.within is None:
+            return f"test {self.metric} has not improved for {self.evals_since_best} evaluations"
+        return f"neither test {self.metric} nor {self.within[0]} has improved for {self.evals_since_best} evaluations"
 
     def state(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k not in ("metric", "train_metric", "patience", "within")}

@@ -309,8 +309,7 @@ def fit(
                     save_state(accelerator, progress, stage_dir, cfg.keep)
                 bar.update(bar_task, completed=step)
                 if stop:
-                    console.print(f"{task.name}: stopped early at step {step}: test {held.metric} has not "
-                                  f"improved for {held.evals_since_best} evaluations (patience {cfg.patience}); "
+                    console.print(f"{task.name}: stopped early at step {step}: {held.stalled()} (patience {cfg.patience}); "
                                   f"keeping step {held.best_step} ({held.best_value:.4g})")
                 else:
                     stopped_by = signals.agreed(accelerator, step, synced=log_now or eval_now or save_now)
