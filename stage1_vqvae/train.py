@@ -20,7 +20,6 @@ from vqgen.core.data.augment import augment
 from vqgen.core.data.config import DataConfig, parse_augment
 from vqgen.core.data.images import ImageData, ImageDataset, load_image_data, to_model_range, to_uint8
 from vqgen.core.data.loaders import make_loader
-from vqgen.core.evaluate import quality
 from vqgen.core.evaluate.measures import code_usage, psnr
 from vqgen.core.evaluate.quality import Judge, frechet_distance_of, judge_features, run_judge
 from vqgen.core.runtime.console import make_console
@@ -274,17 +273,16 @@ def train_vqvae(
         raise VQGenError(f"adversarial_start {gan_cfg.adversarial_start} is not before max_steps "
                          f"{train_cfg.max_steps}: the discriminator would never train (lower --adversarial-start "
                          "or raise --max-steps)")
+    if gan_cfg.judged and len(images.test) < 2:
+        raise VQGenError(f"sharpness needs a test split of at least 2 images to score an FID, {images.source} "
+                         f"has {len(images.test)} (train with --sharpness off)")
     if gan_cfg.terms or gan_cfg.judged:
-        if gan_cfg.judged and len(images.test) < 2:
-            raise VQGenError(f"sharpness needs a test split of at least 2 images to score an FID, {images.source} "
-                             f"has {len(images.test)} (train with --sharpness off)")
         files[stage.gan_config] = gan_cfg
     write_stage_files(accelerator, stage, files, fresh=overwrite and not resume)
     judge = None
     if gan_cfg.judged:  # a fresh stage 1 trains the run's judge anew: the images may differ from the last run's
         with accelerator.main_process_first():
-            judge = run_judge(run.judge, images, accelerator.device, retrain=not resume and accelerator.is_main_process,
-                              steps=quality.JUDGE_STEPS)
+            judge = run_judge(run.judge, images, accelerator.device, retrain=not resume and accelerator.is_main_process)
         console.print(f"sharpness: the test reconstructions' in-domain FID in the judge's features ({run.judge.path}); "
                       f"kept weights: the lowest FID within {gan_cfg.psnr_slack:g} dB of the best test PSNR")
 

@@ -26,12 +26,7 @@ from stage2_prior.parallel import check_filling, fill_masked
 from stage2_prior.registry import PriorKind, PriorSource, kind_of, load_prior
 from stage2_prior.sampling import check_sampling, sample_codes, seeded_choice
 from vqgen.core.data.config import DataConfig
-from vqgen.core.data.images import (
-    ImageData,
-    load_image_data,
-    to_model_range,
-    to_uint8,
-)
+from vqgen.core.data.images import ImageData, load_image_data, to_model_range, to_uint8
 from vqgen.core.evaluate import quality, sample_metrics
 from vqgen.core.evaluate.inception import inception_scores
 from vqgen.core.evaluate.measures import code_usage, psnr

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from stage1_vqvae.config import VQVAEConfig
+from stage1_vqvae.config import GANConfig, VQVAEConfig
 from stage1_vqvae.model import VQVAE, reconstruction_errors
 from stage1_vqvae.train import sharpness_features
 from vqgen.arguments import exit_code
@@ -120,14 +120,14 @@ def score_run(run: Path, judge: quality.Judge, batch_size: int) -> dict:
     mse = torch.cat(errors).mean().item()
     records = JsonlLog(layout.vqvae.metrics).read()
     tests = [r for r in records if r["split"] == "test"]
-    gan = json.loads(layout.vqvae.gan_config.read_text()) if layout.vqvae.gan_config.is_file() else {}
+    gan = load_config(GANConfig, layout.vqvae.gan_config) if layout.vqvae.gan_config.is_file() else GANConfig()
     return {"run": str(run), "steps": tests[-1]["step"] if tests else None,
             "best_step": tests[-1].get("best_step") if tests else None,
             "train_seconds": train_seconds(records), "psnr": psnr(mse), "mse": mse,
             "recon_fid": quality.frechet_distance_of(torch.cat(real), torch.cat(made)),
             **{k: v for k, v in code_usage(counts).items() if k in ("usage", "dead_codes")},
-            "adversarial_weight": gan.get("adversarial_weight", 0.0),
-            "perceptual": f"{gan['perceptual']} x {gan['perceptual_weight']}" if gan.get("perceptual_weight") else "-"}
+            "adversarial_weight": gan.adversarial_weight,
+            "perceptual": f"{gan.perceptual} x {gan.perceptual_weight}" if gan.perceptual_weight else "-"}
 
 
 def score(args: argparse.Namespace) -> None:
@@ -137,7 +137,7 @@ def score(args: argparse.Namespace) -> None:
             raise VQGenError(f"{run} has no trained stage 1 ({RunLayout(run).vqvae.weights} is missing)")
     first = RunLayout(runs[0])
     data = load_image_data(load_config(DataConfig, first.vqvae.data_config))
-    judge = quality.run_judge(first.judge, data, steps=quality.JUDGE_STEPS)
+    judge = quality.run_judge(first.judge, data)
     rows = [score_run(run, judge, args.batch_size) for run in runs]
     print("| run | adversarial | perceptual | steps (kept) | train s | test PSNR | recon FID | usage |")
     print("|---|---|---|---|---|---|---|---|")

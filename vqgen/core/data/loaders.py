@@ -95,9 +95,9 @@ def worker_context() -> multiprocessing.context.BaseContext | None:
 
     A worker forked from the training process itself (Linux's default) can deadlock before it runs a line: CPython
     3.11's child clears the other threads' states under a lock that one of them may have held at the fork (a thread
-    entering Python from C, say), and nothing ever releases it. That hung 1 in a few two-process streamed runs on
-    a busy 2-core machine, at an evaluation's fork. A fork server is started once per process (about a second
-    for its imports) and its forks are as fast as today's. None (the platform's default) where there is no fork
+    entering Python from C, say), and nothing ever releases it. That hung a two-process streamed run at an
+    evaluation's fork, in CI and on a busy 2-core machine. A fork server is started once per process (about a second
+    for its imports) and its forks are as fast as direct ones. None (the platform's default) where there is no fork
     server (Windows, which spawns).
     """
     if "forkserver" not in multiprocessing.get_all_start_methods():

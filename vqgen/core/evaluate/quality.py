@@ -270,10 +270,11 @@ def judging_images(split: ImageSplit, seed: int) -> tuple[Tensor, Tensor | None]
 
 
 def run_judge(folder: ModelDir, data: ImageData, device: torch.device | str = "cpu", retrain: bool = False,
-              steps: int = JUDGE_STEPS) -> Judge:
+              steps: int | None = None) -> Judge:
     """A run's judge: the one saved in `folder` where it fits the images' shape (unless `retrain`), else one
-    trained on the training images (their labels, or rotations when unlabelled) and saved there. Stage 1's
-    sharpness evaluation and `vqgen eval` share it, so both score in the same features."""
+    trained on the training images (their labels, or rotations when unlabelled; `steps`, default JUDGE_STEPS)
+    and saved there. Stage 1's sharpness evaluation and `vqgen eval` share it, so both score in the same
+    features."""
     if folder.trained and not retrain:
         judge = load_judge(folder.path)
         if (judge.config.in_channels, judge.config.image_height, judge.config.image_width) == (
@@ -281,7 +282,7 @@ def run_judge(folder: ModelDir, data: ImageData, device: torch.device | str = "c
             return judge.to(device)
     images, labels = judging_images(data.train, seed=0)
     images, labels = images.to(device), None if labels is None else labels.to(device)
-    config = JudgeConfig.for_data(images, labels, data.num_classes or None, steps=steps)
+    config = JudgeConfig.for_data(images, labels, data.num_classes or None, steps=steps or JUDGE_STEPS)
     judge = train_judge(images, labels, config)
     save_judge(judge, folder.path)
     return judge

@@ -38,7 +38,11 @@ class HeldOut:
 
     def update(self, step: int, test: dict[str, float], train: dict[str, float]) -> Verdict:
         value, train_now = test[self.metric], train.get(self.train_metric)
-        top_before = self.top
+        rose = False  # under `within`: a new best of the bounding metric
+        if self.within is not None:
+            now = test[self.within[0]]
+            rose = self.top is not None and now > self.top
+            self.top = now if self.top is None else max(self.top, now)
         if self._better(value, test):
             self.best_step, self.best_value, self.best_train = step, value, train_now
             self.best_top = test[self.within[0]] if self.within else None
@@ -47,7 +51,6 @@ class HeldOut:
         # under `within`, a new best of the bounding metric is progress too: early stopping waits for neither to
         # improve (a noisy FID that stalls while the PSNR still rises must not end the run, as it did before an
         # adversarial phase had even begun)
-        rose = top_before is not None and self.top is not None and self.top > top_before
         self.evals_since_best = 0 if rose else self.evals_since_best + 1
         warning = None  # under `within` the metric is not one of generalisation (stage 1's FID): no memorising
         if (self.within is None and self.evals_since_best == 2 and train_now is not None and self.best_train is not None
@@ -67,9 +70,7 @@ class HeldOut:
         if self.within is None:
             return self.best_value is None or value < self.best_value
         name, slack = self.within
-        now = test[name]
-        self.top = now if self.top is None else max(self.top, now)
-        if now < self.top - slack:
+        if test[name] < self.top - slack:  # self.top: the best so far, this evaluation included
             return False
         kept_behind = self.best_top is None or self.best_top < self.top - slack
         return self.best_value is None or kept_behind or value < self.best_value

@@ -309,8 +309,8 @@ def fit(
                     save_state(accelerator, progress, stage_dir, cfg.keep)
                 bar.update(bar_task, completed=step)
                 if stop:
-                    console.print(f"{task.name}: stopped early at step {step}: {held.stalled()} (patience {cfg.patience}); "
-                                  f"keeping step {held.best_step} ({held.best_value:.4g})")
+                    console.print(f"{task.name}: stopped early at step {step}: {held.stalled()} (patience "
+                                  f"{cfg.patience}); keeping step {held.best_step} ({held.best_value:.4g})")
                 else:
                     stopped_by = signals.agreed(accelerator, step, synced=log_now or eval_now or save_now)
                     if stopped_by and not save_now:
