@@ -240,6 +240,9 @@ def train_vqvae(
     gan_cfg = gan_config(stage, as_options(gan), resume)
     schedule = {} if resume else sized_schedule(given_training, STAGE1_STEPS, evaluations=10)
     train_cfg = train_config(stage, given_training, {**TRAIN_DEFAULTS, **schedule}, resume)
+    if train_cfg.weight_average:  # the average would blend the codebook's restarted rows with their past
+        raise VQGenError(f"weight_average={train_cfg.weight_average}: a weight average is kept for stage 2 "
+                         "(the priors) only; train the VQ-VAE without it")
     state = process_state()
     with state.main_process_first():
         images = load_image_data(data_cfg, make_console(state.is_main_process))

@@ -21,6 +21,10 @@ class PriorConfig:
     num_classes: int = option(0, "classes to condition on, from the codes (0: unconditional)")
     label_dropout: float = option(0.1, "share of training labels replaced by the null class (makes --cfg work)")
     dropout: float = option(0.0, "dropout on embeddings, attention and residual paths")
+    code_dropout: float = option(0.0, "share of the input codes replaced by random codes while training; the "
+                                      "targets stay the true codes (0: off)", since=8)
+    label_smoothing: float = option(0.0, "label smoothing of the training loss; the held-out number stays the "
+                                         "true negative log-likelihood (0: off)", since=8)
 
     def __post_init__(self) -> None:
         if self.codebook_size < 2:
@@ -29,7 +33,7 @@ class PriorConfig:
             raise VQGenError(f"grid must be at least 1x1, got {self.grid_height}x{self.grid_width}")
         if self.num_classes < 0:
             raise VQGenError(f"num_classes must be >= 0, got {self.num_classes}")
-        for name in ("label_dropout", "dropout"):
+        for name in ("label_dropout", "dropout", "code_dropout", "label_smoothing"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise VQGenError(f"{name} must be in [0, 1), got {getattr(self, name)}")
 

@@ -88,6 +88,17 @@ def drop_labels(labels: Tensor, config: PriorConfig) -> Tensor:
     return labels.masked_fill(drop, config.num_classes)
 
 
+def drop_codes(codes: Tensor, config: PriorConfig) -> Tensor:
+    """Replace each input code by a code drawn uniformly from the K with probability `code_dropout` (global RNG,
+    as dropout), so the prior learns to predict through the slips its own samples make; the targets of the
+    loss stay the true codes."""
+    if config.code_dropout == 0.0:
+        return codes
+    drop = torch.rand(codes.shape, device=codes.device) < config.code_dropout
+    noise = torch.randint(0, config.codebook_size, codes.shape, device=codes.device, dtype=codes.dtype)
+    return torch.where(drop, noise, codes)
+
+
 def grid_nll(prior: nn.Module, codes: Tensor, labels: Tensor | None) -> Tensor:
     """(b, h, w) integer codes (int16 as stored, or int64) -> (b,) negative log-likelihood of each grid in nats."""
     codes = codes.long()

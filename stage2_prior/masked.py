@@ -17,7 +17,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from stage2_prior.config import MaskedConfig, PriorConfig
-from stage2_prior.contract import check_code_shape, drop_labels, resolve_labels
+from stage2_prior.contract import check_code_shape, drop_codes, drop_labels, resolve_labels
 from stage2_prior.transformer import Block, _init_weights
 from vqgen.core.evaluate.measures import bits
 from vqgen.core.runtime.errors import VQGenError
@@ -63,9 +63,10 @@ class MaskedPrior(nn.Module):
         check_code_shape(codes, cfg)
         check_mask_shape(mask, codes)
         labels = resolve_labels(labels, codes.shape[0], cfg, codes.device)
+        codes = codes.long()
         if self.training:
-            labels = drop_labels(labels, cfg)
-        tokens = rearrange(codes.long().masked_fill(mask, cfg.mask_id), "b h w -> b (h w)")
+            labels, codes = drop_labels(labels, cfg), drop_codes(codes, cfg)  # hidden codes stay hidden
+        tokens = rearrange(codes.masked_fill(mask, cfg.mask_id), "b h w -> b (h w)")
         positions = rearrange(self.row_emb[:, None] + self.col_emb[None], "h w d -> (h w) d")
         x = torch.cat([self.class_emb(labels)[:, None], self.code_emb(tokens) + positions], dim=1)  # (b, 1+t, d)
         x = self.drop(x)
@@ -116,20 +117,24 @@ def held_out_masks(index: Tensor, t: int, per_grid: int = HELD_OUT_MASKS) -> Ten
 # -- the objective and the held-out number ------------------------------------------------------------------
 
 
-def masked_cross_entropy(logits: Tensor, codes: Tensor, mask: Tensor) -> Tensor:
-    """(b, h, w, k) logits, (b, h, w) codes, (b, h, w) bool mask -> mean nats over the masked codes of the batch.
-    Nothing at an unmasked position, not even a non-finite logit, reaches the value."""
-    nll = F.cross_entropy(rearrange(logits.float(), "b h w k -> b k h w"), codes.long(), reduction="none")
-    return torch.where(mask, nll, 0.0).sum() / mask.sum()
+def masked_cross_entropy(logits: Tensor, codes: Tensor, mask: Tensor, smoothing: float = 0.0) -> Tensor:
+    """(b, h, w, k) logits, (b, h, w) codes, (b, h, w) bool mask -> mean nats over the masked codes of the batch
+    (`smoothing`: with label smoothing). Nothing at an unmasked position, not even a non-finite logit, reaches
+    the value."""
+    return F.cross_entropy(logits.float()[mask], codes.long()[mask], label_smoothing=smoothing)
 
 
-def masked_loss(model: nn.Module, codes: Tensor, labels: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
-    """One training batch: hide codes by `draw_masks`, predict them through `model.forward`; the loss and the
-    training counterpart of the held-out number (bits per masked code)."""
+def masked_loss(model: nn.Module, codes: Tensor, labels: Tensor | None,
+                smoothing: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
+    """One training batch: hide codes by `draw_masks`, predict them through `model.forward`; the loss
+    (`smoothing`: with label smoothing) and the training counterpart of the held-out number, the true bits
+    per masked code, which smoothing leaves out."""
     b, h, w = codes.shape
     mask = rearrange(draw_masks(b, h * w, codes.device), "b (h w) -> b h w", h=h)
-    loss = masked_cross_entropy(model(codes, labels, mask), codes, mask)
-    return loss, {"loss": loss.detach(), "bits_per_masked_code": loss.detach() / math.log(2)}
+    logits = model(codes, labels, mask)  # (b, h, w, k)
+    loss = masked_cross_entropy(logits, codes, mask, smoothing)
+    nll = masked_cross_entropy(logits, codes, mask).detach() if smoothing else loss.detach()
+    return loss, {"loss": loss.detach(), "bits_per_masked_code": nll / math.log(2)}
 
 
 def masked_held_out(model: nn.Module, config: PriorConfig, batches: Iterable[tuple[Tensor, Tensor | None, Tensor]],

@@ -16,7 +16,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from stage2_prior.config import PixelCNNConfig
-from stage2_prior.contract import check_code_shape, drop_labels, resolve_labels
+from stage2_prior.contract import check_code_shape, drop_codes, drop_labels, resolve_labels
 from vqgen.core.runtime.errors import VQGenError
 
 
@@ -138,9 +138,10 @@ class PixelCNNPrior(nn.Module):
         """(b, h, w) codes, (b,) labels or None (null class) -> (b, h, w, k) logits, teacher-forced."""
         check_code_shape(codes, self.config)
         labels = resolve_labels(labels, codes.shape[0], self.config, codes.device)
+        codes = codes.long()
         if self.training:
-            labels = drop_labels(labels, self.config)
-        logits = self.head(self._features(codes.long(), labels))  # (b, k, h, w)
+            labels, codes = drop_labels(labels, self.config), drop_codes(codes, self.config)
+        logits = self.head(self._features(codes, labels))  # (b, k, h, w)
         return rearrange(logits, "b k h w -> b h w k")
 
     def start(self, labels: Tensor | None, batch_size: int) -> PixelCNNState:

@@ -19,11 +19,15 @@ from stage2_prior.contract import grid_nll
 from vqgen.core.evaluate.measures import bits
 
 
-def raster_loss(model: nn.Module, codes: Tensor, labels: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
-    """(b, h, w) codes -> mean nats per code of the teacher-forced logits, and the scalars to log."""
-    logits = model(codes, labels)  # (b, h, w, k)
-    loss = F.cross_entropy(rearrange(logits.float(), "b h w k -> (b h w) k"), codes.flatten())
-    return loss, {"loss": loss.detach(), "bits_per_code": loss.detach() / math.log(2)}
+def raster_loss(model: nn.Module, codes: Tensor, labels: Tensor | None,
+                smoothing: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
+    """(b, h, w) codes -> mean nats per code of the teacher-forced logits (`smoothing`: with label smoothing),
+    and the scalars to log: the loss, and the true bits per code, which smoothing leaves out."""
+    logits = rearrange(model(codes, labels).float(), "b h w k -> (b h w) k")
+    targets = codes.flatten().long()
+    loss = F.cross_entropy(logits, targets, label_smoothing=smoothing)
+    nll = F.cross_entropy(logits, targets).detach() if smoothing else loss.detach()
+    return loss, {"loss": loss.detach(), "bits_per_code": nll / math.log(2)}
 
 
 def raster_held_out(model: nn.Module, config: PriorConfig, batches: Iterable[tuple[Tensor, Tensor | None, Tensor]],

@@ -21,9 +21,9 @@ from vqgen.core.store.weights import load_weights
 
 CLUSTER_STREAM = 3 << 60  # a cluster within a class drawn for a sample: its own generator, apart from the codes'
 
-# (model, codes (b, h, w), labels (b,) or None) -> (loss, detached scalars for the training log); the model
-# may be wrapped (DDP), so the function calls nothing but its `forward`.
-LossFn = Callable[[nn.Module, Tensor, Tensor | None], tuple[Tensor, dict[str, Tensor]]]
+# (model, codes (b, h, w), labels (b,) or None, label smoothing) -> (loss, detached scalars for the training
+# log); the model may be wrapped (DDP), so the function calls nothing but its `forward`.
+LossFn = Callable[[nn.Module, Tensor, Tensor | None, float], tuple[Tensor, dict[str, Tensor]]]
 # (model, its config, test batches (codes, labels or None, index in the split), gather across processes)
 # -> test metrics, `PriorKind.metric` among them.
 HeldOutFn = Callable[[nn.Module, PriorConfig, Iterable[tuple[Tensor, Tensor | None, Tensor]],

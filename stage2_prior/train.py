@@ -70,7 +70,7 @@ class PriorTask:
         return self.kind.metric, self.kind.metric
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        return self.kind.loss(model, batch["codes"], labels_of(batch, self.conditional))
+        return self.kind.loss(model, batch["codes"], labels_of(batch, self.conditional), self.config.label_smoothing)
 
     def window_metrics(self) -> dict[str, float]:
         return {}

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from stage2_prior.config import TransformerConfig
-from stage2_prior.contract import check_code_shape, drop_labels, resolve_labels
+from stage2_prior.contract import check_code_shape, drop_codes, drop_labels, resolve_labels
 from vqgen.core.runtime.errors import VQGenError
 
 # The cached step's key length grows by one per code. cuDNN's fused attention, which PyTorch prefers on
@@ -136,9 +136,10 @@ class TransformerPrior(nn.Module):
         cfg = self.config
         check_code_shape(codes, cfg)
         labels = resolve_labels(labels, codes.shape[0], cfg, codes.device)
+        codes = codes.long()
         if self.training:
-            labels = drop_labels(labels, cfg)
-        codes = rearrange(codes, "b h w -> b (h w)").long()
+            labels, codes = drop_labels(labels, cfg), drop_codes(codes, cfg)
+        codes = rearrange(codes, "b h w -> b (h w)")
         tokens = torch.cat([self.start_emb(labels)[:, None], self.code_emb(codes[:, :-1])], dim=1)  # (b, t, d)
         x = self.drop(tokens + self._positions())
         for block in self.blocks:

@@ -162,6 +162,7 @@ def given_options(args: argparse.Namespace, cls: type, skip: tuple[str, ...] = (
 # training options a fresh run sizes from its data (docs/defaults.md), shown so in --help
 SIZED_TRAINING = {name: "sized to the data" for name in ("max_steps", "eval_every", "save_every")}
 VQVAE_FROM_DATA = ("in_channels", "image_height", "image_width")  # model fields the data sets
+PRIOR_ONLY_TRAINING = ("weight_average",)  # training options stage 1 does not take (its quantizer's statistics)
 PRIOR_FROM_CODES = ("codebook_size", "grid_height", "grid_width", "num_classes")  # prior fields the codes set
 
 
@@ -174,7 +175,8 @@ def add_vqvae_training_options(parser: argparse.ArgumentParser) -> None:
                         help=f"model options for an image side ({' | '.join(PRESETS)}), filling only the model "
                              "options not given (default: none, the sized defaults)")
     add_config_options(parser, DataConfig, title="data")
-    add_config_options(parser, TrainConfig, title="training", defaults={**VQVAE_TRAIN_DEFAULTS, **SIZED_TRAINING})
+    add_config_options(parser, TrainConfig, skip=PRIOR_ONLY_TRAINING, title="training",
+                       defaults={**VQVAE_TRAIN_DEFAULTS, **SIZED_TRAINING})
     add_config_options(parser, VQVAEConfig, skip=VQVAE_FROM_DATA, title="model")
     add_config_options(parser, GANConfig, title="adversarial and perceptual terms (off by default)")
 

@@ -26,6 +26,7 @@ from vqgen.core.store.configs import write_json_atomic
 from vqgen.core.store.layout import PROGRESS, ModelDir
 from vqgen.core.store.manifest import write_manifest
 from vqgen.core.store.weights import commit_state_dir, newest_intact_state, save_model
+from vqgen.core.training.average import WeightAverage
 
 
 @dataclass
@@ -48,8 +49,10 @@ def export_weights(accelerator: Accelerator, model: nn.Module, config: Any, stag
     raise_together(accelerator, error, main_only=True)
 
 
-def save_state(accelerator: Accelerator, progress: Progress, stage_dir: ModelDir, keep: int) -> Path:
-    """Write the full training state to a temporary folder, list it in a manifest, rename it into place."""
+def save_state(accelerator: Accelerator, progress: Progress, stage_dir: ModelDir, keep: int,
+               average: WeightAverage | None = None) -> Path:
+    """Write the full training state (with the weight average, if one is kept) to a temporary folder, list it
+    in a manifest, rename it into place."""
     accelerator.wait_for_everyone()
     tmp = stage_dir.temporary_state(progress.step)
     error = None
@@ -63,6 +66,8 @@ def save_state(accelerator: Accelerator, progress: Progress, stage_dir: ModelDir
         try:
             with writing(tmp):
                 write_json_atomic(asdict(progress), tmp / PROGRESS)
+                if average is not None:
+                    average.save(tmp)
                 write_manifest(tmp)  # last: a state without its manifest was never finished
                 commit_state_dir(stage_dir, progress.step, keep)
         except VQGenError as err:
@@ -76,8 +81,10 @@ def save_state(accelerator: Accelerator, progress: Progress, stage_dir: ModelDir
     return stage_dir.state(progress.step)
 
 
-def resume_state(accelerator: Accelerator, stage_dir: ModelDir, console: Console) -> Progress:
-    """Load the newest intact state on every process (the main process checks, the others follow)."""
+def resume_state(accelerator: Accelerator, stage_dir: ModelDir, console: Console,
+                 average: WeightAverage | None = None) -> Progress:
+    """Load the newest intact state on every process (the main process checks, the others follow), with the
+    weight average when one is kept."""
     found, error = None, None
     if accelerator.is_main_process:
         try:
@@ -96,6 +103,8 @@ def resume_state(accelerator: Accelerator, stage_dir: ModelDir, console: Console
         raise VQGenError(f"cannot load the training state {state}: {one_line(err)}; a state saved by another "
                          "vqgen version resumes only with that version: finish the run with it, or start again "
                          "with --overwrite") from None
+    if average is not None:
+        average.load(state)
     known = {f.name for f in dataclasses.fields(Progress)}
     progress = Progress(**{k: v for k, v in saved.items() if k in known})
     console.print(f"resumed from {state} (step {progress.step}, epoch {progress.epoch})")

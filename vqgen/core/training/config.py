@@ -46,6 +46,9 @@ class TrainConfig:
                                            "(default: 0 for data in memory, min(4, CPUs) when streamed)", since=3)
     compile: bool = option(False, "torch.compile the model's forward pass (faster steps on a GPU after a slow "
                            "first one; needs Triton on CUDA or a C++ compiler on the CPU)", since=3)
+    weight_average: float = option(0.0, "stage 2: the decay of an exponential moving average of the weights kept "
+                                        "beside the training (e.g. 0.999; 0: off); evaluation, the kept best "
+                                        "weights and so sampling use the average", since=8)
     tf32: bool = option(True, "let float32 matmuls and convolutions use TF32 on NVIDIA GPUs (Ampere and newer)",
                         since=3)
 
@@ -60,6 +63,8 @@ class TrainConfig:
             raise VQGenError(f"learning_rate must be a positive number, got {self.learning_rate}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise VQGenError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if not 0.0 <= self.weight_average < 1.0:
+            raise VQGenError(f"weight_average must be in [0, 1) (0: off), got {self.weight_average}")
         if self.keep < 1:
             raise VQGenError(f"keep must be >= 1, got {self.keep}")
         if self.num_workers is not None and self.num_workers < 0:

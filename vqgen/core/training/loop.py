@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import signal
 import time
+from contextlib import nullcontext
 from dataclasses import asdict
 from typing import Any, Protocol
 
@@ -31,6 +32,7 @@ from vqgen.core.store.imageio import to_pil
 from vqgen.core.store.jsonl import JsonlLog
 from vqgen.core.store.layout import ModelDir
 from vqgen.core.store.weights import latest_state_dir, load_weights
+from vqgen.core.training.average import WeightAverage
 from vqgen.core.training.best import HeldOut
 from vqgen.core.training.checkpoints import Progress, export_weights, resume_state, save_state
 from vqgen.core.training.config import TrainConfig
@@ -214,9 +216,11 @@ def fit(
     evaluations; return the metrics of the best evaluation.
 
     The weights of the best evaluation are the stage's `model.safetensors` (what later commands load)
-    and are back in `model` on return; the newest `state/` holds the last step, for resume. The device
-    is synchronised only at logging, evaluation and save steps. A first SIGTERM/SIGINT ends the run after
-    the current step with a resumable state and `TrainingStopped`; a second one exits at once.
+    and are back in `model` on return; with `weight_average`, every evaluation scores the weight average
+    (`WeightAverage`), so the kept weights are an average's. The newest `state/` holds the last step, for
+    resume. The device is synchronised only at logging, evaluation and save steps. A first SIGTERM/SIGINT
+    ends the run after the current step with a resumable state and `TrainingStopped`; a second one exits at
+    once.
     """
     console = console or make_console(accelerator.is_main_process)
     log = JsonlLog(stage_dir.metrics, enabled=accelerator.is_main_process)
@@ -226,9 +230,10 @@ def fit(
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     aux_model, aux_optimizer = accelerator.prepare(*auxiliary) if auxiliary else (None, None)
     models = (model,) if aux_model is None else (model, aux_model)
+    average = WeightAverage(accelerator.unwrap_model(model), cfg.weight_average) if cfg.weight_average else None
     steps_per_epoch = max(1, len(train_loader) // cfg.grad_accum_steps)
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
-    progress = resume_state(accelerator, stage_dir, console) if resume else Progress()
+    progress = resume_state(accelerator, stage_dir, console, average) if resume else Progress()
     if accelerator.is_main_process:
         save_config(cfg, stage_dir.train_config)
     if cfg.report_to != "none":
@@ -270,6 +275,8 @@ def fit(
                     continue
                 progress.step += 1
                 step = progress.step
+                if average is not None:
+                    average.update(accelerator.unwrap_model(model), step)
                 log_now = step % cfg.log_every == 0 or step == total
                 eval_now = (cfg.eval_every and step % cfg.eval_every == 0) or step == total
                 save_now = (cfg.save_every and step % cfg.save_every == 0) or step == total
@@ -287,11 +294,12 @@ def fit(
                     last_train = record
                     window.reset()
                 if eval_now:
-                    metrics = task.evaluate(model, step)
-                    verdict = held.update(step, metrics, last_train)
-                    if verdict.improved:
-                        best = metrics
-                        export_weights(accelerator, model, task.config, stage_dir)
+                    with average.applied(accelerator.unwrap_model(model)) if average else nullcontext():
+                        metrics = task.evaluate(model, step)  # the average's, when one is kept ...
+                        verdict = held.update(step, metrics, last_train)
+                        if verdict.improved:
+                            best = metrics
+                            export_weights(accelerator, model, task.config, stage_dir)  # ... and so its weights
                     _emit(accelerator, log, "test", step, {**metrics, **held.record()})
                     console.print(f"[bold]{task.name}[/] step {step}: " + _short(metrics)
                                   + ("  (best)" if verdict.improved else f"  (best: step {held.best_step})"))
@@ -306,7 +314,7 @@ def fit(
                     window.started = time.perf_counter()
                 if save_now or stop:
                     progress.held_out = held.state()
-                    save_state(accelerator, progress, stage_dir, cfg.keep)
+                    save_state(accelerator, progress, stage_dir, cfg.keep, average)
                 bar.update(bar_task, completed=step)
                 if stop:
                     console.print(f"{task.name}: stopped early at step {step}: {held.stalled()} (patience "
@@ -315,7 +323,7 @@ def fit(
                     stopped_by = signals.agreed(accelerator, step, synced=log_now or eval_now or save_now)
                     if stopped_by and not save_now:
                         progress.held_out = held.state()
-                        save_state(accelerator, progress, stage_dir, cfg.keep)
+                        save_state(accelerator, progress, stage_dir, cfg.keep, average)
                 if step >= total or stop or stopped_by:
                     break
             else:

@@ -39,7 +39,13 @@ def train_config(stage: ModelDir, given: dict[str, Any], defaults: dict[str, Any
     """A fresh stage: the stage's defaults under the given options. Resuming: the saved options, with
     the given ones (a longer `max_steps`, say) on top."""
     if resume and stage.train_config.is_file():
-        return resumed_config(TrainConfig, stage.train_config, given, strict=False, what="training options")
+        cfg = resumed_config(TrainConfig, stage.train_config, given, strict=False, what="training options")
+        saved = resumed_config(TrainConfig, stage.train_config, {}, strict=False, what="training options")
+        if cfg.weight_average != saved.weight_average:  # the saved states hold an average of that decay, or none
+            raise VQGenError(f"cannot resume with weight_average={cfg.weight_average}: the run was trained with "
+                             f"weight_average={saved.weight_average} ({stage.train_config}); resume without "
+                             "--weight-average")
+        return cfg
     return TrainConfig(**{**defaults, **given})
 
 
