@@ -219,3 +219,30 @@ def test_bad_regulariser_options_are_refused_in_one_line(tiny_run, tmp_path):
                                          r"weight_average=0\.0"):
         train_prior(plain, None, {"max_steps": 4, "weight_average": 0.99}, resume=True)
     assert sorted(p.name for p in (plain / "prior").rglob("*")) == before
+
+
+def test_configs_written_before_the_regularisers_load_with_them_off():
+    """A prior and its training options saved in format 7 have none of the new fields: they load with each off."""
+    from vqgen.core.store.configs import config_from_dict, config_to_dict
+
+    for cfg, new in ((TransformerConfig(**GRID), ("code_dropout", "label_smoothing")),
+                     (TrainConfig(), ("weight_average",))):
+        old = {k: v for k, v in config_to_dict(cfg).items() if k not in new} | {"format_version": 7}
+        loaded = config_from_dict(type(cfg), old)
+        assert all(getattr(loaded, name) == 0.0 for name in new)
+        with pytest.raises(VQGenError, match="missing fields"):
+            config_from_dict(type(cfg), {**old, "format_version": 8})
+
+
+def test_sampling_a_label_smoothed_prior_without_top_k_warns_in_one_line(tiny_run, tmp_path, capsys):
+    from vqgen.cli import main
+
+    run = copy_stage1(tiny_run, tmp_path)
+    train_prior(run, "transformer", tiny_train(max_steps=2), {**TINY_TRANSFORMER, "label_smoothing": 0.1})
+    capsys.readouterr()
+    assert main(["sample", "--run", str(run), "--n", "2", "--out", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out
+    assert "this prior was trained with --label-smoothing 0.1, so about 10% of its draws are random codes; " \
+           "sample with --top-k (e.g. 16) to cut them off" in " ".join(out.split())
+    assert main(["sample", "--run", str(run), "--n", "2", "--top-k", "16", "--out", str(tmp_path / "b")]) == 0
+    assert "label-smoothing" not in capsys.readouterr().out

@@ -25,3 +25,14 @@ def sampling_options(args: argparse.Namespace) -> SamplingConfig:
 def as_flags(config) -> dict:
     """A config's values under the names of their command-line options (`cfg_scale` as `cfg`)."""
     return {flag(f).replace("-", "_"): getattr(config, f.name) for f in dataclasses.fields(config)}
+
+
+def smoothing_warning(prior, sampling: SamplingConfig) -> str | None:
+    """A prior trained with label smoothing puts about that share of every draw on random codes: one line
+    saying so when neither --top-k nor --top-p cuts them off (measured: docs/benchmarks.md, "Regularising the
+    prior on little data")."""
+    smoothing = getattr(getattr(prior, "config", None), "label_smoothing", 0.0)
+    if not smoothing or sampling.top_k is not None or sampling.top_p is not None:
+        return None
+    return (f"this prior was trained with --label-smoothing {smoothing:g}, so about {smoothing:.0%} of its draws "
+            "are random codes; sample with --top-k (e.g. 16) to cut them off")

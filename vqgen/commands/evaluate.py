@@ -10,7 +10,7 @@ import time
 from accelerate import Accelerator
 from rich.table import Table
 
-from vqgen.commands.common import at_least, sampling_options
+from vqgen.commands.common import at_least, sampling_options, smoothing_warning
 from vqgen.core.evaluate.seeds import aggregate_seeds, compare_paired
 from vqgen.core.runtime.console import make_console
 from vqgen.core.runtime.errors import VQGenError
@@ -76,6 +76,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
                    device=accelerator.device)
     for sampling in settings:
         run.check_sampling(args.samples or 1, LabelPlan(), sampling)  # every setting, before any is drawn
+        warning = smoothing_warning(run.prior, sampling) if args.samples else None
+        if warning:
+            console.print(f"[bold yellow]warning:[/] {warning}")
     data = run.data()
     metrics = run.evaluate(data)
     table = Table(title=f"test metrics of {run.path}")
