@@ -42,13 +42,14 @@ def test_stage1_rule(n, c, side, width, steps, every):
 @pytest.mark.parametrize("grids,side,dropout,steps,every", [
     (10_000, 8, 0.1, 8000, 400),    # the shapes: 25.6 passes
     (60_000, 8, 0.0, 8000, 400),    # MNIST: 4.3 passes, too few to memorise
-    (2_221, 8, 0.3, 2800, 150),     # OpenMoji 32 px: 40 passes over 142k codes
+    (2_221, 8, 0.3, 5600, 300),     # OpenMoji 32 px: 80 passes over 142k codes, with code dropout
     (2_221, 16, 0.1, 2800, 150),    # OpenMoji 64 px: 568k codes
     (200_000, 8, 0.0, 8000, 400),   # 1.3 passes (and 12.8M codes)
 ])
 def test_stage2_rule(grids, side, dropout, steps, every):
     model, training = stage2_defaults(codes(grids, side), {})
-    assert model == {"dropout": dropout}
+    assert model == ({"dropout": dropout, "code_dropout": 0.1} if grids * side**2 < 500_000
+                     else {"dropout": dropout})
     assert training == {"max_steps": steps, "eval_every": every, "save_every": every}
 
 
@@ -63,7 +64,20 @@ def test_stage2_rule(grids, side, dropout, steps, every):
 ])
 def test_dropout_follows_the_planned_passes(grids, given, dropout):
     model, _ = stage2_defaults(codes(grids, 8), given)
-    assert model == {"dropout": dropout}
+    assert model["dropout"] == dropout
+
+
+@pytest.mark.parametrize("grids,side,given,code_dropout", [
+    (2_221, 8, {}, 0.1),                        # OpenMoji 32 px: 142k codes, 80 passes
+    (7_812, 8, {}, 0.1),                        # 499,968 codes: just under the threshold
+    (7_813, 8, {}, None),                       # 500,032 codes: at it
+    (2_221, 16, {}, None),                      # OpenMoji 64 px: 568k codes
+    (2_221, 8, {"max_steps": 600}, None),       # 8.6 planned passes: too few to memorise, no regulariser
+    (2_221, 8, {"max_steps": 700}, 0.1),        # 10.1 passes
+])
+def test_code_dropout_is_sized_for_little_data_planned_for_enough_passes(grids, side, given, code_dropout):
+    model, _ = stage2_defaults(codes(grids, side), given)
+    assert model.get("code_dropout") == code_dropout
 
 
 def test_every_process_draws_its_own_batch_so_passes_count_them_all():
@@ -83,7 +97,7 @@ def test_given_options_win_and_set_the_evaluation_interval():
     (60_000, 10_000, {}, 1, 1600),                 # MNIST: 5 of its 10k test grids, not 20
     (60_000, 10_000, {}, 4, 400),                  # four processes train on 4x the grids per step
     (10_000, 2_000, {}, 1, 400),                   # the shapes' default length affords all 20
-    (2_221, 243, {}, 1, 150),                      # OpenMoji: a small test split costs little
+    (2_221, 243, {}, 1, 300),                      # OpenMoji: a small test split costs little
     (10_000, 1_000_000, {"max_steps": 1800}, 1, 450),  # never fewer than 4
 ])
 def test_evaluations_cost_at_most_their_share_of_the_training(grids, test, given, processes, every):

@@ -199,7 +199,8 @@ def add_prior_training_options(parser: argparse.ArgumentParser) -> None:
                         help="train even if the codes came from another VQ-VAE than the run's")
     add_config_options(parser, TrainConfig, title="training", defaults={**PRIOR_TRAIN_DEFAULTS, **SIZED_TRAINING})
     add_config_options(parser, PriorConfig, skip=PRIOR_FROM_CODES, title="every prior",
-                       defaults={"dropout": "sized to the codes and the planned passes"})
+                       defaults={"dropout": "sized to the codes and the planned passes",
+                                 "code_dropout": "0.1 under 500k training codes, else 0"})
     seen = {f.name for f in dataclasses.fields(PriorConfig)}
     for name, config in PRIOR_CONFIGS.items():
         new = {f.name for f in dataclasses.fields(config)} - seen
