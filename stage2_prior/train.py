@@ -141,6 +141,14 @@ def sized_dropout(codes: int, passes: float) -> float:
     return 0.3 if codes < FEW_CODES else 0.1 if codes < 5_000_000 else 0.0
 
 
+PRIOR_STEPS = (2000, 8000)  # the sized length's bounds
+
+
+def sized_passes(codes: int) -> int:
+    """Passes over the training grids that a prior of `codes` training codes plans: 80 under FEW_CODES, else 40."""
+    return 80 if codes < FEW_CODES else 40
+
+
 def sized_regularisers(codes: int, passes: float) -> dict[str, float]:
     """The prior's regularisers for `codes` training codes seen `passes` times: dropout (`sized_dropout`), and
     under FEW_CODES codes with at least FEW_PASSES planned passes also code dropout 0.1."""
@@ -163,7 +171,7 @@ def sized_defaults(meta: CodesMeta, given_training: dict[str, Any],
     codes = grids * meta.grid_height * meta.grid_width
     small = sized_batch(given_training, TRAIN_DEFAULTS["batch_size"], grids)
     batch = {**TRAIN_DEFAULTS, **small, **given_training}["batch_size"]  # the batch the run will use
-    steps = steps_for_passes(grids, batch, passes=80 if codes < FEW_CODES else 40, lowest=2000, highest=8000)
+    steps = steps_for_passes(grids, batch, sized_passes(codes), *PRIOR_STEPS)
     training = {**sized_schedule(given_training, steps, evaluations=20, batch=batch * processes,
                                  held_out=dict(meta.split_sizes).get("test", 0)), **small}
     planned = training["max_steps"]  # 0: --epochs passes
@@ -239,8 +247,8 @@ def train_prior(
                  why={"dropout": f"{passes:.1f} planned passes over {sizes['train']} training grids, "
                                  f"{'fewer than' if passes < FEW_PASSES else 'at least'} {FEW_PASSES}",
                       "code_dropout": f"{train_codes} training codes, fewer than {FEW_CODES}",
-                      "max_steps": f"{80 if train_codes < FEW_CODES else 40} passes over {sizes['train']} training "
-                                   "grids, within 2000-8000",
+                      "max_steps": f"{sized_passes(train_codes)} passes over {sizes['train']} training grids, "
+                                   f"within {PRIOR_STEPS[0]}-{PRIOR_STEPS[1]}",
                       "eval_every": f"{sizes['test']} test grids, at most {EVAL_SHARE:.0%} of the training"})
     check_batch_size(train_cfg.batch_size, sizes["train"], "training grids")
     splits, _ = load_codes(codes_dir)

@@ -151,11 +151,11 @@ def test_the_weight_average_follows_its_rule_and_swaps_in_and_out():
     for step in (1, 2, 3):
         with torch.no_grad():
             net.weight.fill_(float(step + 1))
-        average.update(net, step)
+        average.update(step)
         d = (1 + step) / (10 + step)
         expected = d * expected + (1 - d) * (step + 1)
     assert torch.allclose(average.shadow["weight"], expected)
-    with average.applied(net):
+    with average.applied():
         assert torch.allclose(net.weight, expected)
     assert torch.equal(net.weight, torch.full((1, 2), 4.0))  # the training weights are back
 

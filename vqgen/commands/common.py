@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from stage2_prior.config import SamplingConfig
+from stage2_prior.config import PriorConfig, SamplingConfig
 from vqgen.arguments import flag, given_options
 from vqgen.core.runtime.errors import VQGenError
 
@@ -27,11 +27,11 @@ def as_flags(config) -> dict:
     return {flag(f).replace("-", "_"): getattr(config, f.name) for f in dataclasses.fields(config)}
 
 
-def smoothing_warning(prior, sampling: SamplingConfig) -> str | None:
+def smoothing_warning(prior: PriorConfig, sampling: SamplingConfig) -> str | None:
     """A prior trained with label smoothing puts about that share of every draw on random codes: one line
     saying so when neither --top-k nor --top-p cuts them off (measured: docs/benchmarks.md, "Regularising the
     prior on little data")."""
-    smoothing = getattr(getattr(prior, "config", None), "label_smoothing", 0.0)
+    smoothing = prior.label_smoothing
     if not smoothing or sampling.top_k is not None or sampling.top_p is not None:
         return None
     return (f"this prior was trained with --label-smoothing {smoothing:g}, so about {smoothing:.0%} of its draws "

@@ -76,7 +76,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
                    device=accelerator.device)
     for sampling in settings:
         run.check_sampling(args.samples or 1, LabelPlan(), sampling)  # every setting, before any is drawn
-        warning = smoothing_warning(run.prior, sampling) if args.samples else None
+        warning = smoothing_warning(run.prior.config, sampling) if args.samples else None
         if warning:
             console.print(f"[bold yellow]warning:[/] {warning}")
     data = run.data()

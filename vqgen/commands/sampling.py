@@ -34,7 +34,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     console = make_console(accelerator.is_main_process)
     run = Run.load(args.run, allow_vqvae_mismatch=args.allow_vqvae_mismatch, device=accelerator.device)
-    warning = smoothing_warning(run.prior, sampling)
+    warning = smoothing_warning(run.prior.config, sampling)
     if warning:
         console.print(f"[bold yellow]warning:[/] {warning}")
     labels = run.label_plan(args.label, args.n, args.unconditional, seed=args.seed)

@@ -28,35 +28,34 @@ def average_decay(decay: float, step: int) -> float:
 
 
 class WeightAverage:
-    """avg <- d * avg + (1 - d) * w for every floating-point parameter, in float32; buffers are not averaged
-    (the model's own are used as they are)."""
+    """avg <- d * avg + (1 - d) * w for every floating-point parameter of `model`, in float32; buffers are not
+    averaged (the model's own are used as they are). Holds the parameters themselves, so a model wrapped after
+    this (DDP) is averaged through the same tensors."""
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
-        self.shadow: dict[str, Tensor] = {name: p.detach().float().clone() for name, p in model.named_parameters()
-                                          if p.is_floating_point()}
+        self.params = {name: p for name, p in model.named_parameters() if p.is_floating_point()}
+        self.shadow: dict[str, Tensor] = {name: p.detach().float().clone() for name, p in self.params.items()}
 
     @torch.no_grad()
-    def update(self, model: nn.Module, step: int) -> None:
+    def update(self, step: int) -> None:
         """After optimizer step `step` (1-based)."""
         weight = 1.0 - average_decay(self.decay, step)
-        for name, p in model.named_parameters():
-            if name in self.shadow:
-                self.shadow[name].lerp_(p.detach().float(), weight)
+        for name, p in self.params.items():
+            self.shadow[name].lerp_(p.detach().float(), weight)
 
     @contextmanager
-    def applied(self, model: nn.Module) -> Iterator[None]:
-        """The average in `model`'s parameters inside the block, the training weights back after it."""
-        params = {name: p for name, p in model.named_parameters() if name in self.shadow}
-        kept = {name: p.detach().clone() for name, p in params.items()}
+    def applied(self) -> Iterator[None]:
+        """The average in the model's parameters inside the block, the training weights back after it."""
+        kept = {name: p.detach().clone() for name, p in self.params.items()}
         with torch.no_grad():
-            for name, p in params.items():
+            for name, p in self.params.items():
                 p.copy_(self.shadow[name])
         try:
             yield
         finally:
             with torch.no_grad():
-                for name, p in params.items():
+                for name, p in self.params.items():
                     p.copy_(kept[name])
 
     def save(self, folder: Path) -> None:

@@ -276,7 +276,7 @@ def fit(
                 progress.step += 1
                 step = progress.step
                 if average is not None:
-                    average.update(accelerator.unwrap_model(model), step)
+                    average.update(step)
                 log_now = step % cfg.log_every == 0 or step == total
                 eval_now = (cfg.eval_every and step % cfg.eval_every == 0) or step == total
                 save_now = (cfg.save_every and step % cfg.save_every == 0) or step == total
@@ -294,7 +294,7 @@ def fit(
                     last_train = record
                     window.reset()
                 if eval_now:
-                    with average.applied(accelerator.unwrap_model(model)) if average else nullcontext():
+                    with average.applied() if average else nullcontext():
                         metrics = task.evaluate(model, step)  # the average's, when one is kept ...
                         verdict = held.update(step, metrics, last_train)
                         if verdict.improved:

@@ -18,7 +18,7 @@ from rich.console import Console
 
 from vqgen.core.runtime.console import make_console
 from vqgen.core.runtime.errors import VQGenError
-from vqgen.core.store.configs import resumed_config, save_config
+from vqgen.core.store.configs import load_config, save_config
 from vqgen.core.store.layout import ModelDir
 from vqgen.core.store.weights import clear_stage_dir
 from vqgen.core.training.config import TrainConfig
@@ -39,8 +39,8 @@ def train_config(stage: ModelDir, given: dict[str, Any], defaults: dict[str, Any
     """A fresh stage: the stage's defaults under the given options. Resuming: the saved options, with
     the given ones (a longer `max_steps`, say) on top."""
     if resume and stage.train_config.is_file():
-        cfg = resumed_config(TrainConfig, stage.train_config, given, strict=False, what="training options")
-        saved = resumed_config(TrainConfig, stage.train_config, {}, strict=False, what="training options")
+        saved = load_config(TrainConfig, stage.train_config)
+        cfg = dataclasses.replace(saved, **given)
         if cfg.weight_average != saved.weight_average:  # the saved states hold an average of that decay, or none
             raise VQGenError(f"cannot resume with weight_average={cfg.weight_average}: the run was trained with "
                              f"weight_average={saved.weight_average} ({stage.train_config}); resume without "
