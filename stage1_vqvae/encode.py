@@ -114,7 +114,8 @@ class GridFeatures:
         return torch.cat(parts)
 
 
-def cluster_features(x_train: torch.Tensor, x_test: torch.Tensor, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def cluster_features(x_train: torch.Tensor, x_test: torch.Tensor, k: int,
+                     seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(n, f) train and (m, f) test features -> (n,), (m,) cluster ids in [0, k): k-means on the standardised
     training features, test features to the nearest centre. Deterministic for a seed."""
     mean, std = x_train.mean(0), x_train.std(0).clamp_min(1e-6)

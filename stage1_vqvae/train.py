@@ -221,11 +221,11 @@ def train_vqvae(
     """Stage 1's one entry point (`vqgen train vqvae`, scripts/train_vqvae.py, the tests): train the VQ-VAE into
     RUN/vqvae, then (by default) encode every split to its code grids. Returns the best evaluation's metrics.
 
-    `data`, `training`, `model`, `gan` (adversarial and perceptual terms; none: a plain VQ-VAE): the options given, as a dict of config fields or a whole config (all of whose
-    fields count as given). A fresh run fills the others with the defaults sized to the data, under `preset`'s
-    model options; a resumed run takes them from its saved configs and refuses a data or model option that
-    differs. Every option is checked before anything is written, and those that can be before any image is
-    decoded.
+    `data`, `training`, `model`, `gan` (adversarial and perceptual terms; none: a plain VQ-VAE): the options given,
+    as a dict of config fields or a whole config (all of whose fields count as given). A fresh run fills the others
+    with the defaults sized to the data, under `preset`'s model options; a resumed run takes them from its saved
+    configs and refuses a data or model option that differs. Every option is checked before anything is written, and
+    those that can be before any image is decoded.
     """
     run = RunLayout(run_dir)
     stage = run.vqvae

@@ -1,4 +1,5 @@
-"""The contract every prior keeps (the raster ones' decoding protocol below too): their shared config fields, input checks, labels and the NLL.
+"""The contract every prior keeps (the raster ones' decoding protocol below too): their shared config fields,
+input checks, labels and the NLL.
 
 A prior maps `(b, h, w)` codes and `(b,)` labels to `(b, h, w, k)` logits (teacher-forced, code
 i seeing only codes < i), and is sampled through `state = prior.start(labels, b)` then, for every

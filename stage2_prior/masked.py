@@ -141,12 +141,12 @@ def masked_held_out(model: nn.Module, config: PriorConfig, batches: Iterable[tup
                     gather: Callable[[Tensor], Tensor]) -> dict[str, float]:
     """Test batches (codes, labels or None, index in the split) -> {"bits_per_masked_code": ...}.
 
-    The mean, over every code hidden by `held_out_masks` in every test grid, of -log2 p(code | class, the
-    grid's visible codes), each hidden code weighing the same (as in the training loss). It is NOT bits per
-    code of the joint p(grid): it scores one-step predictions of hidden codes, averaged over the masking
-    schedule, and cannot be compared with the autoregressive priors' `bits_per_code`. It is a fixed function of the weights and the test set (the same masks at every
-    evaluation, whatever the batch size or number of processes), so it selects the best checkpoint and
-    drives early stopping; its training counterpart, logged under the same name, uses random masks.
+    The mean, over every code hidden by `held_out_masks` in every test grid, of -log2 p(code | class, the grid's
+    visible codes), each hidden code weighing the same (as in the training loss). It is NOT bits per code of the
+    joint p(grid): it scores one-step predictions of hidden codes, averaged over the masking schedule, and cannot be
+    compared with the autoregressive priors' `bits_per_code`. It is a fixed function of the weights and the test set
+    (the same masks at every evaluation, whatever the batch size or number of processes), so it selects the best
+    checkpoint and drives early stopping; its training counterpart, logged under the same name, uses random masks.
     """
     h, sums = config.grid_height, []
     for codes, labels, index in batches:

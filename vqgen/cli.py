@@ -45,8 +45,9 @@ EXAMPLES = {
     "export": "vqgen export --run runs/mine --to exported/mine\n"
               "  vqgen export --run runs/mine --to exported/mine --repo-id me/shapes-vqgen --overwrite\n"
               "  vqgen sample --run exported/mine --n 16",
-    "push": "vqgen push --run runs/mine --repo-id me/shapes-vqgen\n  vqgen push --run runs/mine --repo-id me/shapes-vqgen "
-            "--private\n  vqgen sample --run me/shapes-vqgen --n 16",
+    "push": "vqgen push --run runs/mine --repo-id me/shapes-vqgen\n"
+            "  vqgen push --run runs/mine --repo-id me/shapes-vqgen --private\n"
+            "  vqgen sample --run me/shapes-vqgen --n 16",
 }
 
 
@@ -74,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
         """model: --run may also name an exported model folder or a Hub repo id (only read, never written)."""
         p = sub.add_parser(name, help=help_text, description=help_text, epilog="examples:\n  " + EXAMPLES[name],
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        p.add_argument("--run", default="runs/default", help=RUN_HELP if model else "run directory (default: runs/default)")
+        p.add_argument("--run", default="runs/default",
+                       help=RUN_HELP if model else "run directory (default: runs/default)")
         return p
 
     p = sub.add_parser("train", help="train stage 1 (the VQ-VAE, then its code dump) or stage 2 (a prior)",

@@ -153,7 +153,8 @@ def fill_canvas(run: Run, canvas: Tensor, keep: Tensor, labels: Tensor | None, s
         window = canvas[:, top:top + h, left:left + w]
         kept = known[top:top + h, left:left + w]
         unknown = int((~kept).sum())
-        steps = sampling if sampling.steps is None else dataclasses.replace(sampling, steps=min(sampling.steps, unknown))
+        steps = (sampling if sampling.steps is None
+                 else dataclasses.replace(sampling, steps=min(sampling.steps, unknown)))
         canvas[:, top:top + h, left:left + w] = run.fill(n, labels, base * SEED_STRIDE + j, steps, window,
                                                          kept.expand(n, h, w).clone())
         known[top:top + h, left:left + w] = True

@@ -165,7 +165,8 @@ class Run:
             elif label.lstrip("-").isdigit() and 0 <= int(label) < len(names):
                 ids.append(int(label))
             else:
-                raise VQGenError(f"unknown label {label!r}; this run's classes are {list(names)} or 0..{len(names) - 1}")
+                raise VQGenError(f"unknown label {label!r}; this run's classes are {list(names)} "
+                                 f"or 0..{len(names) - 1}")
         return tuple(ids)
 
     def label_plan(self, names: list[str] | None, n: int, unconditional: bool = False, seed: int = 0) -> LabelPlan:

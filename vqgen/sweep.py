@@ -22,7 +22,8 @@ SWEPT_MEASURES = (("fid", "FID ↓"), ("kid", "KID ↓"), ("precision", "precisi
 
 
 def sweepable() -> dict[str, dataclasses.Field]:
-    """The sampling settings a sweep may vary, by their option name: cfg, temperature, top-k, top-p, steps, choice-noise."""
+    """The sampling settings a sweep may vary, by their option name: cfg, temperature, top-k, top-p, steps,
+    choice-noise."""
     return {flag(f): f for f in dataclasses.fields(SamplingConfig)}
 
 

@@ -38,7 +38,8 @@ def cmd_info(args: argparse.Namespace) -> None:
             table.add_row(name, "not trained yet", "")
             continue
         config = read_json(config_file, f"{name} config") if config_file.is_file() else {}
-        settings = ", ".join(f"{k}={v}" for k, v in config.items() if k not in ("kind", "format_version", "split_sizes"))
+        hidden = ("kind", "format_version", "split_sizes")
+        settings = ", ".join(f"{k}={v}" for k, v in config.items() if k not in hidden)
         if name == "vqvae" and run.vqvae.data_config.is_file():
             settings += f"\ndata: {read_json(run.vqvae.data_config, 'data config').get('source')}"
         tests = [r for r in JsonlLog(metrics_file).read() if r.get("split") == "test"] if metrics_file else []

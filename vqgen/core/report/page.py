@@ -371,14 +371,16 @@ def render_html(report: Report) -> str:
         if report.closest_pairs is not None:
             caption = ("the newest evaluation's samples nearest to a training image (pixels), each beside that "
                        "training image, nearest first")
-            body.append(f"<figure>{_img(report.closest_pairs.read_bytes(), caption, _scaled_width(report.closest_pairs, 800), pixels=True)}"
-                        f"<figcaption>{_e(caption)}</figcaption></figure>")
+            width = _scaled_width(report.closest_pairs, 800)
+            pairs = _img(report.closest_pairs.read_bytes(), caption, width, pixels=True)
+            body.append(f"<figure>{pairs}<figcaption>{_e(caption)}</figcaption></figure>")
     if report.samples:
         body.append('<h2 id="samples">Samples</h2>')
         for sample_set in report.samples:
             caption = f"{sample_set.path.name}: {sample_set.settings.get('n', '?')} samples (the grid shows the first)"
             shown = {k: v for k, v in sample_set.settings.items() if k not in ("command",)}
-            body.append(f'<div class="tables"><figure>{_img(sample_set.grid.read_bytes(), caption, _scaled_width(sample_set.grid, 400), pixels=True)}'
+            grid = _img(sample_set.grid.read_bytes(), caption, _scaled_width(sample_set.grid, 400), pixels=True)
+            body.append(f'<div class="tables"><figure>{grid}'
                         f"<figcaption>{_e(caption)}</figcaption></figure>{_table('settings.json', shown)}</div>")
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>vqgen report: {_e(report.run.name)}</title>"

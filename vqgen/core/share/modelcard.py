@@ -218,5 +218,6 @@ def _training_lines(run: RunLayout) -> list[str]:
             continue
         lines.append(f"- {stage}: {steps if steps is not None else '?'} steps (kept step "
                      f"{best['step'] if best else '?'}), batch size {train.get('batch_size')}, learning rate "
-                     f"{train.get('learning_rate')}, weight decay {train.get('weight_decay')}, seed {train.get('seed')}")
+                     f"{train.get('learning_rate')}, weight decay {train.get('weight_decay')}, "
+                     f"seed {train.get('seed')}")
     return lines or ["Not recorded."]

@@ -127,7 +127,8 @@ def _as_tuples(value: Any, tp: Any) -> Any:
 
 
 def checked_value(value: Any, tp: Any, name: str, source: str, choices: tuple[str, ...] | None = None) -> Any:
-    """`value` as field `name` of type `tp` takes it, or a VQGenError: `config.json: K must be an integer, got "512"`."""
+    """`value` as field `name` of type `tp` takes it, or a VQGenError:
+    `config.json: K must be an integer, got "512"`."""
     problem = _expected(value, tp)
     if problem:
         raise VQGenError(f"{source}: {name} must be {problem}, got {_shown(value)}")

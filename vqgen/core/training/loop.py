@@ -101,7 +101,8 @@ def make_accelerator(cfg: TrainConfig, stage_dir: ModelDir) -> Accelerator:
         import importlib.util
 
         if importlib.util.find_spec(cfg.report_to) is None:
-            raise VQGenError(f"report_to={cfg.report_to!r} needs the package {cfg.report_to!r}: pip install {cfg.report_to}")
+            raise VQGenError(f"report_to={cfg.report_to!r} needs the package {cfg.report_to!r}: "
+                             f"pip install {cfg.report_to}")
         log_with = cfg.report_to
     if cfg.report and not figures.available():
         raise VQGenError('report=True needs matplotlib, which is not installed: pip install "vqgen[report]", '
