@@ -144,24 +144,34 @@ def score(run_dir: Path, out: Path, samples: int, seeds: list[int], cfg_scale: f
     return results
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=["build", "score"])
-    parser.add_argument("--run", type=Path, required=True, help="the stage-1 run (its VQ-VAE, codes and judge)")
-    parser.add_argument("--out", type=Path, required=True, help="the run folder of the coarse-first prior")
-    parser.add_argument("--top-codes", type=int, default=64, help="k-means clusters of the top grid's codes")
-    parser.add_argument("--pool", type=int, default=2, help="a top code stands for pool x pool bottom codes")
-    parser.add_argument("--samples", type=int, default=1000)
-    parser.add_argument("--seeds", default="0,1")
-    parser.add_argument("--cfg", type=float, default=DEFAULT_CFG)
-    parser.add_argument("--batch-size", type=int, default=250)
-    parser.add_argument("--seed", type=int, default=0, help="the k-means seed")
-    args = parser.parse_args()
+def _seeds(text: str) -> list[int]:
+    try:
+        return [int(seed) for seed in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers, e.g. 0,1") from None
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("what", choices=["build", "score"])
+    p.add_argument("--run", type=Path, required=True, help="the stage-1 run (its VQ-VAE, codes and judge)")
+    p.add_argument("--out", type=Path, required=True, help="the run folder of the coarse-first prior")
+    p.add_argument("--top-codes", type=int, default=64, help="k-means clusters of the top grid's codes")
+    p.add_argument("--pool", type=int, default=2, help="a top code stands for pool x pool bottom codes")
+    p.add_argument("--samples", type=int, default=1000)
+    p.add_argument("--seeds", type=_seeds, default=[0, 1], help="sampling seeds (default: 0,1)")
+    p.add_argument("--cfg", type=float, default=DEFAULT_CFG)
+    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--seed", type=int, default=0, help="the k-means seed")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     if args.what == "build":
         print(json.dumps(build(args.run, args.out, args.top_codes, args.pool, args.seed)))
     else:
-        result = score(args.run, args.out, args.samples, [int(s) for s in args.seeds.split(",")], args.cfg,
-                       args.batch_size)
+        result = score(args.run, args.out, args.samples, args.seeds, args.cfg, args.batch_size)
         print(json.dumps({k: v for k, v in result.items() if k != "seeds"}))
 
 
