@@ -171,7 +171,8 @@ def test_benchmark_data_refuses_a_run_without_test_evaluations_in_one_line(tmp_p
     metrics.write_text('{"split": "test", "step": 5, "mse": 0.2, "best_step": 5}\n'
                        '{"split": "test", "step": 10, "mse": 0.3, "best_step": 5}\n')
     result = bench.best_vs_last(metrics, "mse")
-    assert (result["best_step"], result["last_step"], result["kept_step"], result["kept_vs_best_pct"]) == (5, 10, 5, 0.0)
+    kept = (result["best_step"], result["last_step"], result["kept_step"], result["kept_vs_best_pct"])
+    assert kept == (5, 10, 5, 0.0)
 
 
 def test_the_speed_benchmark_measures_as_the_trainers_run(tmp_path):
@@ -186,6 +187,26 @@ def test_the_speed_benchmark_measures_as_the_trainers_run(tmp_path):
     assert result["info"]["cudnn_benchmark"] is False
     (row,) = result["stage1"]
     assert (row["size"], row["batch"], row["architecture"]) == (32, 4, "paper") and row["img_per_s"] > 0
+
+
+def test_the_speed_benchmark_times_the_adversarial_step_and_each_kind_of_prior(tmp_path):
+    # --adversarial adds the discriminator (its parameters counted) and its step; the masked prior trains on
+    # its own objective and samples once per --fill-steps, capped at the grid's codes; a raster prior once
+    speed = load_script("benchmarks/speed")
+    out = tmp_path / "speed.json"
+    common = ["--cpu", "--sizes", "32", "--stage1-batch", "2", "--steps", "1", "--warmup", "0", "--out", str(out)]
+    assert speed.main([*common, "--only", "stage1"]) == 0
+    (plain,) = json.loads(out.read_text())["stage1"]
+    assert speed.main([*common, "--only", "stage1", "prior", "sampling", "--adversarial", "--grids", "4",
+                       "--priors", "transformer", "masked", "--prior-batch", "2", "--samples", "2",
+                       "--fill-steps", "2", "99"]) == 0
+    result = json.loads(out.read_text())
+    (adversarial,) = result["stage1"]
+    assert (plain["terms"], adversarial["terms"]) == ("mse", "mse+adv+ms_ssim")
+    assert adversarial["params_m"] > plain["params_m"] and adversarial["tflop_per_step"] > plain["tflop_per_step"]
+    assert [(r["prior"], r["codes_per_s"] > 0) for r in result["prior"]] == [("transformer", True), ("masked", True)]
+    assert [(r["prior"], r["steps"]) for r in result["sampling"]] == [("transformer", 16), ("masked", 2),
+                                                                    ("masked", 16)]
 
 
 def test_a_folder_smaller_than_the_default_batch_trains_both_stages_at_its_size(tmp_path):

@@ -3,14 +3,19 @@
     python scripts/benchmarks/speed.py                         # everything, on CUDA when present
     python scripts/benchmarks/speed.py --mixed-precision bf16 --compile
     python scripts/benchmarks/speed.py --only stage1 --sizes 32 64 --steps 5     # a quick CPU look
+    python scripts/benchmarks/speed.py --only stage1 --sizes 256 --adversarial --mixed-precision bf16
+    python scripts/benchmarks/speed.py --only sampling --priors transformer masked --fill-steps 4 8 12 16 32
     python scripts/benchmarks/speed.py --trunk vqgan --sizes 256 --grids 16 32 --only stage1 prior sampling \
         --mixed-precision bf16 --compile        # a VQGAN-class tokenizer and the priors' MFU, on a GPU
 
 Stage 1: optimizer steps per second of the VQ-VAE at each image size (the paper's convnet at 32 px,
 the scalable trunk of the size's preset above), reported as images/s, on random batches that already
-sit on the device (model throughput; data loading is measured by scripts/benchmarks/pipeline.py). Stage 2: codes/s
-of a training step of each prior at 8x8, 16x16 and 32x32 grids. Sampling: seconds to draw N code grids
-with the KV cache (transformer) or row cache (PixelCNN), then to decode them. Attention: the cached
+sit on the device (model throughput; data loading is measured by scripts/benchmarks/pipeline.py); with
+--adversarial, the step of docs/adversarial.md (discriminator, LeCam, adaptive weight, MS-SSIM) and the
+discriminator's own. Stage 2: codes/s of a training step of each prior (its own objective: the masked
+prior's on a masked share of each grid) at 8x8, 16x16 and 32x32 grids. Sampling: seconds to draw N code
+grids with the KV cache (transformer), the row cache (PixelCNN) or in --fill-steps parallel steps
+(masked), then to decode them. Attention: the cached
 step's one-query attention over a key length growing by one per step (N grids at --cfg-scale: 2N rows,
 4 heads of 32), through scaled_dot_product_attention with PyTorch's default backends, the same once
 their per-shape plans exist, with cuDNN's excluded, as two matmuls and a softmax, and as vqgen's step:
@@ -41,8 +46,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from stage1_vqvae.config import PRESETS, VQVAEConfig
+from stage1_vqvae.config import PRESETS, GANConfig, VQVAEConfig
+from stage1_vqvae.gan_loss import GANLoss
 from stage1_vqvae.model import VQVAE
+from stage2_prior.parallel import DEFAULT_STEPS, fill_masked
 from stage2_prior.registry import PRIORS
 from stage2_prior.sampling import sample_codes
 from stage2_prior.transformer import one_query_attention
@@ -55,6 +62,9 @@ GRIDS = (8, 16, 32)
 VQGAN_TRUNK = dict(architecture="resnet", hidden_channels=128, num_res_blocks=2, attention=True)
 # Dense bf16/fp16 tensor-core peaks in TFLOP/s (the vendors' figures without sparsity), by a substring of
 # torch.cuda.get_device_name; --peak-tflops gives any other card's.
+# --adversarial: stage 1 as docs/adversarial.md trains it with both terms on, from the first step: the patch
+# discriminator with its default augmentation and LeCam, VQGAN's adaptive weight, and the MS-SSIM term
+ADVERSARIAL = GANConfig(adversarial_weight=0.1, lecam_weight=0.001, perceptual_weight=0.1)
 PEAK_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "L4": 121.0, "A10": 125.0}
 
 
@@ -149,29 +159,59 @@ def utilisation(flops: float, seconds: float, args, device: torch.device) -> dic
             "mfu": round(achieved / peak, 3) if peak else None}
 
 
+def adversarial_terms(cfg: VQVAEConfig, args, device: torch.device) -> GANLoss:
+    """`ADVERSARIAL`'s discriminator and terms for `cfg`'s autoencoder, on `device`, adversarial from step 0."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=args.mixed_precision)
+    gan = GANLoss(ADVERSARIAL, cfg, accelerator, learning_rate=1e-4)
+    gan.critic.to(device, memory_format=torch.channels_last)  # in place: the optimizer holds the same tensors
+    return gan
+
+
 def bench_stage1(size: int, batch: int, args, device: torch.device) -> dict:
+    """One optimizer step of the autoencoder, and with --adversarial also its discriminator's, as the trainer
+    takes them (the adversarial and perceptual terms inside the autoencoder's loss, then the discriminator on
+    the same batch's detached reconstructions)."""
     cfg = stage1_config(size, args.trunk)
     model = VQVAE(cfg).to(device, memory_format=torch.channels_last)
     images = (torch.rand(batch, 3, size, size, device=device) * 2 - 1).contiguous(memory_format=torch.channels_last)
-    flops = step_flops(lambda: model(images).loss.backward())  # before compiling: the counter needs eager ops
+    gan = adversarial_terms(cfg, args, device) if args.adversarial else None
+
+    def forward_backward():
+        with autocast(device, args.mixed_precision):
+            out = model(images)
+        loss = out.loss
+        if gan is not None:
+            loss = loss + gan.generator_terms(model, images, out)[0]
+        scaler.scale(loss).backward()
+        if gan is not None:
+            d_loss, _ = gan.discriminator_loss(gan.critic)
+            scaler.scale(d_loss).backward()
+
+    scaler = torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16")
+    flops = step_flops(forward_backward)  # before compiling: the counter needs eager ops
     model.zero_grad(set_to_none=True)
     if args.compile:
         compile_model(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16")
+    optimizers = [optimizer] + ([gan.optimizer] if gan is not None else [])
     reset_peak(device)
 
     def step():
-        with autocast(device, args.mixed_precision):
-            loss = model(images).loss
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
+        forward_backward()
+        for opt in optimizers:
+            scaler.step(opt)
         scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
 
     seconds = timed(step, args.warmup, args.steps, device)
     params = sum(p.numel() for p in model.parameters()) / 1e6
-    return {"size": size, "trunk": args.trunk, "architecture": cfg.architecture,
+    if gan is not None:
+        params += sum(p.numel() for p in gan.critic.parameters()) / 1e6
+    return {"size": size, "trunk": args.trunk, "terms": "mse+adv+ms_ssim" if gan is not None else "mse",
+            "architecture": cfg.architecture,
             "grid": f"{cfg.grid_shape[0]}x{cfg.grid_shape[1]}", "batch": batch, "params_m": round(params, 2),
             "img_per_s": round(batch / seconds, 1), "peak_gib": round(peak_gib(device), 2),
             **utilisation(flops, seconds, args, device)}
@@ -188,7 +228,8 @@ def bench_prior_training(kind: str, grid: int, args, device: torch.device) -> di
     batch = args.prior_batch
     codes = torch.randint(args.codebook_size, (batch, grid, grid), device=device)
     labels = torch.randint(10, (batch,), device=device)
-    flops = step_flops(lambda: F.cross_entropy(model(codes, labels).flatten(0, 2), codes.flatten()).backward())
+    loss_of = PRIORS[kind].loss  # (model, codes, labels) -> (loss, logs): the kind's training objective
+    flops = step_flops(lambda: loss_of(model, codes, labels)[0].backward())
     model.zero_grad(set_to_none=True)
     if args.compile:
         compile_model(model)
@@ -197,8 +238,7 @@ def bench_prior_training(kind: str, grid: int, args, device: torch.device) -> di
 
     def step():
         with autocast(device, args.mixed_precision):
-            logits = model(codes, labels)
-        loss = F.cross_entropy(logits.float().flatten(0, 2), codes.flatten())
+            loss, _ = loss_of(model, codes, labels)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -209,8 +249,19 @@ def bench_prior_training(kind: str, grid: int, args, device: torch.device) -> di
             **utilisation(flops, seconds, args, device)}
 
 
-def bench_sampling(kind: str, grid: int, args, device: torch.device) -> dict:
+def bench_sampling(kind: str, grid: int, args, device: torch.device) -> list[dict]:
+    """A raster prior once (a step per code); the masked prior once per --fill-steps."""
+    if PRIORS[kind].raster:
+        return [bench_sampling_with(kind, grid, None, args, device)]
+    return [bench_sampling_with(kind, grid, steps, args, device) for steps in args.fill_steps]
+
+
+def bench_sampling_with(kind: str, grid: int, fill_steps: int | None, args, device: torch.device) -> dict:
     prior = make_prior(kind, grid, args.codebook_size, device).eval()
+    if fill_steps is None:
+        draw = partial(sample_codes, prior, cfg_scale=args.cfg_scale)
+    else:
+        draw = partial(fill_masked, prior, steps=min(fill_steps, grid * grid), cfg_scale=args.cfg_scale)
     decoder_cfg = VQVAEConfig(image_height=4 * grid, image_width=4 * grid, codebook_size=args.codebook_size)
     decoder = VQVAE(decoder_cfg).to(device)
     decoder.eval()
@@ -218,10 +269,10 @@ def bench_sampling(kind: str, grid: int, args, device: torch.device) -> dict:
     labels = torch.arange(n) % 10
     reset_peak(device)
     with autocast(device, args.mixed_precision):
-        sample_codes(prior, min(n, 8), labels=labels[:8], cfg_scale=args.cfg_scale)  # warm-up
+        draw(min(n, 8), labels=labels[:8])  # warm-up
         sync(device)
         start = time.perf_counter()
-        codes = sample_codes(prior, n, labels=labels, cfg_scale=args.cfg_scale, batch_size=args.sample_batch)
+        codes = draw(n, labels=labels, batch_size=args.sample_batch)
         sync(device)
         codes_s = time.perf_counter() - start
 
@@ -236,7 +287,8 @@ def bench_sampling(kind: str, grid: int, args, device: torch.device) -> dict:
         decode()
         sync(device)
         decode_s = time.perf_counter() - start
-    return {"prior": kind, "grid": f"{grid}x{grid}", "n": n, "cfg_scale": args.cfg_scale,
+    steps = grid * grid if fill_steps is None else min(fill_steps, grid * grid)
+    return {"prior": kind, "grid": f"{grid}x{grid}", "steps": steps, "n": n, "cfg_scale": args.cfg_scale,
             "codes_s": round(codes_s, 2), "decode_s": round(decode_s, 2),
             "ms_per_image": round(1000 * (codes_s + decode_s) / n, 2), "peak_gib": round(peak_gib(device), 2)}
 
@@ -286,6 +338,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--grids", type=int, nargs="*", default=list(GRIDS), help="prior grid sides")
     p.add_argument("--priors", nargs="*", default=["transformer", "pixelcnn"], help="priors to measure")
     p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no")
+    p.add_argument("--adversarial", action="store_true",
+                   help="stage 1 with the patch discriminator, LeCam, the adaptive weight and MS-SSIM "
+                        "(docs/adversarial.md), both optimizer steps timed")
     p.add_argument("--compile", action="store_true", help="torch.compile the models (training parts)")
     p.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=False,
                    help="let cuDNN time its convolution algorithms per shape (torch.backends.cudnn.benchmark; "
@@ -298,6 +353,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--codebook-size", type=int, default=512)
     p.add_argument("--samples", type=int, default=1000, help="code grids to sample")
     p.add_argument("--sample-batch", type=int, default=None, help="grids sampled at once (default: all)")
+    p.add_argument("--fill-steps", type=int, nargs="+", default=[DEFAULT_STEPS],
+                   help="decoding steps of the masked prior, each measured (default: vqgen sample's)")
     p.add_argument("--cfg-scale", type=float, default=1.5, help="guidance scale while sampling (the default)")
     p.add_argument("--cpu", action="store_true", help="measure on the CPU even when CUDA is present")
     p.add_argument("--out", type=Path, default=Path("benchmark_speed.json"))
@@ -332,7 +389,8 @@ def main(argv: list[str] | None = None) -> int:
     if "sampling" in parts:
         for kind in args.priors:
             for grid in args.grids:
-                record("sampling", bench_sampling(kind, grid, args, device))
+                for row in bench_sampling(kind, grid, args, device):
+                    record("sampling", row)
     if "attention" in parts:
         for row in bench_step_attention(args, device):
             record("attention", row)
