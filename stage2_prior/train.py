@@ -126,10 +126,12 @@ def resolve_prior_config(kind: str | None, meta: CodesMeta, conditional: bool, o
 # their number (docs/defaults.md, "Dropout"): on MNIST at 1,500 x 64 (1.6 passes) dropout 0.1 cost 2.148 against
 # 2.054 test bits per code, on the shapes at the quickstart's 1,800 x 32 (5.8 passes) 2.76 against 2.52.
 FEW_PASSES = 10
-# Little data: under this many training codes (grids x codes per grid) a prior trains for twice the passes with a
-# tenth of its input codes replaced by random ones (docs/benchmarks.md, "Regularising the prior on little
+# Little data: under this many training codes (grids x codes per grid) a raster prior trains for twice the passes
+# with a tenth of its input codes replaced by random ones (docs/benchmarks.md, "Regularising the prior on little
 # data"): on OpenMoji 32 px (142k codes) the samples' FID 2.39 -> 1.94 and class accuracy 0.33 -> 0.41, against
-# 2.37 and 0.34 for the longer training alone, which memorises and stops early.
+# 2.37 and 0.34 for the longer training alone, which memorises and stops early. The masked prior, which hides
+# codes as its objective, keeps the default: with both, its FID on the same codes went 2.16 -> 3.36 (either one
+# alone: 2.23, 2.35).
 FEW_CODES = 500_000
 
 
@@ -144,23 +146,30 @@ def sized_dropout(codes: int, passes: float) -> float:
 PRIOR_STEPS = (2000, 8000)  # the sized length's bounds
 
 
-def sized_passes(codes: int) -> int:
-    """Passes over the training grids that a prior of `codes` training codes plans: 80 under FEW_CODES, else 40."""
-    return 80 if codes < FEW_CODES else 40
+def little_data(codes: int, raster: bool) -> bool:
+    """Whether the little-data rule applies: a raster prior (`PriorKind.raster`) of under FEW_CODES training codes."""
+    return raster and codes < FEW_CODES
 
 
-def sized_regularisers(codes: int, passes: float) -> dict[str, float]:
+def sized_passes(codes: int, raster: bool = True) -> int:
+    """Passes over the training grids that a prior of `codes` training codes plans: 80 under the little-data rule,
+    else 40."""
+    return 80 if little_data(codes, raster) else 40
+
+
+def sized_regularisers(codes: int, passes: float, raster: bool = True) -> dict[str, float]:
     """The prior's regularisers for `codes` training codes seen `passes` times: dropout (`sized_dropout`), and
-    under FEW_CODES codes with at least FEW_PASSES planned passes also code dropout 0.1."""
+    under the little-data rule with at least FEW_PASSES planned passes also code dropout 0.1."""
     dropout = {"dropout": sized_dropout(codes, passes)}
-    return {**dropout, "code_dropout": 0.1} if codes < FEW_CODES and passes >= FEW_PASSES else dropout
+    return {**dropout, "code_dropout": 0.1} if little_data(codes, raster) and passes >= FEW_PASSES else dropout
 
 
-def sized_defaults(meta: CodesMeta, given_training: dict[str, Any],
-                   processes: int = 1) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Stage-2 defaults from the codes (docs/defaults.md): model options, training options.
+def sized_defaults(meta: CodesMeta, given_training: dict[str, Any], processes: int = 1,
+                   raster: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Stage-2 defaults from the codes (docs/defaults.md) for a raster prior (`raster`) or the masked one: model
+    options, training options.
 
-    Length: 40 passes over the grids (80 under FEW_CODES codes), 2,000 to 8,000 steps, evaluated 20 times,
+    Length: 40 passes over the grids (80 under the little-data rule), 2,000 to 8,000 steps, evaluated 20 times,
     so that early stopping (patience 5) ends a run that has started to memorise, or fewer times where
     evaluating the test grids that often would cost more than EVAL_SHARE of the training (`sized_schedule`).
     Batch: all the training grids when they are fewer than the default batch. Regularisation by the number of
@@ -171,13 +180,13 @@ def sized_defaults(meta: CodesMeta, given_training: dict[str, Any],
     codes = grids * meta.grid_height * meta.grid_width
     small = sized_batch(given_training, TRAIN_DEFAULTS["batch_size"], grids)
     batch = {**TRAIN_DEFAULTS, **small, **given_training}["batch_size"]  # the batch the run will use
-    steps = steps_for_passes(grids, batch, sized_passes(codes), *PRIOR_STEPS)
+    steps = steps_for_passes(grids, batch, sized_passes(codes, raster), *PRIOR_STEPS)
     training = {**sized_schedule(given_training, steps, evaluations=20, batch=batch * processes,
                                  held_out=dict(meta.split_sizes).get("test", 0)), **small}
     planned = training["max_steps"]  # 0: --epochs passes
     passes = planned * batch * processes / max(grids, 1) if planned else given_training.get("epochs",
                                                                                              TrainConfig().epochs)
-    return sized_regularisers(codes, passes), training
+    return sized_regularisers(codes, passes, raster), training
 
 
 def conditioned_on(meta: CodesMeta) -> str:
@@ -237,7 +246,8 @@ def train_prior(
     check_stage_dir(stage, "prior", resume, overwrite)
     given_training, given_model = as_options(training), as_options(model)
     processes = process_state().num_processes
-    sized_model, sized_training = ({}, {}) if resume else sized_defaults(meta, given_training, processes)
+    raster = prior_kind(kind or DEFAULT_KIND).raster  # a resumed prior's kind sizes nothing
+    sized_model, sized_training = ({}, {}) if resume else sized_defaults(meta, given_training, processes, raster)
     train_cfg = train_config(stage, given_training, {**TRAIN_DEFAULTS, **sized_training}, resume)
     cfg = resolve_prior_config(kind, meta, conditional, {**sized_model, **given_model}, stage, resume)
     passes = (train_cfg.max_steps * train_cfg.batch_size * processes / sizes["train"] if train_cfg.max_steps
@@ -247,7 +257,7 @@ def train_prior(
                  why={"dropout": f"{passes:.1f} planned passes over {sizes['train']} training grids, "
                                  f"{'fewer than' if passes < FEW_PASSES else 'at least'} {FEW_PASSES}",
                       "code_dropout": f"{train_codes} training codes, fewer than {FEW_CODES}",
-                      "max_steps": f"{sized_passes(train_codes)} passes over {sizes['train']} training grids, "
+                      "max_steps": f"{sized_passes(train_codes, raster)} passes over {sizes['train']} training grids, "
                                    f"within {PRIOR_STEPS[0]}-{PRIOR_STEPS[1]}",
                       "eval_every": f"{sizes['test']} test grids, at most {EVAL_SHARE:.0%} of the training"})
     check_batch_size(train_cfg.batch_size, sizes["train"], "training grids")
