@@ -60,11 +60,11 @@ GRIDS = (8, 16, 32)
 # --trunk vqgan: the tokenizer of VQGAN's f=16 models (Esser et al. 2021), in this project's trunk: width
 # 128, two residual blocks per level, self-attention at the lowest resolution, one level per halving.
 VQGAN_TRUNK = dict(architecture="resnet", hidden_channels=128, num_res_blocks=2, attention=True)
-# Dense bf16/fp16 tensor-core peaks in TFLOP/s (the vendors' figures without sparsity), by a substring of
-# torch.cuda.get_device_name; --peak-tflops gives any other card's.
 # --adversarial: stage 1 as docs/adversarial.md trains it with both terms on, from the first step: the patch
 # discriminator with its default augmentation and LeCam, VQGAN's adaptive weight, and the MS-SSIM term
 ADVERSARIAL = GANConfig(adversarial_weight=0.1, lecam_weight=0.001, perceptual_weight=0.1)
+# Dense bf16/fp16 tensor-core peaks in TFLOP/s (the vendors' figures without sparsity), by a substring of
+# torch.cuda.get_device_name; --peak-tflops gives any other card's.
 PEAK_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "L4": 121.0, "A10": 125.0}
 
 
@@ -177,6 +177,7 @@ def bench_stage1(size: int, batch: int, args, device: torch.device) -> dict:
     model = VQVAE(cfg).to(device, memory_format=torch.channels_last)
     images = (torch.rand(batch, 3, size, size, device=device) * 2 - 1).contiguous(memory_format=torch.channels_last)
     gan = adversarial_terms(cfg, args, device) if args.adversarial else None
+    scaler = torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16")
 
     def forward_backward():
         with autocast(device, args.mixed_precision):
@@ -189,7 +190,6 @@ def bench_stage1(size: int, batch: int, args, device: torch.device) -> dict:
             d_loss, _ = gan.discriminator_loss(gan.critic)
             scaler.scale(d_loss).backward()
 
-    scaler = torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16")
     flops = step_flops(forward_backward)  # before compiling: the counter needs eager ops
     model.zero_grad(set_to_none=True)
     if args.compile:
