@@ -258,10 +258,11 @@ def bench_sampling(kind: str, grid: int, args, device: torch.device) -> list[dic
 
 def bench_sampling_with(kind: str, grid: int, fill_steps: int | None, args, device: torch.device) -> dict:
     prior = make_prior(kind, grid, args.codebook_size, device).eval()
+    steps = grid * grid if fill_steps is None else min(fill_steps, grid * grid)  # a raster prior: one per code
     if fill_steps is None:
         draw = partial(sample_codes, prior, cfg_scale=args.cfg_scale)
     else:
-        draw = partial(fill_masked, prior, steps=min(fill_steps, grid * grid), cfg_scale=args.cfg_scale)
+        draw = partial(fill_masked, prior, steps=steps, cfg_scale=args.cfg_scale)
     decoder_cfg = VQVAEConfig(image_height=4 * grid, image_width=4 * grid, codebook_size=args.codebook_size)
     decoder = VQVAE(decoder_cfg).to(device)
     decoder.eval()
@@ -287,7 +288,6 @@ def bench_sampling_with(kind: str, grid: int, fill_steps: int | None, args, devi
         decode()
         sync(device)
         decode_s = time.perf_counter() - start
-    steps = grid * grid if fill_steps is None else min(fill_steps, grid * grid)
     return {"prior": kind, "grid": f"{grid}x{grid}", "steps": steps, "n": n, "cfg_scale": args.cfg_scale,
             "codes_s": round(codes_s, 2), "decode_s": round(decode_s, 2),
             "ms_per_image": round(1000 * (codes_s + decode_s) / n, 2), "peak_gib": round(peak_gib(device), 2)}
