@@ -11,7 +11,11 @@ timing only). Sampling time per image is timed with one thread, after one untime
 --time-samples samples (throughput), and drawing --latency-samples images one at a time (latency). With --inpaint, each
 variant also redraws a centre box of half the test images' area (the central ceil(side/sqrt(2)) code rows and
 columns) and the inpainted images are scored against the test split, beside the reconstructions (the ceiling).
-Results: OUT/priors.json (and a sample grid per variant and setting).
+Each variant's test grids (the first --context-grids) are also scored code by code against how much of the grid it
+sees (`context_bits`): one random code per grid with every other code visible, the same positions for every
+variant (a raster prior by Bayes over its joint, p(code = k | the rest) proportional to p(grid with code k); a
+masked prior directly); a raster prior's bits per code in its own order; a masked prior's bits per hidden code
+at hidden shares 10 % ... 100 %. Results: OUT/priors.json (and a sample grid per variant and setting).
 """
 
 from __future__ import annotations
@@ -26,11 +30,16 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
+from einops import rearrange, repeat
+from torch import Tensor, nn
 
 from stage2_prior.config import SamplingConfig
 from vqgen.cli import main as vqgen
 from vqgen.core.evaluate import quality
+from vqgen.core.evaluate.measures import bits
+from vqgen.core.store.codes import load_codes
 from vqgen.core.store.imageio import save_grid
 from vqgen.core.store.jsonl import JsonlLog
 from vqgen.core.store.layout import RunLayout
@@ -95,6 +104,66 @@ def inpaint_scores(run: Run, n: int, sampling: SamplingConfig, seed: int) -> dic
             "reconstructed": quality.sample_quality(judge, recon, labels, reference)}, inpainted
 
 
+HIDDEN_SHARES = (0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
+CANDIDATES = 256  # grids scored at once by `raster_one_hidden_bits`: bounds its (c, h, w, K) logits
+
+
+def one_hidden_positions(n: int, t: int, seed: int) -> Tensor:
+    """(n,) one raster position per grid, a function of (n, t, seed) alone: every variant is scored at the same."""
+    return torch.randint(t, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def raster_one_hidden_bits(prior: nn.Module, codes: Tensor, labels: Tensor | None, positions: Tensor) -> float:
+    """Mean bits of code `positions[j]` of grid j given every other code of it, under a raster prior's joint:
+    p(x_i = k | x_-i) = p(x with x_i = k) / sum over k' (each grid scored with all K codes in its place)."""
+    k = prior.config.codebook_size
+    total = 0.0
+    for j, pos in enumerate(positions.tolist()):
+        joint = []  # log p(grid j with code c at pos) for every c, CANDIDATES grids at a time
+        for candidates in torch.arange(k, device=codes.device).split(CANDIDATES):
+            grids = repeat(codes[j].flatten(), "t -> c t", c=len(candidates)).clone()
+            grids[:, pos] = candidates
+            grids = rearrange(grids, "c (h w) -> c h w", h=codes.shape[1])
+            logits = prior(grids, None if labels is None else labels[j].expand(len(candidates))).float()
+            joint.append(F.log_softmax(logits, dim=-1).gather(-1, grids[..., None]).flatten(1).sum(1))
+        total -= F.log_softmax(torch.cat(joint), dim=0)[codes[j].flatten()[pos]].item()
+    return bits(total / len(positions))
+
+
+@torch.no_grad()
+def masked_bits(prior: nn.Module, codes: Tensor, labels: Tensor | None, mask: Tensor) -> float:
+    """Mean bits of a masked prior over the codes hidden by `mask` (n, h, w), each seeing the grid's others."""
+    logits = prior(codes, labels, mask).float()
+    return bits(F.cross_entropy(logits[mask], codes[mask]).item())
+
+
+@torch.no_grad()
+def context_bits(run: Run, grids: int, seed: int) -> dict:
+    """How well the prior predicts the first `grids` test grids' codes with more or less of the grid in view."""
+    prior, cfg = run.need_prior(), run.need_prior().config
+    test = load_codes(run.layout.codes)[0]["test"]
+    device = next(prior.parameters()).device
+    codes = test.codes[:grids].long().to(device)
+    labels = test.condition_ids[:grids].to(device) if cfg.num_classes else None
+    n, t = len(codes), cfg.seq_len
+    positions = one_hidden_positions(n, t, seed)
+    one = torch.zeros(n, t, dtype=torch.bool, device=device)
+    one[torch.arange(n), positions] = True
+    one = rearrange(one, "n (h w) -> n h w", h=cfg.grid_height)
+    if run.kind.raster:
+        logits = prior(codes, labels).float()
+        return {"grids": n, "one_hidden": raster_one_hidden_bits(prior, codes, labels, positions),
+                "raster_order": bits(F.cross_entropy(rearrange(logits, "n h w k -> n k h w"), codes).item())}
+    keys = torch.rand(n, t, generator=torch.Generator().manual_seed(seed + 1))
+    ranks = keys.argsort(dim=1).argsort(dim=1).to(device)
+    shares = {f"{share:g}": masked_bits(prior, codes, labels,
+                                        rearrange(ranks < max(1, round(share * t)), "n (h w) -> n h w",
+                                                  h=cfg.grid_height))
+              for share in HIDDEN_SHARES}
+    return {"grids": n, "one_hidden": masked_bits(prior, codes, labels, one), "hidden_share": shares}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", type=Path, required=True, help="a run with a trained stage 1 and its codes")
@@ -109,12 +178,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--latency-samples", type=int, default=8,
                    help="samples timed one at a time per setting (default: 8; 0: none)")
     p.add_argument("--inpaint", action="store_true", help="also score inpainting a centre box of half the area")
+    p.add_argument("--context-grids", type=int, default=200,
+                   help="test grids scored code by code in `context_bits` (default: 200; 0: none)")
     p.add_argument("--seed", type=int, default=0, help="training and sampling seed (default: 0)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.context_grids < 0:
+        sys.exit(f"error: --context-grids must be >= 0, got {args.context_grids}")
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
                          + (torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"),
@@ -127,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
         if (args.judge / "model.safetensors").is_file() and not RunLayout(target).judge.trained:
             shutil.copytree(args.judge, RunLayout(target).judge.path)
         run = Run.load(target)
+        if args.context_grids:
+            record["context_bits"] = context_bits(run, args.context_grids, args.seed)
+            print(json.dumps({"variant": name, "context_bits": record["context_bits"]}), flush=True)
         settings = [SamplingConfig()] if run.kind.raster else [SamplingConfig(steps=s) for s in steps]
         record["settings"] = []
         for sampling in settings:
