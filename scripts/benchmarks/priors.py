@@ -36,6 +36,8 @@ from einops import rearrange, repeat
 from torch import Tensor, nn
 
 from stage2_prior.config import SamplingConfig
+from stage2_prior.contract import grid_nll
+from stage2_prior.masked import masked_cross_entropy
 from vqgen.cli import main as vqgen
 from vqgen.core.evaluate import quality
 from vqgen.core.evaluate.measures import bits
@@ -125,8 +127,7 @@ def raster_one_hidden_bits(prior: nn.Module, codes: Tensor, labels: Tensor | Non
             grids = repeat(codes[j].flatten(), "t -> c t", c=len(candidates)).clone()
             grids[:, pos] = candidates
             grids = rearrange(grids, "c (h w) -> c h w", h=codes.shape[1])
-            logits = prior(grids, None if labels is None else labels[j].expand(len(candidates))).float()
-            joint.append(F.log_softmax(logits, dim=-1).gather(-1, grids[..., None]).flatten(1).sum(1))
+            joint.append(-grid_nll(prior, grids, None if labels is None else labels[j].expand(len(candidates))))
         total -= F.log_softmax(torch.cat(joint), dim=0)[codes[j].flatten()[pos]].item()
     return bits(total / len(positions))
 
@@ -134,14 +135,14 @@ def raster_one_hidden_bits(prior: nn.Module, codes: Tensor, labels: Tensor | Non
 @torch.no_grad()
 def masked_bits(prior: nn.Module, codes: Tensor, labels: Tensor | None, mask: Tensor) -> float:
     """Mean bits of a masked prior over the codes hidden by `mask` (n, h, w), each seeing the grid's others."""
-    logits = prior(codes, labels, mask).float()
-    return bits(F.cross_entropy(logits[mask], codes[mask]).item())
+    return bits(masked_cross_entropy(prior(codes, labels, mask), codes, mask).item())
 
 
 @torch.no_grad()
 def context_bits(run: Run, grids: int, seed: int) -> dict:
     """How well the prior predicts the first `grids` test grids' codes with more or less of the grid in view."""
-    prior, cfg = run.need_prior(), run.need_prior().config
+    prior = run.need_prior()
+    cfg = prior.config
     test = load_codes(run.layout.codes)[0]["test"]
     device = next(prior.parameters()).device
     codes = test.codes[:grids].long().to(device)
@@ -152,9 +153,8 @@ def context_bits(run: Run, grids: int, seed: int) -> dict:
     one[torch.arange(n), positions] = True
     one = rearrange(one, "n (h w) -> n h w", h=cfg.grid_height)
     if run.kind.raster:
-        logits = prior(codes, labels).float()
         return {"grids": n, "one_hidden": raster_one_hidden_bits(prior, codes, labels, positions),
-                "raster_order": bits(F.cross_entropy(rearrange(logits, "n h w k -> n k h w"), codes).item())}
+                "raster_order": bits(grid_nll(prior, codes, labels).mean().item() / t)}
     keys = torch.rand(n, t, generator=torch.Generator().manual_seed(seed + 1))
     ranks = keys.argsort(dim=1).argsort(dim=1).to(device)
     shares = {f"{share:g}": masked_bits(prior, codes, labels,
