@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -120,6 +121,15 @@ def test_folder_with_class_subfolders(tmp_path):
     for split in (data.train, data.test):
         red = split.images[:, 0, 0, 0] > 200
         assert torch.equal(split.labels, (~red).long())  # cat is red, dog is blue
+
+
+def test_folder_never_imports_datasets(tmp_path, monkeypatch):
+    """An image folder is read without `datasets`: its import is skipped, not merely unused."""
+    for i in range(2):
+        save(tmp_path / "a" / f"{i}.png")
+    monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` fail
+    data = load(tmp_path, test_fraction=0.5)
+    assert len(data.train) == 1 and data.class_names == ["a"]
 
 
 def test_flat_folder_is_unlabelled(tmp_path):

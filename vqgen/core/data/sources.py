@@ -318,15 +318,15 @@ def _has_data_files(folder: Path) -> bool:
 
 
 def _local_source(path: Path, cfg: DataConfig, console: Any) -> Source:
-    """A save_to_disk folder, parquet/arrow file(s) or, failing those, a folder of images."""
-    datasets = _datasets()
-
+    """A save_to_disk folder, parquet/arrow file(s) or, failing those, a folder of images (which never imports
+    `datasets`)."""
     saved = path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file())
     if path.is_dir() and not saved and not _has_data_files(path):
         cfg.check_no_columns(f"image folder {path}")
         return _folder_source(path)
     if path.is_file() and path.suffix.lower() not in DATA_SUFFIXES:
         raise VQGenError(f"data file {path} is not .parquet or .arrow; pass a folder of images or of data files")
+    datasets = _datasets()
     try:  # streaming reads local files in place instead of copying them into the datasets cache
         if saved:
             loaded, origin = datasets.load_from_disk(str(path)), f"saved dataset {path}"
