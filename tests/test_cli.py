@@ -247,6 +247,9 @@ def test_eval_scores_samples_beside_real_images(tiny_run, tmp_path, capsys):
     record = json.loads((run / "evaluations.jsonl").read_text().splitlines()[-1])
     assert record["samples"]["n_samples"] == 12 and record["real"]["fid"] >= 0
     assert record["reconstructed"]["n_samples"] == 12 and record["reconstructed"]["fid"] != record["real"]["fid"]
+    for column in ("samples", "reconstructed"):  # real images were never codes: no round trip for them
+        assert 0 <= record[column]["code_round_trip"] <= 1
+    assert "code_round_trip" not in record["real"]
     assert (run / "judge" / "model.safetensors").is_file()  # trained once, then reused
     assert main(["eval", "--run", str(unconditional_run(tiny_run, tmp_path)), "--samples", "6",
                  "--judge-steps", "5"]) == 0

@@ -168,3 +168,17 @@ def test_reconstruct_decodes_once_and_equals_decode_of_encode(tiny_run):
         assert torch.equal(run.vqvae.decode(codes), forward)
     assert torch.equal(recons, to_uint8(forward))
     assert torch.allclose(errors, ((forward.clamp(-1, 1) - x) / 2).pow(2).flatten(1).mean(1))
+
+
+def test_round_trip_counts_the_codes_the_encoder_gives_back(tiny_run):
+    """`Run.round_trip`: the share of codes that encoding their images returns, position by position."""
+    from vqgen.run import Run
+
+    run = Run.load(tiny_run, need_prior=False)
+    images = run.data().test.images[:8]
+    codes = run.reconstruct(images)[2]
+    assert run.round_trip(codes, images) == 1.0  # these images encode to exactly these codes
+    changed = codes.clone()
+    changed[:, ::2] = (changed[:, ::2] + 1) % run.vqvae.config.codebook_size  # every other row of every grid
+    expected = (changed == codes).double().mean().item()
+    assert expected < 1 and run.round_trip(changed, images) == pytest.approx(expected)

@@ -271,6 +271,12 @@ class Run:
             out = fill_masked(prior, n, codes=codes, keep=keep, labels=labels, seeds=seeds, **asdict(sampling))
         return out.cpu()
 
+    def round_trip(self, codes: Tensor, images: Tensor) -> float:
+        """The share of (n, h, w) codes that the encoder gives back from their decoded uint8 images: how well
+        the decoder renders them. Codes of real images score high; a prior that draws combinations the decoder
+        cannot render (speckle, holes) scores lower, also where a judge's features do not see it."""
+        return float((self.reconstruct(images)[2] == codes.cpu()).double().mean())
+
     def sample(self, accelerator: Accelerator, n: int, labels: LabelPlan = LabelPlan(),
                sampling: SamplingConfig = SamplingConfig(), seed: int = 0,
                batch_size: int = 1000) -> tuple[Tensor, Tensor]:
@@ -358,6 +364,9 @@ class Run:
         which stage holds the samples back. KID, precision/recall and density/coverage_nn come with each;
         near_copies* (samples and reconstructions) are the shares of near-copies of a training image, in the
         judge's features and in pixels, beside near_copies_heldout* (what new test images score, ~5 %).
+        code_round_trip (samples and reconstructions): the share of their codes that survive decoding and
+        encoding again (`round_trip`); samples well below the reconstructions hold codes the decoder cannot
+        render.
         closest_pairs: a PNG path for the samples nearest to a training image (pixels), each beside it.
         """
         self.need_prior()
@@ -370,21 +379,23 @@ class Run:
                              "(and network access once for its Inception weights)")
         judge = self.judge(data, retrain_judge, judge_steps)
         labels = self.label_plan(None, n, seed=seed)
-        _, images = self.sample(accelerator, n, labels, sampling, seed, batch_size)
+        codes, images = self.sample(accelerator, n, labels, sampling, seed, batch_size)
         drawn = labels.of(torch.arange(n))
         judged_labels = None if self.source.pseudo_labels else drawn  # clusters are not the judge's classes
         test_images, test_labels = judging_images(data.test, seed=seed)
         train_images, train_labels = judging_images(data.train, seed=seed)
         reference = quality.reference_of(judge, test_images.to(self.device), test_labels)
         scores = quality.sample_quality(judge, images.to(self.device), judged_labels, reference)
+        scores["code_round_trip"] = self.round_trip(codes, images)
         floor = partial(quality.reference_floor, judge, train_images.to(self.device), reference,
                         n=min(n, len(train_images)), seed=seed, train_labels=train_labels)
         real = floor()
-        made = []  # the reconstructions the floor scores, kept for their near-copies
-        reconstructed = floor(transform=lambda x: made.append(self.reconstruct(x)[0]) or made[-1])
+        made = []  # (reconstructions, errors, codes) of the images the floor scores, for near-copies and round trip
+        reconstructed = floor(transform=lambda x: made.append(self.reconstruct(x)) or made[-1][0])
+        reconstructed["code_round_trip"] = self.round_trip(made[0][2], made[0][0])
         if len(test_images) >= 4:  # two held-out halves of >= 2: one sets the threshold, one checks it
             (copies, found), (copied, _) = quality.memorisation_scores(
-                judge, [images.to(self.device), made[0].to(self.device)], train_images.to(self.device),
+                judge, [images.to(self.device), made[0][0].to(self.device)], train_images.to(self.device),
                 test_images.to(self.device), seed)
             scores.update(copies)
             reconstructed.update(copied)

@@ -16,9 +16,10 @@ from vqgen.arguments import flag
 from vqgen.core.runtime.errors import VQGenError
 
 MIN_SAMPLES = 6  # the k-NN measures need more samples than their k (5 for density and coverage)
-# what a sweep's table shows of each setting, and which way is better
+# what a sweep's table shows of each setting, and which way is better (round trip: read beside the reconstructions')
 SWEPT_MEASURES = (("fid", "FID ↓"), ("kid", "KID ↓"), ("precision", "precision ↑"), ("recall", "recall ↑"),
-                  ("class_accuracy", "class acc. ↑"), ("near_copies_pixels", "copies ↓"))
+                  ("class_accuracy", "class acc. ↑"), ("code_round_trip", "round trip"),
+                  ("near_copies_pixels", "copies ↓"))  # copies beside the held-out copies that follow
 
 
 def sweepable() -> dict[str, dataclasses.Field]:
