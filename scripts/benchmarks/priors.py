@@ -7,7 +7,8 @@ Each --variant NAME=ARGS (ARGS: options of `vqgen train prior`, comma-separated)
 OUT/NAME/ (a copy of RUN's vqvae/ and codes/), and records its wall-clock and best held-out number. Then, for
 each variant, --samples samples are scored by the dataset's judge (kept in --judge and shared by every variant,
 so all are judged alike) at the default sampling settings; a masked prior once per --steps value (--samples 0:
-timing only). Sampling time per image is timed with one thread, after one untimed batch: in one batch of
+timing only), on the GPU when there is one. Sampling time per image is timed there (on a CPU with one thread),
+after one untimed batch: in one batch of
 --time-samples samples (throughput), and drawing --latency-samples images one at a time (latency). With --inpaint, each
 variant also redraws a centre box of half the test images' area (the central ceil(side/sqrt(2)) code rows and
 columns) and the inpainted images are scored against the test split, beside the reconstructions (the ceiling).
@@ -67,11 +68,11 @@ def train(run: Path, out: Path, name: str, args: list[str], seed: int) -> dict:
             "steps": tests[-1]["step"], "best_step": best["best_step"], metric: best[f"best_{metric}"]}
 
 
-def time_sampling(run: Run, sampling: SamplingConfig, n: int, batch_size: int | None = None) -> float:
+def time_sampling(run: Run, accelerator: Accelerator, sampling: SamplingConfig, n: int,
+                  batch_size: int | None = None) -> float:
     """Seconds per image to draw and decode n samples in batches of batch_size (default: one batch of n), after
     one untimed batch."""
     batch_size = batch_size or n
-    accelerator = Accelerator(cpu=True)
     labels = run.label_plan(None, n)
     run.sample(accelerator, min(n, batch_size, 8), labels, sampling, seed=99, batch_size=batch_size)
     start = time.perf_counter()
@@ -193,13 +194,14 @@ def main(argv: list[str] | None = None) -> int:
                          + (torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"),
               "torch": torch.__version__, "run": str(args.run), "samples": args.samples, "variants": []}
     steps = [int(s) for s in args.steps.split(",")]
+    accelerator = Accelerator()  # the GPU when there is one
     for spec in args.variant:
         name, _, options = spec.partition("=")
         record = train(args.run, args.out, name, [o for o in options.split(",") if o], args.seed)
         target = args.out / name
         if (args.judge / "model.safetensors").is_file() and not RunLayout(target).judge.trained:
             shutil.copytree(args.judge, RunLayout(target).judge.path)
-        run = Run.load(target)
+        run = Run.load(target, device=accelerator.device)
         if args.context_grids:
             record["context_bits"] = context_bits(run, args.context_grids, args.seed)
             print(json.dumps({"variant": name, "context_bits": record["context_bits"]}), flush=True)
@@ -209,17 +211,18 @@ def main(argv: list[str] | None = None) -> int:
             start = time.perf_counter()
             scores = {}
             if args.samples:
-                scores = run.sample_quality(Accelerator(cpu=True), args.samples, sampling=sampling, seed=args.seed)
+                scores = run.sample_quality(accelerator, args.samples, sampling=sampling, seed=args.seed)
             seconds = time.perf_counter() - start
             threads = torch.get_num_threads()
             torch.set_num_threads(1)
-            per_image = time_sampling(run, sampling, args.time_samples)
-            latency = time_sampling(run, sampling, args.latency_samples, 1) if args.latency_samples else None
+            per_image = time_sampling(run, accelerator, sampling, args.time_samples)
+            latency = (time_sampling(run, accelerator, sampling, args.latency_samples, 1) if args.latency_samples
+                       else None)
             torch.set_num_threads(threads)
             record["settings"].append({"steps": sampling.steps, "cfg": sampling.cfg_scale, "score_seconds": seconds,
                                        "seconds_per_image": per_image, "seconds_per_image_one_at_a_time": latency,
                                        **scores})
-            _, images = run.sample(Accelerator(cpu=True), 64, run.label_plan(None, 64), sampling, seed=args.seed)
+            _, images = run.sample(accelerator, 64, run.label_plan(None, 64), sampling, seed=args.seed)
             save_grid(images, args.out / f"{name}-steps{sampling.steps or 0}.png", nrow=8)
             print(json.dumps({"variant": name, **record["settings"][-1]}), flush=True)
         if args.inpaint and args.samples:
