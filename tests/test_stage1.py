@@ -177,6 +177,7 @@ def test_round_trip_counts_the_codes_the_encoder_gives_back(tiny_run):
     run = Run.load(tiny_run, need_prior=False)
     images = run.data().test.images[:8]
     codes = run.reconstruct(images)[2]
+    assert torch.equal(run.encode(images), codes)  # the encoder alone gives the codes of the reconstruction
     assert run.round_trip(codes, images) == 1.0  # these images encode to exactly these codes
     changed = codes.clone()
     changed[:, ::2] = (changed[:, ::2] + 1) % run.vqvae.config.codebook_size  # every other row of every grid

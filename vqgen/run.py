@@ -196,6 +196,12 @@ class Run:
         return torch.cat(out) if out else torch.zeros(0, dtype=torch.uint8)
 
     @torch.no_grad()
+    def encode(self, images: Tensor, batch_size: int = 256) -> Tensor:
+        """(n, c, H, W) uint8 images -> (n, h, w) codes, by the encoder alone (the codes `reconstruct` gives)."""
+        out = [self.vqvae.encode(to_model_range(chunk).to(self.device)).cpu() for chunk in images.split(batch_size)]
+        return torch.cat(out) if out else torch.zeros(0, *self.vqvae.config.grid_shape, dtype=torch.long)
+
+    @torch.no_grad()
     def _reconstructions(self, batches: Iterable[Tensor]) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
         """Per (b, c, H, W) uint8 batch: per-image MSE on [0, 1] pixels (b,), reconstructions in [-1, 1], codes.
 
@@ -275,7 +281,7 @@ class Run:
         """The share of (n, h, w) codes that the encoder gives back from their decoded uint8 images: how well
         the decoder renders them. Codes of real images score high; a prior that draws combinations the decoder
         cannot render (speckle, holes) scores lower, also where a judge's features do not see it."""
-        return float((self.reconstruct(images)[2] == codes.cpu()).double().mean())
+        return float((self.encode(images) == codes.cpu()).double().mean())
 
     def sample(self, accelerator: Accelerator, n: int, labels: LabelPlan = LabelPlan(),
                sampling: SamplingConfig = SamplingConfig(), seed: int = 0,

@@ -133,7 +133,7 @@ def cmd_complete(args: argparse.Namespace) -> None:
         raise VQGenError(f"--keep-rows must be in [0, {run.prior.config.grid_height}], got {args.keep_rows}")
     if run.read_only:  # an exported model carries no code grids: encode the test images
         data = run.data()
-        _, _, grids = run.reconstruct(data.test.take(range(min(args.n, len(data.test)))))
+        grids = run.encode(data.test.take(range(min(args.n, len(data.test)))))
         test = CodeSplit(grids, None if run.source.pseudo_labels else data.test.labels)
     else:
         test = load_codes(run.layout.codes)[0]["test"]
