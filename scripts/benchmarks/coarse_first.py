@@ -26,6 +26,7 @@ import json
 import math
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -38,6 +39,7 @@ from stage2_prior.registry import load_prior
 from stage2_prior.sampling import sample_codes
 from vqgen.core.evaluate import quality
 from vqgen.core.store.codes import CodesWriter, load_codes
+from vqgen.core.store.imageio import save_grid
 from vqgen.core.store.layout import RunLayout
 from vqgen.run import Run, sample_seeds
 
@@ -110,16 +112,47 @@ def score(run_dir: Path, out: Path, samples: int, seeds: list[int], cfg_scale: f
     """Sample OUT's prior, decode the bottom grids through RUN's VQ-VAE, score them with RUN's judge."""
     info = json.loads((out / "coarse_first_codes.json").read_text())
     run = Run.load(run_dir, need_prior=False)
+    width, top_positions = info["grid"][1], info["top_rows"] * info["grid"][1]
+
+    def decode(grids: Tensor) -> Tensor:
+        bottom = rearrange(rearrange(grids, "n h w -> n (h w)")[:, top_positions:], "n (h w) -> n h w", w=width)
+        return run.decode(bottom)
+
+    results = score_stacked(run_dir, out, top_positions, info["bottom_codes"], decode, samples, seeds, cfg_scale,
+                            batch_size)
+    results["settings"].update(info)
+    (out / "coarse_first.json").write_text(json.dumps(results, indent=1))
+    return results
+
+
+def score_stacked(run_dir: Path, out: Path, top_positions: int, bottom_codes: int,
+                  decode: Callable[[Tensor], Tensor], samples: int, seeds: list[int], cfg_scale: float,
+                  batch_size: int, reconstruct: Callable[[Tensor], Tensor] | None = None,
+                  encode: Callable[[Tensor], Tensor] | None = None) -> dict:
+    """Sample OUT's prior over stacked grids (each part kept to its own codes), `decode` the grids to uint8
+    images, and score them with RUN's judge as `vqgen eval` does, per sampling seed. `reconstruct` (uint8
+    images -> uint8 reconstructions): also score the reconstructions of `samples` training images
+    ("reconstructed", the ceiling); `encode` (uint8 images -> stacked grids): also the code round trip of the
+    samples and of the reconstructions. The first seed's first 64 samples go to OUT/samples.png."""
+    run = Run.load(run_dir, need_prior=False)
     prior, _ = load_prior(RunLayout(out).prior)
-    top_positions = info["top_rows"] * info["grid"][1]
-    restricted = Restricted(prior.eval(), top_positions, info["bottom_codes"])
+    restricted = Restricted(prior.eval(), top_positions, bottom_codes)
     data = run.data()
     judge = run.judge(data)
     test_images, test_labels = quality.judging_images(data.test, seed=0)
-    train_images, _ = quality.judging_images(data.train, seed=0)
+    train_images, train_labels = quality.judging_images(data.train, seed=0)
     reference = quality.reference_of(judge, test_images, test_labels)
     classes = prior.config.num_classes
-    results = {"settings": {"samples": samples, "cfg": cfg_scale, **info}, "seeds": {}}
+    results = {"settings": {"samples": samples, "cfg": cfg_scale}, "seeds": {}}
+    if reconstruct is not None:
+        results["reconstructed"] = quality.reference_floor(judge, train_images, reference,
+                                                           n=min(samples, len(train_images)), seed=0,
+                                                           train_labels=train_labels, transform=reconstruct)
+        if encode is not None:  # the reconstructions' code round trip, on the first n training images
+            picked = train_images[: min(samples, len(train_images))]
+            kept = encode(reconstruct(picked)) == encode(picked)
+            results["reconstructed"]["code_round_trip"] = float(kept.double().mean())
+        print(f"reconstructions: fid {results['reconstructed']['fid']:.3f}")
     for seed in seeds:
         index = torch.arange(samples)
         labels = index % classes if classes else None
@@ -128,27 +161,38 @@ def score(run_dir: Path, out: Path, samples: int, seeds: list[int], cfg_scale: f
                              seeds=sample_seeds(seed, index), batch_size=batch_size)
         seconds = time.perf_counter() - start
         flat = rearrange(grids, "n h w -> n (h w)")
-        bottom = rearrange(flat[:, top_positions:], "n (h w) -> n h w", w=info["grid"][1])
-        assert int(bottom.max()) < info["bottom_codes"] and int(flat[:, :top_positions].min()) >= info["bottom_codes"]
-        images = run.decode(bottom)
+        assert int(flat[:, top_positions:].max()) < bottom_codes and int(flat[:, :top_positions].min()) >= bottom_codes
+        images = decode(grids)
+        if seed == seeds[0]:  # the first 64, for the eye: sample i drawn for class i mod classes
+            save_grid(images[:64], out / "samples.png")
         scores = quality.sample_quality(judge, images, labels, reference)
         (copies, _), = quality.memorisation_scores(judge, [images], train_images, test_images, seed)
+        if encode is not None:
+            scores["code_round_trip"] = float((encode(images) == grids).double().mean())
         results["seeds"][seed] = {**scores, **copies, "sampling_s_per_image": seconds / samples}
         print(f"seed {seed}: fid {scores['fid']:.3f}  class accuracy {scores.get('class_accuracy', math.nan):.3f}  "
               f"near-copies {copies['near_copies']:.3f} (held-out {copies['near_copies_heldout']:.3f})")
-    for key in ("fid", "class_accuracy", "coverage", "precision", "recall", "near_copies", "near_copies_heldout"):
+    for key in ("fid", "class_accuracy", "coverage", "precision", "recall", "near_copies", "near_copies_heldout",
+                "code_round_trip"):
         values = [r[key] for r in results["seeds"].values() if key in r]
         if values:
             results[key] = [statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0]
-    (out / "coarse_first.json").write_text(json.dumps(results, indent=1))
     return results
 
 
-def _seeds(text: str) -> list[int]:
+def seed_list(text: str) -> list[int]:
     try:
         return [int(seed) for seed in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers, e.g. 0,1") from None
+
+
+def add_score_options(p: argparse.ArgumentParser) -> None:
+    """What `score_stacked` draws: how many samples, with which seeds, guidance and batch."""
+    p.add_argument("--samples", type=int, default=1000)
+    p.add_argument("--seeds", type=seed_list, default=[0, 1], help="sampling seeds (default: 0,1)")
+    p.add_argument("--cfg", type=float, default=DEFAULT_CFG)
+    p.add_argument("--batch-size", type=int, default=250)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -158,10 +202,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, required=True, help="the run folder of the coarse-first prior")
     p.add_argument("--top-codes", type=int, default=64, help="k-means clusters of the top grid's codes")
     p.add_argument("--pool", type=int, default=2, help="a top code stands for pool x pool bottom codes")
-    p.add_argument("--samples", type=int, default=1000)
-    p.add_argument("--seeds", type=_seeds, default=[0, 1], help="sampling seeds (default: 0,1)")
-    p.add_argument("--cfg", type=float, default=DEFAULT_CFG)
-    p.add_argument("--batch-size", type=int, default=250)
+    add_score_options(p)
     p.add_argument("--seed", type=int, default=0, help="the k-means seed")
     return p.parse_args(argv)
 
