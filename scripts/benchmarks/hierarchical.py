@@ -49,7 +49,7 @@ from vqgen.core.training.loop import fit, make_optimizer
 from vqgen.core.training.setup import start
 
 sys.path.insert(0, str(Path(__file__).parent))
-from coarse_first import add_score_options, score_stacked  # noqa: E402  (a sibling script)
+from coarse_first import add_score_options, score_stacked, stacked  # noqa: E402  (a sibling script)
 
 STAGE = "two_level"
 
@@ -118,9 +118,7 @@ class TwoLevelVQVAE(nn.Module):
     def stack(self, top: Tensor, bottom: Tensor) -> Tensor:
         """(n, h/2, w/2) top and (n, h, w) bottom codes -> (n, h + top_rows, w): the top codes (ids K ...) in
         raster order in the first rows, then the bottom grid."""
-        k, w = self.config.codebook_size, self.config.grid_shape[1]
-        sequence = torch.cat([rearrange(top, "n a b -> n (a b)") + k, rearrange(bottom, "n h w -> n (h w)")], 1)
-        return rearrange(sequence, "n (h w) -> n h w", w=w)
+        return stacked(top, bottom, self.config.codebook_size, self.config.grid_shape[1])
 
     def unstack(self, grids: Tensor) -> tuple[Tensor, Tensor]:
         """The inverse of `stack`; codes outside their level's range are refused."""
