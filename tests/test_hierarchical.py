@@ -63,7 +63,11 @@ def test_every_part_trains_and_the_gradient_passes_both_quantizers_straight_thro
         assert quantizer.codebook.grad is not None and quantizer.codebook.grad.abs().sum() > 0
     # both levels' codebook and commitment terms are in the loss, beside the reconstruction
     assert torch.allclose(out.loss, out.recon_loss + out.quant.loss)
-    assert out.quant.loss > model.last_top.loss > 0
+    model.eval()
+    with torch.no_grad():
+        top, bottom = model.levels(x)  # the same codebooks: the same terms as in the training pass
+    assert torch.allclose(out.quant.loss, top.loss + bottom.loss)
+    assert out.quant.loss > top.loss > 0
 
 
 def test_a_config_the_two_levels_cannot_be_built_from_is_one_line():

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from stage1_vqvae.config import VQVAEConfig
 from stage1_vqvae.model import Decoder, Encoder, ResBlock, VQVAEOutput, reconstruction_errors
-from stage1_vqvae.quantizer import VectorQuantizer
+from stage1_vqvae.quantizer import QuantizerOutput, VectorQuantizer
 from stage1_vqvae.train import VQVAETask
 from vqgen.arguments import exit_code
 from vqgen.core.data.config import DataConfig
@@ -105,15 +105,23 @@ class TwoLevelVQVAE(nn.Module):
         h, w = self.config.grid_shape
         return (h // 2) * (w // 2) // w
 
-    def forward(self, x: Tensor) -> VQVAEOutput:
+    def levels(self, x: Tensor) -> tuple[QuantizerOutput, QuantizerOutput]:
+        """(b, c, H, W) -> the top and the bottom quantizer's outputs: the encoders and quantizers alone."""
         features = self.bottom_encoder(x)
         top = self.top_quantizer(self.top_encoder(features))
         bottom = self.quantizer(self.bottom_in(torch.cat([features, self.top_decoder(top.z_q)], 1)))
-        recon = self.decoder(torch.cat([bottom.z_q, self.top_up(top.z_q)], 1))
+        return top, bottom
+
+    def forward(self, x: Tensor) -> VQVAEOutput:
+        top, bottom = self.levels(x)
+        recon = self.decode_vectors(top.z_q, bottom.z_q)
         recon_loss = F.mse_loss(recon.float(), x.float())
-        self.last_top = top  # the top level's codes and counts, for a caller that wants them
         quant = dataclasses.replace(bottom, loss=bottom.loss + top.loss)
         return VQVAEOutput(recon=recon, loss=recon_loss + quant.loss, recon_loss=recon_loss, quant=quant)
+
+    def decode_vectors(self, z_top: Tensor, z_bottom: Tensor) -> Tensor:
+        """(b, d, h/2, w/2) top and (b, d, h, w) bottom vectors -> (b, c, H, W) in [-1, 1] (not clamped)."""
+        return self.decoder(torch.cat([z_bottom, self.top_up(z_top)], 1))
 
     def stack(self, top: Tensor, bottom: Tensor) -> Tensor:
         """(n, h/2, w/2) top and (n, h, w) bottom codes -> (n, h + top_rows, w): the top codes (ids K ...) in
@@ -136,14 +144,13 @@ class TwoLevelVQVAE(nn.Module):
 
     def encode(self, x: Tensor) -> Tensor:
         """(b, c, H, W) -> (b, h + top_rows, w) stacked codes."""
-        out = self(x)
-        return self.stack(self.last_top.indices, out.quant.indices)
+        top, bottom = self.levels(x)
+        return self.stack(top.indices, bottom.indices)
 
     def decode(self, grids: Tensor) -> Tensor:
         """(b, h + top_rows, w) stacked codes -> (b, c, H, W) in [-1, 1] (not clamped)."""
         top, bottom = self.unstack(grids)
-        z_top = self.top_quantizer.decode_indices(top)
-        return self.decoder(torch.cat([self.quantizer.decode_indices(bottom), self.top_up(z_top)], 1))
+        return self.decode_vectors(self.top_quantizer.decode_indices(top), self.quantizer.decode_indices(bottom))
 
 
 def load_two_level(out: Path) -> TwoLevelVQVAE:
