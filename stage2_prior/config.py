@@ -103,6 +103,7 @@ PRIOR_CONFIGS: dict[str, type[PriorConfig]] = {"transformer": TransformerConfig,
 # Sampling: in-domain FID and class accuracy on four datasets (docs/benchmarks.md, "Sampling defaults"), for the
 # clusters of an unlabelled folder too (docs/unlabelled.md).
 DEFAULT_CFG = 1.5
+CFG_SCHEDULES = ("constant", "linear")
 DEFAULT_CHOICE_NOISE = 30.0  # MaskGIT uses 4.5; measured: docs/benchmarks.md, "Priors side by side"
 
 
@@ -118,6 +119,10 @@ class SamplingConfig:
     cfg_scale: float = option(DEFAULT_CFG, "classifier-free guidance scale of a conditional prior, on classes or "
                                            "on the clusters of an unlabelled folder (1: off; measured best across "
                                            "datasets; 1.0 gives more varied samples)", flag="cfg")
+    cfg_schedule: str = option("constant", "how the guidance scale runs over a sample's draws: constant (--cfg at "
+                                           "every code) or linear (from 1 at the first code drawn, or the first "
+                                           "step of a masked prior, up to --cfg at the last)",
+                               choices=CFG_SCHEDULES)
     steps: int | None = option(None, "masked prior: parallel decoding steps (default: 8, or fewer where fewer codes "
                                      "are to be drawn); raster priors draw one code per step")
     choice_noise: float | None = option(None, "masked prior: scale of the Gumbel noise on the confidences that "
@@ -138,3 +143,5 @@ class SamplingConfig:
             raise VQGenError(f"top_p must be in (0, 1], got {self.top_p}")
         if not self.cfg_scale >= 0:
             raise VQGenError(f"cfg_scale must be >= 0, got {self.cfg_scale}")
+        if self.cfg_schedule not in CFG_SCHEDULES:
+            raise VQGenError(f"cfg_schedule must be one of {', '.join(CFG_SCHEDULES)}, got {self.cfg_schedule!r}")

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from stage2_prior.config import DEFAULT_CHOICE_NOISE
 from stage2_prior.contract import check_code_shape, check_codes
 from stage2_prior.masked import MaskedConfig
-from stage2_prior.sampling import check_draw, filter_logits, guide, inverse_cdf
+from stage2_prior.sampling import check_draw, filter_logits, guidance_scales, guide, inverse_cdf
 from vqgen.core.runtime.errors import VQGenError
 
 DEFAULT_STEPS = 8  # MaskGIT decodes 16x16 grids in 8 steps; fewer for a sample with fewer codes to fill
@@ -49,12 +49,12 @@ def gumbel(uniforms: Tensor) -> Tensor:
 def _check_fill_args(prior: nn.Module, n: int, codes: Tensor | None, keep: Tensor | None, labels: Tensor | None,
                      seeds: Tensor | None, steps: int | None, temperature: float, top_k: int | None,
                      top_p: float | None, cfg_scale: float, choice_noise: float | None,
-                     batch_size: int | None) -> None:
+                     batch_size: int | None, cfg_schedule: str = "constant") -> None:
     cfg = getattr(prior, "config", None)
     if not isinstance(cfg, MaskedConfig):
         raise VQGenError(f"parallel decoding needs a masked prior, got a {type(cfg).__name__}")
     h, w = cfg.grid_height, cfg.grid_width
-    check_draw(cfg, n, labels, temperature, top_k, top_p, cfg_scale, seeds)
+    check_draw(cfg, n, labels, temperature, top_k, top_p, cfg_scale, seeds, cfg_schedule)
     if steps is not None and steps < 1:
         raise VQGenError(f"steps must be >= 1, got {steps}")
     if choice_noise is not None and not (choice_noise >= 0 and math.isfinite(choice_noise)):
@@ -85,20 +85,22 @@ def _check_fill_args(prior: nn.Module, n: int, codes: Tensor | None, keep: Tenso
 
 def check_filling(prior: nn.Module, n: int, labels: Tensor | None = None, temperature: float = 1.0,
                   top_k: int | None = None, top_p: float | None = None, cfg_scale: float = 1.0,
-                  steps: int | None = None, choice_noise: float | None = None) -> None:
+                  cfg_schedule: str = "constant", steps: int | None = None,
+                  choice_noise: float | None = None) -> None:
     """Refuse bad sampling options before anything is drawn (or written), as `fill_masked` would."""
     _check_fill_args(prior, n, None, None, labels, None, steps, temperature, top_k, top_p, cfg_scale,
-                     choice_noise, None)
+                     choice_noise, None, cfg_schedule)
 
 
 def _fill_chunk(prior: nn.Module, codes: Tensor, masked: Tensor, labels: Tensor | None, uniforms: Tensor,
-                left: Tensor, noise: Tensor, cfg_scale: float, temperature: float, top_k: int | None,
+                left: Tensor, noise: Tensor, scales: Tensor, temperature: float, top_k: int | None,
                 top_p: float | None) -> Tensor:
     """(b, t) codes, (b, t) bool hidden, (b, 2, S, t) uniforms (sampling, confidence noise), (b, S) codes left
-    hidden after each step, (b, S) noise scale per step -> (b, t) codes with nothing hidden."""
+    hidden after each step, (b, S) noise scale and (b, S) guidance scale per step -> (b, t) codes with nothing
+    hidden."""
     cfg = prior.config
     b, t = codes.shape
-    guided = labels is not None and cfg_scale != 1.0
+    guided = labels is not None and bool((scales != 1.0).any())
     if guided:  # conditional rows then null rows, in one batch
         labels = torch.cat([labels, torch.full_like(labels, cfg.num_classes)])
     for s in range(left.shape[1]):
@@ -107,7 +109,7 @@ def _fill_chunk(prior: nn.Module, codes: Tensor, masked: Tensor, labels: Tensor 
         if guided:
             grid, hidden = torch.cat([grid, grid]), torch.cat([hidden, hidden])
         logits = rearrange(prior(grid, labels, hidden), "b h w k -> (b h w) k")  # (b*t or 2*b*t, k)
-        logits = guide(logits, cfg_scale) if guided else logits.float()  # (b*t, k)
+        logits = guide(logits, scales[:, s].repeat_interleave(t)[:, None]) if guided else logits.float()  # (b*t, k)
         probs = F.softmax(filter_logits(logits / temperature, top_k, top_p), dim=-1)
         if top_k == 1:  # exactly greedy, ties included
             sampled = probs.argmax(dim=-1)
@@ -126,19 +128,20 @@ def _fill_chunk(prior: nn.Module, codes: Tensor, masked: Tensor, labels: Tensor 
 def fill_masked(prior: nn.Module, n: int, *, codes: Tensor | None = None, keep: Tensor | None = None,
                 labels: Tensor | None = None, seeds: Tensor | None = None, steps: int | None = None,
                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                cfg_scale: float = 1.0, choice_noise: float | None = None, batch_size: int | None = None,
-                progress: Callable[[int], None] | None = None) -> Tensor:
+                cfg_scale: float = 1.0, cfg_schedule: str = "constant", choice_noise: float | None = None,
+                batch_size: int | None = None, progress: Callable[[int], None] | None = None) -> Tensor:
     """Fill n grids (n, h, w) by parallel decoding; codes where `keep` (n, h, w) is True are kept as given
     (no keep: every code is drawn). Sample i depends only on `seeds[i]` (default i) and its own inputs.
 
     `steps` (default: 8, or the codes to fill when fewer) decoding steps per sample; `temperature`, `top_k`
     (1: greedy), `top_p` shape each code's distribution; `cfg_scale != 1` with labels applies classifier-free
-    guidance; `choice_noise` (default `DEFAULT_CHOICE_NOISE`) scales the Gumbel noise on the confidences
-    (0: always the most probable first; larger: a more random order). `progress(m)` is called after each
-    chunk of m = `batch_size` (default n) samples.
+    guidance, at every step or rising to it over the steps (`cfg_schedule`, `guidance_scales`); `choice_noise`
+    (default `DEFAULT_CHOICE_NOISE`) scales the Gumbel noise on the confidences (0: always the most probable
+    first; larger: a more random order). `progress(m)` is called after each chunk of m = `batch_size`
+    (default n) samples.
     """
     _check_fill_args(prior, n, codes, keep, labels, seeds, steps, temperature, top_k, top_p, cfg_scale,
-                     choice_noise, batch_size)
+                     choice_noise, batch_size, cfg_schedule)
     choice_noise = DEFAULT_CHOICE_NOISE if choice_noise is None else choice_noise
     cfg = prior.config
     t = cfg.seq_len
@@ -163,17 +166,19 @@ def fill_masked(prior: nn.Module, n: int, *, codes: Tensor | None = None, keep: 
                 span = max(per_sample[lo:hi])  # the chunk's steps; a sample with fewer has nothing left after its own
                 left = torch.zeros(hi - lo, span, dtype=torch.long)
                 noise = torch.zeros(hi - lo, span)
+                scales = torch.ones(hi - lo, span)
                 uniforms = torch.zeros(hi - lo, 2, span, t)
                 for row, i in enumerate(range(lo, hi)):
                     s_i = per_sample[i]
                     left[row, :s_i] = torch.tensor(masked_after_steps(int(to_fill[i]), s_i))
                     noise[row, :s_i] = choice_noise * (1 - torch.arange(1, s_i + 1) / s_i)
+                    scales[row, :s_i] = torch.tensor(guidance_scales(cfg_scale, cfg_schedule, s_i))
                     gen = torch.Generator().manual_seed(int(seeds[i]))
                     uniforms[row, :, :s_i] = torch.rand(2, s_i, t, generator=gen)
                 chunks.append(_fill_chunk(
                     prior, codes[lo:hi].to(device), ~keep[lo:hi].to(device),
                     None if labels is None else labels[lo:hi], uniforms.to(device), left.to(device),
-                    noise.to(device), cfg_scale, temperature, top_k, top_p,
+                    noise.to(device), scales.to(device), temperature, top_k, top_p,
                 ))
                 if progress is not None:
                     progress(hi - lo)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
-from stage2_prior.config import PriorConfig
+from stage2_prior.config import CFG_SCHEDULES, PriorConfig
 from stage2_prior.contract import ARPrior, check_codes, check_labels
 from vqgen.core.runtime.errors import VQGenError
 
@@ -74,16 +74,26 @@ def choose_codes(logits: Tensor, uniforms: Tensor, temperature: float = 1.0, top
     return inverse_cdf(probs, uniforms)
 
 
-def guide(logits: Tensor, cfg_scale: float) -> Tensor:
-    """(2b, k) conditional rows then null-label rows -> (b, k) guided logits u + s * (c - u)."""
+def guide(logits: Tensor, cfg_scale: float | Tensor) -> Tensor:
+    """(2b, k) conditional rows then null-label rows -> (b, k) guided logits u + s * (c - u); s is one scale
+    or a (b, 1) scale per row."""
     cond, uncond = logits.float().chunk(2)
     return uncond + cfg_scale * (cond - uncond)
 
 
+def guidance_scales(cfg_scale: float, schedule: str, draws: int) -> list[float]:
+    """The guidance scale at each of a sample's `draws` (raster positions, or a masked prior's steps):
+    `cfg_scale` at every one ("constant"), or rising linearly from 1 at the first to `cfg_scale` at the last
+    ("linear"; one draw: `cfg_scale`)."""
+    if schedule == "constant" or draws == 1:
+        return [cfg_scale] * draws
+    return [1 + (cfg_scale - 1) * i / (draws - 1) for i in range(draws)]
+
+
 def check_draw(cfg: PriorConfig, n: int, labels: Tensor | None, temperature: float, top_k: int | None,
-               top_p: float | None, cfg_scale: float, seeds: Tensor | None) -> None:
-    """The checks every prior's sampler makes (raster and parallel): n, temperature, filters, guidance, labels
-    and per-sample seeds, each refused in one line naming the value."""
+               top_p: float | None, cfg_scale: float, seeds: Tensor | None, cfg_schedule: str = "constant") -> None:
+    """The checks every prior's sampler makes (raster and parallel): n, temperature, filters, guidance and its
+    schedule, labels and per-sample seeds, each refused in one line naming the value."""
     if n < 1:
         raise VQGenError(f"n must be >= 1, got {n}")
     if not temperature > 0:
@@ -91,6 +101,8 @@ def check_draw(cfg: PriorConfig, n: int, labels: Tensor | None, temperature: flo
     _check_filters(cfg.codebook_size, top_k, top_p)
     if not cfg_scale >= 0:
         raise VQGenError(f"cfg_scale must be >= 0, got {cfg_scale}")
+    if cfg_schedule not in CFG_SCHEDULES:
+        raise VQGenError(f"cfg_schedule must be one of {', '.join(CFG_SCHEDULES)}, got {cfg_schedule!r}")
     if labels is not None:
         check_labels(labels, n, cfg)
     if seeds is not None and (seeds.shape != (n,) or seeds.dtype.is_floating_point):
@@ -99,13 +111,14 @@ def check_draw(cfg: PriorConfig, n: int, labels: Tensor | None, temperature: flo
 
 def _check_sample_args(prior: ARPrior, n: int, labels: Tensor | None, temperature: float, top_k: int | None,
                        top_p: float | None, cfg_scale: float, seeds: Tensor | None, prefix: Tensor | None,
-                       prefix_len: int, batch_size: int | None, keep: Tensor | None = None) -> None:
+                       prefix_len: int, batch_size: int | None, keep: Tensor | None = None,
+                       cfg_schedule: str = "constant") -> None:
     cfg = prior.config
     h, w, t = cfg.grid_height, cfg.grid_width, cfg.seq_len
     if not callable(getattr(prior, "start", None)):  # the masked prior: no raster order to sample in
         raise VQGenError(f"raster sampling needs an autoregressive prior, got a {type(cfg).__name__} "
                          "(decode it with stage2_prior.parallel.fill_masked)")
-    check_draw(cfg, n, labels, temperature, top_k, top_p, cfg_scale, seeds)
+    check_draw(cfg, n, labels, temperature, top_k, top_p, cfg_scale, seeds, cfg_schedule)
     if not 0 <= prefix_len <= t:
         raise VQGenError(f"prefix_len must be in [0, {t}], got {prefix_len}")
     if prefix_len > 0 and prefix is None:
@@ -125,16 +138,20 @@ def _check_sample_args(prior: ARPrior, n: int, labels: Tensor | None, temperatur
 
 
 def check_sampling(prior: ARPrior, n: int, labels: Tensor | None = None, temperature: float = 1.0,
-                   top_k: int | None = None, top_p: float | None = None, cfg_scale: float = 1.0) -> None:
+                   top_k: int | None = None, top_p: float | None = None, cfg_scale: float = 1.0,
+                   cfg_schedule: str = "constant") -> None:
     """Refuse bad sampling options before anything is drawn (or written), as `sample_codes` would."""
-    _check_sample_args(prior, n, labels, temperature, top_k, top_p, cfg_scale, None, None, 0, None)
+    _check_sample_args(prior, n, labels, temperature, top_k, top_p, cfg_scale, None, None, 0, None,
+                       cfg_schedule=cfg_schedule)
 
 
 def _sample_chunk(prior: ARPrior, labels: Tensor | None, uniforms: Tensor, known: Tensor | None,
-                  keep: Tensor | None, cfg_scale: float, choose: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+                  keep: Tensor | None, cfg_scale: float, choose: Callable[[Tensor, Tensor], Tensor],
+                  cfg_schedule: str = "constant") -> Tensor:
     """(b, t) uniforms, (b, t) known codes kept where (b, t) `keep` -> (b, t) codes, one prior step per position.
 
-    A kept position is still fed through the prior (later codes see it), but its code is given."""
+    A kept position is still fed through the prior (later codes see it), but its code is given; the guidance
+    scale at position p is `guidance_scales(cfg_scale, cfg_schedule, t)[p]`."""
     b, t = uniforms.shape
     guided = labels is not None and cfg_scale != 1.0
     if guided:  # conditional rows then null rows, in one batch
@@ -144,28 +161,31 @@ def _sample_chunk(prior: ARPrior, labels: Tensor | None, uniforms: Tensor, known
     # which positions anyone draws, and which everyone keeps, read once: no device sync in the loop
     drawn = [True] * t if keep is None else (~keep).any(0).tolist()
     partly = [False] * t if keep is None else keep.any(0).tolist()
+    scales = guidance_scales(cfg_scale, cfg_schedule, t)
     for pos in range(t):
         logits, state = prior.step(state, torch.cat([codes, codes]) if guided else codes, pos)  # (b or 2b, k)
         if drawn[pos]:
-            chosen = choose(guide(logits, cfg_scale) if guided else logits, uniforms[:, pos])
+            chosen = choose(guide(logits, scales[pos]) if guided else logits, uniforms[:, pos])
             codes[:, pos] = torch.where(keep[:, pos], codes[:, pos], chosen) if partly[pos] else chosen
     return codes
 
 
 def sample_codes(prior: ARPrior, n: int, *, labels: Tensor | None = None, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, cfg_scale: float = 1.0,
-                 seeds: Tensor | None = None, prefix: Tensor | None = None, prefix_len: int = 0,
-                 keep: Tensor | None = None, batch_size: int | None = None,
+                 cfg_schedule: str = "constant", seeds: Tensor | None = None, prefix: Tensor | None = None,
+                 prefix_len: int = 0, keep: Tensor | None = None, batch_size: int | None = None,
                  progress: Callable[[int], None] | None = None) -> Tensor:
     """Draw n code grids (n, h, w) in raster order; sample i depends only on `seeds[i]` (default i).
 
-    `top_k=1` is greedy; `cfg_scale != 1` with labels applies classifier-free guidance; positions
+    `top_k=1` is greedy; `cfg_scale != 1` with labels applies classifier-free guidance, at every position or
+    rising to it along the raster order (`cfg_schedule`, `guidance_scales`); positions
     < `prefix_len` are copied from `prefix`, or, with `keep` (n, h, w) bool, the positions it marks (a code
     is drawn seeing the kept codes before it in raster order, not those after). `progress(m)` is called
     after each chunk of m samples.
     """
     _check_sample_args(
-        prior, n, labels, temperature, top_k, top_p, cfg_scale, seeds, prefix, prefix_len, batch_size, keep
+        prior, n, labels, temperature, top_k, top_p, cfg_scale, seeds, prefix, prefix_len, batch_size, keep,
+        cfg_schedule
     )
     cfg = prior.config
     device = next(prior.parameters()).device
@@ -191,7 +211,7 @@ def sample_codes(prior: ARPrior, n: int, *, labels: Tensor | None = None, temper
                 chunks.append(_sample_chunk(
                     prior, None if labels is None else labels[lo:hi], uniforms[lo:hi],
                     None if prefix is None else prefix[lo:hi], None if keep is None else keep[lo:hi], cfg_scale,
-                    choose,
+                    choose, cfg_schedule,
                 ))
                 if progress is not None:
                     progress(hi - lo)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate.state import AcceleratorState
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -169,7 +170,7 @@ BAD_INPUTS = [
     (["eval", "--samples", "8", "--seeds", "0"], "--seeds must be >= 1, got 0"),
     (["eval", "--seeds", "3"], "--seeds scores samples: give --samples N as well"),
     (["eval", "--sweep", "cfg=1,2"], "--sweep scores samples: give --samples N as well"),
-    (["eval", "--samples", "8", "--sweep", "colour=1,2"], "unknown setting 'colour'; expected one of temperature, top-k, top-p, cfg, steps"),
+    (["eval", "--samples", "8", "--sweep", "colour=1,2"], "unknown setting 'colour'; expected one of temperature, top-k, top-p, cfg, cfg-schedule, steps"),
     (["eval", "--samples", "8", "--sweep", "cfg=1,x"], "--sweep 'cfg=1,x': cfg takes float values, got '1,x'"),
     (["eval", "--samples", "8", "--sweep", "cfg"], "expected SETTING=V1,V2"),
     (["eval", "--samples", "8", "--sweep", "cfg=1", "cfg=2"], "names a setting twice"),
@@ -277,6 +278,19 @@ def test_sampling_under_bf16_autocast(tiny_run, tmp_path):
                  "--out", str(tmp_path / "bf16")]) == 0
     codes = sample_codes_of(tmp_path / "bf16")
     assert codes.shape == (3, 8, 8) and int(codes.min()) >= 0 and int(codes.max()) < 16
+
+
+def test_eval_draws_its_samples_under_bf16_autocast_and_records_the_precision(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    assert main(["eval", "--run", str(run), "--samples", "8", "--judge-steps", "10"]) == 0
+    AcceleratorState._reset_state(reset_partial_state=True)  # a second command, as in a new process
+    assert main(["eval", "--run", str(run), "--samples", "8", "--mixed-precision", "bf16"]) == 0
+    full, bf16 = [json.loads(line) for line in (run / "evaluations.jsonl").read_text().splitlines()[-2:]]
+    assert (full["mixed_precision"], bf16["mixed_precision"]) == ("no", "bf16")
+    assert bf16["real"] == full["real"]  # the judge's view of real images does not depend on the sampling precision
+    assert bf16["reconstructed"] == full["reconstructed"]
+    assert 0 <= bf16["samples"]["fid"] < float("inf")
 
 
 def test_sample_folders_and_files_are_readable_by_others(tiny_run, tmp_path):

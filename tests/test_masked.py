@@ -25,6 +25,7 @@ from stage2_prior.masked import (
     masked_loss,
     masks_from,
 )
+from stage2_prior import parallel
 from stage2_prior.parallel import fill_masked, masked_after_steps
 from stage2_prior.registry import load_prior
 from stage2_prior.sampling import sample_codes
@@ -324,6 +325,26 @@ def test_classifier_free_guidance(monkeypatch):
     guided = fill_masked(prior, 4, labels=labels, steps=4, cfg_scale=3.0)
     assert not torch.equal(guided, plain)
     assert torch.equal(fill_masked(prior, 4, labels=labels, steps=4, cfg_scale=0.0), fill_masked(prior, 4, steps=4))
+
+
+def test_linear_guidance_schedule_rises_over_each_samples_own_steps(monkeypatch):
+    prior = make_prior()
+    labels = torch.tensor([0, 1, 2, 2])
+    scales = []
+    real_guide = parallel.guide
+    monkeypatch.setattr(parallel, "guide", lambda logits, s: scales.append(s.flatten().tolist()) or real_guide(logits, s))
+    keep = keep_mask(4, [12, 12, 12, 2])  # the last sample has 2 codes to fill: 2 steps, the others 8
+    codes = torch.zeros(4, 3, 4, dtype=torch.long)
+    ramped = fill_masked(prior, 4, codes=codes, keep=keep, labels=labels, cfg_scale=4.0, cfg_schedule="linear")
+    t = prior.config.seq_len
+    per_step = [[row[i * t] for i in range(4)] for row in scales]  # one scale per sample and step
+    last = [1.0, 4.0] + [1.0] * 6  # its own two steps, then nothing left to guide
+    assert per_step == [pytest.approx([1 + 3 * s / 7] * 3 + [last[s]]) for s in range(8)]
+    monkeypatch.undo()
+    assert not torch.equal(ramped, fill_masked(prior, 4, codes=codes, keep=keep, labels=labels, cfg_scale=4.0))
+    alone = fill_masked(prior, 1, codes=codes[3:], keep=keep[3:], labels=labels[3:], seeds=torch.tensor([3]),
+                        cfg_scale=4.0, cfg_schedule="linear")
+    assert torch.equal(alone, ramped[3:])  # sample i depends only on its own seed, label and kept codes
 
 
 def test_restores_mode_and_reports_progress():

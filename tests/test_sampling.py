@@ -9,11 +9,12 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from stage2_prior.config import PixelCNNConfig, TransformerConfig
+from stage2_prior.config import PixelCNNConfig, SamplingConfig, TransformerConfig
 from stage2_prior.pixelcnn import PixelCNNPrior
-from stage2_prior.sampling import filter_logits, inverse_cdf, sample_codes
+from stage2_prior.sampling import filter_logits, guidance_scales, inverse_cdf, sample_codes
 from stage2_prior.transformer import TransformerPrior
 from vqgen.core.runtime.errors import VQGenError
+from vqgen.sweep import parse_sweep
 
 KINDS = ["transformer", "pixelcnn"]
 
@@ -44,8 +45,9 @@ def full_logits(prior, codes: torch.Tensor, labels, pos: int) -> torch.Tensor:
 
 
 def reference_sample(prior, n, labels=None, seeds=None, temperature=1.0, cfg_scale=1.0, prefix=None, prefix_len=0,
-                     greedy=False):
-    """The sampling contract spelled out slowly: full forward per position, uniforms from Generator(seed)."""
+                     greedy=False, scale_at=None):
+    """The sampling contract spelled out slowly: full forward per position, uniforms from Generator(seed);
+    `scale_at(pos)`, when given, is the guidance scale at each position instead of cfg_scale."""
     t, k = prior.config.seq_len, prior.config.codebook_size
     seeds = torch.arange(n) if seeds is None else seeds
     uniforms = torch.stack([torch.rand(t, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
@@ -57,7 +59,7 @@ def reference_sample(prior, n, labels=None, seeds=None, temperature=1.0, cfg_sca
             logits = full_logits(prior, codes, labels, pos)
             if cfg_scale != 1.0:
                 uncond = full_logits(prior, codes, None, pos)
-                logits = uncond + cfg_scale * (logits - uncond)
+                logits = uncond + (scale_at(pos) if scale_at else cfg_scale) * (logits - uncond)
             if greedy:
                 codes[:, pos] = logits.argmax(-1)
                 continue
@@ -131,6 +133,32 @@ def test_classifier_free_guidance(prior, monkeypatch):
     assert torch.equal(guided, reference_sample(prior, 4, labels, cfg_scale=3.0))
     assert not torch.equal(guided, plain)
     assert torch.equal(sample_codes(prior, 4, labels=labels, cfg_scale=0.0), sample_codes(prior, 4))  # all null
+
+
+def test_guidance_schedule_rises_linearly_from_one_to_the_scale():
+    assert guidance_scales(4.0, "constant", 3) == [4.0, 4.0, 4.0]
+    assert guidance_scales(4.0, "linear", 4) == [1.0, 2.0, 3.0, 4.0]  # 1 at the first draw, the scale at the last
+    assert guidance_scales(4.0, "linear", 1) == [4.0]  # one draw (one step of a masked prior): the scale itself
+    assert guidance_scales(0.0, "linear", 3) == [1.0, 0.5, 0.0]
+
+
+def test_linear_guidance_schedule_guides_each_position_by_its_own_scale(prior):
+    labels, seeds = torch.tensor([0, 1, 2, 2]), torch.tensor([3, 4, 5, 6])
+    t = prior.config.seq_len
+    ramped = sample_codes(prior, 4, labels=labels, seeds=seeds, cfg_scale=5.0, cfg_schedule="linear")
+    expected = reference_sample(prior, 4, labels, seeds, cfg_scale=5.0, scale_at=lambda pos: 1 + 4 * pos / (t - 1))
+    assert torch.equal(ramped, expected)
+    assert not torch.equal(ramped, sample_codes(prior, 4, labels=labels, seeds=seeds, cfg_scale=5.0))
+    # sample i still depends only on (seed i, label i): drawn alone it comes out the same
+    assert torch.equal(sample_codes(prior, 1, labels=labels[2:3], seeds=seeds[2:3], cfg_scale=5.0,
+                                    cfg_schedule="linear"), ramped[2:3])
+    with pytest.raises(VQGenError, match="cfg_schedule must be one of constant, linear, got 'cosine'"):
+        sample_codes(prior, 2, labels=labels[:2], cfg_scale=2.0, cfg_schedule="cosine")
+    settings = parse_sweep(["cfg-schedule=constant,linear", "cfg=1.5,8"], SamplingConfig())
+    assert [(s.cfg_schedule, s.cfg_scale) for s in settings] == [("constant", 1.5), ("constant", 8.0),
+                                                                 ("linear", 1.5), ("linear", 8.0)]
+    with pytest.raises(VQGenError, match="cfg_schedule must be one of constant, linear, got 'cosine'"):
+        parse_sweep(["cfg-schedule=cosine"], SamplingConfig())
 
 
 def test_sampling_under_bf16_autocast(prior):

@@ -59,6 +59,12 @@ RUN_HELP = ("run directory, exported model folder, or Hugging Face Hub repo id o
             "into the Hub's cache; outputs then go to outputs/NAME/) (default: runs/default)")
 
 
+def _add_precision_option(p: argparse.ArgumentParser, scope: str = "") -> None:
+    p.add_argument("--mixed-precision", default="no", choices=("no", "bf16", "fp16"),
+                   help=f"autocast precision of the prior and decoder while sampling{scope} (no | bf16 | fp16; "
+                        "default: no)")
+
+
 def _add_sampling_options(p: argparse.ArgumentParser) -> None:
     add_config_options(p, SamplingConfig, title="sampling")
     p.add_argument("--seed", type=int, default=0, help="sample i is seeded by (seed, i) (default: 0)")
@@ -102,8 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_options(p)
     p.add_argument("--batch-size", type=int, default=1000, help="samples per batch and process (default: 1000)")
     p.add_argument("--out", default=None, help="output folder (default: RUN/samples/NNNN)")
-    p.add_argument("--mixed-precision", default="no", choices=("no", "bf16", "fp16"),
-                   help="autocast precision of the prior and decoder (no | bf16 | fp16; default: no)")
+    _add_precision_option(p)
     p.add_argument("--nrow", type=int, default=8, help="images per row of the grid (default: 8)")
 
     p = command("reconstruct", "originals over reconstructions, with MSE and PSNR")
@@ -164,8 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="draw the samples this many times (seeds --seed, --seed + 1, ...) and report each measure's "
                         "mean and standard deviation (default: 1)")
     p.add_argument("--sweep", nargs="+", default=None, metavar="SETTING=V1,V2",
-                   help="score every combination of these sampling settings (cfg, temperature, top-k, top-p, steps, "
-                        "choice-noise), each with the same seeds, in one table of fidelity, variety and near-copies")
+                   help="score every combination of these sampling settings (cfg, temperature, top-k, top-p, "
+                        "cfg-schedule, steps, choice-noise), each with the same seeds, in one table of fidelity, variety and near-copies")
     p.add_argument("--inception", action="store_true",
                    help="with --samples: also the standard Inception FID, KID and precision/recall (needs "
                         "torch-fidelity and its weights)")
@@ -173,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--judge-steps", type=int, default=600,
                    help="training steps of the judge, when it is trained (default: 600)")
     p.add_argument("--batch-size", type=int, default=1000, help="samples per batch (default: 1000)")
+    _add_precision_option(p, "; the judge and the reconstructions run in full precision")
     _add_sampling_options(p)
 
     p = command("export", "write the trained model as a folder to share: both stages' configs and weights, the "

@@ -23,8 +23,8 @@ SWEPT_MEASURES = (("fid", "FID ↓"), ("kid", "KID ↓"), ("precision", "precisi
 
 
 def sweepable() -> dict[str, dataclasses.Field]:
-    """The sampling settings a sweep may vary, by their option name: cfg, temperature, top-k, top-p, steps,
-    choice-noise."""
+    """The sampling settings a sweep may vary, by their option name: cfg, temperature, top-k, top-p,
+    cfg-schedule, steps, choice-noise."""
     return {flag(f): f for f in dataclasses.fields(SamplingConfig)}
 
 
@@ -40,7 +40,7 @@ def parse_sweep(items: list[str], base: SamplingConfig) -> list[SamplingConfig]:
         if name not in fields:
             raise VQGenError(f"--sweep {item!r}: unknown setting {name!r}; expected one of {', '.join(fields)}")
         field = fields[name]
-        kind = float if "float" in str(field.type) else int
+        kind = str if field.metadata.get("choices") else float if "float" in str(field.type) else int
         try:
             axes.append([(field.name, kind(v)) for v in values.split(",")])
         except ValueError:

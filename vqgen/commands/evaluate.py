@@ -72,7 +72,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
             raise VQGenError(f"{option} scores samples: give --samples N as well")
     settings = parse_sweep(args.sweep, sampling_options(args)) if args.sweep else [sampling_options(args)]
     console = make_console()
-    accelerator = Accelerator()
+    accelerator = Accelerator(mixed_precision=args.mixed_precision)
     run = Run.load(args.run, need_prior=bool(args.samples), allow_vqvae_mismatch=args.allow_vqvae_mismatch,
                    device=accelerator.device)
     for sampling in settings:
@@ -118,7 +118,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
             means = {part: {k: v["mean"] for k, v in summary[part].items()} for part in ("samples", "reconstructed",
                                                                                          "real")}
             record = {"time": time.time(), "n": args.samples, **dataclasses.asdict(sampling),
-                      "seed": seeds[0], "seeds": seeds, **means,
+                      "seed": seeds[0], "seeds": seeds, "mixed_precision": args.mixed_precision, **means,
                       "spread": {part: {k: v["std"] for k, v in summary[part].items()} for part in means},
                       "per_seed": runs if len(seeds) > 1 else None,
                       "sweep_id": sweep_id, "baseline": None if sweep_id is None or i == 0 else 0}

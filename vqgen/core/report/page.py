@@ -258,7 +258,7 @@ def sweep_points(evaluations: list[dict[str, Any]]) -> list[SweepPoint]:
     if not sweeps:
         return []
     newest = [r for r in sweeps if r["sweep_id"] == sweeps[-1]["sweep_id"]]
-    varied = [k for k in ("cfg_scale", "temperature", "top_k", "top_p", "steps", "choice_noise")
+    varied = [k for k in ("cfg_scale", "cfg_schedule", "temperature", "top_k", "top_p", "steps", "choice_noise")
               if len({r.get(k) for r in newest}) > 1]
     points = []
     for r in newest:
