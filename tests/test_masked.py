@@ -332,7 +332,8 @@ def test_linear_guidance_schedule_rises_over_each_samples_own_steps(monkeypatch)
     labels = torch.tensor([0, 1, 2, 2])
     scales = []
     real_guide = parallel.guide
-    monkeypatch.setattr(parallel, "guide", lambda logits, s: scales.append(s.flatten().tolist()) or real_guide(logits, s))
+    monkeypatch.setattr(parallel, "guide",
+                        lambda logits, s: scales.append(s.flatten().tolist()) or real_guide(logits, s))
     keep = keep_mask(4, [12, 12, 12, 2])  # the last sample has 2 codes to fill: 2 steps, the others 8
     codes = torch.zeros(4, 3, 4, dtype=torch.long)
     ramped = fill_masked(prior, 4, codes=codes, keep=keep, labels=labels, cfg_scale=4.0, cfg_schedule="linear")

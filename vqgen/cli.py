@@ -170,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "mean and standard deviation (default: 1)")
     p.add_argument("--sweep", nargs="+", default=None, metavar="SETTING=V1,V2",
                    help="score every combination of these sampling settings (cfg, temperature, top-k, top-p, "
-                        "cfg-schedule, steps, choice-noise), each with the same seeds, in one table of fidelity, variety and near-copies")
+                        "cfg-schedule, steps, choice-noise), each with the same seeds, in one table of fidelity, "
+                        "variety and near-copies")
     p.add_argument("--inception", action="store_true",
                    help="with --samples: also the standard Inception FID, KID and precision/recall (needs "
                         "torch-fidelity and its weights)")
