@@ -5,7 +5,7 @@ prior kind's architecture (saved beside its weights as config.json), and the tra
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from vqgen.core.runtime.errors import VQGenError
 from vqgen.core.store.configs import option
@@ -100,10 +100,15 @@ PRIOR_CONFIGS: dict[str, type[PriorConfig]] = {"transformer": TransformerConfig,
                                                "masked": MaskedConfig}
 
 
-# Sampling: in-domain FID and class accuracy on four datasets (docs/benchmarks.md, "Sampling defaults"), for the
-# clusters of an unlabelled folder too (docs/unlabelled.md).
+# Sampling: in-domain FID and class accuracy on four datasets (docs/defaults.md, "Sampling defaults"), for the
+# clusters of an unlabelled folder too (docs/unlabelled.md). A prior may carry its own guidance instead, measured
+# on its data by `vqgen eval --adopt` (prior/sampling.json).
 DEFAULT_CFG = 1.5
 CFG_SCHEDULES = ("constant", "linear")
+# What `vqgen eval --adopt` scores when no setting is named: the default first (the baseline), then the best of
+# each dataset measured (docs/benchmarks.md, "Guidance adopted by measurement"): none for OpenMoji 32 px at one
+# scale, rising to 4 for the 10k shapes, rising to 8 for the small OpenMoji and shapes folders.
+ADOPT_CANDIDATES = ((DEFAULT_CFG, "constant"), (1.0, "constant"), (4.0, "linear"), (8.0, "linear"))
 DEFAULT_CHOICE_NOISE = 30.0  # MaskGIT uses 4.5; measured: docs/benchmarks.md, "Priors side by side"
 
 
@@ -116,13 +121,15 @@ class SamplingConfig:
     temperature: float = option(1.0, "softmax temperature")
     top_k: int | None = option(None, "sample among the k most likely codes")
     top_p: float | None = option(None, "nucleus sampling mass in (0, 1]")
-    cfg_scale: float = option(DEFAULT_CFG, "classifier-free guidance scale of a conditional prior, on classes or "
-                                           "on the clusters of an unlabelled folder (1: off; measured best across "
-                                           "datasets; 1.0 gives more varied samples)", flag="cfg")
-    cfg_schedule: str = option("constant", "how the guidance scale runs over a sample's draws: constant (--cfg at "
-                                           "every code) or linear (from 1 at the first code drawn, or the first "
-                                           "step of a masked prior, up to --cfg at the last)",
-                               choices=CFG_SCHEDULES)
+    cfg_scale: float | None = option(None, "classifier-free guidance scale of a conditional prior, on classes or "
+                                           "on the clusters of an unlabelled folder (1: off, the most varied "
+                                           "samples; default: the guidance the prior adopted by `vqgen eval "
+                                           f"--adopt`, else {DEFAULT_CFG:g})", flag="cfg")
+    cfg_schedule: str | None = option(None, "how the guidance scale runs over a sample's draws: constant (--cfg at "
+                                            "every code) or linear (from 1 at the first code drawn, or the first "
+                                            "step of a masked prior, up to --cfg at the last; default: the "
+                                            "prior's adopted schedule, else constant)",
+                                      choices=CFG_SCHEDULES)
     steps: int | None = option(None, "masked prior: parallel decoding steps (default: 8, or fewer where fewer codes "
                                      "are to be drawn); raster priors draw one code per step")
     choice_noise: float | None = option(None, "masked prior: scale of the Gumbel noise on the confidences that "
@@ -141,7 +148,12 @@ class SamplingConfig:
             raise VQGenError(f"top_k must be >= 1, got {self.top_k}")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
             raise VQGenError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not self.cfg_scale >= 0:
+        if self.cfg_scale is not None and not self.cfg_scale >= 0:
             raise VQGenError(f"cfg_scale must be >= 0, got {self.cfg_scale}")
-        if self.cfg_schedule not in CFG_SCHEDULES:
+        if self.cfg_schedule is not None and self.cfg_schedule not in CFG_SCHEDULES:
             raise VQGenError(f"cfg_schedule must be one of {', '.join(CFG_SCHEDULES)}, got {self.cfg_schedule!r}")
+
+    def with_guidance(self, scale: float, schedule: str) -> SamplingConfig:
+        """This config with the guidance it leaves unset (None) taken from a prior's defaults."""
+        return replace(self, cfg_scale=scale if self.cfg_scale is None else self.cfg_scale,
+                       cfg_schedule=schedule if self.cfg_schedule is None else self.cfg_schedule)

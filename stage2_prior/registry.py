@@ -8,7 +8,7 @@ from typing import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
-from stage2_prior.config import PRIOR_CONFIGS, PriorConfig
+from stage2_prior.config import CFG_SCHEDULES, PRIOR_CONFIGS, PriorConfig
 from stage2_prior.masked import MaskedPrior, masked_held_out, masked_loss
 from stage2_prior.pixelcnn import PixelCNNPrior
 from stage2_prior.raster import raster_held_out, raster_loss
@@ -89,6 +89,22 @@ class PriorSource:
         weights = torch.where(weights.sum(1, keepdim=True) > 0, weights, mine)  # a class no training grid had
         drawn = seeded_choice(weights, seeds + CLUSTER_STREAM)
         return torch.where(labels == classes, len(owners), drawn)
+
+
+@dataclass(frozen=True)
+class AdoptedGuidance:
+    """The guidance `vqgen eval --adopt` measured best for a prior (prior/sampling.json): what it samples with where
+    a command names none, as long as its weights are those it was measured on."""
+
+    cfg_scale: float = option(help="classifier-free guidance scale")
+    cfg_schedule: str = option(help="how the scale runs over a sample's draws", choices=CFG_SCHEDULES)
+    prior_weights: str = option(help="fingerprint of the prior's weights it was measured on")
+    measured: str = option("", help="what it was chosen by, in words")
+
+
+def load_adopted(stage: ModelDir) -> AdoptedGuidance | None:
+    """The prior's adopted guidance, None when it has none."""
+    return load_config(AdoptedGuidance, stage.sampling) if stage.sampling.is_file() else None
 
 
 def prior_kind(name: str) -> PriorKind:

@@ -379,3 +379,6 @@ def test_model_card_shows_samples_beside_reconstructions_and_real_images(tmp_pat
     rows = _sample_rows(log)
     assert rows[0].endswith("| 3.5 (reconstructions: 2.25; real images: 0.25) | |")
     assert rows[1].endswith("| 0.9 (reconstructions: 0.95) | |")
+    assert "100 samples, cfg 1.5, seed 0" in rows[0]  # a record of before the schedule: constant
+    log.write_text(json.dumps({**record, "cfg_scale": 8.0, "cfg_schedule": "linear"}) + "\n")
+    assert "100 samples, cfg 8.0 (linear), seed 0" in _sample_rows(log)[0]

@@ -172,6 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score every combination of these sampling settings (cfg, temperature, top-k, top-p, "
                         "cfg-schedule, steps, choice-noise), each with the same seeds, in one table of fidelity, "
                         "variety and near-copies")
+    p.add_argument("--adopt", action="store_true",
+                   help="with --samples: record the guidance (cfg, cfg-schedule) of the setting with the lowest "
+                        "in-domain FID, among those with no more near-copies than held-out images, as the prior's: "
+                        "later commands sample with it unless given --cfg/--cfg-schedule. Scores the --sweep of "
+                        "cfg and cfg-schedule given, else constant 1.5 and 1, rising to 4 and to 8")
     p.add_argument("--inception", action="store_true",
                    help="with --samples: also the standard Inception FID, KID and precision/recall (needs "
                         "torch-fidelity and its weights)")

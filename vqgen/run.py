@@ -21,9 +21,9 @@ from torch import Tensor
 
 from stage1_vqvae.config import VQVAEConfig
 from stage1_vqvae.model import VQVAE, reconstruction_errors
-from stage2_prior.config import SamplingConfig
+from stage2_prior.config import DEFAULT_CFG, SamplingConfig
 from stage2_prior.parallel import check_filling, fill_masked
-from stage2_prior.registry import PriorKind, PriorSource, kind_of, load_prior
+from stage2_prior.registry import AdoptedGuidance, PriorKind, PriorSource, kind_of, load_adopted, load_prior
 from stage2_prior.sampling import check_sampling, sample_codes, seeded_choice
 from vqgen.core.data.config import DataConfig
 from vqgen.core.data.images import ImageData, load_image_data, to_model_range, to_uint8
@@ -85,6 +85,8 @@ class Run:
     source: PriorSource | None
     outputs: RunLayout | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    adopted: AdoptedGuidance | None = None  # the guidance `vqgen eval --adopt` chose for these prior weights
+    stale_adoption: bool = False            # prior/sampling.json was adopted for other weights: not used
 
     def __post_init__(self):
         if self.outputs is None:
@@ -105,9 +107,12 @@ class Run:
         if not layout.vqvae.trained:
             raise VQGenError(f"{layout.root} has no trained VQ-VAE (run `vqgen train vqvae --run {layout.root}`)")
         vqvae = load_model(VQVAE, VQVAEConfig, layout.vqvae.path).eval()
-        prior, source = None, None
+        prior, source, adopted, stale = None, None, None, False
         if need_prior or layout.prior.trained:
             prior, source = load_prior(layout.prior)
+            adopted = load_adopted(layout.prior)
+            if adopted is not None and adopted.prior_weights != weights_fingerprint(layout.prior.path):
+                adopted, stale = None, True
             own = weights_fingerprint(layout.vqvae.path)
             if source.vqvae_fingerprint != own and not allow_vqvae_mismatch:
                 raise VQGenError(
@@ -118,7 +123,7 @@ class Run:
             if (pc.codebook_size, (pc.grid_height, pc.grid_width)) != (vc.codebook_size, vc.grid_shape):
                 raise VQGenError(f"prior expects K={pc.codebook_size} on a {pc.grid_height}x{pc.grid_width} grid, "
                                  f"the VQ-VAE gives K={vc.codebook_size} on {vc.grid_shape[0]}x{vc.grid_shape[1]}")
-        return cls(layout, vqvae, prior, source, location.outputs).to(device)
+        return cls(layout, vqvae, prior, source, location.outputs, adopted=adopted, stale_adoption=stale).to(device)
 
     def to(self, device: torch.device | str) -> Run:
         """Both models on `device`, once: every method then works there."""
@@ -221,8 +226,19 @@ class Run:
 
     # -- sampling -------------------------------------------------------------------------------
 
+    def guidance(self) -> tuple[float, str]:
+        """The guidance (scale, schedule) the prior samples with where none is named: the one it adopted
+        (`vqgen eval --adopt`), else DEFAULT_CFG at every code."""
+        return (self.adopted.cfg_scale, self.adopted.cfg_schedule) if self.adopted else (DEFAULT_CFG, "constant")
+
+    def sampling(self, sampling: SamplingConfig = SamplingConfig()) -> SamplingConfig:
+        """`sampling` with the guidance it leaves unset taken from the prior (`guidance`): what is drawn with, and
+        what a record of the draw names."""
+        return sampling.with_guidance(*self.guidance())
+
     def check_sampling(self, n: int, labels: LabelPlan, sampling: SamplingConfig, batch_size: int = 1000) -> None:
         """Refuse what cannot be drawn, before anything is: one pass over a few labels, not n of them."""
+        sampling = self.sampling(sampling)
         if n < 1:
             raise VQGenError(f"the number of samples must be >= 1, got {n}")
         if batch_size < 1:
@@ -269,7 +285,7 @@ class Run:
         the one call behind sample, complete, inpaint and outpaint. A raster prior draws each code seeing the
         kept codes before it in raster order (not those after); a masked prior sees every kept code. Sample i
         depends only on seeds[i] (and its own kept codes and label)."""
-        prior = self.need_prior()
+        prior, sampling = self.need_prior(), self.sampling(sampling)
         labels = None if labels is None else self.source.conditions(labels.to(self.device), seeds)
         if self.kind.raster:
             out = sample_codes(prior, n, labels=labels, seeds=seeds, prefix=codes, keep=keep, **_raster(sampling))

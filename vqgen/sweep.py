@@ -76,3 +76,40 @@ def shown(summary: dict[str, Any] | float | None) -> str:
         mean, std = summary["mean"], summary["std"]
         return f"{mean:.4g}" + (f" ± {std:.2g}" if std is not None else "")
     return f"{summary:.4g}"
+
+
+GUIDANCE = ("cfg_scale", "cfg_schedule")  # what `vqgen eval --adopt` records for a prior
+# A setting replaces the baseline only with an FID this much lower: about one seed's spread of the FID at 1000
+# samples (2-6 %), so that a tie does not trade the default away (2,000 MNIST digits: --cfg 1 scored 0.471 against
+# 0.472 at 1.5, with class accuracy 0.81 against 0.93; docs/benchmarks.md, "Guidance adopted by measurement").
+ADOPT_MARGIN = 0.05
+
+
+def check_adoptable(items: list[str] | None, given: dict[str, Any]) -> None:
+    """--adopt records guidance only: refuse, in one line, a sweep of another setting or another sampling option
+    given, whose best value the prior would not keep."""
+    names = {f.name: name for name, f in sweepable().items()}
+    swept = [item.partition("=")[0] for item in items or ()]
+    other = [f"--sweep {name}" for name in swept if name not in ("cfg", "cfg-schedule")]
+    other += [f"--{names[field]}" for field in given if field not in GUIDANCE]
+    if other:
+        raise VQGenError(f"--adopt records the guidance (cfg, cfg-schedule) only, got {', '.join(other)}: sweep "
+                         "cfg and cfg-schedule alone, or drop --adopt")
+
+
+def adoptable(summaries: list[dict[str, Any]], margin: float = ADOPT_MARGIN) -> int | None:
+    """The setting `--adopt` takes, by index: the lowest mean in-domain FID among the settings whose samples are
+    near-copies of training images (in pixels) no more often than held-out images are, where it is more than
+    `margin` below the first setting's (the baseline, else kept); None when no setting qualifies. A setting
+    scored without near-copies (a test split under 4 images) counts as within."""
+    def mean(summary: dict[str, Any], key: str) -> float | None:
+        value = summary["samples"].get(key)
+        return value["mean"] if isinstance(value, dict) else value
+
+    fair = [i for i, s in enumerate(summaries)
+            if mean(s, "near_copies_pixels") is None
+            or mean(s, "near_copies_pixels") <= mean(s, "near_copies_heldout_pixels")]
+    best = min(fair, key=lambda i: mean(summaries[i], "fid"), default=None)
+    if best is not None and 0 in fair and mean(summaries[best], "fid") > (1 - margin) * mean(summaries[0], "fid"):
+        return 0
+    return best

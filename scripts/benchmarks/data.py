@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from stage2_prior.config import DEFAULT_CFG, SamplingConfig
+from stage2_prior.config import SamplingConfig
 from vqgen.core.store.imageio import save_grid
 from vqgen.core.store.jsonl import JsonlLog
 from vqgen.core.store.layout import RunLayout
@@ -61,7 +61,7 @@ def best_vs_last(metrics_file: Path, metric: str) -> dict[str, float]:
 
 def score(run_dir: Path, judge: Path, settings: list[tuple[float, float]], n: int, seed: int,
           judge_steps: int) -> list[dict]:
-    """Sample quality at each (cfg, temperature), with the dataset's judge."""
+    """Sample quality at each (cfg, temperature), the scale constant over the draw, with the dataset's judge."""
     layout = RunLayout(run_dir)
     if (judge / "model.safetensors").is_file() and not layout.judge.trained:
         shutil.copytree(judge, layout.judge.path)
@@ -73,8 +73,8 @@ def score(run_dir: Path, judge: Path, settings: list[tuple[float, float]], n: in
         if cfg != 1.0 and not run.prior.config.num_classes:
             continue  # guidance needs labels
         start = time.perf_counter()
-        scores = run.sample_quality(accelerator, n, data, SamplingConfig(cfg_scale=cfg, temperature=temperature),
-                                    seed=seed, judge_steps=judge_steps)
+        sampling = SamplingConfig(cfg_scale=cfg, cfg_schedule="constant", temperature=temperature)
+        scores = run.sample_quality(accelerator, n, data, sampling, seed=seed, judge_steps=judge_steps)
         results.append({"cfg": cfg, "temperature": temperature, "seconds": time.perf_counter() - start, **scores})
         print(json.dumps(results[-1]), flush=True)
     if not (judge / "model.safetensors").is_file():
@@ -95,8 +95,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--samples", type=int, default=1000, help="samples per setting (default: 1000)")
     p.add_argument("--sweep", default="1:1,1.5:1,2:1,3:1,2:0.9",
                    help="cfg:temperature settings to score (default: 1:1,1.5:1,2:1,3:1,2:0.9)")
-    p.add_argument("--grid-cfg", type=float, default=DEFAULT_CFG,
-                   help=f"cfg of the sample grid (default: {DEFAULT_CFG}, vqgen sample's)")
+    p.add_argument("--grid-cfg", type=float, default=None,
+                   help="cfg of the sample grid (default: the prior's, as vqgen sample draws)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 

@@ -205,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.context_grids:
             record["context_bits"] = context_bits(run, args.context_grids, args.seed)
             print(json.dumps({"variant": name, "context_bits": record["context_bits"]}), flush=True)
-        settings = [SamplingConfig()] if run.kind.raster else [SamplingConfig(steps=s) for s in steps]
+        settings = [run.sampling(SamplingConfig(steps=s))  # with the prior's own guidance defaults
+                    for s in ([None] if run.kind.raster else steps)]
         record["settings"] = []
         for sampling in settings:
             start = time.perf_counter()
@@ -219,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
             latency = (time_sampling(run, accelerator, sampling, args.latency_samples, 1) if args.latency_samples
                        else None)
             torch.set_num_threads(threads)
-            record["settings"].append({"steps": sampling.steps, "cfg": sampling.cfg_scale, "score_seconds": seconds,
+            record["settings"].append({"steps": sampling.steps, "cfg": sampling.cfg_scale,
+                                       "cfg_schedule": sampling.cfg_schedule, "score_seconds": seconds,
                                        "seconds_per_image": per_image, "seconds_per_image_one_at_a_time": latency,
                                        **scores})
             _, images = run.sample(accelerator, 64, run.label_plan(None, 64), sampling, seed=args.seed)

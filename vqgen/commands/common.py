@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from typing import TYPE_CHECKING
 
 from stage2_prior.config import PriorConfig, SamplingConfig
 from vqgen.arguments import flag, given_options
 from vqgen.core.runtime.errors import VQGenError
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from vqgen.run import Run
 
 
 def at_least(args: argparse.Namespace, lowest: int, *names: str) -> None:
@@ -20,6 +26,36 @@ def at_least(args: argparse.Namespace, lowest: int, *names: str) -> None:
 def sampling_options(args: argparse.Namespace) -> SamplingConfig:
     """The sampling options of the parsed command line, checked."""
     return SamplingConfig(**given_options(args, SamplingConfig))
+
+
+def guidance_note(run: Run, given: SamplingConfig) -> str | None:
+    """One line where the options leave guidance to the prior and the prior has its own (`vqgen eval --adopt`),
+    or had one that its weights have outgrown."""
+    left = [f"--{name}" for name, value in (("cfg", given.cfg_scale), ("cfg-schedule", given.cfg_schedule))
+            if value is None]
+    if not left:
+        return None
+    if run.stale_adoption:
+        return (f"[bold yellow]warning:[/] {run.layout.prior.sampling} was adopted for other weights of this prior "
+                f"(trained since) and is not used: {' and '.join(left)} take the plain default; adopt again with "
+                "`vqgen eval --samples 1000 --seeds 2 --adopt`")
+    if run.adopted is None:
+        return None
+    used = run.sampling(given)
+    return (f"guidance --cfg {used.cfg_scale:g} --cfg-schedule {used.cfg_schedule}: {' and '.join(left)} as adopted "
+            f"for this prior ({run.adopted.measured})")
+
+
+def prior_sampling(run: Run, given: list[SamplingConfig], console: Console) -> list[SamplingConfig]:
+    """The options a command draws with: each of `given` with the prior's guidance filled in (`Run.sampling`),
+    saying once on `console` where the prior's adopted guidance applies and where label smoothing asks for a
+    filter."""
+    notes = [guidance_note(run, sampling) for sampling in given]
+    warnings = [smoothing_warning(run.prior.config, sampling) for sampling in given]
+    for line in dict.fromkeys(notes + [w and f"[bold yellow]warning:[/] {w}" for w in warnings]):
+        if line:
+            console.print(line)
+    return [run.sampling(sampling) for sampling in given]
 
 
 def as_flags(config) -> dict:

@@ -10,7 +10,7 @@ from rich.console import Console
 from torch import Tensor
 
 from stage2_prior.config import SamplingConfig
-from vqgen.commands.common import at_least, sampling_options
+from vqgen.commands.common import at_least, prior_sampling, sampling_options
 from vqgen.core.runtime.console import make_console
 from vqgen.core.runtime.errors import VQGenError
 from vqgen.core.store.imageio import save_grid
@@ -60,11 +60,12 @@ def _say_raster(run: Run, keep: Tensor, console) -> None:
 def _start(args: argparse.Namespace, default_out: str) -> tuple[SamplingConfig, Console, Run, Path]:
     """What both edits start with: the sampling options checked, the run, the output file (`default_out`: the
     run's outputs attribute) writable."""
-    sampling = sampling_options(args)
+    sampling, console = sampling_options(args), make_console()
     run = Run.load(args.run, allow_vqvae_mismatch=args.allow_vqvae_mismatch)
+    [sampling] = prior_sampling(run, [sampling], console)
     out = Path(args.out) if args.out else getattr(run.outputs, default_out)
     ensure_writable(out.parent)
-    return sampling, make_console(), run, out
+    return sampling, console, run, out
 
 
 def cmd_inpaint(args: argparse.Namespace) -> None:

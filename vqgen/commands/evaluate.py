@@ -10,15 +10,20 @@ import time
 from accelerate import Accelerator
 from rich.table import Table
 
-from vqgen.commands.common import at_least, sampling_options, smoothing_warning
+from stage2_prior.config import ADOPT_CANDIDATES, SamplingConfig
+from stage2_prior.registry import AdoptedGuidance
+from vqgen.arguments import given_options
+from vqgen.commands.common import at_least, prior_sampling, sampling_options
 from vqgen.core.evaluate.seeds import aggregate_seeds, compare_paired
 from vqgen.core.runtime.console import make_console
 from vqgen.core.runtime.errors import VQGenError
 from vqgen.core.share.export import locate_run
-from vqgen.core.store.configs import read_json
+from vqgen.core.store.configs import read_json, save_config
 from vqgen.core.store.jsonl import JsonlLog
+from vqgen.core.store.weights import weights_fingerprint
 from vqgen.run import LabelPlan, Run
-from vqgen.sweep import MIN_SAMPLES, SWEPT_MEASURES, option_names, parse_sweep, setting_label, shown, varied_settings
+from vqgen.sweep import (ADOPT_MARGIN, MIN_SAMPLES, SWEPT_MEASURES, adoptable, check_adoptable, option_names,
+                         parse_sweep, setting_label, shown, varied_settings)
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -67,19 +72,25 @@ def cmd_eval(args: argparse.Namespace) -> None:
         raise VQGenError(f"--samples must be 0 (none) or at least {MIN_SAMPLES} (the k-NN measures need more than "
                          f"5), got {args.samples}")
     at_least(args, 1, "judge_steps", "batch_size", "seeds")
-    for option, given in (("--inception", args.inception), ("--seeds", args.seeds > 1), ("--sweep", args.sweep)):
+    for option, given in (("--inception", args.inception), ("--seeds", args.seeds > 1), ("--sweep", args.sweep),
+                          ("--adopt", args.adopt)):
         if given and not args.samples:
             raise VQGenError(f"{option} scores samples: give --samples N as well")
-    settings = parse_sweep(args.sweep, sampling_options(args)) if args.sweep else [sampling_options(args)]
+    settings = _settings(args)
     console = make_console()
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     run = Run.load(args.run, need_prior=bool(args.samples), allow_vqvae_mismatch=args.allow_vqvae_mismatch,
                    device=accelerator.device)
-    for sampling in settings:
-        run.check_sampling(args.samples or 1, LabelPlan(), sampling)  # every setting, before any is drawn
-        warning = smoothing_warning(run.prior.config, sampling) if args.samples else None
-        if warning:
-            console.print(f"[bold yellow]warning:[/] {warning}")
+    if args.adopt and run.read_only:
+        raise VQGenError(f"--adopt writes the prior's guidance into {run.layout.prior.path}, but {args.run} is an "
+                         "exported model, which is only read: adopt in the run it came from")
+    if args.adopt and not run.prior.config.num_classes:
+        raise VQGenError(f"--adopt chooses the guidance of a conditional prior; the prior in {run.layout.prior.path} "
+                         "is unconditional")
+    if args.samples:  # the prior's defaults filled in, every setting checked before any is drawn
+        settings = prior_sampling(run, settings, console)
+        for sampling in settings:
+            run.check_sampling(args.samples, LabelPlan(), sampling)
     data = run.data()
     metrics = run.evaluate(data)
     table = Table(title=f"test metrics of {run.path}")
@@ -123,6 +134,45 @@ def cmd_eval(args: argparse.Namespace) -> None:
                       "per_seed": runs if len(seeds) > 1 else None,
                       "sweep_id": sweep_id, "baseline": None if sweep_id is None or i == 0 else 0}
             f.write(json.dumps(record) + "\n")
+    if args.adopt and accelerator.is_main_process:
+        _adopt(run, settings, summaries, args.samples, seeds, console)
+
+
+def _settings(args: argparse.Namespace) -> list[SamplingConfig]:
+    """The sampling settings to score: the sweep's, the options given, or for --adopt without either the
+    ADOPT_CANDIDATES; checked, with what they leave to the prior still unset."""
+    given = sampling_options(args)
+    if args.adopt:
+        check_adoptable(args.sweep, given_options(args, SamplingConfig))
+        if not args.sweep and given.cfg_scale is None and given.cfg_schedule is None:
+            return [SamplingConfig(cfg_scale=scale, cfg_schedule=schedule) for scale, schedule in ADOPT_CANDIDATES]
+    return parse_sweep(args.sweep, given) if args.sweep else [given]
+
+
+def _adopt(run: Run, settings: list[SamplingConfig], summaries: list[dict], n: int, seeds: list[int],
+           console) -> None:
+    """Record the guidance of the best setting (`adoptable`) as the prior's (prior/sampling.json), tied to its
+    weights; one line saying what and why. Refused in one line, nothing written, when no setting qualifies."""
+    best = adoptable(summaries)
+    if best is None:
+        raise VQGenError("nothing adopted: at every setting the samples are near-copies of training images more "
+                         "often than held-out images are (see the table above)")
+    chosen, fid, baseline = settings[best], summaries[best]["samples"]["fid"]["mean"], settings[0]
+    over = f"{n} samples x {len(seeds)} seed{'s' * (len(seeds) > 1)}"
+    if best:
+        measured = (f"the lowest in-domain FID of {len(settings)} settings, {over}: {fid:.4g} against "
+                    f"{summaries[0]['samples']['fid']['mean']:.4g} for --cfg {baseline.cfg_scale:g} --cfg-schedule "
+                    f"{baseline.cfg_schedule}")
+    elif len(settings) > 1:
+        measured = (f"in-domain FID {fid:.4g}, {over}; none of the other {len(settings) - 1} settings more than "
+                    f"{ADOPT_MARGIN:.0%} lower")
+    else:
+        measured = f"in-domain FID {fid:.4g}, {over}"
+    adopted = AdoptedGuidance(cfg_scale=chosen.cfg_scale, cfg_schedule=chosen.cfg_schedule,
+                              prior_weights=weights_fingerprint(run.layout.prior.path), measured=measured)
+    save_config(adopted, run.layout.prior.sampling)
+    console.print(f"adopted --cfg {chosen.cfg_scale:g} --cfg-schedule {chosen.cfg_schedule} for this prior "
+                  f"({measured}) -> {run.layout.prior.sampling}")
 
 
 def _measure_table(console, n: int, n_test: int, n_real: int, seeds: list[int], summary: dict) -> None:

@@ -12,7 +12,7 @@ from accelerate import Accelerator
 
 from stage1_vqvae.encode import encode_splits
 from vqgen.arguments import given_options
-from vqgen.commands.common import as_flags, at_least, sampling_options, smoothing_warning
+from vqgen.commands.common import as_flags, at_least, prior_sampling, sampling_options
 from vqgen.core.data.config import DataConfig
 from vqgen.core.evaluate.measures import psnr
 from vqgen.core.runtime.console import make_console, make_progress
@@ -34,9 +34,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     console = make_console(accelerator.is_main_process)
     run = Run.load(args.run, allow_vqvae_mismatch=args.allow_vqvae_mismatch, device=accelerator.device)
-    warning = smoothing_warning(run.prior.config, sampling)
-    if warning:
-        console.print(f"[bold yellow]warning:[/] {warning}")
+    [sampling] = prior_sampling(run, [sampling], console)
     labels = run.label_plan(args.label, args.n, args.unconditional, seed=args.seed)
     batches = run.sample_batches(accelerator, args.n, labels, sampling, args.seed, args.batch_size)  # checked
     out = from_main(accelerator, Path(args.out) if args.out else run.outputs.next_samples_dir())
@@ -127,6 +125,7 @@ def cmd_complete(args: argparse.Namespace) -> None:
     sampling = sampling_options(args)
     console = make_console()
     run = Run.load(args.run, allow_vqvae_mismatch=args.allow_vqvae_mismatch)
+    [sampling] = prior_sampling(run, [sampling], console)
     out = Path(args.out) if args.out else run.outputs.completions
     ensure_writable(out.parent)
     if args.keep_rows is not None and not 0 <= args.keep_rows <= run.prior.config.grid_height:

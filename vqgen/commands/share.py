@@ -8,7 +8,6 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
-from stage2_prior.config import DEFAULT_CFG, SamplingConfig
 from vqgen.core.runtime.console import make_console
 from vqgen.core.runtime.errors import VQGenError
 from vqgen.core.share import hub
@@ -62,7 +61,9 @@ def _export(args: argparse.Namespace, to: Path, repo: hub.RepoId | None, console
     with tempfile.TemporaryDirectory(prefix="vqgen-export-") as tmp:
         grid = Path(tmp) / SAMPLE_GRID
         labels = run.label_plan(None, EXPORT_SAMPLES)
-        _, images = run.sample(Accelerator(), EXPORT_SAMPLES, labels, SamplingConfig(), seed=0)
+        sampling = run.sampling()  # the prior's defaults, as `vqgen sample` draws
+        _, images = run.sample(Accelerator(), EXPORT_SAMPLES, labels, sampling, seed=0)
         save_grid(images, grid, nrow=8)
-        console.print(f"the run has no samples: drew {EXPORT_SAMPLES} (seed 0, --cfg {DEFAULT_CFG}) for the card")
+        console.print(f"the run has no samples: drew {EXPORT_SAMPLES} (seed 0, --cfg {sampling.cfg_scale:g} "
+                      f"--cfg-schedule {sampling.cfg_schedule}) for the card")
         return export_run(location.layout, to, card, args.overwrite, grid=grid)

@@ -161,7 +161,9 @@ def _sample_rows(evaluations: Path) -> list[str]:
     last = records[-1]
     scores, real, recon = last["samples"], last.get("real") or {}, last.get("reconstructed") or {}
     n = scores.get("n_samples", "")
-    setting = f"{n} samples, cfg {last.get('cfg_scale')}, seed {last.get('seed')}"
+    n = f"{n:g}" if isinstance(n, (int, float)) else n  # written as a float (a mean over seeds)
+    schedule = "" if last.get("cfg_schedule", "constant") == "constant" else f" ({last['cfg_schedule']})"
+    setting = f"{n} samples, cfg {last.get('cfg_scale')}{schedule}, seed {last.get('seed')}"
     rows = []
     for key, label in (("fid", "in-domain FID"), ("class_accuracy", "class accuracy"), ("coverage", "coverage"),
                        ("inception_fid", "Inception FID")):
@@ -178,6 +180,7 @@ _WHAT = {"config.json": "architecture (JSON)", "model.safetensors": "weights (sa
          "data_config.json": "data options", "source.json": "the codes it learnt: VQ-VAE fingerprint, classes",
          "meta.json": "the code grids' metadata (K, grid, classes; the grids are not included)",
          "evaluations.jsonl": "sample-quality scores of `vqgen eval --samples`",
+         "sampling.json": "the guidance the prior samples with by default, measured by `vqgen eval --adopt`",
          "samples.png": "samples drawn from this model", "README.md": "this card",
          "manifest.json": "size and sha256 of every other file, checked before loading"}
 

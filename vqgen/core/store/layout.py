@@ -91,6 +91,11 @@ class ModelDir:
         return self.path / "source.json"
 
     @property
+    def sampling(self) -> Path:
+        """Stage 2: the guidance `vqgen eval --adopt` measured best for it, when adopted."""
+        return self.path / "sampling.json"
+
+    @property
     def reconstructions(self) -> Path:
         """Stage 1: test originals over reconstructions at each evaluation."""
         return self.path / "reconstructions"
@@ -199,6 +204,11 @@ class RunLayout:
         return self.root / "samples"
 
     @property
+    def sampling(self) -> Path:
+        """Stage 2: the guidance `vqgen eval --adopt` measured best for it, when adopted."""
+        return self.path / "sampling.json"
+
+    @property
     def reconstructions(self) -> Path:
         """`vqgen reconstruct`'s default output."""
         return self.root / "reconstructions.png"
@@ -243,7 +253,8 @@ class RunLayout:
         manifest are written by the export itself)."""
         stages = [name for stage in (self.vqvae, self.prior) for name in (
             stage.config, stage.weights, stage.train_config, stage.metrics)]
-        return [*stages, self.vqvae.data_config, self.prior.source, self.codes_meta, self.evaluations]
+        return [*stages, self.vqvae.data_config, self.prior.source, self.prior.sampling, self.codes_meta,
+                self.evaluations]
 
     def newest_sample_grid(self) -> Path | None:
         """The grid.png of the highest-numbered sample set (an exported model's samples.png), None if none."""

@@ -1,0 +1,163 @@
+"""`vqgen eval --adopt`: the guidance measured best on a run's own data becomes its prior's default."""
+
+import json
+import shutil
+
+import pytest
+from conftest import TINY_TRANSFORMER, tiny_train
+
+from stage2_prior.config import ADOPT_CANDIDATES, DEFAULT_CFG, SamplingConfig
+from stage2_prior.train import train_prior
+from vqgen.cli import main
+from vqgen.core.runtime.errors import VQGenError
+from vqgen.core.store.layout import RunLayout
+from vqgen.run import Run
+from vqgen.sweep import adoptable, check_adoptable
+
+
+def summary(fid: float, copies: float | None = 0.02, heldout: float = 0.05) -> dict:
+    samples = {"fid": {"mean": fid, "std": 0.1, "n": 2}}
+    if copies is not None:
+        samples.update(near_copies_pixels={"mean": copies, "std": 0.0, "n": 2},
+                       near_copies_heldout_pixels={"mean": heldout, "std": 0.0, "n": 2})
+    return {"samples": samples}
+
+
+def test_the_adopted_setting_has_the_lowest_fid_among_those_that_copy_no_more_than_held_out_images():
+    assert adoptable([summary(2.0), summary(1.4), summary(1.6)]) == 1
+    assert adoptable([summary(2.0), summary(1.4, copies=0.08), summary(1.6)]) == 2  # copies too often
+    assert adoptable([summary(2.0, copies=0.06), summary(1.4, copies=0.08)]) is None
+    assert adoptable([summary(2.0), summary(1.4, copies=None)]) == 1  # no near-copies measured: within
+    assert adoptable([summary(2.0, copies=0.05)]) == 0  # as often as held-out images: within
+    assert adoptable([summary(2.0), summary(1.91)]) == 0  # within 5 % of the baseline: a tie keeps it
+    assert adoptable([summary(2.0), summary(1.89)]) == 1
+    assert adoptable([summary(2.0, copies=0.08), summary(1.99)]) == 1  # the baseline copies: no margin to beat
+
+
+def test_adopt_takes_guidance_only():
+    check_adoptable(["cfg=1,4", "cfg-schedule=constant,linear"], {"cfg_scale": 2.0})
+    with pytest.raises(VQGenError, match=r"^--adopt records the guidance \(cfg, cfg-schedule\) only, got "
+                                         r"--sweep temperature, --top-k: "):
+        check_adoptable(["cfg=1,4", "temperature=0.9,1"], {"top_k": 5})
+
+
+def copy_run(tiny_run, tmp_path, name="run"):
+    run = tmp_path / name
+    shutil.copytree(tiny_run, run)
+    return run
+
+
+def test_eval_adopt_records_the_best_candidate_and_later_commands_sample_with_it(tiny_run, tmp_path, capsys):
+    run = copy_run(tiny_run, tmp_path)
+    assert main(["eval", "--run", str(run), "--samples", "8", "--adopt"]) == 0
+    said = capsys.readouterr().out
+    records = [json.loads(line) for line in (run / "evaluations.jsonl").read_text().splitlines()]
+    assert [(r["cfg_scale"], r["cfg_schedule"]) for r in records] == list(ADOPT_CANDIDATES)  # the default first
+    fair = [r for r in records if r["samples"]["near_copies_pixels"] <= r["samples"]["near_copies_heldout_pixels"]]
+    best = min(fair, key=lambda r: r["samples"]["fid"])
+    if records[0] in fair and best["samples"]["fid"] > 0.95 * records[0]["samples"]["fid"]:
+        best = records[0]  # not 5 % better than the default: the default stays
+    adopted = json.loads(RunLayout(run).prior.sampling.read_text())
+    assert (adopted["cfg_scale"], adopted["cfg_schedule"]) == (best["cfg_scale"], best["cfg_schedule"])
+    assert f"adopted --cfg {best['cfg_scale']:g} --cfg-schedule {best['cfg_schedule']}" in said
+
+    loaded = Run.load(run)
+    used = loaded.sampling()
+    assert (used.cfg_scale, used.cfg_schedule) == (best["cfg_scale"], best["cfg_schedule"])
+    assert loaded.sampling(SamplingConfig(cfg_scale=3.0)).cfg_schedule == best["cfg_schedule"]  # a given half wins
+
+    assert main(["sample", "--run", str(run), "--n", "2", "--out", str(tmp_path / "a")]) == 0
+    assert "--cfg and --cfg-schedule as adopted for this prior (" in capsys.readouterr().out
+    settings = json.loads((tmp_path / "a" / "settings.json").read_text())
+    assert (settings["cfg"], settings["cfg_schedule"]) == (best["cfg_scale"], best["cfg_schedule"])
+    assert main(["sample", "--run", str(run), "--n", "2", "--out", str(tmp_path / "b"), "--cfg", "2",
+                 "--cfg-schedule", "constant"]) == 0
+    assert "adopted" not in capsys.readouterr().out  # both given: nothing left to the prior
+    settings = json.loads((tmp_path / "b" / "settings.json").read_text())
+    assert (settings["cfg"], settings["cfg_schedule"]) == (2.0, "constant")
+
+    # an export carries it, and the exported model samples with it
+    assert main(["export", "--run", str(run), "--to", str(tmp_path / "shared")]) == 0
+    exported = Run.load(tmp_path / "shared")
+    assert (exported.sampling().cfg_scale, exported.sampling().cfg_schedule) == (used.cfg_scale, used.cfg_schedule)
+
+
+def test_a_sweep_adopts_among_its_own_settings(tiny_run, tmp_path, capsys):
+    run = copy_run(tiny_run, tmp_path)
+    assert main(["eval", "--run", str(run), "--samples", "8", "--adopt", "--cfg-schedule", "linear",
+                 "--sweep", "cfg=2,6"]) == 0
+    adopted = json.loads(RunLayout(run).prior.sampling.read_text())
+    assert adopted["cfg_scale"] in (2.0, 6.0) and adopted["cfg_schedule"] == "linear"
+
+
+def test_adopted_guidance_reaches_the_sampler(tiny_run, tmp_path):
+    import torch
+    from accelerate import Accelerator
+
+    from stage2_prior.registry import AdoptedGuidance
+    from vqgen.core.store.configs import save_config
+    from vqgen.core.store.weights import weights_fingerprint
+
+    run_dir = copy_run(tiny_run, tmp_path)
+    stage = RunLayout(run_dir).prior
+    save_config(AdoptedGuidance(cfg_scale=8.0, cfg_schedule="linear", prior_weights=weights_fingerprint(stage.path)),
+                stage.sampling)
+    run, accelerator = Run.load(run_dir), Accelerator()
+    labels = run.label_plan(None, 6)
+
+    def codes(sampling: SamplingConfig) -> torch.Tensor:
+        return run.sample(accelerator, 6, labels, sampling, seed=3)[0]
+
+    left_to_the_prior = codes(SamplingConfig())
+    assert torch.equal(left_to_the_prior, codes(SamplingConfig(cfg_scale=8.0, cfg_schedule="linear")))
+    assert not torch.equal(left_to_the_prior, codes(SamplingConfig(cfg_scale=DEFAULT_CFG, cfg_schedule="constant")))
+
+
+def test_guidance_adopted_for_other_weights_is_not_used_and_says_so(tiny_run, tmp_path, capsys):
+    run = copy_run(tiny_run, tmp_path)
+    path = RunLayout(run).prior.sampling
+    path.write_text(json.dumps({"kind": "AdoptedGuidance", "format_version": 8, "cfg_scale": 8.0,
+                                "cfg_schedule": "linear", "prior_weights": "weights-trained-over-since",
+                                "measured": "an earlier sweep"}))
+    loaded = Run.load(run)
+    assert loaded.stale_adoption and loaded.adopted is None
+    assert (loaded.sampling().cfg_scale, loaded.sampling().cfg_schedule) == (DEFAULT_CFG, "constant")
+    assert main(["sample", "--run", str(run), "--n", "2", "--out", str(tmp_path / "s")]) == 0
+    said = capsys.readouterr().out
+    assert "was adopted for other weights of this prior" in said and "adopt again" in said
+    settings = json.loads((tmp_path / "s" / "settings.json").read_text())
+    assert (settings["cfg"], settings["cfg_schedule"]) == (DEFAULT_CFG, "constant")
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("error:") and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--adopt"], "--adopt scores samples: give --samples N as well"),
+    (["--samples", "8", "--adopt", "--sweep", "temperature=0.9,1"], "--adopt records the guidance"),
+    (["--samples", "8", "--adopt", "--top-k", "4"], "got --top-k"),
+])
+def test_adopt_refuses_what_it_cannot_record_in_one_line_writing_nothing(tiny_run, tmp_path, capsys, extra,
+                                                                         expected):
+    run = copy_run(tiny_run, tmp_path)
+    assert main(["eval", "--run", str(run), *extra]) != 0
+    assert expected in one_error_line(capsys)
+    assert not RunLayout(run).prior.sampling.exists() and not (run / "evaluations.jsonl").exists()
+
+
+def test_adopt_refuses_an_exported_model_and_an_unconditional_prior(tiny_run, tmp_path, capsys):
+    assert main(["export", "--run", str(tiny_run), "--to", str(tmp_path / "shared")]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--run", str(tmp_path / "shared"), "--samples", "8", "--adopt"]) != 0
+    assert "is an exported model, which is only read" in one_error_line(capsys)
+    assert not RunLayout(tmp_path / "shared").prior.sampling.exists()
+
+    run = copy_run(tiny_run, tmp_path, "plain")
+    train_prior(run, "transformer", tiny_train(max_steps=2), TINY_TRANSFORMER, labels="no", overwrite=True)
+    capsys.readouterr()
+    assert main(["eval", "--run", str(run), "--samples", "8", "--adopt"]) != 0
+    assert "is unconditional" in one_error_line(capsys)
+    assert not RunLayout(run).prior.sampling.exists()
