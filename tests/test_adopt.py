@@ -47,7 +47,8 @@ def copy_run(tiny_run, tmp_path, name="run"):
     return run
 
 
-def test_eval_adopt_records_the_best_candidate_and_later_commands_sample_with_it(tiny_run, tmp_path, capsys):
+def test_eval_adopt_records_the_best_candidate_and_later_commands_sample_with_it(tiny_run, tmp_path, capsys,
+                                                                                 monkeypatch):
     run = copy_run(tiny_run, tmp_path)
     assert main(["eval", "--run", str(run), "--samples", "8", "--adopt"]) == 0
     said = capsys.readouterr().out
@@ -76,6 +77,10 @@ def test_eval_adopt_records_the_best_candidate_and_later_commands_sample_with_it
     settings = json.loads((tmp_path / "b" / "settings.json").read_text())
     assert (settings["cfg"], settings["cfg_schedule"]) == (2.0, "constant")
 
+    monkeypatch.setenv("COLUMNS", "1000")  # the table unwrapped
+    assert main(["info", "--run", str(run)]) == 0
+    assert f"samples with --cfg {best['cfg_scale']} --cfg-schedule {best['cfg_schedule']}" in capsys.readouterr().out
+    monkeypatch.delenv("COLUMNS")
     # an export carries it, and the exported model samples with it
     assert main(["export", "--run", str(run), "--to", str(tmp_path / "shared")]) == 0
     exported = Run.load(tmp_path / "shared")

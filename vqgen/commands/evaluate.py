@@ -47,6 +47,10 @@ def cmd_info(args: argparse.Namespace) -> None:
         settings = ", ".join(f"{k}={v}" for k, v in config.items() if k not in hidden)
         if name == "vqvae" and run.vqvae.data_config.is_file():
             settings += f"\ndata: {read_json(run.vqvae.data_config, 'data config').get('source')}"
+        if name == "prior" and run.prior.sampling.is_file():
+            adopted = read_json(run.prior.sampling, "adopted guidance")
+            settings += (f"\nsamples with --cfg {adopted.get('cfg_scale')} --cfg-schedule {adopted.get('cfg_schedule')}"
+                         f" (adopted: {adopted.get('measured')})")
         tests = [r for r in JsonlLog(metrics_file).read() if r.get("split") == "test"] if metrics_file else []
         table.add_row(name, settings, _test_summary(tests))
     console.print(table)
@@ -152,7 +156,8 @@ def _settings(args: argparse.Namespace) -> list[SamplingConfig]:
 def _adopt(run: Run, settings: list[SamplingConfig], summaries: list[dict], n: int, seeds: list[int],
            console) -> None:
     """Record the guidance of the best setting (`adoptable`) as the prior's (prior/sampling.json), tied to its
-    weights; one line saying what and why. Refused in one line, nothing written, when no setting qualifies."""
+    weights; one line saying what and why. Refused in one line, with no record written, when no setting
+    qualifies."""
     best = adoptable(summaries)
     if best is None:
         raise VQGenError("nothing adopted: at every setting the samples are near-copies of training images more "
