@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate.state import AcceleratorState
+from conftest import TINY_TRANSFORMER, tiny_train, tree_hashes
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import TINY_TRANSFORMER, tiny_train, tree_hashes
 from stage2_prior.config import SamplingConfig
 from stage2_prior.train import train_prior
 from vqgen.cli import main
@@ -94,7 +94,7 @@ def test_sampling_streams_batches_and_the_grid_shows_the_first_nrow_squared(tiny
 
 
 def test_each_process_draws_a_consecutive_share_as_tensor_split_cuts_it():
-    from vqgen.run import share
+    from vqgen.draws import share
 
     for n in range(0, 23):
         for processes in range(1, 5):

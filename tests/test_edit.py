@@ -7,12 +7,13 @@ import shutil
 
 import pytest
 import torch
+from conftest import tree_hashes
 from PIL import Image
 
-from conftest import tree_hashes
 from stage2_prior.config import SamplingConfig
 from vqgen.cli import main
 from vqgen.core.runtime.errors import VQGenError
+from vqgen.draws import sample_seeds
 from vqgen.edit import (
     blind_kept,
     box_mask,
@@ -24,7 +25,7 @@ from vqgen.edit import (
     parse_box,
     window_plan,
 )
-from vqgen.run import Run, sample_seeds
+from vqgen.run import Run
 
 
 def test_a_pixel_mask_hides_every_code_whose_cell_it_touches():

@@ -26,7 +26,7 @@ def layer(module: str) -> int:
         return 0
     if module.startswith(("stage1_vqvae", "stage2_prior")):
         return 1
-    if module == "vqgen.run":
+    if module in ("vqgen.run", "vqgen.draws"):  # the run object and who draws which sample
         return 2
     return 3
 

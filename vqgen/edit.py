@@ -20,7 +20,8 @@ from torch import Tensor
 
 from stage2_prior.config import SamplingConfig
 from vqgen.core.runtime.errors import VQGenError
-from vqgen.run import SEED_STRIDE, Run, sample_seeds
+from vqgen.draws import SEED_STRIDE, sample_seeds
+from vqgen.run import Run
 
 MAX_CANVAS_SIDE = 8  # a canvas is at most this many times the trained grid on each side (memory stays bounded)
 

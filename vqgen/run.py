@@ -9,7 +9,6 @@ images do not depend on how many processes drew them or in which batch.
 from __future__ import annotations
 
 import importlib.util
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -24,7 +23,7 @@ from stage1_vqvae.model import VQVAE, reconstruction_errors
 from stage2_prior.config import DEFAULT_CFG, SamplingConfig
 from stage2_prior.parallel import check_filling, fill_masked
 from stage2_prior.registry import AdoptedGuidance, PriorKind, PriorSource, kind_of, load_adopted, load_prior
-from stage2_prior.sampling import check_sampling, sample_codes, seeded_choice
+from stage2_prior.sampling import check_sampling, sample_codes
 from vqgen.core.data.config import DataConfig
 from vqgen.core.data.images import ImageData, load_image_data, to_model_range, to_uint8
 from vqgen.core.evaluate import quality, sample_metrics
@@ -38,37 +37,7 @@ from vqgen.core.store.configs import load_config
 from vqgen.core.store.imageio import save_png
 from vqgen.core.store.layout import RunLayout
 from vqgen.core.store.weights import load_model, weights_fingerprint
-
-SEED_STRIDE = 1_000_003  # sample i of seed s is seeded by s * SEED_STRIDE + i
-LABEL_STREAM = 1 << 62   # a label drawn for sample i uses its own generator, apart from the codes'
-
-
-def sample_seeds(seed: int, indices: Tensor) -> Tensor:
-    """(b,) sample indices -> (b,) int64 seeds: sample i depends on (seed, i) alone."""
-    return seed * SEED_STRIDE + indices.long()
-
-
-@dataclass(frozen=True)
-class LabelPlan:
-    """The labels of n samples, without holding n of them: named ids (one for all, or one per sample), every
-    class in turn, or classes drawn with the given frequencies, sample i's from (seed, i) alone; or none."""
-
-    ids: tuple[int, ...] = ()                # given: one for all samples, or one per sample
-    cycle: int = 0                           # > 0: sample i gets class i % cycle
-    frequencies: tuple[float, ...] = ()      # drawn: sample i's class from these weights
-    seed: int = 0
-
-    def of(self, indices: Tensor) -> Tensor | None:
-        """(b,) sample indices -> (b,) int64 labels, or None for unconditional samples."""
-        if self.ids:
-            ids = torch.tensor(self.ids, dtype=torch.long)
-            return ids.expand(len(indices)).clone() if len(ids) == 1 else ids[indices]
-        if self.cycle:
-            return indices.long() % self.cycle
-        if self.frequencies:
-            weights = torch.tensor(self.frequencies, dtype=torch.double).expand(len(indices), -1)
-            return seeded_choice(weights, sample_seeds(self.seed, indices) + LABEL_STREAM)
-        return None
+from vqgen.draws import LabelPlan, autocast, gather_shares, sample_seeds, share
 
 
 @dataclass
@@ -316,7 +285,7 @@ class Run:
         if accelerator.num_processes > 1:
             sizes = [last - first for first, last in (share(n, accelerator.num_processes, i)
                                                        for i in range(accelerator.num_processes))]
-            codes, images = _gather_shares(accelerator, codes, images, sizes=sizes)
+            codes, images = gather_shares(accelerator, codes, images, sizes=sizes)
         return codes, images
 
     def complete(self, codes: Tensor, keep_rows: int, labels: Tensor | None, seed: int = 0,
@@ -428,34 +397,9 @@ class Run:
         return {"samples": scores, "reconstructed": reconstructed, "real": real}
 
 
-def share(n: int, processes: int, index: int) -> tuple[int, int]:
-    """The samples [first, last) that process `index` of `processes` draws: consecutive, the first n % processes
-    processes one more (as `torch.tensor_split` would cut them), computed without holding n indices."""
-    size, extra = divmod(n, processes)
-    first = index * size + min(index, extra)
-    return first, first + size + (index < extra)
-
-
 _MASKED_ONLY = ("steps", "choice_noise")  # sampling options of parallel decoding, refused for a raster prior
 
 
 def _raster(sampling: SamplingConfig) -> dict:
     """The options a raster prior's sampler takes (all but the masked prior's own)."""
     return {k: v for k, v in asdict(sampling).items() if k not in _MASKED_ONLY}
-
-
-def autocast(accelerator: Accelerator):
-    return accelerator.autocast() if accelerator.mixed_precision != "no" else nullcontext()
-
-
-def _gather_shares(accelerator: Accelerator, *parts: Tensor, sizes: list[int]) -> list[Tensor]:
-    """Gather uneven per-process shares back into one tensor each, in sample order."""
-    largest = max(sizes)
-    out = []
-    for part in parts:
-        padded = torch.zeros(largest, *part.shape[1:], dtype=part.dtype)
-        padded[: len(part)] = part
-        gathered = accelerator.gather(padded.to(accelerator.device)).cpu()
-        gathered = gathered.reshape(accelerator.num_processes, largest, *part.shape[1:])
-        out.append(torch.cat([gathered[i, :size] for i, size in enumerate(sizes)]))
-    return out

@@ -41,7 +41,8 @@ from vqgen.core.evaluate import quality
 from vqgen.core.store.codes import CodesWriter, load_codes
 from vqgen.core.store.imageio import save_grid
 from vqgen.core.store.layout import RunLayout
-from vqgen.run import Run, sample_seeds
+from vqgen.draws import sample_seeds
+from vqgen.run import Run
 
 
 def pooled_vectors(run: Run, codes: Tensor, pool: int) -> Tensor:

@@ -46,7 +46,8 @@ from vqgen.core.store.codes import load_codes
 from vqgen.core.store.imageio import save_grid
 from vqgen.core.store.jsonl import JsonlLog
 from vqgen.core.store.layout import RunLayout
-from vqgen.run import Run, judging_images, sample_seeds
+from vqgen.draws import sample_seeds
+from vqgen.run import Run, judging_images
 
 
 def train(run: Path, out: Path, name: str, args: list[str], seed: int) -> dict:

@@ -15,6 +15,7 @@ from vqgen.core.runtime.console import make_console
 from vqgen.core.runtime.errors import VQGenError
 from vqgen.core.store.imageio import save_grid
 from vqgen.core.store.weights import ensure_writable
+from vqgen.draws import LabelPlan, sample_seeds
 from vqgen.edit import (
     blind_kept,
     box_mask,
@@ -27,7 +28,7 @@ from vqgen.edit import (
     load_mask,
     parse_box,
 )
-from vqgen.run import LabelPlan, Run, sample_seeds
+from vqgen.run import Run
 
 
 def _edited(args: argparse.Namespace, run: Run) -> tuple[Tensor, Tensor | None]:

@@ -11,7 +11,7 @@ from accelerate import Accelerator
 from rich.table import Table
 
 from stage2_prior.config import ADOPT_CANDIDATES, SamplingConfig
-from stage2_prior.registry import AdoptedGuidance
+from stage2_prior.registry import AdoptedGuidance, load_adopted
 from vqgen.arguments import given_options
 from vqgen.commands.common import at_least, prior_sampling, sampling_options
 from vqgen.core.evaluate.seeds import aggregate_seeds, compare_paired
@@ -21,7 +21,8 @@ from vqgen.core.share.export import locate_run
 from vqgen.core.store.configs import read_json, save_config
 from vqgen.core.store.jsonl import JsonlLog
 from vqgen.core.store.weights import weights_fingerprint
-from vqgen.run import LabelPlan, Run
+from vqgen.draws import LabelPlan
+from vqgen.run import Run
 from vqgen.sweep import (ADOPT_MARGIN, MIN_SAMPLES, SWEPT_MEASURES, adoptable, check_adoptable, option_names,
                          parse_sweep, setting_label, shown, varied_settings)
 
@@ -47,10 +48,10 @@ def cmd_info(args: argparse.Namespace) -> None:
         settings = ", ".join(f"{k}={v}" for k, v in config.items() if k not in hidden)
         if name == "vqvae" and run.vqvae.data_config.is_file():
             settings += f"\ndata: {read_json(run.vqvae.data_config, 'data config').get('source')}"
-        if name == "prior" and run.prior.sampling.is_file():
-            adopted = read_json(run.prior.sampling, "adopted guidance")
-            settings += (f"\nsamples with --cfg {adopted.get('cfg_scale')} --cfg-schedule {adopted.get('cfg_schedule')}"
-                         f" (adopted: {adopted.get('measured')})")
+        adopted = load_adopted(run.prior) if name == "prior" else None
+        if adopted is not None:
+            settings += (f"\nsamples with --cfg {adopted.cfg_scale} --cfg-schedule {adopted.cfg_schedule} (adopted: "
+                         f"{adopted.measured})")
         tests = [r for r in JsonlLog(metrics_file).read() if r.get("split") == "test"] if metrics_file else []
         table.add_row(name, settings, _test_summary(tests))
     console.print(table)

@@ -25,7 +25,8 @@ from vqgen.core.store.imageio import png_size, save_grid
 from vqgen.core.store.lock import stage_lock
 from vqgen.core.store.sample_set import sample_set
 from vqgen.core.store.weights import ensure_writable
-from vqgen.run import LabelPlan, Run
+from vqgen.draws import LabelPlan
+from vqgen.run import Run
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
