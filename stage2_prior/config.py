@@ -49,7 +49,8 @@ class TransformerConfig(PriorConfig):
     """Architecture of `TransformerPrior`; the shared prior fields come from `PriorConfig`."""
 
     d_model: int = option(128, "Transformer width")  # d
-    n_layers: int = option(4, "Transformer blocks (a PixelCNN's gated layers: 8 when not given)")
+    n_layers: int = option(4, "Transformer blocks (the Transformer prior's are sized: 8 under the little-data "
+                              "rule, docs/defaults.md); a PixelCNN's gated layers: 8 when not given")
     n_heads: int = option(4, "attention heads (must divide --d-model)")  # nh; head dim hd = d / nh
     mlp_ratio: int = option(4, "MLP width as a multiple of --d-model")
 

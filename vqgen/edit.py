@@ -132,8 +132,8 @@ def window_plan(keep: Tensor, window: tuple[int, int]) -> list[tuple[int, int]]:
     known = keep.clone()
     plan = []
     while not known.all():
-        scores = [(int(known[t:t + h, l:l + w].sum()), -i) for i, (t, l) in enumerate(candidates)
-                  if not known[t:t + h, l:l + w].all()]
+        scores = [(int(known[top:top + h, left:left + w].sum()), -i) for i, (top, left) in enumerate(candidates)
+                  if not known[top:top + h, left:left + w].all()]
         best = candidates[-max(scores)[1]]
         plan.append(best)
         known[best[0]:best[0] + h, best[1]:best[1] + w] = True
