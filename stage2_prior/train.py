@@ -263,11 +263,11 @@ def train_prior(
     passes = (train_cfg.max_steps * train_cfg.batch_size * processes / sizes["train"] if train_cfg.max_steps
               else train_cfg.epochs)
     train_codes = sizes["train"] * meta.grid_height * meta.grid_width
+    few_codes = f"{train_codes} training codes, fewer than {FEW_CODES}"  # why the little-data rule sized them
     report_sized(sized_options, sized_training, {**given_model, **given_training}, resume,
                  why={"dropout": f"{passes:.1f} planned passes over {sizes['train']} training grids, "
                                  f"{'fewer than' if passes < FEW_PASSES else 'at least'} {FEW_PASSES}",
-                      "code_dropout": f"{train_codes} training codes, fewer than {FEW_CODES}",
-                      "n_layers": f"{train_codes} training codes, fewer than {FEW_CODES}",
+                      "code_dropout": few_codes, "n_layers": few_codes,
                       "max_steps": f"{sized_passes(train_codes, raster)} passes over {sizes['train']} training grids, "
                                    f"within {PRIOR_STEPS[0]}-{PRIOR_STEPS[1]}",
                       "eval_every": f"{sizes['test']} test grids, at most {EVAL_SHARE:.0%} of the training"})

@@ -204,11 +204,6 @@ class RunLayout:
         return self.root / "samples"
 
     @property
-    def sampling(self) -> Path:
-        """Stage 2: the guidance `vqgen eval --adopt` measured best for it, when adopted."""
-        return self.path / "sampling.json"
-
-    @property
     def reconstructions(self) -> Path:
         """`vqgen reconstruct`'s default output."""
         return self.root / "reconstructions.png"
