@@ -256,3 +256,13 @@ def test_sampling_a_label_smoothed_prior_without_top_k_warns_in_one_line(tiny_ru
            "sample with --top-k (e.g. 16) to cut them off" in " ".join(out.split())
     assert main(["sample", "--run", str(run), "--n", "2", "--top-k", "16", "--out", str(tmp_path / "b")]) == 0
     assert "label-smoothing" not in capsys.readouterr().out
+
+
+def test_a_conditional_prior_on_little_data_ends_by_naming_the_adoption(tiny_run, tmp_path, capsys):
+    # the best guidance differs by dataset on little data (docs/benchmarks.md, "Guidance adopted by measurement")
+    for labels, named in (("auto", True), ("no", False)):
+        run = copy_stage1(tiny_run, tmp_path, labels)
+        capsys.readouterr()
+        train_prior(run, "transformer", tiny_train(max_steps=2), TINY_TRANSFORMER, labels=labels)
+        out = " ".join(capsys.readouterr().out.split())
+        assert (f"vqgen eval --run {run} --samples 1000 --seeds 2 --adopt" in out) is named, labels
