@@ -260,10 +260,8 @@ def test_sampling_a_label_smoothed_prior_without_top_k_warns_in_one_line(tiny_ru
 
 def test_a_conditional_prior_on_little_data_ends_by_naming_the_adoption(tiny_run, tmp_path, capsys, monkeypatch):
     # the best guidance differs by dataset on little data (docs/benchmarks.md, "Guidance adopted by measurement")
-    import stage2_prior.train
-
     for labels, few_codes, named in (("auto", FEW_CODES, True), ("no", FEW_CODES, False), ("auto", 16, False)):
-        monkeypatch.setattr(stage2_prior.train, "FEW_CODES", few_codes)  # 16: the tiny run's codes are not few
+        monkeypatch.setattr("stage2_prior.train.FEW_CODES", few_codes)  # 16: the tiny run's codes are not few
         run = copy_stage1(tiny_run, tmp_path, f"{labels}-{few_codes}")
         capsys.readouterr()
         train_prior(run, "transformer", tiny_train(max_steps=2), TINY_TRANSFORMER, labels=labels)
