@@ -274,7 +274,7 @@ def parse_disc_augment(spec: str) -> tuple[str, ...]:
         raise VQGenError(f"disc_augment: {spec!r} names an augmentation twice")
     return names
 
-PERCEPTUAL_KINDS = ("lpips", "ssim", "ms_ssim", "feature_matching")
+PERCEPTUAL_KINDS = ("lpips", "ssim", "ms_ssim", "feature_matching", "own_features")
 
 GAN_LOSSES = ("hinge", "non_saturating")
 
@@ -311,8 +311,9 @@ class GANConfig:
     r1_weight: float = option(0.0, "R1 penalty of the discriminator: this times the squared gradient norm of "
                               "its output at real images (gamma / 2 in Mescheder et al.; 0: off)")
     perceptual: str = option("ms_ssim", "perceptual term: lpips (needs the lpips package and its weights), "
-                             "ssim, ms_ssim (no download) or feature_matching (the discriminator's features, "
-                             "from adversarial_start)", choices=PERCEPTUAL_KINDS)
+                             "ssim, ms_ssim (no download), feature_matching (the discriminator's features, "
+                             "from adversarial_start) or own_features (a small network trained on the run's own "
+                             "images first, no download)", choices=PERCEPTUAL_KINDS)
     perceptual_weight: float = option(0.0, "weight of the perceptual term in the autoencoder's loss (0: off)")
     sharpness: str = option("auto", "judge sharpness: each test evaluation also scores the reconstructions' "
                             "in-domain FID in the features of the run's judge, and the kept weights are the lowest "

@@ -28,6 +28,7 @@ from stage1_vqvae.diffaugment import apply_augment, augment_pair, draw_augment
 from stage1_vqvae.discriminator import PatchDiscriminator
 from stage1_vqvae.model import VQVAEOutput
 from stage1_vqvae.perceptual import perceptual_loss
+from vqgen.core.evaluate.quality import Judge
 
 D_BETAS = (0.5, 0.9)  # VQGAN's Adam betas: a short memory for a target that moves with the other model
 
@@ -49,7 +50,7 @@ class GANLoss:
     """The adversarial and perceptual terms for `model_cfg`'s autoencoder, from step `gan.adversarial_start`."""
 
     def __init__(self, gan: GANConfig, model_cfg: VQVAEConfig, accelerator: Accelerator, learning_rate: float,
-                 seed: int = 0):
+                 seed: int = 0, feature_net: Judge | None = None):
         self.cfg = gan
         self.accelerator = accelerator
         self.step = 0
@@ -70,7 +71,7 @@ class GANLoss:
         self.perceptual = None
         if gan.perceptual_weight:
             features = self.critic.disc.features if self.critic is not None else None
-            self.perceptual = perceptual_loss(gan.perceptual, features).to(accelerator.device)
+            self.perceptual = perceptual_loss(gan.perceptual, features, feature_net).to(accelerator.device)
         self._pair: tuple[Tensor, Tensor] | None = None  # the last micro-batch's images and detached reconstructions
 
     @property

@@ -1,6 +1,6 @@
 """Perceptual terms for stage 1: losses that reward sharp structure where the pixel MSE rewards blur.
 
-Four kinds behind one interface, `perceptual_loss(kind)`: a module called as `loss(fake, real)` on
+Five kinds behind one interface, `perceptual_loss(kind)`: a module called as `loss(fake, real)` on
 (b, c, H, W) images in [-1, 1] that returns a scalar to minimise.
 
 - "lpips": LPIPS (Zhang et al. 2018) through the `lpips` package, whose VGG weights are downloaded once:
@@ -10,6 +10,9 @@ Four kinds behind one interface, `perceptual_loss(kind)`: a module called as `lo
 - "feature_matching": the L1 distance between the discriminator's intermediate features of the
   reconstruction and of the original (Salimans et al. 2016; pix2pixHD): no weights either, but it needs
   the discriminator, so it only makes sense with the adversarial term on.
+- "own_features": LPIPS's distance without LPIPS's weights: unit-normalised feature maps of a small network
+  trained on the run's own training images (`own_feature_net`), compared layer by layer. No download, no
+  discriminator; the network is trained before stage 1 and saved in the run (RUN/vqvae/perceptual_net).
 """
 
 from __future__ import annotations
@@ -22,12 +25,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from stage1_vqvae.config import PERCEPTUAL_KINDS
+from vqgen.core.data.images import ImageData
+from vqgen.core.evaluate import quality
+from vqgen.core.evaluate.quality import Judge, JudgeConfig, judging_images, load_judge, train_judge
 from vqgen.core.runtime.errors import VQGenError, one_line
+from vqgen.core.store.layout import ModelDir
 
 LPIPS_HELP = "pip install lpips, with network access once for the torchvision VGG weights it loads"
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang et al. 2003, finest scale first
 WINDOW, SIGMA = 11, 1.5  # the Gaussian window of Wang et al. 2004
 DATA_RANGE = 2.0  # images in [-1, 1]
+# The run's judge (`vqgen eval`, stage 1's sharpness) is seed 0 and learns the labels where there are any; the
+# network behind own_features learns rotations (labelled or not) from seed 1, so the features a run trains
+# towards are not the features it is scored in.
+OWN_FEATURES_SEED = 1
 
 
 # -- SSIM ---------------------------------------------------------------------------------------
@@ -177,9 +188,59 @@ class FeatureMatchingLoss(nn.Module):
         return feature_matching_loss(self.features(fake), self.features(real))
 
 
-def perceptual_loss(kind: str, features: Callable[[Tensor], list[Tensor]] | None = None) -> nn.Module:
+# -- features of a network trained on the run's own images ------------------------------------------
+
+def own_feature_net(folder: ModelDir, data: ImageData, device: torch.device | str, load: bool) -> tuple[Judge, bool]:
+    """The network behind perceptual own_features and whether it was loaded: the one saved in `folder` when
+    `load` (a resumed run) and there is one, else a judge-sized CNN trained on the training images' rotations
+    (JUDGE_STEPS steps, OWN_FEATURES_SEED; bit-identical per seed on the CPU). Nothing is written here: the
+    caller saves a trained one (`save_judge`) once the stage's configs are."""
+    if load and folder.trained:
+        return load_judge(folder.path).to(device), True
+    images, _ = judging_images(data.train, seed=0)
+    config = JudgeConfig.for_data(images, None, steps=quality.JUDGE_STEPS, seed=OWN_FEATURES_SEED)
+    return train_judge(images.to(device), None, config), False
+
+
+def _unit(x: Tensor, eps: float = 1e-8) -> Tensor:
+    """Each position's feature vector scaled to unit length (LPIPS's channel normalisation)."""
+    return x / (x.norm(dim=1, keepdim=True) + eps)
+
+
+def own_features_distance(net: Judge, fake: Tensor, real: Tensor) -> Tensor:
+    """Mean over the net's stages of the squared distance between the unit-normalised feature maps of the fakes
+    and of the reals, summed over channels and averaged over positions and the batch (LPIPS with equal weights
+    for every channel). The reals' features carry no gradient: only the fakes move."""
+    terms = []
+    f, r = fake, real.detach()
+    for stage in net.body:
+        f = stage(f)
+        with torch.no_grad():
+            r = stage(r)
+        terms.append((_unit(f.float()) - _unit(r.float())).pow(2).sum(dim=1).mean())
+    return torch.stack(terms).mean()
+
+
+class OwnFeaturesLoss(nn.Module):
+    """`own_features_distance` in a frozen net that stays in eval mode (it is a loss, not a model being trained);
+    its weights are saved apart (RUN/vqvae/perceptual_net), not in the stage's state."""
+
+    def __init__(self, net: Judge):
+        super().__init__()
+        self.net = net.eval().requires_grad_(False)
+
+    def train(self, mode: bool = True) -> OwnFeaturesLoss:
+        return super().train(False)
+
+    def forward(self, fake: Tensor, real: Tensor) -> Tensor:
+        return own_features_distance(self.net, fake, real)
+
+
+def perceptual_loss(kind: str, features: Callable[[Tensor], list[Tensor]] | None = None,
+                    net: Judge | None = None) -> nn.Module:
     """The perceptual term `kind` as a module: `loss(fake, real)` -> scalar. "feature_matching" needs the
-    discriminator's `features`; "lpips" needs the lpips package and its weights (else one VQGenError line)."""
+    discriminator's `features`, "own_features" the `net` of `own_feature_net`; "lpips" needs the lpips package
+    and its weights (else one VQGenError line)."""
     if kind not in PERCEPTUAL_KINDS:
         raise VQGenError(f"perceptual must be one of {', '.join(PERCEPTUAL_KINDS)}, got {kind!r}")
     if kind == "lpips":
@@ -188,4 +249,8 @@ def perceptual_loss(kind: str, features: Callable[[Tensor], list[Tensor]] | None
         if features is None:
             raise VQGenError("perceptual feature_matching needs the discriminator's features (adversarial_weight > 0)")
         return FeatureMatchingLoss(features)
+    if kind == "own_features":
+        if net is None:
+            raise VQGenError("perceptual own_features needs the network trained on the run's images (own_feature_net)")
+        return OwnFeaturesLoss(net)
     return SSIMLoss(multiscale=kind == "ms_ssim")

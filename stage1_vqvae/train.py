@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
@@ -16,12 +17,13 @@ from stage1_vqvae.config import TRAIN_DEFAULTS, GANConfig, VQVAEConfig, check_si
 from stage1_vqvae.encode import encode_splits
 from stage1_vqvae.gan_loss import GANLoss
 from stage1_vqvae.model import VQVAE, kmeans_sample_note, reconstruction_errors
+from stage1_vqvae.perceptual import own_feature_net
 from vqgen.core.data.augment import augment
 from vqgen.core.data.config import DataConfig, parse_augment
 from vqgen.core.data.images import ImageData, ImageDataset, load_image_data, to_model_range, to_uint8
 from vqgen.core.data.loaders import make_loader
 from vqgen.core.evaluate.measures import code_usage, psnr
-from vqgen.core.evaluate.quality import Judge, frechet_distance_of, judge_features, run_judge
+from vqgen.core.evaluate.quality import Judge, frechet_distance_of, judge_features, run_judge, save_judge
 from vqgen.core.runtime.console import make_console
 from vqgen.core.runtime.errors import VQGenError
 from vqgen.core.runtime.processes import process_state
@@ -159,6 +161,24 @@ def gan_config(stage: ModelDir, given: dict[str, Any], resume: bool) -> GANConfi
     return cfg
 
 
+def own_features(accelerator: Accelerator, stage: ModelDir, gan: GANConfig, images: ImageData, resume: bool,
+                 console) -> tuple[Judge | None, bool]:
+    """The network of the perceptual own_features term (None without it) and whether it was trained now (to be
+    saved in stage.perceptual_net) rather than loaded from there. Trained in every process, each then given the
+    main process's weights: bit-identical on the CPU, not always on CUDA."""
+    if not (gan.perceptual_weight and gan.perceptual == "own_features"):
+        return None, False
+    net, loaded = own_feature_net(stage.perceptual_net, images, accelerator.device, load=resume)
+    if not loaded and accelerator.num_processes > 1:
+        with torch.no_grad():
+            for p in net.parameters():
+                p.copy_(broadcast(p.detach().clone(), from_process=0))
+    console.print(f"perceptual own_features: a {sum(p.numel() for p in net.parameters()):,}-parameter network "
+                  f"{'loaded from' if loaded else 'trained on the training images, saved to'} "
+                  f"{stage.perceptual_net.path}")
+    return net, not loaded
+
+
 def adversarial_verdict(records: list[dict[str, Any]], gan: GANConfig, best_step: int) -> str | None:
     """One line when the adversarial phase did not give the kept weights: `records` are metrics.jsonl's, whose
     test lines carry recon_fid and psnr; None when a step after `adversarial_start` was kept or none was tested."""
@@ -265,13 +285,6 @@ def train_vqvae(
     note = None if resume else kmeans_sample_note(cfg, train_cfg.batch_size)
     if note:
         console.print(f"[bold yellow]warning:[/] {note}")
-    files = {stage.config: cfg, stage.data_config: data_cfg}
-    gan_loss = None
-    if gan_cfg.terms:
-        # before any write (LPIPS may be refused); the discriminator draws from an RNG of its own
-        gan_loss = GANLoss(gan_cfg, cfg, accelerator, train_cfg.learning_rate, train_cfg.seed)
-        console.print(f"adversarial: weight {gan_cfg.adversarial_weight} from step {gan_cfg.adversarial_start} "
-                      f"({gan_cfg.adversarial_loss}), perceptual {gan_cfg.perceptual} x {gan_cfg.perceptual_weight}")
     if gan_cfg.adversarial and train_cfg.max_steps and gan_cfg.adversarial_start >= train_cfg.max_steps:
         raise VQGenError(f"adversarial_start {gan_cfg.adversarial_start} is not before max_steps "
                          f"{train_cfg.max_steps}: the discriminator would never train (lower --adversarial-start "
@@ -279,9 +292,22 @@ def train_vqvae(
     if gan_cfg.judged and len(images.test) < 2:
         raise VQGenError(f"sharpness needs a test split of at least 2 images to score an FID, {images.source} "
                          f"has {len(images.test)} (train with --sharpness off)")
+    files = {stage.config: cfg, stage.data_config: data_cfg}
+    feature_net, trained_net = own_features(accelerator, stage, gan_cfg, images, resume, console)
+    gan_loss = None
+    if gan_cfg.terms:
+        # before any write (LPIPS may be refused); the discriminator draws from an RNG of its own
+        gan_loss = GANLoss(gan_cfg, cfg, accelerator, train_cfg.learning_rate, train_cfg.seed, feature_net)
+        terms = [f"adversarial: weight {gan_cfg.adversarial_weight} from step {gan_cfg.adversarial_start} "
+                 f"({gan_cfg.adversarial_loss})"] if gan_cfg.adversarial else []
+        if gan_cfg.perceptual_weight:
+            terms.append(f"perceptual {gan_cfg.perceptual} x {gan_cfg.perceptual_weight}")
+        console.print(", ".join(terms))
     if gan_cfg.terms or gan_cfg.judged:
         files[stage.gan_config] = gan_cfg
     write_stage_files(accelerator, stage, files, fresh=overwrite and not resume)
+    if trained_net and accelerator.is_main_process:  # saved once the stage's configs are
+        save_judge(feature_net, stage.perceptual_net.path)
     judge = None
     if gan_cfg.judged:  # a fresh stage 1 trains the run's judge anew: the images may differ from the last run's
         with accelerator.main_process_first():

@@ -355,7 +355,7 @@ def test_perceptual_kinds_share_one_interface():
     for kind in ("ssim", "ms_ssim"):
         loss_fn = perceptual_loss(kind)
         assert loss_fn(x, x).item() == pytest.approx(0.0, abs=1e-5) and loss_fn(x, y).item() > 0
-    with pytest.raises(VQGenError, match="perceptual must be one of lpips, ssim, ms_ssim, feature_matching, got 'vgg'"):
+    with pytest.raises(VQGenError, match="perceptual must be one of lpips, ssim, ms_ssim, feature_matching, own_features, got 'vgg'"):
         perceptual_loss("vgg")
     with pytest.raises(VQGenError, match="needs the discriminator's features"):
         perceptual_loss("feature_matching")
@@ -375,7 +375,7 @@ def test_gan_options_are_validated_in_one_line_naming_the_value():
         (dict(adversarial_start=-5), "adversarial_start must be >= 0, got -5"),
         (dict(adversarial_loss="wasserstein"),
          "adversarial_loss must be one of hinge, non_saturating, got 'wasserstein'"),
-        (dict(perceptual="vgg"), "perceptual must be one of lpips, ssim, ms_ssim, feature_matching, got 'vgg'"),
+        (dict(perceptual="vgg"), "perceptual must be one of lpips, ssim, ms_ssim, feature_matching, own_features, got 'vgg'"),
         (dict(disc_norm="batch"), "disc_norm must be one of group, spectral, none, got 'batch'"),
         (dict(disc_width=0), "disc_width must be >= 1, got 0"),
         (dict(disc_layers=-1), "disc_layers must be >= 0"),

@@ -3,6 +3,7 @@
     runs/NAME/
       vqvae/     ModelDir: config.json, model.safetensors, train_config.json, metrics.jsonl,
                  data_config.json, gan_config.json (adversarial/perceptual terms, when on),
+                 perceptual_net/ (config.json, model.safetensors: the network of perceptual own_features),
                  reconstructions/step-*.png, state/step-*/ (for --resume; each with progress.json and
                  manifest.json; model_1/optimizer_1: the discriminator), .lock (while a training or encoding runs)
       codes/     meta.json and, per split, SPLIT/shard-NNNNN.safetensors ("codes": int16 (k, h', w'), in
@@ -84,6 +85,11 @@ class ModelDir:
     def gan_config(self) -> Path:
         """Stage 1: its adversarial and perceptual options, when it was trained with any."""
         return self.path / "gan_config.json"
+
+    @property
+    def perceptual_net(self) -> ModelDir:
+        """Stage 1: the network its perceptual own_features term compares features in, when it has that term."""
+        return ModelDir(self.path / "perceptual_net")
 
     @property
     def source(self) -> Path:
