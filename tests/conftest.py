@@ -32,11 +32,19 @@ def tiny_train(**changes) -> TrainConfig:
 
 @pytest.fixture(autouse=True, scope="session")
 def one_thread():
-    """Tiny tensors gain nothing from threads, and on a busy 2-core machine threads stall each other."""
-    before = torch.get_num_threads()
+    """Tiny tensors gain nothing from threads, and on a busy 2-core machine threads stall each other. The
+    training processes the tests start get one thread too (OMP_NUM_THREADS): fresh-clone suites saw a child's
+    first step differ from another child's in the 7th digit at two threads, before any resume, which the
+    bit-identical resume tests then reported as theirs."""
+    before, before_env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
     torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
     yield
     torch.set_num_threads(before)
+    if before_env is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    else:
+        os.environ["OMP_NUM_THREADS"] = before_env
 
 
 @pytest.fixture(autouse=True, scope="session")

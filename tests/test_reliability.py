@@ -31,18 +31,12 @@ SCRIPT_ARGS = ["--builtin-train-size", "96", "--builtin-test-size", "40", "--bat
                "--seed", "3", "--no-encode"]
 
 
-# One thread in every training process these tests compare: a suite run once saw a killed run's first step
-# differ from the straight run's in the 7th digit with two threads, before any resume; one thread each
-# (as the two-process tests run) leaves the comparison to what is tested, the state written and read back.
-ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
 def script_command(run: Path, *extra: str) -> list[str]:
     return [sys.executable, str(ROOT / "scripts" / "train_vqvae.py"), "--run", str(run), *SCRIPT_ARGS, *extra]
 
 
 def run_script(run: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run(script_command(run, *extra), capture_output=True, text=True, timeout=300, env=ONE_THREAD)
+    return subprocess.run(script_command(run, *extra), capture_output=True, text=True, timeout=300)
 
 
 def last_logged_step(run: Path) -> int:
@@ -80,7 +74,7 @@ def test_sigkill_mid_training_then_resume_matches_an_uninterrupted_run(spawn, tm
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert run_script(straight, "--max-steps", "30").returncode == 0
     proc = spawn(script_command(killed, "--max-steps", "30"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                 text=True, env=ONE_THREAD)
+                 text=True)
     deadline = time.time() + 200
     while last_logged_step(killed) < 17 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
@@ -125,7 +119,7 @@ def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_
     driver.write_text(DIE_DURING_SAVE)
     cmd = [sys.executable, str(driver), str(ROOT / "scripts" / "train_vqvae.py"), "--run", str(killed),
            *SCRIPT_ARGS, "--max-steps", "15"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ONE_THREAD)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert (killed / "vqvae" / "state" / ".tmp-step-00000010").is_dir()  # the half-written state is there
     assert [step for step, _ in state_dirs(RunLayout(killed).vqvae)] == [5]      # but never listed as a checkpoint
