@@ -9,7 +9,6 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
@@ -26,7 +25,7 @@ from vqgen.core.evaluate.measures import code_usage, psnr
 from vqgen.core.evaluate.quality import Judge, frechet_distance_of, judge_features, run_judge, save_judge
 from vqgen.core.runtime.console import make_console
 from vqgen.core.runtime.errors import VQGenError
-from vqgen.core.runtime.processes import process_state
+from vqgen.core.runtime.processes import from_main, process_state
 from vqgen.core.store.configs import resumed_config
 from vqgen.core.store.imageio import grid, save_png
 from vqgen.core.store.jsonl import JsonlLog
@@ -170,9 +169,7 @@ def own_features(accelerator: Accelerator, stage: ModelDir, gan: GANConfig, imag
         return None, False
     net, loaded = own_feature_net(stage.perceptual_net, images, accelerator.device, load=resume)
     if not loaded and accelerator.num_processes > 1:
-        with torch.no_grad():
-            for p in net.parameters():
-                p.copy_(broadcast(p.detach().clone(), from_process=0))
+        net.load_state_dict(from_main(accelerator, {k: v.cpu() for k, v in net.state_dict().items()}))
     console.print(f"perceptual own_features: a {sum(p.numel() for p in net.parameters()):,}-parameter network "
                   f"{'loaded from' if loaded else 'trained on the training images, saved to'} "
                   f"{stage.perceptual_net.path}")
