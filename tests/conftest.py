@@ -5,6 +5,7 @@ import importlib.util
 import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -158,3 +159,45 @@ def load_script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+TWO_PROCESS_STAGE1 = """
+import operator, sys
+sys.path[:0] = [{root!r}, {tests!r}]
+from safetensors.torch import save_file
+import stage1_vqvae.train as train
+from conftest import TINY_DATA, TINY_VQVAE, tiny_train
+from vqgen.core.evaluate import quality
+
+quality.JUDGE_STEPS = 20  # as the quick_judge fixture sets it
+
+made = []
+class Recorded(train.GANLoss):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        made.append(self)
+
+train.GANLoss = Recorded
+train.train_vqvae({run!r}, TINY_DATA, tiny_train(max_steps=4, batch_size=8, save_every=2), TINY_VQVAE,
+                  encode=False, gan={gan!r})
+rank = made[0].accelerator.process_index
+module = operator.attrgetter({module!r})(made[0])
+save_file({{k: v.contiguous() for k, v in module.state_dict().items()}}, {run!r} + f"/recorded-{{rank}}.safetensors")
+"""
+
+
+def stage1_in_two_processes(spawn, tmp_path: Path, gan: dict, module: str) -> tuple[Path, list[dict]]:
+    """Train the tiny stage 1 with the adversarial/perceptual options `gan` for 4 steps under 2 CPU processes
+    (torchrun, gloo) into tmp_path/run. Returns the run and the state dict of each process's `GANLoss` attribute
+    `module` ("critic", "perceptual.net") at the end, rank 0 first."""
+    from safetensors.torch import load_file
+
+    root = Path(__file__).resolve().parents[1]
+    run = tmp_path / "run"
+    script = tmp_path / "train_two.py"
+    script.write_text(TWO_PROCESS_STAGE1.format(root=str(root), tests=str(root / "tests"), run=str(run), gan=gan,
+                                                module=module))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    proc = spawn.run(cmd, timeout=240, env={**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run, [load_file(run / f"recorded-{rank}.safetensors") for rank in (0, 1)]

@@ -355,7 +355,8 @@ def test_perceptual_kinds_share_one_interface():
     for kind in ("ssim", "ms_ssim"):
         loss_fn = perceptual_loss(kind)
         assert loss_fn(x, x).item() == pytest.approx(0.0, abs=1e-5) and loss_fn(x, y).item() > 0
-    with pytest.raises(VQGenError, match="perceptual must be one of lpips, ssim, ms_ssim, feature_matching, own_features, got 'vgg'"):
+    with pytest.raises(VQGenError, match="perceptual must be one of lpips, ssim, ms_ssim, feature_matching, "
+                                         "own_features, got 'vgg'"):
         perceptual_loss("vgg")
     with pytest.raises(VQGenError, match="needs the discriminator's features"):
         perceptual_loss("feature_matching")
@@ -375,7 +376,8 @@ def test_gan_options_are_validated_in_one_line_naming_the_value():
         (dict(adversarial_start=-5), "adversarial_start must be >= 0, got -5"),
         (dict(adversarial_loss="wasserstein"),
          "adversarial_loss must be one of hinge, non_saturating, got 'wasserstein'"),
-        (dict(perceptual="vgg"), "perceptual must be one of lpips, ssim, ms_ssim, feature_matching, own_features, got 'vgg'"),
+        (dict(perceptual="vgg"),
+         "perceptual must be one of lpips, ssim, ms_ssim, feature_matching, own_features, got 'vgg'"),
         (dict(disc_norm="batch"), "disc_norm must be one of group, spectral, none, got 'batch'"),
         (dict(disc_width=0), "disc_width must be >= 1, got 0"),
         (dict(disc_layers=-1), "disc_layers must be >= 0"),
@@ -500,47 +502,13 @@ def test_bf16_mixed_precision_trains_the_discriminator(tmp_path):
     assert all(math.isfinite(last[k]) for k in ("loss", "d_loss", "adaptive_weight", "lecam", "r1", "perceptual"))
 
 
-TWO_PROCESS_SCRIPT = """
-import sys
-sys.path[:0] = [{root!r}, {tests!r}]
-import torch
-from safetensors.torch import save_file
-import stage1_vqvae.train as train
-from conftest import TINY_DATA, TINY_VQVAE, tiny_train
-from vqgen.core.evaluate import quality
-
-quality.JUDGE_STEPS = 20  # as tests/conftest.py sets it
-
-made = []
-class Recorded(train.GANLoss):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        made.append(self)
-
-train.GANLoss = Recorded
-train.train_vqvae({run!r}, TINY_DATA, tiny_train(max_steps=4, batch_size=8, save_every=2), TINY_VQVAE,
-                  encode=False, gan={gan!r})
-rank = made[0].accelerator.process_index
-weights = {{k: v.contiguous() for k, v in made[0].critic.state_dict().items()}}
-save_file(weights, {run!r} + f"/critic-{{rank}}.safetensors")
-"""
-
-
 @pytest.mark.slow
 def test_two_processes_keep_one_discriminator(spawn, tmp_path):
     """DDP on 2 CPU processes (gloo): the adaptive weight's autograd.grad, R1's double backward and LeCam's
     averages work across processes and leave both copies of the discriminator identical."""
-    import os
-    from pathlib import Path
+    from conftest import stage1_in_two_processes
 
-    root = Path(__file__).resolve().parents[1]
-    run = tmp_path / "run"
-    script = tmp_path / "train_two.py"
-    script.write_text(TWO_PROCESS_SCRIPT.format(root=str(root), tests=str(root / "tests"), run=str(run), gan=GAN_ON))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
-    proc = spawn.run(cmd, timeout=240, env={**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    a, b = load_file(run / "critic-0.safetensors"), load_file(run / "critic-1.safetensors")
+    run, (a, b) = stage1_in_two_processes(spawn, tmp_path, GAN_ON, "critic")
     assert int(a["lecam.updates"]) == 4
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert all(math.isfinite(train_records(run)[-1][k]) for k in ("d_loss", "adaptive_weight", "lecam", "r1"))

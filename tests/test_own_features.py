@@ -126,48 +126,14 @@ def test_a_refused_option_is_refused_before_the_network_trains(tmp_path, monkeyp
     assert "\n" not in str(err.value) and not (run / "vqvae").exists()
 
 
-TWO_PROCESS_SCRIPT = """
-import sys
-sys.path[:0] = [{root!r}, {tests!r}]
-from safetensors.torch import save_file
-import stage1_vqvae.train as train
-from conftest import TINY_DATA, TINY_VQVAE, tiny_train
-from vqgen.core.evaluate import quality
-
-quality.JUDGE_STEPS = 20  # as tests/conftest.py sets it
-
-made = []
-class Recorded(train.GANLoss):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        made.append(self)
-
-train.GANLoss = Recorded
-train.train_vqvae({run!r}, TINY_DATA, tiny_train(max_steps=2, batch_size=8, save_every=2), TINY_VQVAE,
-                  encode=False, gan={gan!r})
-rank = made[0].accelerator.process_index
-save_file({{k: v.contiguous() for k, v in made[0].perceptual.net.state_dict().items()}},
-          {run!r} + f"/net-{{rank}}.safetensors")
-"""
-
-
 @pytest.mark.slow
 def test_two_processes_use_the_main_processs_network(spawn, tmp_path):
     """Under 2 CPU processes (gloo) the hand-over of the main process's network runs and every process compares
     features in the network the main process saved. (On the CPU each process's own training would give the same
     weights; the hand-over is for CUDA, which this cannot show.)"""
-    import os
-    import sys
-    from pathlib import Path
+    from conftest import stage1_in_two_processes
 
-    root = Path(__file__).resolve().parents[1]
-    run = tmp_path / "run"
-    script = tmp_path / "train_two.py"
-    script.write_text(TWO_PROCESS_SCRIPT.format(root=str(root), tests=str(root / "tests"), run=str(run), gan=OWN))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
-    proc = spawn.run(cmd, timeout=240, env={**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run, nets = stage1_in_two_processes(spawn, tmp_path, OWN, "perceptual.net")
     saved = load_file(run / "vqvae" / "perceptual_net" / "model.safetensors")
-    for rank in (0, 1):
-        net = load_file(run / f"net-{rank}.safetensors")
+    for net in nets:
         assert net.keys() == saved.keys() and all(torch.equal(net[k], saved[k]) for k in saved)
