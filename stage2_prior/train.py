@@ -293,8 +293,4 @@ def train_prior(
                                seed=train_cfg.seed, num_workers=train_cfg.num_workers)
     test_loader = accelerator.prepare(make_loader(CodesDataset(splits["test"], conditional), 256))
     task = PriorTask(accelerator, cfg, conditional, test_loader)
-    metrics = fit(accelerator, train_cfg, task, prior, optimizer, train_loader, stage, resume, console)
-    if conditional and train_codes < FEW_CODES:
-        console.print(f"guidance: on little data the best one differs by dataset; `vqgen eval --run {run_dir} "
-                      "--samples 1000 --seeds 2 --adopt` measures four on yours and keeps the best for this prior")
-    return metrics
+    return fit(accelerator, train_cfg, task, prior, optimizer, train_loader, stage, resume, console)

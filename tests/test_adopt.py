@@ -166,3 +166,70 @@ def test_adopt_refuses_an_exported_model_and_an_unconditional_prior(tiny_run, tm
     assert main(["eval", "--run", str(run), "--samples", "8", "--adopt"]) != 0
     assert "is unconditional" in one_error_line(capsys)
     assert not RunLayout(run).prior.sampling.exists()
+
+
+# -- adopted after training: `vqgen train prior` on a conditional prior of little data --------------------------
+
+TINY_PRIOR_ARGS = ["--max-steps", "2", "--batch-size", "16", "--d-model", "16", "--n-layers", "1", "--n-heads", "2",
+                   "--dropout", "0", "--overwrite"]
+
+
+@pytest.fixture
+def quick_adoption(monkeypatch):
+    """The tiny run's 40 test images count as enough, and 8 samples per seed stand for the 1000."""
+    from vqgen.commands import train
+
+    monkeypatch.setattr(train, "ADOPT_MIN_TEST", 40)
+    monkeypatch.setattr(train, "ADOPT_SAMPLES", 8)
+
+
+def test_training_a_little_conditional_prior_adopts_its_guidance(tiny_run, tmp_path, capsys, quick_adoption):
+    run = copy_run(tiny_run, tmp_path)
+    assert main(["train", "prior", "--run", str(run), *TINY_PRIOR_ARGS]) == 0
+    said = capsys.readouterr().out
+    assert "scoring four on 8 samples x 2 seeds to keep the best for this prior" in said
+    records = [json.loads(line) for line in (run / "evaluations.jsonl").read_text().splitlines()]
+    assert [(r["cfg_scale"], r["cfg_schedule"], r["seeds"]) for r in records] == [
+        (scale, schedule, [0, 1]) for scale, schedule in ADOPT_CANDIDATES]
+    adopted = Run.load(run).adopted  # tied to the weights just trained
+    assert adopted is not None and f"adopted --cfg {adopted.cfg_scale:g} --cfg-schedule {adopted.cfg_schedule}" in said
+
+
+@pytest.mark.parametrize("extra, min_test, why", [
+    (["--no-adopt"], 40, "(--no-adopt)"),
+    ([], 200, "(40 test images, fewer than the 200 that tell the candidates apart)"),
+])
+def test_a_prior_not_adopted_says_how_to_adopt_it(tiny_run, tmp_path, capsys, monkeypatch, extra, min_test, why):
+    from vqgen.commands import train
+
+    monkeypatch.setattr(train, "ADOPT_MIN_TEST", min_test)
+    run = copy_run(tiny_run, tmp_path)
+    assert main(["train", "prior", "--run", str(run), *TINY_PRIOR_ARGS, *extra]) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert f"not measured here {why}: `vqgen eval --run {run} --samples 1000 --seeds 2 --adopt`" in said
+    assert not (run / "evaluations.jsonl").exists() and not RunLayout(run).prior.sampling.exists()
+
+
+def test_nothing_to_adopt_for_an_unconditional_prior_or_many_codes(tiny_run, tmp_path, capsys, quick_adoption,
+                                                                  monkeypatch):
+    from vqgen.commands import train
+
+    run = copy_run(tiny_run, tmp_path)
+    assert main(["train", "prior", "--run", str(run), *TINY_PRIOR_ARGS, "--unconditional"]) == 0
+    monkeypatch.setattr(train, "FEW_CODES", 96 * 64)  # the tiny run's training codes: no longer little data
+    assert main(["train", "prior", "--run", str(run), *TINY_PRIOR_ARGS]) == 0
+    assert "guidance" not in capsys.readouterr().out
+    assert not (run / "evaluations.jsonl").exists() and not RunLayout(run).prior.sampling.exists()
+
+
+def test_a_refused_adoption_leaves_the_trained_prior_and_says_why_in_one_line(tiny_run, tmp_path, capsys,
+                                                                             quick_adoption, monkeypatch):
+    from vqgen.commands import evaluate, train
+
+    monkeypatch.setattr(evaluate, "adoptable", lambda summaries: None)  # every candidate copies too often
+    monkeypatch.setattr(train, "ADOPT_SEEDS", 1)
+    run = copy_run(tiny_run, tmp_path)
+    assert main(["train", "prior", "--run", str(run), *TINY_PRIOR_ARGS]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "not adopted" in line]
+    assert len(lines) == 1 and "nothing adopted: at every setting the samples are near-copies" in lines[0]
+    assert RunLayout(run).prior.trained and not RunLayout(run).prior.sampling.exists()

@@ -27,7 +27,7 @@ from stage2_prior.contract import drop_codes
 from stage2_prior.masked import MaskedPrior, draw_masks, masked_loss
 from stage2_prior.pixelcnn import PixelCNNPrior
 from stage2_prior.raster import raster_loss
-from stage2_prior.train import FEW_CODES, train_prior
+from stage2_prior.train import train_prior
 from stage2_prior.transformer import TransformerPrior
 from vqgen.core.runtime.errors import VQGenError
 from vqgen.core.store.layout import RunLayout
@@ -256,14 +256,3 @@ def test_sampling_a_label_smoothed_prior_without_top_k_warns_in_one_line(tiny_ru
            "sample with --top-k (e.g. 16) to cut them off" in " ".join(out.split())
     assert main(["sample", "--run", str(run), "--n", "2", "--top-k", "16", "--out", str(tmp_path / "b")]) == 0
     assert "label-smoothing" not in capsys.readouterr().out
-
-
-def test_a_conditional_prior_on_little_data_ends_by_naming_the_adoption(tiny_run, tmp_path, capsys, monkeypatch):
-    # the best guidance differs by dataset on little data (docs/benchmarks.md, "Guidance adopted by measurement")
-    for labels, few_codes, named in (("auto", FEW_CODES, True), ("no", FEW_CODES, False), ("auto", 16, False)):
-        monkeypatch.setattr("stage2_prior.train.FEW_CODES", few_codes)  # 16: the tiny run's codes are not few
-        run = copy_stage1(tiny_run, tmp_path, f"{labels}-{few_codes}")
-        capsys.readouterr()
-        train_prior(run, "transformer", tiny_train(max_steps=2), TINY_TRANSFORMER, labels=labels)
-        out = " ".join(capsys.readouterr().out.split())
-        assert (f"vqgen eval --run {run} --samples 1000 --seeds 2 --adopt" in out) is named, labels

@@ -197,6 +197,10 @@ def add_prior_training_options(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(labels="auto")
     parser.add_argument("--allow-vqvae-mismatch", action="store_true",
                         help="train even if the codes came from another VQ-VAE than the run's")
+    parser.add_argument("--no-adopt", action="store_true",
+                        help="a conditional prior of under 500k training codes, with 200 test images or more, in "
+                             "one process: skip scoring four guidances after training (`vqgen eval --samples 1000 "
+                             "--seeds 2 --adopt`, a few minutes) and sample at the default")
     add_config_options(parser, TrainConfig, title="training", defaults={**PRIOR_TRAIN_DEFAULTS, **SIZED_TRAINING})
     add_config_options(parser, PriorConfig, skip=PRIOR_FROM_CODES, title="every prior",
                        defaults={"dropout": "sized to the codes and the planned passes",
