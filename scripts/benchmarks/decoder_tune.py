@@ -41,9 +41,7 @@ def prior_draws(prior: torch.nn.Module, codes: torch.Tensor, labels: torch.Tenso
     with torch.no_grad():
         if labels is not None and cfg != 1.0:
             null = torch.full_like(labels, prior.config.num_classes)
-            logits = prior(torch.cat([codes, codes]), torch.cat([labels, null]))
-            b, h, w, k = logits.shape
-            logits = guide(logits.reshape(b, h * w * k), cfg).reshape(b // 2, h, w, k)
+            logits = guide(prior(torch.cat([codes, codes]), torch.cat([labels, null])), cfg)  # halves on dim 0
         else:
             logits = prior(codes, labels).float()
         return torch.distributions.Categorical(logits=logits).sample()
