@@ -53,12 +53,18 @@ class TransformerConfig(PriorConfig):
                               "rule, docs/defaults.md); a PixelCNN's gated layers: 8 when not given")
     n_heads: int = option(4, "attention heads (must divide --d-model)")  # nh; head dim hd = d / nh
     mlp_ratio: int = option(4, "MLP width as a multiple of --d-model")
+    class_modulation: bool = option(False, "also condition every block on the class: a shift and scale of its "
+                                           "normalised inputs (adaptive layer norm); a conditional prior's "
+                                           "default under the little-data rule", since=9)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         for name in ("d_model", "n_layers", "n_heads", "mlp_ratio"):
             if getattr(self, name) < 1:
                 raise VQGenError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.class_modulation and not self.num_classes:
+            raise VQGenError("class_modulation conditions the blocks on the class, but this prior is unconditional "
+                             "(num_classes 0): train on labelled codes, or leave it off")
         if self.d_model % self.n_heads:
             raise VQGenError(
                 f"d_model must be divisible by n_heads, got d_model={self.d_model}, n_heads={self.n_heads}"

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from stage2_prior.config import MaskedConfig, PriorConfig
 from stage2_prior.contract import check_code_shape, drop_codes, drop_labels, resolve_labels
-from stage2_prior.transformer import Block, _init_weights
+from stage2_prior.transformer import Block, _init_weights, block_mods, class_modulation
 from vqgen.core.evaluate.measures import bits
 from vqgen.core.runtime.errors import VQGenError
 
@@ -51,6 +51,7 @@ class MaskedPrior(nn.Module):
         self.blocks = nn.ModuleList(Block(config, causal=False) for _ in range(config.n_layers))
         self.ln_f = nn.LayerNorm(d)
         self.head = nn.Linear(d, config.codebook_size, bias=False)  # never predicts [MASK]
+        self.class_mod = class_modulation(config)
         self.apply(_init_weights)
         for name, p in self.named_parameters():  # GPT-2: residual branches scaled down with depth
             if name.endswith(("attn.proj.weight", "mlp.2.weight")):
@@ -68,10 +69,11 @@ class MaskedPrior(nn.Module):
             labels, codes = drop_labels(labels, cfg), drop_codes(codes, cfg)  # hidden codes stay hidden
         tokens = rearrange(codes.masked_fill(mask, cfg.mask_id), "b h w -> b (h w)")
         positions = rearrange(self.row_emb[:, None] + self.col_emb[None], "h w d -> (h w) d")
-        x = torch.cat([self.class_emb(labels)[:, None], self.code_emb(tokens) + positions], dim=1)  # (b, 1+t, d)
+        class_emb = self.class_emb(labels)  # (b, d)
+        x = torch.cat([class_emb[:, None], self.code_emb(tokens) + positions], dim=1)  # (b, 1+t, d)
         x = self.drop(x)
-        for block in self.blocks:
-            x = block(x)
+        for block, mod in zip(self.blocks, block_mods(self.class_mod, class_emb, cfg.n_layers)):
+            x = block(x, mod)
         logits = self.head(self.ln_f(x[:, 1:]))  # (b, t, k); the class token's output is not a code
         return rearrange(logits, "b (h w) k -> b h w k", h=cfg.grid_height)
 

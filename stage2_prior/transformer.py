@@ -48,6 +48,7 @@ class KVCache:
     v: list[Tensor]
     length: int  # tokens cached: the start token, then codes 0 .. length-2
     logits: Tensor  # (b, k) output of the last cached token: the distribution of code length-1
+    mods: list[Tensor | None]  # each block's (b, 4, d) class modulation (`ClassModulation`), or None
 
 
 class SelfAttention(nn.Module):
@@ -96,15 +97,54 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(d, cfg.mlp_ratio * d), nn.GELU(), nn.Linear(cfg.mlp_ratio * d, d))
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """(b, t, d) -> (b, t, d)."""
-        x = x + self.drop(self.attn(self.ln1(x)))
-        return x + self.drop(self.mlp(self.ln2(x)))
+    def forward(self, x: Tensor, mod: Tensor | None = None) -> Tensor:
+        """(b, t, d) -> (b, t, d); `mod`: this block's (b, 4, d) class modulation or None."""
+        x = x + self.drop(self.attn(modulate(self.ln1(x), mod, 0)))
+        return x + self.drop(self.mlp(modulate(self.ln2(x), mod, 2)))
 
-    def decode(self, x: Tensor, k_cache: Tensor, v_cache: Tensor, pos: int) -> Tensor:
+    def decode(self, x: Tensor, k_cache: Tensor, v_cache: Tensor, pos: int, mod: Tensor | None = None) -> Tensor:
         """(b, 1, d) -> (b, 1, d) for one new token at `pos`."""
-        x = x + self.drop(self.attn.decode(self.ln1(x), k_cache, v_cache, pos))
-        return x + self.drop(self.mlp(self.ln2(x)))
+        x = x + self.drop(self.attn.decode(modulate(self.ln1(x), mod, 0), k_cache, v_cache, pos))
+        return x + self.drop(self.mlp(modulate(self.ln2(x), mod, 2)))
+
+
+class ClassModulation(nn.Module):
+    """Adaptive layer norm by class, as DiT conditions its blocks: the class's embedding (the start token's)
+    mapped by one shared linear layer to a shift and scale of every block's two normalised inputs, before
+    attention and before the MLP. A class owns no weights of its own here, and the map is weight-decayed with
+    the other linear layers; it starts at zero, so a fresh prior computes what it would without it."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.n_layers = cfg.n_layers
+        self.proj = nn.Linear(cfg.d_model, cfg.n_layers * 4 * cfg.d_model)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, class_emb: Tensor) -> list[Tensor]:
+        """(b, d) class embeddings -> each block's (b, 4, d): shift and scale before attention, then the MLP."""
+        return list(rearrange(self.proj(class_emb), "b (l four d) -> l b four d", l=self.n_layers, four=4))
+
+
+def class_modulation(cfg: TransformerConfig) -> ClassModulation | None:
+    """The prior's `ClassModulation` where its config asks for one."""
+    return ClassModulation(cfg) if cfg.class_modulation else None
+
+
+def block_mods(modulation: ClassModulation | None, class_emb: Tensor, n_layers: int) -> list[Tensor | None]:
+    """Each block's class modulation for these (b, d) class embeddings, or None for every block of a prior
+    without one."""
+    return [None] * n_layers if modulation is None else modulation(class_emb)
+
+
+def modulate(x: Tensor, mod: Tensor | None, i: int) -> Tensor:
+    """x (b, t, d) shifted by mod[:, i] and scaled by 1 + mod[:, i+1] (adaptive layer norm); x itself for None."""
+    if mod is None:
+        return x
+    return x * (1 + mod[:, None, i + 1]) + mod[:, None, i]
 
 
 class TransformerPrior(nn.Module):
@@ -122,6 +162,7 @@ class TransformerPrior(nn.Module):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.ln_f = nn.LayerNorm(d)
         self.head = nn.Linear(d, config.codebook_size, bias=False)
+        self.class_mod = class_modulation(config)
         self.apply(_init_weights)
         for name, p in self.named_parameters():  # GPT-2: residual branches scaled down with depth
             if name.endswith(("attn.proj.weight", "mlp.2.weight")):
@@ -140,10 +181,11 @@ class TransformerPrior(nn.Module):
         if self.training:
             labels, codes = drop_labels(labels, cfg), drop_codes(codes, cfg)
         codes = rearrange(codes, "b h w -> b (h w)")
-        tokens = torch.cat([self.start_emb(labels)[:, None], self.code_emb(codes[:, :-1])], dim=1)  # (b, t, d)
+        start = self.start_emb(labels)  # (b, d)
+        tokens = torch.cat([start[:, None], self.code_emb(codes[:, :-1])], dim=1)  # (b, t, d)
         x = self.drop(tokens + self._positions())
-        for block in self.blocks:
-            x = block(x)
+        for block, mod in zip(self.blocks, block_mods(self.class_mod, start, cfg.n_layers)):
+            x = block(x, mod)
         logits = self.head(self.ln_f(x))  # (b, t, k)
         return rearrange(logits, "b (h w) k -> b h w k", h=cfg.grid_height)
 
@@ -153,15 +195,16 @@ class TransformerPrior(nn.Module):
         device, dtype = self.head.weight.device, self.head.weight.dtype
         if torch.is_autocast_enabled(device.type):  # keys and values come out of autocast's linears
             dtype = torch.get_autocast_dtype(device.type)
-        labels = resolve_labels(labels, batch_size, cfg, device)
+        start = self.start_emb(resolve_labels(labels, batch_size, cfg, device))  # (b, d)
         shape = (batch_size, cfg.n_heads, cfg.seq_len, cfg.d_model // cfg.n_heads)  # (b, nh, t, hd)
         cache = KVCache(
             k=[torch.empty(shape, device=device, dtype=dtype) for _ in self.blocks],
             v=[torch.empty(shape, device=device, dtype=dtype) for _ in self.blocks],
             length=0,
             logits=torch.empty(0, device=device),
+            mods=block_mods(self.class_mod, start, cfg.n_layers),
         )
-        self._feed(cache, self.start_emb(labels))
+        self._feed(cache, start)
         return cache
 
     def step(self, cache: KVCache, codes: Tensor, pos: int) -> tuple[Tensor, KVCache]:
@@ -181,15 +224,17 @@ class TransformerPrior(nn.Module):
         pos = cache.length
         row, col = divmod(pos, self.config.grid_width)  # only this position's embedding, not the whole grid's
         x = self.drop(token + (self.row_emb[row] + self.col_emb[col]))[:, None]  # (b, 1, d)
-        for block, k_cache, v_cache in zip(self.blocks, cache.k, cache.v):
-            x = block.decode(x, k_cache, v_cache, pos)
+        for block, k_cache, v_cache, mod in zip(self.blocks, cache.k, cache.v, cache.mods):
+            x = block.decode(x, k_cache, v_cache, pos, mod)
         cache.length = pos + 1
         cache.logits = self.head(self.ln_f(x[:, 0]))  # (b, k)
 
 
 def _init_weights(module: nn.Module) -> None:
-    """GPT-2 style: normal(0, 0.02) weights, zero biases."""
-    if isinstance(module, (nn.Linear, nn.Embedding)):
+    """GPT-2 style: normal(0, 0.02) weights, zero biases; a class modulation starts at zero."""
+    if isinstance(module, ClassModulation):
+        module.reset_parameters()
+    elif isinstance(module, (nn.Linear, nn.Embedding)):
         nn.init.normal_(module.weight, std=0.02)
     if isinstance(module, nn.Linear) and module.bias is not None:
         nn.init.zeros_(module.bias)

@@ -15,8 +15,10 @@ from vqgen.run import Run
 from vqgen.sweep import adoptable, check_adoptable
 
 
-def summary(fid: float, copies: float | None = 0.02, heldout: float = 0.05) -> dict:
+def summary(fid: float, copies: float | None = 0.02, heldout: float = 0.05, accuracy: float | None = None) -> dict:
     samples = {"fid": {"mean": fid, "std": 0.1, "n": 2}}
+    if accuracy is not None:
+        samples["class_accuracy"] = {"mean": accuracy, "std": 0.01, "n": 2}
     if copies is not None:
         samples.update(near_copies_pixels={"mean": copies, "std": 0.0, "n": 2},
                        near_copies_heldout_pixels={"mean": heldout, "std": 0.0, "n": 2})
@@ -32,6 +34,15 @@ def test_the_adopted_setting_has_the_lowest_fid_among_those_that_copy_no_more_th
     assert adoptable([summary(2.0), summary(1.91)]) == 0  # within 5 % of the baseline: a tie keeps it
     assert adoptable([summary(2.0), summary(1.89)]) == 1
     assert adoptable([summary(2.0, copies=0.08), summary(1.99)]) == 1  # the baseline copies: no margin to beat
+
+
+def test_a_setting_that_gives_up_class_accuracy_is_not_adopted():
+    """At most ADOPT_CLASS_LOSS (0.05) below the baseline's class accuracy; gaining it is always allowed."""
+    assert adoptable([summary(2.0, accuracy=0.94), summary(1.6, accuracy=0.82)]) == 0  # 2,000 digits at --cfg 1
+    assert adoptable([summary(2.0, accuracy=0.94), summary(1.6, accuracy=0.82), summary(1.8, accuracy=0.95)]) == 2
+    assert adoptable([summary(2.0, accuracy=0.41), summary(1.6, accuracy=0.37)]) == 1  # within 0.05
+    assert adoptable([summary(2.0, accuracy=0.41), summary(1.6)]) == 1  # not measured: within
+    assert adoptable([summary(2.0, copies=0.08, accuracy=0.9), summary(1.6, accuracy=0.8)]) is None
 
 
 def test_adopt_takes_guidance_only():
@@ -231,5 +242,5 @@ def test_a_refused_adoption_leaves_the_trained_prior_and_says_why_in_one_line(ti
     run = copy_run(tiny_run, tmp_path)
     assert main(["train", "prior", "--run", str(run), *TINY_PRIOR_ARGS]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if "not adopted" in line]
-    assert len(lines) == 1 and "nothing adopted: at every setting the samples are near-copies" in lines[0]
+    assert len(lines) == 1 and "nothing adopted: the first setting's samples are near-copies" in lines[0]
     assert RunLayout(run).prior.trained and not RunLayout(run).prior.sampling.exists()

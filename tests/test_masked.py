@@ -477,3 +477,22 @@ def test_the_script_trains_a_masked_prior(tiny_run, tmp_path):
     config = json.loads((run / "prior" / "config.json").read_text())
     assert config["kind"] == "MaskedConfig" and config["d_model"] == 32
     assert config["dropout"] == 0.0  # sized as for every prior: 3 steps of 16 are 0.5 passes, too few to memorise
+
+
+def test_class_modulation_conditions_every_block_and_never_reads_a_hidden_code():
+    """Zero-initialised it gives the plain prior's logits; trained (drawn here) each class, the null one
+    included, gives its own, and a hidden code still reaches nothing."""
+    plain, prior = make_prior(), make_prior(class_modulation=True)
+    missing, _ = prior.load_state_dict(plain.state_dict(), strict=False)
+    assert missing == ["class_mod.proj.weight", "class_mod.proj.bias"]
+    codes = torch.randint(0, 8, (1, 3, 4), generator=torch.Generator().manual_seed(2)).expand(4, 3, 4)
+    mask = (torch.arange(12) % 3 == 0).reshape(1, 3, 4).expand(4, 3, 4)
+    labels = torch.tensor([0, 1, 2, 3])  # 3 = null
+    with torch.no_grad():
+        torch.testing.assert_close(prior(codes, labels, mask), plain(codes, labels, mask), atol=0, rtol=0)
+        prior.class_mod.proj.weight.normal_(0.0, 0.5)
+        logits = prior(codes, labels, mask)
+        hidden_changed = prior(codes.masked_fill(mask, 5), labels, mask)
+    assert (logits - plain(codes, labels, mask)).abs().amax(dim=(1, 2, 3)).min() > 1e-3
+    assert all((logits[a] - logits[b]).abs().max() > 1e-4 for a in range(4) for b in range(a))
+    torch.testing.assert_close(hidden_changed, logits, atol=0, rtol=0)

@@ -16,6 +16,7 @@ from stage2_prior.registry import PRIORS
 from stage2_prior.sampling import sample_codes
 from stage2_prior.transformer import KVCache, TransformerPrior, one_query_attention
 from vqgen.core.runtime.errors import VQGenError
+from vqgen.core.store.configs import config_from_dict, config_to_dict
 
 KINDS = ["transformer", "pixelcnn"]
 
@@ -317,3 +318,54 @@ def test_cached_sampling_equals_uncached_on_large_grids(kind, side):
             logits, state = prior.step(state, flat, pos)
             worst = max(worst, float((logits - full[:, pos]).abs().max()))
     assert worst < 1e-4, f"cached logits differ from the forward pass by {worst:.2e}"
+
+
+def modulated(prior: TransformerPrior) -> TransformerPrior:
+    """`prior` with its class modulation drawn at random (it starts at zero), so that a test sees it act."""
+    with torch.no_grad():
+        prior.class_mod.proj.weight.normal_(0.0, 0.5)
+    return prior
+
+
+def test_class_modulation_starts_as_the_plain_prior():
+    """Zero-initialised, the modulation leaves a fresh prior's logits those of the same weights without it."""
+    torch.manual_seed(0)
+    plain = make_prior("transformer", num_classes=3).eval()
+    with_mod = make_prior("transformer", num_classes=3, class_modulation=True).eval()
+    missing, unexpected = with_mod.load_state_dict(plain.state_dict(), strict=False)
+    assert missing == ["class_mod.proj.weight", "class_mod.proj.bias"] and not unexpected
+    codes, labels = torch.randint(0, 8, (4, 4, 4)), torch.tensor([0, 1, 2, 3])
+    with torch.no_grad():
+        torch.testing.assert_close(with_mod(codes, labels), plain(codes, labels), atol=0, rtol=0)
+        modulated(with_mod)
+        assert (with_mod(codes, labels) - plain(codes, labels)).abs().max() > 1e-3
+
+
+def test_class_modulation_is_causal_and_cached():
+    """Each grid's class scales and shifts every block: still no code at or after a place reaches its logits,
+    the cached steps equal the forward pass, and each class (null included) gives other logits."""
+    torch.manual_seed(0)
+    prior = modulated(make_prior("transformer", num_classes=3, class_modulation=True)).eval().double()
+    base, changed = perturbed_logits(prior, torch.Generator().manual_seed(1))  # the null class's modulation
+    diff = (changed - base).abs().amax(dim=-1)
+    later_or_same = torch.ones(16, 16).tril().bool()
+    assert diff[later_or_same].max() <= 1e-12 and diff[~later_or_same].min() > 1e-6
+    codes, labels = torch.randint(0, 8, (1, 4, 4)).expand(4, 4, 4), torch.tensor([0, 1, 2, 3])  # one grid
+    with torch.no_grad():
+        full = rearrange(prior(codes, labels), "b h w k -> b (h w) k")
+        state = prior.start(labels, 4)
+        for pos in range(16):
+            logits, state = prior.step(state, rearrange(codes, "b h w -> b (h w)"), pos)
+            torch.testing.assert_close(logits, full[:, pos], atol=1e-10, rtol=0)
+    assert all((full[a] - full[b]).abs().max() > 1e-4 for a in range(4) for b in range(a))
+
+
+def test_class_modulation_needs_classes_and_older_priors_load_without_it():
+    with pytest.raises(VQGenError, match="unconditional"):
+        TransformerConfig(codebook_size=8, grid_height=4, grid_width=4, class_modulation=True)
+    saved = config_to_dict(TransformerConfig(codebook_size=8, grid_height=4, grid_width=4, num_classes=3))
+    del saved["class_modulation"]
+    older = config_from_dict(TransformerConfig, {**saved, "format_version": 8})  # written before the field
+    assert older.class_modulation is False and make_prior("transformer", num_classes=3).class_mod is None
+    with pytest.raises(VQGenError, match="missing fields"):
+        config_from_dict(TransformerConfig, saved)  # a current file without it is damaged

@@ -206,7 +206,7 @@ def test_no_pickle_on_any_load_path():
 def test_config_round_trip():
     cfg = VQVAEConfig(codebook_size=8)
     data = config_to_dict(cfg)
-    assert data["kind"] == "VQVAEConfig" and data["format_version"] == FORMAT_VERSION == 8
+    assert data["kind"] == "VQVAEConfig" and data["format_version"] == FORMAT_VERSION == 9
 
 
 def test_a_version_1_file_without_later_fields_loads_and_a_current_one_without_them_is_refused(tmp_path):

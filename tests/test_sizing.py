@@ -105,6 +105,19 @@ def test_a_transformer_on_little_data_is_twice_as_deep(grids, side, given, kind,
     assert model.get("n_layers") == layers
 
 
+@pytest.mark.parametrize("grids,side,kind,conditional,modulated", [
+    (2_221, 8, "transformer", True, True),     # OpenMoji 32 px, labelled
+    (2_221, 8, "transformer", False, None),    # the same codes, unconditional: no class to modulate by
+    (2_221, 16, "transformer", True, None),    # OpenMoji 64 px: 568k codes
+    (2_221, 8, "pixelcnn", True, None),        # the Transformer's option only
+    (2_221, 8, "masked", True, None),
+])
+def test_a_conditional_transformer_on_little_data_has_the_class_in_every_block(grids, side, kind, conditional,
+                                                                                modulated):
+    model, _ = stage2_defaults(codes(grids, side), {}, kind=kind, conditional=conditional)
+    assert model.get("class_modulation") is modulated
+
+
 def test_every_process_draws_its_own_batch_so_passes_count_them_all():
     assert stage2_defaults(codes(60_000, 8), {})[0] == {"dropout": 0.0}                 # 4.3 passes on one
     assert stage2_defaults(codes(60_000, 8), {}, processes=4)[0] == {"dropout": 0.1}    # 17 passes on four

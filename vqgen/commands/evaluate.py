@@ -23,8 +23,8 @@ from vqgen.core.store.jsonl import JsonlLog
 from vqgen.core.store.weights import weights_fingerprint
 from vqgen.draws import LabelPlan
 from vqgen.run import Run
-from vqgen.sweep import (ADOPT_MARGIN, MIN_SAMPLES, SWEPT_MEASURES, adoptable, check_adoptable, option_names,
-                         parse_sweep, setting_label, shown, varied_settings)
+from vqgen.sweep import (ADOPT_CLASS_LOSS, ADOPT_MARGIN, MIN_SAMPLES, SWEPT_MEASURES, adoptable, check_adoptable,
+                         option_names, parse_sweep, setting_label, shown, varied_settings)
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -161,14 +161,18 @@ def _adopt(run: Run, settings: list[SamplingConfig], summaries: list[dict], n: i
     qualifies."""
     best = adoptable(summaries)
     if best is None:
-        raise VQGenError("nothing adopted: at every setting the samples are near-copies of training images more "
-                         "often than held-out images are (see the table above)")
+        raise VQGenError("nothing adopted: the first setting's samples are near-copies of training images more often "
+                         "than held-out images are, and every other setting's too or it loses more than "
+                         f"{ADOPT_CLASS_LOSS:g} of the first one's class accuracy (see the table above)")
     chosen, fid, baseline = settings[best], summaries[best]["samples"]["fid"]["mean"], settings[0]
     over = f"{n} samples x {len(seeds)} seed{'s' * (len(seeds) > 1)}"
     if best:
+        accuracy = [summaries[i]["samples"].get("class_accuracy") for i in (best, 0)]
         measured = (f"the lowest in-domain FID of {len(settings)} settings, {over}: {fid:.4g} against "
                     f"{summaries[0]['samples']['fid']['mean']:.4g} for --cfg {baseline.cfg_scale:g} --cfg-schedule "
-                    f"{baseline.cfg_schedule}")
+                    f"{baseline.cfg_schedule}"
+                    + (f", class accuracy {accuracy[0]['mean']:.3g} against {accuracy[1]['mean']:.3g}"
+                       if all(isinstance(a, dict) for a in accuracy) else ""))
     elif len(settings) > 1:
         measured = (f"in-domain FID {fid:.4g}, {over}; none of the other {len(settings) - 1} settings more than "
                     f"{ADOPT_MARGIN:.0%} lower")

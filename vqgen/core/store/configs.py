@@ -14,10 +14,11 @@ from typing import Any, TypeVar
 from vqgen.core.runtime.errors import VQGenError
 from vqgen.core.store.atomic import temporary_file
 
-FORMAT_VERSION = 8  # 2: TrainConfig.patience, DataConfig.augment/code_copies; 3: scalable trunk, factorised codes,
+FORMAT_VERSION = 9  # 2: TrainConfig.patience, DataConfig.augment/code_copies; 3: scalable trunk, factorised codes,
                     # streaming data, GPU options, report; 4: the trunk's linear path; 5: its patch fold;
                     # 6: clusters within classes; 7: stage 1's sharpness evaluation; 8: the priors' weight
-                    # average, code dropout and label smoothing; older files still load
+                    # average, code dropout and label smoothing; 9: the class modulation of a Transformer
+                    # prior's blocks; older files still load
 
 T = TypeVar("T")
 
