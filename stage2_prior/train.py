@@ -192,7 +192,8 @@ def sized_defaults(meta: CodesMeta, given_training: dict[str, Any], processes: i
     evaluating the test grids that often would cost more than EVAL_SHARE of the training (`sized_schedule`).
     Batch: all the training grids when they are fewer than the default batch. Regularisation and depth by the
     number of training codes and the passes the run plans over them, given length and batch included, each of
-    the `processes` drawing its own batch, and whether the prior is `conditional` (`sized_model`).
+    the `processes` drawing its own batch, and whether the prior is `conditional` on the data's classes alone, not
+    on clusters of codes (`sized_model`).
     """
     grids = dict(meta.split_sizes).get("train", 0)
     codes = grids * meta.grid_height * meta.grid_width
@@ -204,7 +205,8 @@ def sized_defaults(meta: CodesMeta, given_training: dict[str, Any], processes: i
     planned = training["max_steps"]  # 0: --epochs passes
     passes = planned * batch * processes / max(grids, 1) if planned else given_training.get("epochs",
                                                                                              TrainConfig().epochs)
-    return sized_model(codes, passes, kind, conditional), training
+    by_class = conditional and not (meta.pseudo_labels or meta.condition_classes)  # measured on classes alone
+    return sized_model(codes, passes, kind, by_class), training
 
 
 def conditioned_on(meta: CodesMeta) -> str:

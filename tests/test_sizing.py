@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -116,6 +118,17 @@ def test_a_conditional_transformer_on_little_data_has_the_class_in_every_block(g
                                                                                 modulated):
     model, _ = stage2_defaults(codes(grids, side), {}, kind=kind, conditional=conditional)
     assert model.get("class_modulation") is modulated
+
+
+def test_a_prior_conditioned_on_clusters_keeps_the_start_token_alone():
+    # the class in every block was measured on classes; clusters of codes (alone or within classes) keep the rule
+    # they were measured with
+    clusters = dataclasses.replace(codes(2_221, 8), num_classes=11, class_names=tuple("abcdefghijk"),
+                                   pseudo_labels=True)
+    within = dataclasses.replace(codes(2_221, 8), num_classes=11, class_names=tuple("abcdefghijk"),
+                                 condition_classes=tuple(range(11)) + (10,))
+    assert "class_modulation" not in stage2_defaults(clusters, {}, conditional=True)[0]
+    assert "class_modulation" not in stage2_defaults(within, {}, conditional=True)[0]
 
 
 def test_every_process_draws_its_own_batch_so_passes_count_them_all():
