@@ -125,8 +125,10 @@ class ClassModulation(nn.Module):
         nn.init.zeros_(self.proj.bias)
 
     def forward(self, class_emb: Tensor) -> list[Tensor]:
-        """(b, d) class embeddings -> each block's (b, 4, d): shift and scale before attention, then the MLP."""
-        return list(rearrange(self.proj(class_emb), "b (l four d) -> l b four d", l=self.n_layers, four=4))
+        """(b, d) class embeddings -> each block's (b, 4, d): shift and factor (1 + the learned scale) before
+        attention, then before the MLP. The 1 is added here, once per sample, not at every cached step."""
+        mods = rearrange(self.proj(class_emb), "b (l four d) -> l b four d", l=self.n_layers, four=4)
+        return list(mods + mods.new_tensor([0.0, 1.0, 0.0, 1.0])[:, None])
 
 
 def class_modulation(cfg: TransformerConfig) -> ClassModulation | None:
@@ -141,10 +143,10 @@ def block_mods(modulation: ClassModulation | None, class_emb: Tensor, n_layers: 
 
 
 def modulate(x: Tensor, mod: Tensor | None, i: int) -> Tensor:
-    """x (b, t, d) shifted by mod[:, i] and scaled by 1 + mod[:, i+1] (adaptive layer norm); x itself for None."""
+    """x (b, t, d) scaled by mod[:, i+1] and shifted by mod[:, i] (adaptive layer norm); x itself for None."""
     if mod is None:
         return x
-    return x * (1 + mod[:, None, i + 1]) + mod[:, None, i]
+    return x * mod[:, None, i + 1] + mod[:, None, i]
 
 
 class TransformerPrior(nn.Module):
