@@ -102,6 +102,13 @@ def check_adoptable(items: list[str] | None, given: dict[str, Any]) -> None:
                          "cfg and cfg-schedule alone, or drop --adopt")
 
 
+def sample_mean(summary: dict[str, Any], key: str) -> float | None:
+    """A measure of a setting's samples from its seeds summary: the mean over the seeds (a plain number as is),
+    None where it was not scored."""
+    value = summary["samples"].get(key)
+    return value["mean"] if isinstance(value, dict) else value
+
+
 def adoptable(summaries: list[dict[str, Any]], margin: float = ADOPT_MARGIN,
               class_loss: float = ADOPT_CLASS_LOSS) -> int | None:
     """The setting `--adopt` takes, by index: the lowest mean in-domain FID among the eligible settings, where it
@@ -109,18 +116,17 @@ def adoptable(summaries: list[dict[str, Any]], margin: float = ADOPT_MARGIN,
     Eligible: samples that are near-copies of training images (in pixels) no more often than held-out images
     are, and class accuracy no more than `class_loss` below the baseline's. A setting scored without near-copies
     (a test split under 4 images) or without class accuracy counts as within."""
-    def mean(summary: dict[str, Any], key: str) -> float | None:
-        value = summary["samples"].get(key)
-        return value["mean"] if isinstance(value, dict) else value
-
-    def eligible(i: int) -> bool:
-        copies, heldout = mean(summaries[i], "near_copies_pixels"), mean(summaries[i], "near_copies_heldout_pixels")
-        accuracy, baseline = mean(summaries[i], "class_accuracy"), mean(summaries[0], "class_accuracy")
+    def eligible(summary: dict[str, Any]) -> bool:
+        copies, heldout = sample_mean(summary, "near_copies_pixels"), sample_mean(summary, "near_copies_heldout_pixels")
+        accuracy, baseline = sample_mean(summary, "class_accuracy"), sample_mean(summaries[0], "class_accuracy")
         return ((copies is None or copies <= heldout)
                 and (accuracy is None or baseline is None or accuracy >= baseline - class_loss))
 
-    fair = [i for i in range(len(summaries)) if eligible(i)]
-    best = min(fair, key=lambda i: mean(summaries[i], "fid"), default=None)
-    if best is not None and 0 in fair and mean(summaries[best], "fid") > (1 - margin) * mean(summaries[0], "fid"):
+    def fid(i: int) -> float:
+        return sample_mean(summaries[i], "fid")
+
+    fair = [i for i, summary in enumerate(summaries) if eligible(summary)]
+    best = min(fair, key=fid, default=None)
+    if best is not None and 0 in fair and fid(best) > (1 - margin) * fid(0):
         return 0
     return best

@@ -24,7 +24,7 @@ from vqgen.core.store.weights import weights_fingerprint
 from vqgen.draws import LabelPlan
 from vqgen.run import Run
 from vqgen.sweep import (ADOPT_CLASS_LOSS, ADOPT_MARGIN, MIN_SAMPLES, SWEPT_MEASURES, adoptable, check_adoptable,
-                         option_names, parse_sweep, setting_label, shown, varied_settings)
+                         option_names, parse_sweep, sample_mean, setting_label, shown, varied_settings)
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -164,15 +164,15 @@ def _adopt(run: Run, settings: list[SamplingConfig], summaries: list[dict], n: i
         raise VQGenError("nothing adopted: the first setting's samples are near-copies of training images more often "
                          "than held-out images are, and every other setting's too or it loses more than "
                          f"{ADOPT_CLASS_LOSS:g} of the first one's class accuracy (see the table above)")
-    chosen, fid, baseline = settings[best], summaries[best]["samples"]["fid"]["mean"], settings[0]
+    chosen, fid, baseline = settings[best], sample_mean(summaries[best], "fid"), settings[0]
     over = f"{n} samples x {len(seeds)} seed{'s' * (len(seeds) > 1)}"
     if best:
-        accuracy = [summaries[i]["samples"].get("class_accuracy") for i in (best, 0)]
+        accuracy = [sample_mean(summaries[i], "class_accuracy") for i in (best, 0)]
         measured = (f"the lowest in-domain FID of {len(settings)} settings, {over}: {fid:.4g} against "
-                    f"{summaries[0]['samples']['fid']['mean']:.4g} for --cfg {baseline.cfg_scale:g} --cfg-schedule "
+                    f"{sample_mean(summaries[0], 'fid'):.4g} for --cfg {baseline.cfg_scale:g} --cfg-schedule "
                     f"{baseline.cfg_schedule}"
-                    + (f", class accuracy {accuracy[0]['mean']:.3g} against {accuracy[1]['mean']:.3g}"
-                       if all(isinstance(a, dict) for a in accuracy) else ""))
+                    + (f", class accuracy {accuracy[0]:.3g} against {accuracy[1]:.3g}" if None not in accuracy
+                       else ""))
     elif len(settings) > 1:
         measured = (f"in-domain FID {fid:.4g}, {over}; none of the other {len(settings) - 1} settings more than "
                     f"{ADOPT_MARGIN:.0%} lower")
