@@ -213,7 +213,7 @@ def sized_defaults(meta: CodesMeta, given_training: dict[str, Any], processes: i
     planned = training["max_steps"]  # 0: --epochs passes
     passes = planned * batch * processes / max(grids, 1) if planned else given_training.get("epochs",
                                                                                              TrainConfig().epochs)
-    by_class = conditional and not (meta.pseudo_labels or meta.condition_classes)  # measured on classes alone
+    by_class = conditional and not (meta.pseudo_labels or meta.condition_classes)  # clusters: measured worse
     return sized_model(codes, passes, kind, by_class), training
 
 
