@@ -164,15 +164,15 @@ def sized_dropout(codes: int, passes: float) -> float:
 PRIOR_STEPS = (2000, 8000)  # the sized length's bounds
 
 
-def little_data(codes: int, raster: bool) -> bool:
-    """Whether the little-data rule applies: a raster prior (`PriorKind.raster`) of under FEW_CODES training codes."""
-    return raster and codes < FEW_CODES
+def little_data(codes: int) -> bool:
+    """Whether the little-data rule applies: under FEW_CODES training codes (each rule says which kinds it sizes)."""
+    return codes < FEW_CODES
 
 
 def sized_passes(codes: int, raster: bool = True) -> int:
-    """Passes over the training grids that a prior of `codes` training codes plans: 80 under the little-data rule,
-    else 40."""
-    return 80 if little_data(codes, raster) else 40
+    """Passes over the training grids that a prior of `codes` training codes plans: 80 for a raster prior
+    (`PriorKind.raster`) under the little-data rule, else 40."""
+    return 80 if raster and little_data(codes) else 40
 
 
 def sized_model(codes: int, passes: float, kind: str = DEFAULT_KIND,
@@ -182,7 +182,7 @@ def sized_model(codes: int, passes: float, kind: str = DEFAULT_KIND,
     0.1 and, for a Transformer, LITTLE_DATA_LAYERS blocks; there a conditional Transformer or masked prior also
     has the class modulation (the masked prior nothing else)."""
     dropout = {"dropout": sized_dropout(codes, passes)}
-    if codes >= FEW_CODES or passes < FEW_PASSES:
+    if not little_data(codes) or passes < FEW_PASSES:
         return dropout
     by_class = {"class_modulation": True} if conditional else {}
     if not prior_kind(kind).raster:  # the masked prior keeps its length, size and input codes
