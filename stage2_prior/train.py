@@ -143,7 +143,7 @@ FEW_CODES = 500_000
 # at 64 px (568k codes: 0.910 against 0.901), so the rule counts codes, not images.
 LITTLE_DATA_LAYERS = 8
 # Little data, the class in every block: there a Transformer prior conditioned on classes (not on clusters of codes,
-# which were not measured) also scales and shifts each block's normalised inputs by the class (`class_modulation`,
+# where it measured worse) also scales and shifts each block's normalised inputs by the class (`class_modulation`,
 # docs/benchmarks.md, "The class in every block").
 # On 2,000 shapes the samples' FID went 4.64 -> 2.26 at --cfg 1.5 (class accuracy 0.66 -> 0.85), on 2,000 MNIST digits
 # 0.554 -> 0.471 (0.94 -> 0.95); on OpenMoji 32 px class accuracy 0.41 -> 0.49 while the FID rose 1.73 -> 1.87
@@ -286,7 +286,8 @@ def train_prior(
     report_sized(sized_options, sized_training, {**given_model, **given_training}, resume,
                  why={"dropout": f"{passes:.1f} planned passes over {sizes['train']} training grids, "
                                  f"{'fewer than' if passes < FEW_PASSES else 'at least'} {FEW_PASSES}",
-                      "code_dropout": few_codes, "n_layers": few_codes, "class_modulation": few_codes,
+                      "code_dropout": few_codes, "n_layers": few_codes,
+                      "class_modulation": f"{few_codes}; off with --no-class-modulation",
                       "max_steps": f"{sized_passes(train_codes, raster)} passes over {sizes['train']} training grids, "
                                    f"within {PRIOR_STEPS[0]}-{PRIOR_STEPS[1]}",
                       "eval_every": f"{sizes['test']} test grids, at most {EVAL_SHARE:.0%} of the training"})

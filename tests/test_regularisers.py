@@ -200,13 +200,17 @@ def test_resume_with_every_regulariser_on_continues_exactly(tiny_run, tmp_path, 
         assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), where(a)
 
 
-def test_code_dropout_is_sized_for_a_raster_prior_on_little_data_and_not_for_the_masked_one(tiny_run, tmp_path):
-    # 96 training grids of 16 codes, 60 steps of 16: 10 planned passes over little data (stage2_prior.train)
+def test_code_dropout_is_sized_for_a_raster_prior_on_little_data_and_not_for_the_masked_one(tiny_run, tmp_path,
+                                                                                            capsys):
+    # 96 training grids of 64 codes, 60 steps of 16: 10 planned passes over little data (stage2_prior.train)
     sized = {}
     for kind, size in (("transformer", TINY_TRANSFORMER), ("masked", TINY_MASKED)):
         run = copy_stage1(tiny_run, tmp_path, kind)
         train_prior(run, kind, tiny_train(max_steps=60), size)
         sized[kind] = json.loads((run / "prior" / "config.json").read_text())["code_dropout"]
+        # the class in every block, sized for both kinds of a conditional prior, says how to turn it off
+        said = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
+        assert "class_modulation True (6144 training codes, fewer than 500000; off with --no-class-modulation)" in said
     assert sized == {"transformer": 0.1, "masked": 0.0}
 
 
