@@ -126,15 +126,17 @@ def test_a_conditional_prior_on_little_data_has_the_class_in_every_block(grids, 
     assert model.get("class_modulation") is modulated
 
 
-def test_a_prior_conditioned_on_clusters_keeps_the_start_token_alone():
-    # the class in every block was measured on classes; clusters of codes (alone or within classes) keep the rule
-    # they were measured with
+def test_a_prior_conditioned_on_clusters_alone_has_them_in_every_block_and_within_classes_not():
+    # clusters of codes alone, judged by labelled judges, drew better samples with the cluster in every block (kept
+    # guidance: 2,000 digits 0.830 -> 0.675, 2,000 shapes 11.25 -> 6.50, OpenMoji 32 px 1.44 -> 1.29); clusters
+    # within classes were not measured and keep the start token
     clusters = dataclasses.replace(codes(2_221, 8), num_classes=11, class_names=tuple("abcdefghijk"),
                                    pseudo_labels=True)
     within = dataclasses.replace(codes(2_221, 8), num_classes=11, class_names=tuple("abcdefghijk"),
                                  condition_classes=tuple(range(11)) + (10,))
-    assert "class_modulation" not in stage2_defaults(clusters, {}, conditional=True)[0]
+    assert stage2_defaults(clusters, {}, conditional=True)[0]["class_modulation"] is True
     assert "class_modulation" not in stage2_defaults(within, {}, conditional=True)[0]
+    assert "class_modulation" not in stage2_defaults(clusters, {}, conditional=False)[0]
 
 
 def test_every_process_draws_its_own_batch_so_passes_count_them_all():
