@@ -237,6 +237,21 @@ def test_eval_seeds_give_a_spread_and_a_sweep_scores_every_setting_with_the_same
     assert "sweep over temperature, cfg: 2 seed(s) each" in out and "temperature 0.5, cfg 3.0" in out
 
 
+def test_eval_trains_its_judge_for_the_steps_stage_1_uses_unless_told(tiny_run, tmp_path, monkeypatch):
+    """One number for both (`quality.JUDGE_STEPS`, 600; 20 under the tests' conftest), so a test that shortens
+    it shortens `vqgen eval`'s judge too; `--judge-steps` overrides it."""
+    from vqgen.core.evaluate import quality
+
+    monkeypatch.setattr(quality, "JUDGE_STEPS", 3)
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    judge_config = run / "judge" / "config.json"
+    assert main(["eval", "--run", str(run), "--samples", "8"]) == 0
+    assert json.loads(judge_config.read_text())["steps"] == 3
+    assert main(["eval", "--run", str(run), "--samples", "8", "--retrain-judge", "--judge-steps", "4"]) == 0
+    assert json.loads(judge_config.read_text())["steps"] == 4
+
+
 def test_eval_scores_samples_beside_real_images(tiny_run, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)

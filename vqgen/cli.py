@@ -181,8 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --samples: also the standard Inception FID, KID and precision/recall (needs "
                         "torch-fidelity and its weights)")
     p.add_argument("--retrain-judge", action="store_true", help="train the run's judge again instead of reusing it")
-    p.add_argument("--judge-steps", type=int, default=600,
-                   help="training steps of the judge, when it is trained (default: 600)")
+    p.add_argument("--judge-steps", type=int,
+                   help="training steps of the judge, when it is trained (default: 600, as stage 1's)")
     p.add_argument("--batch-size", type=int, default=1000, help="samples per batch (default: 1000)")
     _add_precision_option(p, "; the judge and the reconstructions run in full precision")
     _add_sampling_options(p)

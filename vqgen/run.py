@@ -336,14 +336,15 @@ class Run:
             metrics.update(self.kind.held_out(self.prior, self.prior.config, batches, lambda x: x))
         return metrics
 
-    def judge(self, data: ImageData, retrain: bool = False, steps: int = 600) -> quality.Judge:
-        """The run's judge: trained once on its training images (their labels, or rotations when unlabelled),
-        then cached in the run directory (or, for a model that is only read, in its outputs folder)."""
+    def judge(self, data: ImageData, retrain: bool = False, steps: int | None = None) -> quality.Judge:
+        """The run's judge: trained once on its training images (their labels, or rotations when unlabelled;
+        `steps`, default `quality.JUDGE_STEPS`), then cached in the run directory (or, for a model that is only
+        read, in its outputs folder)."""
         return quality.run_judge(self.outputs.judge, data, self.device, retrain, steps)
 
     def sample_quality(self, accelerator: Accelerator, n: int, data: ImageData | None = None,
                        sampling: SamplingConfig = SamplingConfig(), seed: int = 0, batch_size: int = 1000,
-                       retrain_judge: bool = False, inception: bool = False, judge_steps: int = 600,
+                       retrain_judge: bool = False, inception: bool = False, judge_steps: int | None = None,
                        closest_pairs: str | Path | None = None) -> dict[str, dict[str, float]]:
         """How good n samples are against the test split, beside what n real training images score.
 

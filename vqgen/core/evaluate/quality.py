@@ -97,7 +97,7 @@ class JudgeConfig:
     num_classes: int = 0
     width: int = 32
     task: str = "rotation"
-    steps: int = 600
+    steps: int = JUDGE_STEPS
     batch_size: int = 64
     learning_rate: float = 2e-3
     seed: int = 0
