@@ -20,8 +20,9 @@ def at_least(args: argparse.Namespace, lowest: int, *names: str) -> None:
     """Refuse an integer option below `lowest`, naming its flag: `--n must be >= 1, got 0` (one left out, None,
     passes)."""
     for name in names:
-        if getattr(args, name) is not None and getattr(args, name) < lowest:
-            raise VQGenError(f"--{name.replace('_', '-')} must be >= {lowest}, got {getattr(args, name)}")
+        value = getattr(args, name)
+        if value is not None and value < lowest:
+            raise VQGenError(f"--{name.replace('_', '-')} must be >= {lowest}, got {value}")
 
 
 def sampling_options(args: argparse.Namespace) -> SamplingConfig:
