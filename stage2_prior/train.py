@@ -215,7 +215,8 @@ def sized_defaults(meta: CodesMeta, given_training: dict[str, Any], processes: i
     planned = training["max_steps"]  # 0: --epochs passes
     passes = planned * batch * processes / max(grids, 1) if planned else given_training.get("epochs",
                                                                                              TrainConfig().epochs)
-    # classes, or clusters of codes alone (measured better on all three datasets); clusters within classes: not measured
+    # classes, or clusters of codes alone (better on all three datasets, or level on the shapes for the masked prior);
+    # clusters within classes: not measured
     by_class = conditional and not meta.condition_classes
     return sized_model(codes, passes, kind, by_class), training
 

@@ -29,7 +29,7 @@ from vqgen.core.store.jsonl import JsonlLog
 
 
 def condition(run: Path, out: Path, args: list[str], prior_args: list[str], judge: Path | None,
-              samples: int, seeds: int, judge_steps: int) -> dict:
+              samples: int, seeds: int, judge_steps: int | None) -> dict:
     """Encode, train and score one condition in `out`; its row of the table."""
     shutil.rmtree(out, ignore_errors=True)
     shutil.copytree(run / "vqvae", out / "vqvae", ignore=shutil.ignore_patterns("state", ".lock"))
@@ -41,8 +41,9 @@ def condition(run: Path, out: Path, args: list[str], prior_args: list[str], judg
     seconds = time.perf_counter() - start
     if judge is not None:
         shutil.copytree(judge, out / "judge")
-    scoring = ["eval", "--run", str(out), "--samples", str(samples), "--seeds", str(seeds), "--judge-steps",
-               str(judge_steps)]
+    scoring = ["eval", "--run", str(out), "--samples", str(samples), "--seeds", str(seeds)]
+    if judge_steps is not None:
+        scoring += ["--judge-steps", str(judge_steps)]
     if vqgen(scoring) != 0:
         sys.exit(f"error: vqgen {' '.join(scoring)} failed")
     record = JsonlLog(out / "evaluations.jsonl").read()[-1]
@@ -73,7 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="more options for `vqgen train prior`, comma-separated (--prior-args=--dropout,0.1)")
     p.add_argument("--samples", type=int, default=1000)
     p.add_argument("--seeds", type=int, default=2)
-    p.add_argument("--judge-steps", type=int, default=600)
+    p.add_argument("--judge-steps", type=int, help="judge training steps (default: vqgen eval's, 600)")
     args = p.parse_args(argv)
     args.conditions = {}
     for spec in args.condition:

@@ -60,7 +60,7 @@ def best_vs_last(metrics_file: Path, metric: str) -> dict[str, float]:
 
 
 def score(run_dir: Path, judge: Path, settings: list[tuple[float, float]], n: int, seed: int,
-          judge_steps: int) -> list[dict]:
+          judge_steps: int | None) -> list[dict]:
     """Sample quality at each (cfg, temperature), the scale constant over the draw, with the dataset's judge."""
     layout = RunLayout(run_dir)
     if (judge / "model.safetensors").is_file() and not layout.judge.trained:
@@ -91,7 +91,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--existing", default=None, help="score this trained run instead of training one")
     p.add_argument("--unconditional", action="store_true", help="also train and score an unconditional prior")
     p.add_argument("--judge", default=None, help="the dataset's judge folder (default: OUT/judges/NAME)")
-    p.add_argument("--judge-steps", type=int, default=600, help="judge training steps (default: 600)")
+    p.add_argument("--judge-steps", type=int, help="judge training steps (default: vqgen eval's, 600)")
     p.add_argument("--samples", type=int, default=1000, help="samples per setting (default: 1000)")
     p.add_argument("--sweep", default="1:1,1.5:1,2:1,3:1,2:0.9",
                    help="cfg:temperature settings to score (default: 1:1,1.5:1,2:1,3:1,2:0.9)")
