@@ -12,7 +12,7 @@ from vqgen.cli import main
 from vqgen.core.runtime.errors import VQGenError
 from vqgen.core.store.layout import RunLayout
 from vqgen.run import Run
-from vqgen.sweep import adoptable, check_adoptable
+from vqgen.sweep import adoptable, check_adoptable, ineligible
 
 
 def summary(fid: float, copies: float | None = 0.02, heldout: float = 0.05, accuracy: float | None = None) -> dict:
@@ -43,6 +43,45 @@ def test_a_setting_that_gives_up_class_accuracy_is_not_adopted():
     assert adoptable([summary(2.0, accuracy=0.41), summary(1.6, accuracy=0.37)]) == 1  # within 0.05
     assert adoptable([summary(2.0, accuracy=0.41), summary(1.6)]) == 1  # not measured: within
     assert adoptable([summary(2.0, copies=0.08, accuracy=0.9), summary(1.6, accuracy=0.8)]) is None
+
+
+def test_a_setting_not_eligible_says_why():
+    assert ineligible(summary(2.0, copies=0.05), summary(2.0)) is None  # as often as held-out images: within
+    assert ineligible(summary(2.0, copies=0.06), summary(2.0)) == "near-copies 0.06 against held-out images' 0.05"
+    assert ineligible(summary(1.6, accuracy=0.82), summary(2.0, accuracy=0.94)) == \
+        "class accuracy 0.82, more than 0.05 below 0.94"
+    assert ineligible(summary(1.6, accuracy=0.9), summary(2.0, accuracy=0.94)) is None
+
+
+def test_the_adoption_line_names_the_settings_passed_over_and_why(tiny_run, tmp_path, capsys):
+    """2,000 MNIST digits, 35 clusters within the classes: the default and rising to 4 copied training images
+    more often than held-out images and no guidance lost the class, so rising to 8 was adopted at twice the
+    default's FID. The line said "the lowest in-domain FID of 4 settings"; it now says which were eligible."""
+    from vqgen.commands.evaluate import _adopt
+    from vqgen.core.runtime.console import make_console
+
+    run = copy_run(tiny_run, tmp_path)
+    measured = [summary(0.4438, copies=0.06, heldout=0.046, accuracy=0.942),
+                summary(0.4047, copies=0.027, heldout=0.046, accuracy=0.8505),
+                summary(0.5829, copies=0.0605, heldout=0.046, accuracy=0.9515),
+                summary(0.9511, copies=0.026, heldout=0.046, accuracy=0.9025)]
+    settings = [SamplingConfig(cfg_scale=scale, cfg_schedule=schedule) for scale, schedule in ADOPT_CANDIDATES]
+    _adopt(Run.load(run), settings, measured, 1000, [0, 1], make_console())
+    adopted = json.loads(RunLayout(run).prior.sampling.read_text())
+    assert (adopted["cfg_scale"], adopted["cfg_schedule"]) == ADOPT_CANDIDATES[3]
+    assert adopted["measured"] == (
+        "the lowest in-domain FID of the 1 eligible of 4 settings, 1000 samples x 2 seeds: 0.9511 against 0.4438 for "
+        "--cfg 1.5 --cfg-schedule constant, class accuracy 0.902 against 0.942; not eligible: --cfg 1.5 "
+        "--cfg-schedule constant (near-copies 0.06 against held-out images' 0.046), --cfg 1 --cfg-schedule constant "
+        "(class accuracy 0.851, more than 0.05 below 0.942), --cfg 4 --cfg-schedule linear (near-copies 0.0605 "
+        "against held-out images' 0.046)")
+    assert adopted["measured"] in " ".join(capsys.readouterr().out.split())
+
+    everyone = [summary(2.0, accuracy=0.94), summary(1.6, accuracy=0.82), summary(1.95, accuracy=0.95)]
+    _adopt(Run.load(run), settings[:3], everyone, 1000, [0, 1], make_console())
+    assert json.loads(RunLayout(run).prior.sampling.read_text())["measured"] == (
+        "in-domain FID 2, 1000 samples x 2 seeds; none of the other 1 eligible settings more than 5% lower; not "
+        "eligible: --cfg 1 --cfg-schedule constant (class accuracy 0.82, more than 0.05 below 0.94)")
 
 
 def test_adopt_takes_guidance_only():

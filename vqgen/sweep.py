@@ -109,23 +109,29 @@ def sample_mean(summary: dict[str, Any], key: str) -> float | None:
     return value["mean"] if isinstance(value, dict) else value
 
 
+def ineligible(summary: dict[str, Any], baseline: dict[str, Any], class_loss: float = ADOPT_CLASS_LOSS) -> str | None:
+    """Why a setting's `summary` cannot be adopted beside the `baseline` setting's, in a few words; None when it can.
+    Not eligible: samples that are near-copies of training images (in pixels) more often than held-out images are,
+    or class accuracy more than `class_loss` below the baseline's. A setting scored without near-copies (a test
+    split under 4 images) or without class accuracy counts as within."""
+    copies, heldout = sample_mean(summary, "near_copies_pixels"), sample_mean(summary, "near_copies_heldout_pixels")
+    if copies is not None and copies > heldout:
+        return f"near-copies {copies:.3g} against held-out images' {heldout:.3g}"
+    accuracy, least = sample_mean(summary, "class_accuracy"), sample_mean(baseline, "class_accuracy")
+    if accuracy is not None and least is not None and accuracy < least - class_loss:
+        return f"class accuracy {accuracy:.3g}, more than {class_loss:g} below {least:.3g}"
+    return None
+
+
 def adoptable(summaries: list[dict[str, Any]], margin: float = ADOPT_MARGIN,
               class_loss: float = ADOPT_CLASS_LOSS) -> int | None:
-    """The setting `--adopt` takes, by index: the lowest mean in-domain FID among the eligible settings, where it
-    is more than `margin` below the first setting's (the baseline, else kept); None when none is eligible.
-    Eligible: samples that are near-copies of training images (in pixels) no more often than held-out images
-    are, and class accuracy no more than `class_loss` below the baseline's. A setting scored without near-copies
-    (a test split under 4 images) or without class accuracy counts as within."""
-    def eligible(summary: dict[str, Any]) -> bool:
-        copies, heldout = sample_mean(summary, "near_copies_pixels"), sample_mean(summary, "near_copies_heldout_pixels")
-        accuracy, baseline = sample_mean(summary, "class_accuracy"), sample_mean(summaries[0], "class_accuracy")
-        return ((copies is None or copies <= heldout)
-                and (accuracy is None or baseline is None or accuracy >= baseline - class_loss))
-
+    """The setting `--adopt` takes, by index: the lowest mean in-domain FID among the eligible settings
+    (`ineligible`), where it is more than `margin` below the first setting's (the baseline, else kept); None when
+    none is eligible."""
     def fid(i: int) -> float:
         return sample_mean(summaries[i], "fid")
 
-    fair = [i for i, summary in enumerate(summaries) if eligible(summary)]
+    fair = [i for i, summary in enumerate(summaries) if ineligible(summary, summaries[0], class_loss) is None]
     best = min(fair, key=fid, default=None)
     if best is not None and 0 in fair and fid(best) > (1 - margin) * fid(0):
         return 0

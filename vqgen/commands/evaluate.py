@@ -24,7 +24,7 @@ from vqgen.core.store.weights import weights_fingerprint
 from vqgen.draws import LabelPlan
 from vqgen.run import Run
 from vqgen.sweep import (ADOPT_CLASS_LOSS, ADOPT_MARGIN, MIN_SAMPLES, SWEPT_MEASURES, adoptable, check_adoptable,
-                         option_names, parse_sweep, sample_mean, setting_label, shown, varied_settings)
+                         ineligible, option_names, parse_sweep, sample_mean, setting_label, shown, varied_settings)
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -164,25 +164,36 @@ def _adopt(run: Run, settings: list[SamplingConfig], summaries: list[dict], n: i
         raise VQGenError("nothing adopted: the first setting's samples are near-copies of training images more often "
                          "than held-out images are, and every other setting's too or it loses more than "
                          f"{ADOPT_CLASS_LOSS:g} of the first one's class accuracy (see the table above)")
-    chosen, fid, baseline = settings[best], sample_mean(summaries[best], "fid"), settings[0]
+    chosen, fid = settings[best], sample_mean(summaries[best], "fid")
     over = f"{n} samples x {len(seeds)} seed{'s' * (len(seeds) > 1)}"
+    # the settings passed over whatever their FID, and why: a lower FID among them is not what was adopted
+    passed = [f"{_guidance(settings[i])} ({why})" for i, summary in enumerate(summaries)
+              if (why := ineligible(summary, summaries[0]))]
+    eligible = len(settings) - len(passed)
+    among = f"the {eligible} eligible of {len(settings)}" if passed else f"{len(settings)}"
     if best:
         accuracy = [sample_mean(summaries[i], "class_accuracy") for i in (best, 0)]
-        measured = (f"the lowest in-domain FID of {len(settings)} settings, {over}: {fid:.4g} against "
-                    f"{sample_mean(summaries[0], 'fid'):.4g} for --cfg {baseline.cfg_scale:g} --cfg-schedule "
-                    f"{baseline.cfg_schedule}"
+        measured = (f"the lowest in-domain FID of {among} settings, {over}: {fid:.4g} against "
+                    f"{sample_mean(summaries[0], 'fid'):.4g} for {_guidance(settings[0])}"
                     + (f", class accuracy {accuracy[0]:.3g} against {accuracy[1]:.3g}" if None not in accuracy
                        else ""))
     elif len(settings) > 1:
-        measured = (f"in-domain FID {fid:.4g}, {over}; none of the other {len(settings) - 1} settings more than "
+        others = f"{eligible - 1} eligible" if passed else f"{len(settings) - 1}"
+        measured = (f"in-domain FID {fid:.4g}, {over}; none of the other {others} settings more than "
                     f"{ADOPT_MARGIN:.0%} lower")
     else:
         measured = f"in-domain FID {fid:.4g}, {over}"
+    if passed:
+        measured += f"; not eligible: {', '.join(passed)}"
     adopted = AdoptedGuidance(cfg_scale=chosen.cfg_scale, cfg_schedule=chosen.cfg_schedule,
                               prior_weights=weights_fingerprint(run.layout.prior.path), measured=measured)
     save_config(adopted, run.layout.prior.sampling)
     console.print(f"adopted --cfg {chosen.cfg_scale:g} --cfg-schedule {chosen.cfg_schedule} for this prior "
                   f"({measured}) -> {run.layout.prior.sampling}")
+
+
+def _guidance(sampling: SamplingConfig) -> str:
+    return f"--cfg {sampling.cfg_scale:g} --cfg-schedule {sampling.cfg_schedule}"
 
 
 def _measure_table(console, n: int, n_test: int, n_real: int, seeds: list[int], summary: dict) -> None:
