@@ -39,7 +39,9 @@ def default_pseudo_classes(train_images: int) -> int:
 # Clusters within each class of labelled data (docs/unlabelled.md, "Labelled folders"): off unless asked for
 # (`--class-clusters K`). Measured on one stage 1 each, priors at equal budgets, in-domain FID at --cfg 1.5 over
 # two sampling seeds: 4 per class made OpenMoji 32 px 8 % better than its 11 classes but the shapes 15 % worse,
-# so the classes alone stay the default. K per class at most, and one per IMAGES_PER_CLASS_CLUSTER of the
+# so the classes alone stay the default; against today's labelled default (the class in every block) 4 per class
+# drew 2,000 digits 16 % better, OpenMoji 32 px level with less of the class (docs/benchmarks.md, "Clusters within
+# classes, with the class in every block"). K per class at most, and one per IMAGES_PER_CLASS_CLUSTER of the
 # class's training images, so a small class keeps fewer.
 CLASS_CLUSTERS = 0
 IMAGES_PER_CLASS_CLUSTER = 50
