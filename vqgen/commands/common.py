@@ -25,6 +25,11 @@ def at_least(args: argparse.Namespace, lowest: int, *names: str) -> None:
             raise VQGenError(f"--{name.replace('_', '-')} must be >= {lowest}, got {value}")
 
 
+def guidance_flags(sampling: SamplingConfig) -> str:
+    """"--cfg 1.5 --cfg-schedule constant": a setting's guidance as the options that ask for it."""
+    return f"--cfg {sampling.cfg_scale:g} --cfg-schedule {sampling.cfg_schedule}"
+
+
 def sampling_options(args: argparse.Namespace) -> SamplingConfig:
     """The sampling options of the parsed command line, checked."""
     return SamplingConfig(**given_options(args, SamplingConfig))
@@ -44,7 +49,7 @@ def guidance_note(run: Run, given: SamplingConfig) -> str | None:
     if run.adopted is None:
         return None
     used = run.sampling(given)
-    return (f"guidance --cfg {used.cfg_scale:g} --cfg-schedule {used.cfg_schedule}: {' and '.join(left)} as adopted "
+    return (f"guidance {guidance_flags(used)}: {' and '.join(left)} as adopted "
             f"for this prior ({run.adopted.measured})")
 
 

@@ -13,7 +13,7 @@ from rich.table import Table
 from stage2_prior.config import ADOPT_CANDIDATES, SamplingConfig
 from stage2_prior.registry import AdoptedGuidance, load_adopted
 from vqgen.arguments import given_options
-from vqgen.commands.common import at_least, prior_sampling, sampling_options
+from vqgen.commands.common import at_least, guidance_flags, prior_sampling, sampling_options
 from vqgen.core.evaluate.seeds import aggregate_seeds, compare_paired
 from vqgen.core.runtime.console import make_console
 from vqgen.core.runtime.errors import VQGenError
@@ -167,14 +167,14 @@ def _adopt(run: Run, settings: list[SamplingConfig], summaries: list[dict], n: i
     chosen, fid = settings[best], sample_mean(summaries[best], "fid")
     over = f"{n} samples x {len(seeds)} seed{'s' * (len(seeds) > 1)}"
     # the settings passed over whatever their FID, and why: a lower FID among them is not what was adopted
-    passed = [f"{_guidance(settings[i])} ({why})" for i, summary in enumerate(summaries)
+    passed = [f"{guidance_flags(settings[i])} ({why})" for i, summary in enumerate(summaries)
               if (why := ineligible(summary, summaries[0]))]
     eligible = len(settings) - len(passed)
     among = f"the {eligible} eligible of {len(settings)}" if passed else f"{len(settings)}"
     if best:
         accuracy = [sample_mean(summaries[i], "class_accuracy") for i in (best, 0)]
         measured = (f"the lowest in-domain FID of {among} settings, {over}: {fid:.4g} against "
-                    f"{sample_mean(summaries[0], 'fid'):.4g} for {_guidance(settings[0])}"
+                    f"{sample_mean(summaries[0], 'fid'):.4g} for {guidance_flags(settings[0])}"
                     + (f", class accuracy {accuracy[0]:.3g} against {accuracy[1]:.3g}" if None not in accuracy
                        else ""))
     elif len(settings) > 1:
@@ -188,12 +188,8 @@ def _adopt(run: Run, settings: list[SamplingConfig], summaries: list[dict], n: i
     adopted = AdoptedGuidance(cfg_scale=chosen.cfg_scale, cfg_schedule=chosen.cfg_schedule,
                               prior_weights=weights_fingerprint(run.layout.prior.path), measured=measured)
     save_config(adopted, run.layout.prior.sampling)
-    console.print(f"adopted --cfg {chosen.cfg_scale:g} --cfg-schedule {chosen.cfg_schedule} for this prior "
+    console.print(f"adopted {guidance_flags(chosen)} for this prior "
                   f"({measured}) -> {run.layout.prior.sampling}")
-
-
-def _guidance(sampling: SamplingConfig) -> str:
-    return f"--cfg {sampling.cfg_scale:g} --cfg-schedule {sampling.cfg_schedule}"
 
 
 def _measure_table(console, n: int, n_test: int, n_real: int, seeds: list[int], summary: dict) -> None:

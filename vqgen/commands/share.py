@@ -8,6 +8,7 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
+from vqgen.commands.common import guidance_flags
 from vqgen.core.runtime.console import make_console
 from vqgen.core.runtime.errors import VQGenError
 from vqgen.core.share import hub
@@ -64,6 +65,6 @@ def _export(args: argparse.Namespace, to: Path, repo: hub.RepoId | None, console
         sampling = run.sampling()  # the prior's defaults, as `vqgen sample` draws
         _, images = run.sample(Accelerator(), EXPORT_SAMPLES, labels, sampling, seed=0)
         save_grid(images, grid, nrow=8)
-        console.print(f"the run has no samples: drew {EXPORT_SAMPLES} (seed 0, --cfg {sampling.cfg_scale:g} "
-                      f"--cfg-schedule {sampling.cfg_schedule}) for the card")
+        console.print(f"the run has no samples: drew {EXPORT_SAMPLES} (seed 0, {guidance_flags(sampling)}) "
+                      "for the card")
         return export_run(location.layout, to, card, args.overwrite, grid=grid)
