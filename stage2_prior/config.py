@@ -24,8 +24,8 @@ class PriorConfig:
     code_dropout: float = option(0.0, "share of the input codes replaced by random codes while training; the "
                                       "targets stay the true codes (0: off)", since=8)
     label_smoothing: float = option(0.0, "label smoothing of the training loss (0: off); the prior then puts "
-                                         "about this share of every draw on random codes, so sample with "
-                                         "--top-k; the held-out number stays the true negative log-likelihood",
+                                         "about this share of every draw on random codes, which --top-p 1 - E "
+                                         "cuts off; the held-out number stays the true negative log-likelihood",
                                     since=8)
 
     def __post_init__(self) -> None:

@@ -27,6 +27,7 @@ from stage2_prior.contract import drop_codes
 from stage2_prior.masked import MaskedPrior, draw_masks, masked_loss
 from stage2_prior.pixelcnn import PixelCNNPrior
 from stage2_prior.raster import raster_loss
+from stage2_prior.sampling import filter_logits
 from stage2_prior.train import train_prior
 from stage2_prior.transformer import TransformerPrior
 from vqgen.core.runtime.errors import VQGenError
@@ -248,7 +249,17 @@ def test_configs_written_before_the_regularisers_load_with_them_off():
             config_from_dict(type(cfg), {**old, "format_version": 8})
 
 
-def test_sampling_a_label_smoothed_prior_without_top_k_warns_in_one_line(tiny_run, tmp_path, capsys):
+def test_the_nucleus_at_one_minus_the_smoothing_keeps_exactly_the_unsmoothed_codes():
+    k, smoothing = 512, 0.1
+    true = torch.zeros(k)
+    true[[3, 70, 200, 301, 511]] = torch.tensor([0.4, 0.3, 0.2, 0.06, 0.04])
+    learned = (1 - smoothing) * true + smoothing / k  # what a prior trained with label smoothing predicts
+    kept = filter_logits(learned.log()[None], top_p=1 - smoothing)[0].isfinite()
+    assert kept.tolist() == (true > 0).tolist()
+    assert filter_logits(learned.log()[None], top_p=1.0)[0].isfinite().all()  # the whole distribution otherwise
+
+
+def test_sampling_a_label_smoothed_prior_without_a_filter_warns_in_one_line(tiny_run, tmp_path, capsys):
     from vqgen.cli import main
 
     run = copy_stage1(tiny_run, tmp_path)
@@ -257,6 +268,9 @@ def test_sampling_a_label_smoothed_prior_without_top_k_warns_in_one_line(tiny_ru
     assert main(["sample", "--run", str(run), "--n", "2", "--out", str(tmp_path / "a")]) == 0
     out = capsys.readouterr().out
     assert "this prior was trained with --label-smoothing 0.1, so about 10% of its draws are random codes; " \
-           "sample with --top-k (e.g. 16) to cut them off" in " ".join(out.split())
-    assert main(["sample", "--run", str(run), "--n", "2", "--top-k", "16", "--out", str(tmp_path / "b")]) == 0
-    assert "label-smoothing" not in capsys.readouterr().out
+           "--top-p 0.9 cuts them off, and `vqgen eval --samples 1000` says whether the samples then copy " \
+           "training images" in " ".join(out.split())
+    assert json.loads((tmp_path / "a" / "settings.json").read_text())["top_p"] is None  # drawn as asked
+    for flag, value in (("--top-p", "0.9"), ("--top-k", "16")):
+        assert main(["sample", "--run", str(run), "--n", "2", flag, value, "--out", str(tmp_path / flag)]) == 0
+        assert "label-smoothing" not in capsys.readouterr().out

@@ -71,11 +71,13 @@ def as_flags(config) -> dict:
 
 
 def smoothing_warning(prior: PriorConfig, sampling: SamplingConfig) -> str | None:
-    """A prior trained with label smoothing puts about that share of every draw on random codes: one line
-    saying so when neither --top-k nor --top-p cuts them off (measured: docs/benchmarks.md, "Regularising the
-    prior on little data")."""
+    """A prior trained with label smoothing E spreads that share of every prediction over all K codes, so about E
+    of its draws are random codes: one line saying so when neither --top-k nor --top-p cuts them off. The nucleus
+    at 1 - E leaves out about that share; whether it then copies training images is data's to say (measured:
+    docs/benchmarks.md, "Label smoothing at the current defaults")."""
     smoothing = prior.label_smoothing
     if not smoothing or sampling.top_k is not None or sampling.top_p is not None:
         return None
     return (f"this prior was trained with --label-smoothing {smoothing:g}, so about {smoothing:.0%} of its draws "
-            "are random codes; sample with --top-k (e.g. 16) to cut them off")
+            f"are random codes; --top-p {1 - smoothing:g} cuts them off, and `vqgen eval --samples 1000` says "
+            "whether the samples then copy training images")
