@@ -129,7 +129,7 @@ def test_eval_adopt_records_the_best_candidate_and_later_commands_sample_with_it
 
     monkeypatch.setenv("COLUMNS", "1000")  # the table unwrapped
     assert main(["info", "--run", str(run)]) == 0
-    assert f"samples with --cfg {best['cfg_scale']} --cfg-schedule {best['cfg_schedule']}" in capsys.readouterr().out
+    assert f"samples with --cfg {best['cfg_scale']:g} --cfg-schedule {best['cfg_schedule']}" in capsys.readouterr().out
     monkeypatch.delenv("COLUMNS")
     # an export carries it, and the exported model samples with it
     assert main(["export", "--run", str(run), "--to", str(tmp_path / "shared")]) == 0

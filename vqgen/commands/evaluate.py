@@ -50,7 +50,7 @@ def cmd_info(args: argparse.Namespace) -> None:
             settings += f"\ndata: {read_json(run.vqvae.data_config, 'data config').get('source')}"
         adopted = load_adopted(run.prior) if name == "prior" else None
         if adopted is not None:
-            settings += (f"\nsamples with --cfg {adopted.cfg_scale} --cfg-schedule {adopted.cfg_schedule} (adopted: "
+            settings += (f"\nsamples with --cfg {adopted.cfg_scale:g} --cfg-schedule {adopted.cfg_schedule} (adopted: "
                          f"{adopted.measured})")
         tests = [r for r in JsonlLog(metrics_file).read() if r.get("split") == "test"] if metrics_file else []
         table.add_row(name, settings, _test_summary(tests))
