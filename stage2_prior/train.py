@@ -205,16 +205,18 @@ def sized_defaults(meta: CodesMeta, given_training: dict[str, Any], processes: i
     the `processes` drawing its own batch, and whether the prior is `conditional` on the data's classes or on
     clusters of codes alone, not on clusters within classes (`sized_model`).
     """
-    grids = dict(meta.split_sizes).get("train", 0)
+    # one grid per training image: augmented copies (--code-copies) add variety, not images, so they change neither
+    # the length in passes nor the rules; the batch is drawn from every grid
+    grids = meta.distinct_train_grids
     codes = grids * meta.grid_height * meta.grid_width
-    small = sized_batch(given_training, TRAIN_DEFAULTS["batch_size"], grids)
+    small = sized_batch(given_training, TRAIN_DEFAULTS["batch_size"], dict(meta.split_sizes).get("train", 0))
     batch = {**TRAIN_DEFAULTS, **small, **given_training}["batch_size"]  # the batch the run will use
     steps = steps_for_passes(grids, batch, sized_passes(codes, prior_kind(kind).raster), *PRIOR_STEPS)
     training = {**sized_schedule(given_training, steps, evaluations=20, batch=batch * processes,
                                  held_out=dict(meta.split_sizes).get("test", 0)), **small}
     planned = training["max_steps"]  # 0: --epochs passes
-    passes = planned * batch * processes / max(grids, 1) if planned else given_training.get("epochs",
-                                                                                             TrainConfig().epochs)
+    epochs = given_training.get("epochs", TrainConfig().epochs) * (1 + meta.train_copies)  # passes over all grids
+    passes = planned * batch * processes / max(grids, 1) if planned else epochs
     # classes, or clusters of codes alone (better on all three datasets, or level on the shapes for the masked prior);
     # clusters within classes keep the start token: in every block their kept FID was 0.951 against 0.397 (2,000 MNIST
     # digits, the default guidance copying) and 1.99 against 1.70 (OpenMoji 32 px; docs/benchmarks.md, "Clusters
@@ -285,16 +287,19 @@ def train_prior(
                                                                              kind or DEFAULT_KIND, conditional)
     train_cfg = train_config(stage, given_training, {**TRAIN_DEFAULTS, **sized_training}, resume)
     cfg = resolve_prior_config(kind, meta, conditional, {**sized_options, **given_model}, stage, resume)
-    passes = (train_cfg.max_steps * train_cfg.batch_size * processes / sizes["train"] if train_cfg.max_steps
-              else train_cfg.epochs)
-    train_codes = sizes["train"] * meta.grid_height * meta.grid_width
+    grids = meta.distinct_train_grids  # what the rules count (`sized_defaults`)
+    passes = (train_cfg.max_steps * train_cfg.batch_size * processes / grids if train_cfg.max_steps
+              else train_cfg.epochs * (1 + meta.train_copies))
+    over = f"{grids} training grids" + (f" (and {meta.train_copies} augmented copies of each)" if meta.train_copies
+                                        else "")
+    train_codes = grids * meta.grid_height * meta.grid_width
     few_codes = f"{train_codes} training codes, fewer than {FEW_CODES}"  # why the little-data rule sized them
     report_sized(sized_options, sized_training, {**given_model, **given_training}, resume,
-                 why={"dropout": f"{passes:.1f} planned passes over {sizes['train']} training grids, "
+                 why={"dropout": f"{passes:.1f} planned passes over {over}, "
                                  f"{'fewer than' if passes < FEW_PASSES else 'at least'} {FEW_PASSES}",
                       "code_dropout": few_codes, "n_layers": few_codes,
                       "class_modulation": f"{few_codes}; off with --no-class-modulation",
-                      "max_steps": f"{sized_passes(train_codes, raster)} passes over {sizes['train']} training grids, "
+                      "max_steps": f"{sized_passes(train_codes, raster)} passes over {over}, "
                                    f"within {PRIOR_STEPS[0]}-{PRIOR_STEPS[1]}",
                       "eval_every": f"{sizes['test']} test grids, at most {EVAL_SHARE:.0%} of the training"})
     check_batch_size(train_cfg.batch_size, sizes["train"], "training grids")

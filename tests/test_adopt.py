@@ -1,7 +1,9 @@
 """`vqgen eval --adopt`: the guidance measured best on a run's own data becomes its prior's default."""
 
+import argparse
 import json
 import shutil
+from types import SimpleNamespace
 
 import pytest
 from conftest import TINY_TRANSFORMER, tiny_train
@@ -10,6 +12,7 @@ from stage2_prior.config import ADOPT_CANDIDATES, DEFAULT_CFG, SamplingConfig
 from stage2_prior.train import train_prior
 from vqgen.cli import main
 from vqgen.core.runtime.errors import VQGenError
+from vqgen.core.store.codes import CodesMeta
 from vqgen.core.store.layout import RunLayout
 from vqgen.run import Run
 from vqgen.sweep import adoptable, check_adoptable, ineligible
@@ -270,6 +273,19 @@ def test_nothing_to_adopt_for_an_unconditional_prior_or_many_codes(tiny_run, tmp
     assert main(["train", "prior", "--run", str(run), *TINY_PRIOR_ARGS]) == 0
     assert "guidance" not in capsys.readouterr().out
     assert not (run / "evaluations.jsonl").exists() and not RunLayout(run).prior.sampling.exists()
+
+
+@pytest.mark.parametrize("copies, blocker", [(3, None), (0, "")])
+def test_augmented_copies_do_not_make_little_data_many_codes(tmp_path, monkeypatch, copies, blocker):
+    # 2,221 OpenMoji images with 3 augmented copies each: 569k training codes, of 142k distinct ones
+    from vqgen.commands import train
+
+    meta = CodesMeta(codebook_size=512, grid_height=8, grid_width=8, num_classes=11, class_names=tuple("abcdefghijk"),
+                     vqvae_fingerprint="x", vqvae_dir="x", data_source="x", image_channels=3, image_height=32,
+                     image_width=32, split_sizes=(("train", 4 * 2_221), ("test", 243)), train_copies=copies)
+    monkeypatch.setattr(train, "load_codes_meta", lambda path: meta)
+    monkeypatch.setattr(train, "load_prior_config", lambda stage: SimpleNamespace(num_classes=11))
+    assert train.adoption_blocker(argparse.Namespace(run=str(tmp_path), codes=None, no_adopt=False)) == blocker
 
 
 def test_a_refused_adoption_leaves_the_trained_prior_and_says_why_in_one_line(tiny_run, tmp_path, capsys,

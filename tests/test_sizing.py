@@ -140,6 +140,19 @@ def test_a_prior_conditioned_on_clusters_alone_has_them_in_every_block_and_withi
     assert "class_modulation" not in stage2_defaults(clusters, {}, conditional=False)[0]
 
 
+@pytest.mark.parametrize("kind", ["transformer", "masked"])
+@pytest.mark.parametrize("epochs", [None, 5])
+def test_augmented_copies_size_the_prior_as_the_images_they_copy(kind, epochs):
+    # OpenMoji 32 px with --code-copies 3: 8,884 grids (569k codes) of 2,221 images keep the little-data rule and
+    # its length in passes over the images, which counting the copies as images would drop; 5 epochs over the
+    # grids are 20 passes over the images
+    copied = dataclasses.replace(codes(4 * 2_221, 8), train_copies=3)
+    sized = stage2_defaults(copied, {"epochs": epochs} if epochs else {}, kind=kind, conditional=True)
+    alone = stage2_defaults(codes(2_221, 8), {"epochs": 4 * epochs} if epochs else {}, kind=kind, conditional=True)
+    assert sized == alone
+    assert stage2_defaults(codes(4 * 2_221, 8), {}, kind=kind, conditional=True) != alone  # as many distinct images
+
+
 def test_every_process_draws_its_own_batch_so_passes_count_them_all():
     assert stage2_defaults(codes(60_000, 8), {})[0] == {"dropout": 0.0}                 # 4.3 passes on one
     assert stage2_defaults(codes(60_000, 8), {}, processes=4)[0] == {"dropout": 0.1}    # 17 passes on four

@@ -73,6 +73,12 @@ class CodesMeta:
         """What a conditional prior of these codes conditions on: the clusters within classes, else the classes."""
         return len(self.condition_classes) or self.num_classes
 
+    @property
+    def distinct_train_grids(self) -> int:
+        """The train split's grids less their augmented copies: one per training image. What the priors' sizing
+        rules count (length in passes over the images, the little-data rules): copies add variety, not images."""
+        return dict(self.split_sizes).get("train", 0) // (1 + self.train_copies)
+
 
 @dataclass
 class CodeSplit:
