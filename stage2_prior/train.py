@@ -171,6 +171,14 @@ def little_data(codes: int) -> bool:
     return codes < FEW_CODES
 
 
+def planned_passes(meta: CodesMeta, max_steps: int, batch: int, processes: int, epochs: int) -> float:
+    """Passes over the training images a run plans: `max_steps` batches on each of `processes`, else `epochs`
+    over all the grids, in which each image comes 1 + its augmented copies times."""
+    if max_steps:
+        return max_steps * batch * processes / max(meta.distinct_train_grids, 1)
+    return epochs * (1 + meta.train_copies)
+
+
 def sized_passes(codes: int, raster: bool = True) -> int:
     """Passes over the training grids that a prior of `codes` training codes plans: 80 for a raster prior
     (`PriorKind.raster`) under the little-data rule, else 40."""
@@ -207,16 +215,14 @@ def sized_defaults(meta: CodesMeta, given_training: dict[str, Any], processes: i
     """
     # one grid per training image: augmented copies (--code-copies) add variety, not images, so they change neither
     # the length in passes nor the rules; the batch is drawn from every grid
-    grids = meta.distinct_train_grids
-    codes = grids * meta.grid_height * meta.grid_width
+    grids, codes = meta.distinct_train_grids, meta.distinct_train_codes
     small = sized_batch(given_training, TRAIN_DEFAULTS["batch_size"], dict(meta.split_sizes).get("train", 0))
     batch = {**TRAIN_DEFAULTS, **small, **given_training}["batch_size"]  # the batch the run will use
     steps = steps_for_passes(grids, batch, sized_passes(codes, prior_kind(kind).raster), *PRIOR_STEPS)
     training = {**sized_schedule(given_training, steps, evaluations=20, batch=batch * processes,
                                  held_out=dict(meta.split_sizes).get("test", 0)), **small}
     planned = training["max_steps"]  # 0: --epochs passes
-    epochs = given_training.get("epochs", TrainConfig().epochs) * (1 + meta.train_copies)  # passes over all grids
-    passes = planned * batch * processes / max(grids, 1) if planned else epochs
+    passes = planned_passes(meta, planned, batch, processes, given_training.get("epochs", TrainConfig().epochs))
     # classes, or clusters of codes alone (better on all three datasets, or level on the shapes for the masked prior);
     # clusters within classes keep the start token: in every block their kept FID was 0.951 against 0.397 (2,000 MNIST
     # digits, the default guidance copying) and 1.99 against 1.70 (OpenMoji 32 px; docs/benchmarks.md, "Clusters
@@ -287,12 +293,10 @@ def train_prior(
                                                                              kind or DEFAULT_KIND, conditional)
     train_cfg = train_config(stage, given_training, {**TRAIN_DEFAULTS, **sized_training}, resume)
     cfg = resolve_prior_config(kind, meta, conditional, {**sized_options, **given_model}, stage, resume)
-    grids = meta.distinct_train_grids  # what the rules count (`sized_defaults`)
-    passes = (train_cfg.max_steps * train_cfg.batch_size * processes / grids if train_cfg.max_steps
-              else train_cfg.epochs * (1 + meta.train_copies))
-    over = f"{grids} training grids" + (f" (and {meta.train_copies} augmented copies of each)" if meta.train_copies
-                                        else "")
-    train_codes = grids * meta.grid_height * meta.grid_width
+    passes = planned_passes(meta, train_cfg.max_steps, train_cfg.batch_size, processes, train_cfg.epochs)
+    over = f"{meta.distinct_train_grids} training grids" + (
+        f" (and {meta.train_copies} augmented copies of each)" if meta.train_copies else "")
+    train_codes = meta.distinct_train_codes  # what the rules count (`sized_defaults`)
     few_codes = f"{train_codes} training codes, fewer than {FEW_CODES}"  # why the little-data rule sized them
     report_sized(sized_options, sized_training, {**given_model, **given_training}, resume,
                  why={"dropout": f"{passes:.1f} planned passes over {over}, "

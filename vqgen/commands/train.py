@@ -48,8 +48,7 @@ def adoption_blocker(args: argparse.Namespace) -> str | None:
     run = RunLayout(args.run)
     meta = load_codes_meta(Path(args.codes) if args.codes else run.codes)
     sizes = dict(meta.split_sizes)
-    codes = meta.distinct_train_grids * meta.grid_height * meta.grid_width  # the little-data rule's count
-    if not load_prior_config(run.prior).num_classes or codes >= FEW_CODES:
+    if not load_prior_config(run.prior).num_classes or meta.distinct_train_codes >= FEW_CODES:
         return ""
     if args.no_adopt:
         return "--no-adopt"

@@ -79,6 +79,11 @@ class CodesMeta:
         rules count (length in passes over the images, the little-data rules): copies add variety, not images."""
         return dict(self.split_sizes).get("train", 0) // (1 + self.train_copies)
 
+    @property
+    def distinct_train_codes(self) -> int:
+        """The codes of `distinct_train_grids`: what the little-data rule counts."""
+        return self.distinct_train_grids * self.grid_height * self.grid_width
+
 
 @dataclass
 class CodeSplit:
