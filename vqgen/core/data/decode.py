@@ -92,7 +92,8 @@ def pixels(raw: RawSplit, i: int, cfg: DataConfig) -> np.ndarray:
 def size_error(a: tuple[str, tuple[int, ...]], b: tuple[str, tuple[int, ...]]) -> VQGenError:
     (where_a, (ha, wa)), (where_b, (hb, wb)) = a, b
     return VQGenError(
-        f"images differ in size: {wa}x{ha} ({where_a}) and {wb}x{hb} ({where_b}); give --image-size N (image_size) to unify them"
+        f"images differ in size: {wa}x{ha} ({where_a}) and {wb}x{hb} ({where_b}); "
+        "give --image-size N (image_size) to unify them"
     )
 
 
