@@ -265,7 +265,7 @@ def test_a_prior_not_adopted_says_how_to_adopt_it(tiny_run, tmp_path, capsys, mo
 
 def test_nothing_to_adopt_for_an_unconditional_prior_or_many_codes(tiny_run, tmp_path, capsys, quick_adoption,
                                                                   monkeypatch):
-    from vqgen.commands import train
+    from stage2_prior import train
 
     run = copy_run(tiny_run, tmp_path)
     assert main(["train", "prior", "--run", str(run), *TINY_PRIOR_ARGS, "--unconditional"]) == 0

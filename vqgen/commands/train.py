@@ -9,7 +9,7 @@ from pathlib import Path
 from stage1_vqvae.config import GANConfig, VQVAEConfig
 from stage1_vqvae.train import train_vqvae
 from stage2_prior.registry import load_prior_config
-from stage2_prior.train import FEW_CODES, train_prior
+from stage2_prior.train import little_data, train_prior
 from vqgen.arguments import VQVAE_FROM_DATA, given_options, given_prior_options
 from vqgen.cli import build_parser
 from vqgen.commands.evaluate import cmd_eval
@@ -48,7 +48,7 @@ def adoption_blocker(args: argparse.Namespace) -> str | None:
     run = RunLayout(args.run)
     meta = load_codes_meta(Path(args.codes) if args.codes else run.codes)
     sizes = dict(meta.split_sizes)
-    if not load_prior_config(run.prior).num_classes or meta.distinct_train_codes >= FEW_CODES:
+    if not load_prior_config(run.prior).num_classes or not little_data(meta.distinct_train_codes):
         return ""
     if args.no_adopt:
         return "--no-adopt"
