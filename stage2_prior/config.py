@@ -113,9 +113,11 @@ PRIOR_CONFIGS: dict[str, type[PriorConfig]] = {"transformer": TransformerConfig,
 DEFAULT_CFG = 1.5
 CFG_SCHEDULES = ("constant", "linear")
 # What `vqgen eval --adopt` scores when no setting is named: the default first (the baseline), then the best of
-# each dataset measured (docs/benchmarks.md, "Guidance adopted by measurement"): none for OpenMoji 32 px at one
-# scale, rising to 4 for the 10k shapes, rising to 8 for the small OpenMoji and shapes folders.
-ADOPT_CANDIDATES = ((DEFAULT_CFG, "constant"), (1.0, "constant"), (4.0, "linear"), (8.0, "linear"))
+# each dataset measured (docs/benchmarks.md, "Guidance adopted by measurement", "Guidance at the current defaults"):
+# none for OpenMoji 32 px at one scale, rising to 4 for the 10k shapes and OpenMoji 32 px, rising to 8 for small
+# folders on a 4-block prior; 1.25 for 2,000 MNIST digits and 2 for 2,000 shapes with the class in every block.
+ADOPT_CANDIDATES = ((DEFAULT_CFG, "constant"), (1.0, "constant"), (1.25, "constant"), (2.0, "constant"),
+                    (4.0, "linear"), (8.0, "linear"))
 DEFAULT_CHOICE_NOISE = 30.0  # MaskGIT uses 4.5; measured: docs/benchmarks.md, "Priors side by side"
 
 

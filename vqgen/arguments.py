@@ -20,7 +20,7 @@ from typing import Any, Callable, NoReturn
 
 from stage1_vqvae.config import PRESETS, GANConfig, VQVAEConfig
 from stage1_vqvae.config import TRAIN_DEFAULTS as VQVAE_TRAIN_DEFAULTS
-from stage2_prior.config import PRIOR_CONFIGS, PriorConfig
+from stage2_prior.config import ADOPT_CANDIDATES, PRIOR_CONFIGS, PriorConfig
 from stage2_prior.config import TRAIN_DEFAULTS as PRIOR_TRAIN_DEFAULTS
 from vqgen.core.data.config import DataConfig
 from vqgen.core.runtime.console import print_error
@@ -199,8 +199,8 @@ def add_prior_training_options(parser: argparse.ArgumentParser) -> None:
                         help="train even if the codes came from another VQ-VAE than the run's")
     parser.add_argument("--no-adopt", action="store_true",
                         help="a conditional prior of under 500k training codes, with 200 test images or more, in "
-                             "one process: skip scoring four guidances after training (`vqgen eval --samples 1000 "
-                             "--seeds 2 --adopt`, a few minutes) and sample at the default")
+                             f"one process: skip scoring {len(ADOPT_CANDIDATES)} guidances after training (`vqgen "
+                             "eval --samples 1000 --seeds 2 --adopt`, a few minutes) and sample at the default")
     add_config_options(parser, TrainConfig, title="training", defaults={**PRIOR_TRAIN_DEFAULTS, **SIZED_TRAINING})
     add_config_options(parser, PriorConfig, skip=PRIOR_FROM_CODES, title="every prior",
                        defaults={"dropout": "sized to the codes and the planned passes",

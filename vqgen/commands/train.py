@@ -8,6 +8,7 @@ from pathlib import Path
 
 from stage1_vqvae.config import GANConfig, VQVAEConfig
 from stage1_vqvae.train import train_vqvae
+from stage2_prior.config import ADOPT_CANDIDATES
 from stage2_prior.registry import load_prior_config
 from stage2_prior.train import little_data, train_prior
 from vqgen.arguments import VQVAE_FROM_DATA, given_options, given_prior_options
@@ -67,13 +68,14 @@ def adopt_guidance(args: argparse.Namespace) -> None:
     blocker = adoption_blocker(args)
     argv = ["eval", "--run", str(args.run), "--samples", str(ADOPT_SAMPLES), "--seeds", str(ADOPT_SEEDS), "--adopt"]
     command = shlex.join(["vqgen", *argv])
+    candidates = f"{len(ADOPT_CANDIDATES)} guidances"
     if blocker:
         console.print(f"guidance: on little data the best one differs by dataset; not measured here "
-                      f"({blocker}): `{command}` measures four on yours and keeps the best for this prior")
+                      f"({blocker}): `{command}` measures {candidates} on yours and keeps the best for this prior")
     if blocker is not None:
         return
     seeds = f"{ADOPT_SEEDS} seed{'s' * (ADOPT_SEEDS > 1)}"
-    console.print(f"guidance: on little data the best one differs by dataset; scoring four on {ADOPT_SAMPLES} "
+    console.print(f"guidance: on little data the best one differs by dataset; scoring {candidates} on {ADOPT_SAMPLES} "
                   f"samples x {seeds} to keep the best for this prior (`{command}`; skip with --no-adopt)")
     try:
         cmd_eval(build_parser().parse_args(argv))
