@@ -122,7 +122,9 @@ def test_eval_adopt_records_the_best_candidate_and_later_commands_sample_with_it
     assert loaded.sampling(SamplingConfig(cfg_scale=3.0)).cfg_schedule == best["cfg_schedule"]  # a given half wins
 
     assert main(["sample", "--run", str(run), "--n", "2", "--out", str(tmp_path / "a")]) == 0
-    assert "--cfg and --cfg-schedule as adopted for this prior (" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "--cfg and --cfg-schedule as adopted for this prior (why: " in said and "sampling.json" in said
+    assert "not eligible" not in said  # the reasons stay in sampling.json and `vqgen info`: one short line here
     settings = json.loads((tmp_path / "a" / "settings.json").read_text())
     assert (settings["cfg"], settings["cfg_schedule"]) == (best["cfg_scale"], best["cfg_schedule"])
     assert main(["sample", "--run", str(run), "--n", "2", "--out", str(tmp_path / "b"), "--cfg", "2",

@@ -49,8 +49,8 @@ def guidance_note(run: Run, given: SamplingConfig) -> str | None:
     if run.adopted is None:
         return None
     used = run.sampling(given)
-    return (f"guidance {guidance_flags(used)}: {' and '.join(left)} as adopted "
-            f"for this prior ({run.adopted.measured})")
+    return (f"guidance {guidance_flags(used)}: {' and '.join(left)} as adopted for this prior "
+            f"(why: {run.layout.prior.sampling} or `vqgen info`)")
 
 
 def prior_sampling(run: Run, given: list[SamplingConfig], console: Console) -> list[SamplingConfig]:
