@@ -196,6 +196,23 @@ def one_error_line(capsys) -> str:
     return err
 
 
+@pytest.mark.parametrize("command, expected", [
+    (["inpaint", "--box", "1,2,3"], "--box must be x0,y0,x1,y1"),
+    (["outpaint", "--left", "999"], "more than 8 times the trained grid"),
+    (["complete", "--keep-rows", "99"], "--keep-rows must be in"),
+    (["sample", "--n", "2", "--label", "no-such-class"], "unknown label 'no-such-class'"),
+])
+def test_a_mistake_in_a_commands_own_options_is_said_alone_before_any_word_on_guidance(tiny_run, tmp_path, capsys,
+                                                                                       command, expected):
+    run = copy_run(tiny_run, tmp_path)
+    assert main(["eval", "--run", str(run), "--samples", "8", "--adopt", "--sweep", "cfg=2,6"]) == 0
+    capsys.readouterr()
+    assert main([*command, "--run", str(run), "--out", str(tmp_path / "out")]) != 0
+    said = capsys.readouterr()
+    assert said.out == "" and said.err.startswith("error:") and said.err.count("\n") == 1, said
+    assert expected in said.err and not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("extra, expected", [
     (["--adopt"], "--adopt scores samples: give --samples N as well"),
     (["--samples", "8", "--adopt", "--sweep", "temperature=0.9,1"], "--adopt records the guidance"),

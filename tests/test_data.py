@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from pathlib import Path
@@ -191,6 +192,17 @@ def test_parquet_folder_with_train_and_test(tmp_path):
     assert data.train.images[:, 0, 0, 0].tolist() == list(range(6))
     assert data.test.labels.tolist() == [2, 1] and data.test.images[:, 0, 0, 0].tolist() == [100, 101]
     assert len(load(tmp_path, max_images=2).train) == 2
+
+
+def test_a_local_dataset_card_without_metadata_is_read_in_silence(tmp_path, caplog):
+    """The Hub client logs "Repo card metadata block was not found" for a README.md with no YAML header, as
+    ../shared/data/mnist has: noise in every command's output, not the user's business."""
+    write_parquet(table(4), tmp_path / "data" / "train-00000-of-00001.parquet", NUMBERED)
+    write_parquet(table(2, 4), tmp_path / "data" / "test-00000-of-00001.parquet", NUMBERED)
+    (tmp_path / "README.md").write_text("# digits\n\nA card with prose only.\n")
+    with caplog.at_level(logging.WARNING):
+        assert len(load(tmp_path).train) == 4
+    assert "metadata" not in caplog.text
 
 
 def test_single_parquet_holds_out_a_fixed_fraction(tmp_path):

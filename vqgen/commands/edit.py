@@ -59,24 +59,31 @@ def _say_raster(run: Run, keep: Tensor, console) -> None:
 
 
 def _start(args: argparse.Namespace, default_out: str) -> tuple[SamplingConfig, Console, Run, Path]:
-    """What both edits start with: the sampling options checked, the run, the output file (`default_out`: the
-    run's outputs attribute) writable."""
-    sampling, console = sampling_options(args), make_console()
+    """What both edits start with: the sampling options as given, checked, the run, the output file
+    (`default_out`: the run's outputs attribute) writable."""
+    given, console = sampling_options(args), make_console()
     run = Run.load(args.run, allow_vqvae_mismatch=args.allow_vqvae_mismatch)
-    [sampling] = prior_sampling(run, [sampling], console)
     out = Path(args.out) if args.out else getattr(run.outputs, default_out)
     ensure_writable(out.parent)
-    return sampling, console, run, out
+    return given, console, run, out
+
+
+def _sampling(run: Run, given: SamplingConfig, console: Console) -> SamplingConfig:
+    """The edit's sampling options with the prior's guidance filled in, checked against the run: once the
+    edit's own options are (a mistake in them is the one line said, before any note on guidance)."""
+    [sampling] = prior_sampling(run, [given], console)
+    run.check_sampling(1, LabelPlan(), sampling)
+    return sampling
 
 
 def cmd_inpaint(args: argparse.Namespace) -> None:
-    sampling, console, run, out = _start(args, "inpainted")
+    given, console, run, out = _start(args, "inpainted")
     cfg = run.vqvae.config
     pixels = (box_mask(parse_box(args.box), cfg.image_height, cfg.image_width) if args.box
               else load_mask(args.mask, cfg.image_height, cfg.image_width))
     drawn = code_mask(pixels, cfg.downsample)
     check_hole(drawn)
-    run.check_sampling(1, LabelPlan(), sampling)
+    sampling = _sampling(run, given, console)
     images, labels = _edited(args, run)
     codes = run.encode(images)
     keep = (~drawn).expand(codes.shape).clone()
@@ -90,27 +97,16 @@ def cmd_inpaint(args: argparse.Namespace) -> None:
 
 
 def cmd_outpaint(args: argparse.Namespace) -> None:
-    sampling, console, run, out = _start(args, "outpainted")
-    grid = run.vqvae.config.grid_shape
+    given, console, run, out = _start(args, "outpainted")
     sides = [getattr(args, side) for side in ("top", "bottom", "left", "right")]
-    if any(k < 0 for k in sides):
-        raise VQGenError(f"--top/--bottom/--left/--right must be >= 0, got {','.join(map(str, sides))}")
-    run.check_sampling(1, LabelPlan(), sampling)
+    height, width = _outpaint_size(args, sides, run.vqvae.config.grid_shape)
+    sampling = _sampling(run, given, console)
     if args.canvas:
-        if any(sides) or args.images:
-            raise VQGenError("--canvas draws from nothing: give it without --images or --top/--bottom/--left/--right")
-        width, height = _canvas(args.canvas)
-        check_canvas(height, width, grid)
-        at_least(args, 1, "n")
         labels = run.label_plan(args.label, args.n, seed=args.seed).of(torch.arange(args.n))
         canvas = torch.zeros(args.n, height, width, dtype=torch.long)
         keep = torch.zeros(height, width, dtype=torch.bool)
         rows = []
     else:
-        if not any(sides):
-            raise VQGenError("nothing to outpaint: give --top, --bottom, --left or --right (code rows/columns), "
-                             "or --canvas W,H")
-        check_canvas(grid[0] + sides[0] + sides[1], grid[1] + sides[2] + sides[3], grid)
         images, labels = _edited(args, run)
         codes = run.encode(images)
         canvas, keep = extend(codes, *sides)
@@ -120,6 +116,25 @@ def cmd_outpaint(args: argparse.Namespace) -> None:
     save_grid(torch.cat([*rows, run.decode(filled)]), out, nrow=len(filled))
     console.print(f"{len(filled)} canvases of {filled.shape[2]}x{filled.shape[1]} codes "
                   f"({'drawn from nothing' if args.canvas else 'rows: originals, outpainted'}) -> {out}")
+
+
+def _outpaint_size(args: argparse.Namespace, sides: list[int], grid: tuple[int, int]) -> tuple[int, int]:
+    """The outpainted canvas's (height, width) in codes, every option of it checked: --canvas W,H drawn from
+    nothing, or the trained grid extended by `sides` (top, bottom, left, right)."""
+    if any(k < 0 for k in sides):
+        raise VQGenError(f"--top/--bottom/--left/--right must be >= 0, got {','.join(map(str, sides))}")
+    if args.canvas:
+        if any(sides) or args.images:
+            raise VQGenError("--canvas draws from nothing: give it without --images or --top/--bottom/--left/--right")
+        width, height = _canvas(args.canvas)
+        at_least(args, 1, "n")
+    elif not any(sides):
+        raise VQGenError("nothing to outpaint: give --top, --bottom, --left or --right (code rows/columns), "
+                         "or --canvas W,H")
+    else:
+        height, width = grid[0] + sides[0] + sides[1], grid[1] + sides[2] + sides[3]
+    check_canvas(height, width, grid)
+    return height, width
 
 
 def _canvas(text: str) -> tuple[int, int]:

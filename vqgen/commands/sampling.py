@@ -35,8 +35,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     console = make_console(accelerator.is_main_process)
     run = Run.load(args.run, allow_vqvae_mismatch=args.allow_vqvae_mismatch, device=accelerator.device)
-    [sampling] = prior_sampling(run, [sampling], console)
     labels = run.label_plan(args.label, args.n, args.unconditional, seed=args.seed)
+    [sampling] = prior_sampling(run, [sampling], console)
     batches = run.sample_batches(accelerator, args.n, labels, sampling, args.seed, args.batch_size)  # checked
     out = from_main(accelerator, Path(args.out) if args.out else run.outputs.next_samples_dir())
     ensure_writable(out)
@@ -126,11 +126,11 @@ def cmd_complete(args: argparse.Namespace) -> None:
     sampling = sampling_options(args)
     console = make_console()
     run = Run.load(args.run, allow_vqvae_mismatch=args.allow_vqvae_mismatch)
-    [sampling] = prior_sampling(run, [sampling], console)
     out = Path(args.out) if args.out else run.outputs.completions
     ensure_writable(out.parent)
     if args.keep_rows is not None and not 0 <= args.keep_rows <= run.prior.config.grid_height:
         raise VQGenError(f"--keep-rows must be in [0, {run.prior.config.grid_height}], got {args.keep_rows}")
+    [sampling] = prior_sampling(run, [sampling], console)
     if run.read_only:  # an exported model carries no code grids: encode the test images
         data = run.data()
         grids = run.encode(data.test.take(range(min(args.n, len(data.test)))))

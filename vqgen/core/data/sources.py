@@ -141,10 +141,13 @@ def _folder_source(root: Path) -> Source:
 
 
 def _datasets():
-    """`datasets`, imported on first use (the built-in data never needs it) and told to log errors only."""
+    """`datasets`, imported on first use (the built-in data never needs it), and the Hub client it reads cards
+    with, told to log errors only."""
     import datasets
+    import huggingface_hub
 
-    datasets.logging.set_verbosity_error()  # e.g. "Repo card metadata block was not found" for local files
+    datasets.logging.set_verbosity_error()
+    huggingface_hub.utils.logging.set_verbosity_error()  # "Repo card metadata block was not found" for a local README
     return datasets
 
 
