@@ -217,7 +217,7 @@ def unconditional_run(tiny_run: Path, tmp_path: Path) -> Path:
 
 def test_eval_seeds_give_a_spread_and_a_sweep_scores_every_setting_with_the_same_seeds(tiny_run, tmp_path, capsys,
                                                                                       monkeypatch):
-    monkeypatch.setenv("COLUMNS", "300")  # the tables unwrapped
+    monkeypatch.delenv("COLUMNS", raising=False)  # captured output is a log: no edge, every number in full
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
     assert main(["eval", "--run", str(run), "--samples", "8", "--judge-steps", "10", "--seed", "4"]) == 0
@@ -235,6 +235,10 @@ def test_eval_seeds_give_a_spread_and_a_sweep_scores_every_setting_with_the_same
     assert len({r["sweep_id"] for r in records}) == 1 and [r["baseline"] for r in records] == [None, 0, 0, 0]
     out = " ".join(capsys.readouterr().out.split())
     assert "sweep over temperature, cfg: 2 seed(s) each" in out and "temperature 0.5, cfg 3.0" in out
+    for r in records:  # the table's cells whole, none cut short to fit 80 columns ("0.48…")
+        fid, kid = r["samples"]["fid"], r["samples"]["kid"]
+        assert f"{fid:.4g} ± {r['spread']['samples']['fid']:.2g}" in out and f"{kid:.4g} ± " in out
+    assert "…" not in out
 
 
 def test_eval_trains_its_judge_for_the_steps_stage_1_uses_unless_told(tiny_run, tmp_path, monkeypatch):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from rich.console import Console
@@ -15,9 +16,17 @@ from rich.progress import (
 )
 
 
+LOG_WIDTH = 240  # columns of output written to a file or a pipe
+
+
 def make_console(is_main_process: bool = True) -> Console:
-    """A console that prints on the main process and stays silent on the others."""
-    return Console(stderr=False, quiet=not is_main_process, highlight=False, soft_wrap=True)
+    """A console that prints on the main process and stays silent on the others. Written to a file or a pipe (a
+    log), it has no edge to keep to: rich would take 80 columns and cut a wide table's numbers short ("0.48…"),
+    so it takes LOG_WIDTH unless COLUMNS says otherwise."""
+    console = Console(stderr=False, quiet=not is_main_process, highlight=False, soft_wrap=True)
+    if not console.is_terminal and not os.environ.get("COLUMNS"):
+        console.width = LOG_WIDTH
+    return console
 
 
 def make_progress(console: Console, description: str = "") -> Progress:
