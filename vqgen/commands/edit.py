@@ -69,8 +69,9 @@ def _start(args: argparse.Namespace, default_out: str) -> tuple[SamplingConfig, 
 
 
 def _sampling(run: Run, given: SamplingConfig, console: Console) -> SamplingConfig:
-    """The edit's sampling options with the prior's guidance filled in, checked against the run: once the
-    edit's own options are (a mistake in them is the one line said, before any note on guidance)."""
+    """The edit's sampling options with the prior's guidance filled in and checked against the run. Called
+    after the edit's own options are checked, so that a mistake in them is the one line said, with no note on
+    guidance before it."""
     [sampling] = prior_sampling(run, [given], console)
     run.check_sampling(1, LabelPlan(), sampling)
     return sampling
