@@ -196,7 +196,7 @@ def test_parquet_folder_with_train_and_test(tmp_path):
 
 def test_a_local_dataset_card_without_metadata_is_read_in_silence(tmp_path, caplog):
     """The Hub client logs "Repo card metadata block was not found" for a README.md with no YAML header, as
-    ../shared/data/mnist has: noise in every command's output, not the user's business."""
+    a downloaded copy of MNIST may have: noise in every command's output, not the user's business."""
     write_parquet(table(4), tmp_path / "data" / "train-00000-of-00001.parquet", NUMBERED)
     write_parquet(table(2, 4), tmp_path / "data" / "test-00000-of-00001.parquet", NUMBERED)
     (tmp_path / "README.md").write_text("# digits\n\nA card with prose only.\n")
